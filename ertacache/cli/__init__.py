@@ -1,0 +1,1 @@
+"""Command-line entry points: thin wiring from flags to config objects and library calls."""

@@ -1,0 +1,76 @@
+"""ertacache-profile: calibrate a model and write a profile folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.models.loading import load_bundle
+from ertacache.profile.build import build_profile, read_prompts_file
+from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.schedule import mask_summary
+from ertacache.sampling.settings import SampleSettings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ertacache-profile",
+        description="Calibrate ERTACache offline: reuse mask, adjusted sigmas and residual correction.",
+    )
+    add_model_args(p)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: recipe)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--speedup", type=float, default=None,
+                        help="target T / N_full; lambda is solved by bisection (default: recipe, 2.0)")
+    target.add_argument("--lambda", dest="lam", type=float, default=None, help="reuse threshold lambda (>= 0)")
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
+    add_shape_args(p)
+    p.add_argument("--loop", choices=["closed", "open"], default="closed",
+                   help="closed: errors along the cached trajectory (accurate); open: pairwise on the uncached one")
+    p.add_argument("--warmup-steps", type=int, default=1, help="leading steps that always compute")
+    p.add_argument("--no-time-adjust", action="store_true", help="ablation: keep the nominal sigma table")
+    p.add_argument("--no-rectify", action="store_true", help="ablation: no residual correction")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration prompts per model call")
+    p.add_argument("--seed", type=int, default=0, help="first calibration seed (prompt k uses seed + k)")
+    p.add_argument("--out", required=True, help="profile folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing profile folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    recipe = bundle.recipe
+    settings = SampleSettings.from_recipe(
+        recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+    )
+    speedup = args.speedup if args.lam is not None or args.speedup is not None else recipe.defaults.speedup
+    config = CalibrationConfig(
+        lam=args.lam,
+        speedup=None if args.lam is not None else speedup,
+        loop=args.loop,
+        warmup_steps=args.warmup_steps,
+        time_adjust=not args.no_time_adjust,
+        rectify=not args.no_rectify,
+        batch_size=args.batch_size or recipe.defaults.calibration_batch_size,
+    )
+    prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
+    print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
+          f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
+    profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)
+    out = profile.save(args.out, force=args.force)
+    print(f"mask   {mask_summary(profile.mask)}")
+    print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "
+          f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s")
+    print(f"profile written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""One exception base for the package.
+
+`UserError` is raised for bad input that the user can fix (a wrong flag, a
+profile made for another model, a corrupt file); its message names the
+problem and the fix. Anything else that escapes is an internal bug.
+"""
+
+
+class ErtaCacheError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UserError(ErtaCacheError):
+    """Bad input: the message says what is wrong and how to fix it."""
+
+
+class ProfileError(UserError):
+    """A profile folder that is missing, corrupt, or made for something else."""
+
+
+class ModelNotFoundError(UserError):
+    """Model weights that are neither local nor in the hub cache."""
+
+
+class NumericalError(ErtaCacheError):
+    """NaN or Inf appeared in a model output; the message names the step."""

@@ -1,0 +1,246 @@
+"""Load a model (transformer, prompt encoder, latent decoder) from a recipe.
+
+Real models load through diffusers/transformers ``from_pretrained`` on a
+diffusers-format folder: ``--model-path`` if given, else the hub cache, else a
+download. With no network and nothing local, loading fails at once with a
+message saying what to download and where to point ``--model-path``. The
+testbed loads the same way from a folder shipped inside this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ertacache.errors import ModelNotFoundError, UserError
+from ertacache.models.adapter import ModelAdapter, adapter_for
+from ertacache.models.components import (
+    LatentDecoder,
+    PixelLatentDecoder,
+    PromptEncoder,
+    UMT5PromptEncoder,
+    WanLatentDecoder,
+)
+from ertacache.models.recipes import Recipe, load_recipe
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _load_wan_transformer(path: Path, dtype: torch.dtype) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+
+
+def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype).eval()
+    return UMT5PromptEncoder(tokenizer, encoder)
+
+
+def _load_wan_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
+    from diffusers import AutoencoderKLWan
+
+    # WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
+    return WanLatentDecoder(AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval())
+
+
+def _load_tiny_text(path: Path, dtype: torch.dtype) -> PromptEncoder:
+    from ertacache.testbed.text_encoder import TinyTextEncoder
+
+    return TinyTextEncoder.from_pretrained(path, subfolder="text_encoder").eval()
+
+
+def _load_pixel_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
+    from ertacache.testbed.pixel_vae import PixelVAE
+
+    return PixelLatentDecoder(PixelVAE.from_pretrained(path, subfolder="vae").eval())
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to load each component of one model family (the folder layout it expects)."""
+
+    transformer: Callable[[Path, torch.dtype], nn.Module]
+    prompt_encoder: Callable[[Path, torch.dtype], PromptEncoder]
+    decoder: Callable[[Path, torch.dtype], LatentDecoder]
+    required_files: tuple[str, ...]
+
+
+FAMILIES: dict[str, Family] = {
+    "wan": Family(
+        transformer=_load_wan_transformer,
+        prompt_encoder=_load_umt5,
+        decoder=_load_wan_vae,
+        required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
+    ),
+    "testbed": Family(
+        transformer=_load_wan_transformer,
+        prompt_encoder=_load_tiny_text,
+        decoder=_load_pixel_vae,
+        required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json"),
+    ),
+}
+
+
+def _download_hint(recipe: Recipe) -> str:
+    return (
+        f"download it with `huggingface-cli download {recipe.hub_id} --local-dir /path/to/{recipe.model}` "
+        f"on a machine with network access, then pass --model-path /path/to/{recipe.model}"
+    )
+
+
+def _check_folder(path: Path, recipe: Recipe) -> Path:
+    missing = [f for f in FAMILIES[recipe.family].required_files if not (path / f).exists()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{path} is not a diffusers-format {recipe.model} folder (missing {', '.join(missing)})"
+            + (f"; {_download_hint(recipe)}" if recipe.hub_id else "")
+        )
+    return path
+
+
+def resolve_model_path(recipe: Recipe, model_path: str | os.PathLike | None = None) -> Path:
+    """The local folder holding the model: --model-path, the package, the hub cache, or a download."""
+    if model_path is not None:
+        path = Path(model_path)
+        if not path.is_dir():
+            raise ModelNotFoundError(f"--model-path {path} does not exist or is not a folder")
+        return _check_folder(path, recipe)
+    if recipe.package_path is not None:
+        return _check_folder(Path(str(resources.files("ertacache") / recipe.package_path)), recipe)
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return _check_folder(Path(snapshot_download(recipe.hub_id, local_files_only=True)), recipe)
+    except Exception:  # not in the cache: try the network once, fail fast with the fix
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelNotFoundError(f"{recipe.hub_id} is not in the hub cache and HF_HUB_OFFLINE is set; "
+                                 + _download_hint(recipe))
+    try:
+        return _check_folder(Path(snapshot_download(recipe.hub_id)), recipe)
+    except ModelNotFoundError:
+        raise
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"could not load {recipe.hub_id}: not in the local hub cache and not downloadable here "
+            f"({type(e).__name__}); " + _download_hint(recipe)
+        ) from None
+
+
+def fingerprint_module(module: nn.Module, extra: Any = None) -> str:
+    """A cheap identity of a module's weights: class, config, and a strided sample of every tensor.
+
+    Hashing every byte of a 14B model takes minutes; 64 samples per tensor plus
+    names and shapes tell apart any two checkpoints in practice. Samples are
+    rounded to bfloat16 first so that the same weights loaded in fp32, fp16 or
+    bf16 share one fingerprint (a profile is about weights, not precision).
+    """
+    h = hashlib.sha256()
+    h.update(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // 64)
+            sample = flat[::stride][:64].to("cpu", torch.bfloat16).to(torch.float64)
+            h.update(f"{name}:{tuple(tensor.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model: transformer (+ its adapter), prompt encoder, latent decoder."""
+
+    recipe: Recipe
+    path: Path
+    transformer: nn.Module
+    prompt_encoder: PromptEncoder
+    decoder: LatentDecoder
+    fingerprint: str
+
+    @property
+    def model_id(self) -> str:
+        return self.recipe.model
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.transformer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F', H', W') for a video of ``frames`` x ``height`` x ``width``; refuses shapes that don't fit."""
+        dec = self.decoder
+        patch_t, patch_h, patch_w = self.adapter.patch_size
+        sf, tf = dec.spatial_factor, dec.temporal_factor
+        if height % (sf * patch_h) or width % (sf * patch_w) or height <= 0 or width <= 0:
+            raise UserError(
+                f"height {height} and width {width} must be positive multiples of {sf * patch_h} "
+                f"(VAE factor {sf} x patch {patch_h}) for {self.model_id}; e.g. "
+                f"--height {max(1, height // (sf * patch_h)) * sf * patch_h}"
+            )
+        if frames < 1 or (frames - 1) % tf:
+            raise UserError(f"frames must be {tf}*k + 1 for {self.model_id} (VAE temporal factor {tf}); got {frames}")
+        latent_frames = (frames - 1) // tf + 1
+        if latent_frames % patch_t:
+            raise UserError(f"{latent_frames} latent frames are not a multiple of the temporal patch {patch_t}")
+        return (dec.latent_channels, latent_frames, height // sf, width // sf)
+
+    def encode(self, prompts: list[str], negative_prompt: str, n_branches: int) -> torch.Tensor:
+        """(nb*B, L, D) text embeddings: the prompts' rows, then (CFG) the negative prompt's."""
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise UserError("empty prompt: give a non-empty --prompt (the negative prompt may be empty)")
+        rows = list(prompts) + [negative_prompt] * len(prompts) * (n_branches - 1)
+        with torch.no_grad():
+            return self.prompt_encoder.encode(rows).to(self.device, self.dtype)
+
+
+def load_bundle(
+    model: str,
+    model_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+) -> ModelBundle:
+    """Load every component of ``model`` (a recipe id) onto ``device`` in ``dtype`` (recipe default)."""
+    recipe = load_recipe(model)
+    dtype_name = dtype or recipe.defaults.dtype
+    if dtype_name not in TORCH_DTYPES:
+        raise UserError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype_name!r}")
+    torch_dtype = TORCH_DTYPES[dtype_name]
+    path = resolve_model_path(recipe, model_path)
+    family = FAMILIES[recipe.family]
+    transformer = family.transformer(path, torch_dtype).to(device).eval()
+    encoder = family.prompt_encoder(path, torch_dtype)
+    if isinstance(encoder, nn.Module):
+        encoder.to(device)
+    elif isinstance(getattr(encoder, "text_encoder", None), nn.Module):
+        encoder.text_encoder.to(device)
+    decoder = family.decoder(path, torch_dtype)
+    decoder.vae.to(device)
+    fingerprint = fingerprint_module(transformer)
+    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint)

@@ -1,0 +1,77 @@
+"""Per-model recipes (the JSON files of the top-level export/ folder, installed as ertacache.recipes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from ertacache.errors import UserError
+
+#: the embedded default every CLI uses when --model is not given
+DEFAULT_MODEL = "wan2.1-tiny"
+
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    height: int
+    width: int
+    frames: int
+    steps: int
+    shift: float
+    guidance_scale: float
+    speedup: float
+    dtype: str = "fp32"
+    negative_prompt: str = ""
+    calibration_batch_size: int = 1
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"recipe dtype must be one of {_DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Where a model comes from and the settings it is normally run with.
+
+    Exactly one of ``hub_id`` (a diffusers-format repository, loaded from a
+    local folder or the hub cache) and ``package_path`` (a folder shipped
+    inside this package, relative to it) is set.
+    """
+
+    model: str
+    family: str
+    defaults: Defaults
+    description: str = ""
+    hub_id: str | None = None
+    package_path: str | None = None
+    calibration_prompts: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if (self.hub_id is None) == (self.package_path is None):
+            raise ValueError(f"recipe {self.model!r}: set exactly one of hub_id and package_path")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = dict(d)
+        d["defaults"] = Defaults(**d["defaults"])
+        d["calibration_prompts"] = tuple(d.get("calibration_prompts", ()))
+        return cls(**d)
+
+
+def _recipe_files() -> dict[str, Any]:
+    return {p.name[: -len(".json")]: p for p in resources.files("ertacache.recipes").iterdir() if p.name.endswith(".json")}
+
+
+def available_models() -> list[str]:
+    return sorted(_recipe_files())
+
+
+def load_recipe(model: str) -> Recipe:
+    files = _recipe_files()
+    if model not in files:
+        raise UserError(f"unknown model id {model!r}; choose one of {sorted(files)} (recipes live in export/)")
+    return Recipe.from_dict(json.loads(files[model].read_text()))

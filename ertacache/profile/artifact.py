@@ -1,0 +1,260 @@
+"""The profile folder: what calibration decided, in a form later stages can trust.
+
+    profile.json             schedule, sigma tables, phi, provenance, per-step statistics
+    correction.safetensors   per-step, per-branch, per-channel correction tables "a" and "b"
+    error_profile.png        per-step errors with the schedule marked
+
+A profile is only valid for the model, step count, shift and latent shape it
+was made for; :meth:`Profile.check_matches` refuses anything else with a
+message naming both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ertacache.errors import ProfileError
+from ertacache.io import atomic_directory, sha256_file
+from ertacache.sampling.sigmas import validate_sigma_table
+from ertacache.sampling.steps import StepTables
+
+SCHEMA_VERSION = 1
+PROFILE_JSON = "profile.json"
+CORRECTION_FILE = "correction.safetensors"
+PLOT_FILE = "error_profile.png"
+
+#: profile.json fields and their JSON types; checked on load before anything is used
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "model": str,
+    "model_fingerprint": str,
+    "steps": int,
+    "shift": (int, float),
+    "height": int,
+    "width": int,
+    "frames": int,
+    "latent_shape": list,
+    "guidance_scale": (int, float),
+    "n_branches": int,
+    "lambda": (int, float),
+    "mask": list,
+    "nominal_sigmas": list,
+    "sigmas": list,
+    "phi": list,
+    "config": dict,
+    "calibration": dict,
+    "correction": dict,
+}
+
+
+@dataclass
+class Profile:
+    """An ERTACache profile (see the module docstring for the folder layout)."""
+
+    model: str
+    model_fingerprint: str
+    steps: int
+    shift: float
+    height: int
+    width: int
+    frames: int
+    latent_shape: list[int]  # (C, F', H', W') of one sample's latents
+    guidance_scale: float
+    n_branches: int
+    lam: float
+    mask: list[bool]
+    nominal_sigmas: list[float]
+    sigmas: list[float]
+    phi: list[float]
+    corr_a: torch.Tensor  # (T, nb, C)
+    corr_b: torch.Tensor  # (T, nb, C)
+    config: dict[str, Any]
+    calibration: dict[str, Any]
+    stats: dict[str, list[float]] = field(default_factory=dict)
+    speedup_target: float | None = None
+
+    @property
+    def full_steps(self) -> int:
+        return int(sum(self.mask))
+
+    @property
+    def speedup_steps(self) -> float:
+        """T / N_full: the speedup if a cached step cost nothing."""
+        return self.steps / self.full_steps
+
+    def tables(self) -> StepTables:
+        return StepTables(self.sigmas, self.corr_a, self.corr_b)
+
+    def shape_key(self) -> dict[str, int]:
+        return {"height": self.height, "width": self.width, "frames": self.frames}
+
+    def check_matches(
+        self,
+        model: str | None = None,
+        fingerprint: str | None = None,
+        steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        where: str = "this profile",
+    ) -> None:
+        """Refuse use with another model, weights, step count or shape; None skips a check."""
+        checks = [
+            ("model", model, self.model),
+            ("model fingerprint (weights)", fingerprint, self.model_fingerprint),
+            ("steps", steps, self.steps),
+            ("height", height, self.height),
+            ("width", width, self.width),
+            ("frames", frames, self.frames),
+        ]
+        for name, wanted, have in checks:
+            if wanted is not None and wanted != have:
+                raise ProfileError(
+                    f"{where} was made for {name} = {have!r}, but {wanted!r} was requested; "
+                    f"re-run ertacache-profile for the new setting or drop the conflicting flag"
+                )
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_json(self, correction_sha256: str) -> dict[str, Any]:
+        d = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "steps": self.steps,
+            "shift": self.shift,
+            "height": self.height,
+            "width": self.width,
+            "frames": self.frames,
+            "latent_shape": list(self.latent_shape),
+            "guidance_scale": self.guidance_scale,
+            "n_branches": self.n_branches,
+            "lambda": self.lam,
+            "speedup_target": self.speedup_target,
+            "full_steps": self.full_steps,
+            "mask": [bool(m) for m in self.mask],
+            "nominal_sigmas": [float(s) for s in self.nominal_sigmas],
+            "sigmas": [float(s) for s in self.sigmas],
+            "phi": [float(p) for p in self.phi],
+            "config": self.config,
+            "calibration": self.calibration,
+            "stats": {k: [float(x) for x in v] for k, v in self.stats.items()},
+            "correction": {"file": CORRECTION_FILE, "sha256": correction_sha256,
+                           "shape": list(self.corr_a.shape), "keys": ["a", "b"]},
+        }
+        return d
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False, plot: bool = True) -> Path:
+        """Write the folder atomically: a killed run leaves no half profile."""
+        with atomic_directory(out_dir, force=force, what="profile folder") as tmp:
+            save_file({"a": self.corr_a.contiguous(), "b": self.corr_b.contiguous()}, str(tmp / CORRECTION_FILE),
+                      metadata={"format": "ertacache-correction", "schema_version": str(SCHEMA_VERSION)})
+            meta = self.to_json(sha256_file(tmp / CORRECTION_FILE))
+            (tmp / PROFILE_JSON).write_text(json.dumps(meta, indent=1))
+            if plot:
+                from ertacache.profile.plot import plot_profile
+
+                plot_profile(self, tmp / PLOT_FILE)
+        return Path(out_dir)
+
+
+def _fail(path: Path, problem: str) -> ProfileError:
+    return ProfileError(f"profile {path}: {problem}; re-create it with ertacache-profile --out {path} --force")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ProfileError(f"profile folder {path} does not exist; create it with ertacache-profile --out {path}")
+    file = path / PROFILE_JSON
+    if not file.is_file():
+        raise _fail(path, f"no {PROFILE_JSON} in the folder")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"{PROFILE_JSON} is corrupt or truncated ({e})") from None
+    if not isinstance(meta, dict):
+        raise _fail(path, f"{PROFILE_JSON} is not a JSON object")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise _fail(path, f"schema_version {meta.get('schema_version')!r} is not {SCHEMA_VERSION} (made by another "
+                          "ertacache version)")
+    for key, typ in _REQUIRED.items():
+        if key not in meta:
+            raise _fail(path, f"{PROFILE_JSON} lacks the field {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool) and typ in (int, (int, float)):
+            raise _fail(path, f"field {key!r} has the wrong type ({type(meta[key]).__name__})")
+    return meta
+
+
+def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
+    steps = meta["steps"]
+    if steps < 1:
+        raise _fail(path, f"steps must be >= 1, got {steps}")
+    for key in ("mask", "phi"):
+        if len(meta[key]) != steps:
+            raise _fail(path, f"{key!r} has {len(meta[key])} entries for {steps} steps")
+    if not all(isinstance(m, bool) for m in meta["mask"]) or not meta["mask"][0]:
+        raise _fail(path, "'mask' must be booleans with the first step true (full compute)")
+    for key in ("nominal_sigmas", "sigmas"):
+        try:
+            validate_sigma_table(meta[key], steps, what=f"{key!r}")
+        except Exception as e:  # UserError with the precise reason
+            raise _fail(path, str(e)) from None
+
+
+def _load_correction(path: Path, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    file = path / CORRECTION_FILE
+    if not file.is_file():
+        raise _fail(path, f"{CORRECTION_FILE} is missing")
+    expected = meta["correction"].get("sha256")
+    if expected != sha256_file(file):
+        raise _fail(path, f"{CORRECTION_FILE} does not match the sha256 in {PROFILE_JSON} (modified or truncated)")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _fail(path, f"{CORRECTION_FILE} is unreadable ({e})") from None
+    shape = (meta["steps"], meta["n_branches"], meta["latent_shape"][0])
+    for key in ("a", "b"):
+        if key not in tensors or tuple(tensors[key].shape) != shape:
+            got = tuple(tensors[key].shape) if key in tensors else "missing"
+            raise _fail(path, f"correction table {key!r} should be {shape}, got {got}")
+    return tensors["a"].float(), tensors["b"].float()
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read and validate a profile folder; every defect raises ProfileError naming it."""
+    path = Path(path)
+    meta = _read_json(path)
+    _validate_tables(path, meta)
+    corr_a, corr_b = _load_correction(path, meta)
+    return Profile(
+        model=meta["model"],
+        model_fingerprint=meta["model_fingerprint"],
+        steps=meta["steps"],
+        shift=float(meta["shift"]),
+        height=meta["height"],
+        width=meta["width"],
+        frames=meta["frames"],
+        latent_shape=list(meta["latent_shape"]),
+        guidance_scale=float(meta["guidance_scale"]),
+        n_branches=meta["n_branches"],
+        lam=float(meta["lambda"]),
+        mask=list(meta["mask"]),
+        nominal_sigmas=[float(s) for s in meta["nominal_sigmas"]],
+        sigmas=[float(s) for s in meta["sigmas"]],
+        phi=[float(p) for p in meta["phi"]],
+        corr_a=corr_a,
+        corr_b=corr_b,
+        config=meta["config"],
+        calibration=meta["calibration"],
+        stats={k: list(v) for k, v in meta.get("stats", {}).items()},
+        speedup_target=meta.get("speedup_target"),
+    )
+

@@ -1,0 +1,105 @@
+"""From a loaded model and calibration prompts to a saved-ready :class:`Profile`."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from ertacache.errors import UserError
+from ertacache.models.loading import ModelBundle
+from ertacache.profile.artifact import Profile
+from ertacache.profile.calibrate import CalibrationSet, calibrate
+from ertacache.profile.config import CalibrationConfig
+from ertacache.sampling.sampler import initial_latents
+from ertacache.sampling.settings import SampleSettings
+from ertacache.sampling.sigmas import nominal_sigmas
+
+
+def read_prompts_file(path) -> list[str]:
+    """One prompt per line; blank lines and '#' comments are skipped."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise UserError(f"prompts file {path} does not exist; give a text file with one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompt; put one prompt per line")
+    return prompts
+
+
+def calibration_set(
+    bundle: ModelBundle, prompts: Sequence[str], settings: SampleSettings, seed: int = 0
+) -> CalibrationSet:
+    """Noise (seeds seed, seed+1, ...) and text embeddings for the calibration prompts."""
+    if not prompts:
+        raise UserError("no calibration prompts: pass --prompts FILE with one prompt per line")
+    shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
+    nb = settings.n_branches
+    return CalibrationSet(
+        adapter=bundle.adapter,
+        latents=initial_latents(shape, [seed + k for k in range(len(prompts))], bundle.device),
+        text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb),
+        guidance_scale=settings.guidance_scale,
+        nominal_sigmas=nominal_sigmas(settings.steps, settings.shift),
+        n_branches=nb,
+    )
+
+
+def build_profile(
+    bundle: ModelBundle,
+    config: CalibrationConfig,
+    settings: SampleSettings,
+    prompts: Sequence[str],
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Profile:
+    """Calibrate ``bundle`` on ``prompts`` and return the profile (not yet saved)."""
+    if config.speedup is not None:
+        config.target_full_steps(settings.steps)  # refuse an impossible speedup before any compute
+    cal = calibration_set(bundle, prompts, settings, seed)
+    start = time.perf_counter()
+    outcome = calibrate(cal, config, progress=progress, log=log)
+    wall = time.perf_counter() - start
+    res = outcome.result
+    return Profile(
+        model=bundle.model_id,
+        model_fingerprint=bundle.fingerprint,
+        steps=settings.steps,
+        shift=settings.shift,
+        height=settings.height,
+        width=settings.width,
+        frames=settings.frames,
+        latent_shape=list(cal.latents.shape[1:]),
+        guidance_scale=settings.guidance_scale,
+        n_branches=settings.n_branches,
+        lam=float(outcome.lam),
+        mask=list(res.mask),
+        nominal_sigmas=[float(s) for s in cal.nominal_sigmas],
+        sigmas=[float(s) for s in res.sigmas],
+        phi=[float(p) for p in res.phi],
+        corr_a=res.corr_a,
+        corr_b=res.corr_b,
+        config=config.to_dict(),
+        calibration={
+            "prompts": list(prompts),
+            "num_prompts": len(prompts),
+            "seeds": [seed, seed + len(prompts) - 1],
+            "negative_prompt": settings.negative_prompt,
+            "wall_s": round(wall, 3),
+            "device": str(bundle.device),
+            "dtype": str(bundle.dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        },
+        stats={
+            "residual_error": res.residual_error.tolist(),
+            "residual_change": res.residual_change.tolist(),
+            "velocity_error": res.velocity_error.tolist(),
+            "velocity_change": res.velocity_change.tolist(),
+        },
+        speedup_target=config.speedup,
+    )

@@ -1,0 +1,83 @@
+"""Calibration settings as a dataclass that validates itself."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ertacache.errors import UserError
+
+Loop = Literal["open", "closed"]
+
+
+@dataclass
+class CalibrationConfig:
+    """How to fit a profile. Exactly one of ``lam`` and ``speedup`` is set.
+
+    lam: the reuse threshold lambda on the mean relative L1 residual error
+        (DESIGN.md 1a). Larger reuses more; 0 reuses nothing.
+    speedup: a target T / N_full; lambda is then solved by bisection so the
+        mask has about ``round(T / speedup)`` full steps.
+    loop: "closed" measures the errors along the cached trajectory itself
+        (accurate, one calibration pass per bisection probe); "open" compares
+        residuals of the uncached trajectory pairwise (cheap: one pass, then
+        any lambda is free), then fits phi and the correction along the mask.
+    warmup_steps: leading steps that always compute (>= 1: step 0 has no cache).
+    final_steps: trailing steps that always compute (>= 1: the last step
+        lands the trajectory at sigma 0 with the true velocity).
+    time_adjust: component (b), the trajectory-aware sigma table.
+    rectify: component (c), the per-channel least-squares correction.
+    phi_min: lower clip of phi; keeps one bad estimate from stalling the clock.
+    phi_eps: relative guard on phi's denominator: where the step-to-step
+        velocity change is below ``phi_eps * mean|v|`` the ratio carries no
+        information and phi is left at 1 instead of being driven to phi_min.
+    batch_size: calibration prompts per model call (memory vs speed).
+    """
+
+    lam: float | None = None
+    speedup: float | None = None
+    loop: Loop = "closed"
+    warmup_steps: int = 1
+    final_steps: int = 1
+    time_adjust: bool = True
+    rectify: bool = True
+    phi_min: float = 0.5
+    phi_eps: float = 1e-3
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if (self.lam is None) == (self.speedup is None):
+            raise UserError("give exactly one of --lambda and --speedup (e.g. --speedup 2.0)")
+        if self.lam is not None and not self.lam >= 0:
+            raise UserError(f"--lambda must be >= 0 (0 disables reuse), got {self.lam}")
+        if self.speedup is not None and not self.speedup >= 1.0:
+            raise UserError(f"--speedup must be >= 1.0 (1.0 means no caching), got {self.speedup}")
+        if self.loop not in ("open", "closed"):
+            raise UserError(f"loop must be 'open' or 'closed', got {self.loop!r}")
+        if self.warmup_steps < 1 or self.final_steps < 1:
+            raise UserError("warmup_steps and final_steps must be >= 1: the first and last steps always compute")
+        if not 0.0 < self.phi_min <= 1.0:
+            raise UserError(f"phi_min must be in (0, 1], got {self.phi_min}")
+        if self.phi_eps <= 0:
+            raise UserError(f"phi_eps must be > 0, got {self.phi_eps}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def max_speedup(self, steps: int) -> float:
+        """The largest speedup a mask can reach: only the forced steps compute."""
+        return steps / min(steps, self.warmup_steps + self.final_steps)
+
+    def target_full_steps(self, steps: int) -> int:
+        """Full-step budget for the requested speedup on ``steps`` steps."""
+        if self.speedup is None:
+            raise ValueError("no target speedup set")
+        limit = self.max_speedup(steps)
+        if self.speedup > limit + 1e-9:
+            raise UserError(
+                f"--speedup {self.speedup} is above what {steps} steps allow ({limit:.2f}: the first "
+                f"{self.warmup_steps} and last {self.final_steps} steps always compute); lower it or add steps"
+            )
+        return max(self.warmup_steps + self.final_steps, round(steps / self.speedup))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

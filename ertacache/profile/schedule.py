@@ -1,0 +1,98 @@
+"""Static reuse masks (true = compute the block stack) and lambda solving.
+
+The mask rule of DESIGN.md 1a: walk the steps with a simulated cache last
+refreshed at step j; step i reuses it while the calibration error of using
+r_j in place of r_i stays below lambda, otherwise it computes and refreshes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ertacache.errors import UserError
+
+
+def forced_full(steps: int, warmup_steps: int, final_steps: int) -> np.ndarray:
+    """(T,) bool: the leading and trailing steps that compute whatever lambda says."""
+    forced = np.zeros(steps, dtype=bool)
+    forced[:warmup_steps] = True
+    forced[max(0, steps - final_steps):] = True
+    return forced
+
+
+def mask_from_error_matrix(errors: np.ndarray, lam: float, warmup_steps: int, final_steps: int) -> tuple[bool, ...]:
+    """Greedy walk over errors[j, i] = error of reusing step j's residual at step i (j < i)."""
+    steps = errors.shape[0]
+    forced = forced_full(steps, warmup_steps, final_steps)
+    mask, last = [], 0
+    for i in range(steps):
+        full = bool(forced[i]) or not errors[last, i] < lam
+        if full:
+            last = i
+        mask.append(full)
+    return tuple(mask)
+
+
+def solve_lambda(
+    full_steps_at: Callable[[float], tuple[int, object]],
+    target: int,
+    lam_hi: float = 1.0,
+    iterations: int = 24,
+    rel_tol: float = 1e-4,
+):
+    """Lambda whose mask comes closest to ``target`` full steps from below, by bisection.
+
+    ``full_steps_at(lam)`` returns (number of full steps, payload). The count
+    falls as lambda grows, but only roughly: along a closed-loop trajectory a
+    different lambda changes where the trajectory goes. So bisection keeps an
+    upper end that meets the budget and a lower end that does not, remembers
+    the probe with the most full steps within the budget (smallest lambda on
+    ties), and stops early on an exact hit. Returns (lambda, full steps, payload).
+    """
+    best: tuple[int, float, object] | None = None
+
+    def probe(lam: float) -> int:
+        nonlocal best
+        n, payload = full_steps_at(lam)
+        if n <= target and (best is None or n > best[0] or (n == best[0] and lam < best[1])):
+            best = (n, lam, payload)
+        return n
+
+    while probe(lam_hi) > target:
+        lam_hi *= 2.0
+        if lam_hi > 1e6:
+            raise UserError(
+                f"no lambda reaches {target} full steps: the forced steps alone need more; "
+                "lower --speedup or reduce the warm-up count"
+            )
+    lam_lo = 0.0
+    for _ in range(iterations):
+        if best[0] == target or lam_hi - lam_lo <= rel_tol * lam_hi:
+            break
+        mid = 0.5 * (lam_lo + lam_hi)
+        if probe(mid) <= target:
+            lam_hi = mid
+        else:
+            lam_lo = mid
+    n, lam, payload = best
+    return lam, n, payload
+
+
+def fill_budget(mask: tuple[bool, ...], errors, target: int) -> tuple[bool, ...]:
+    """Turn the reused steps with the largest errors into full steps until ``target`` are full.
+
+    Lambda moves the full-step count in jumps, so a budget can fall between two
+    lambdas; equal-compute comparisons need the exact count.
+    """
+    mask = list(mask)
+    reused = [i for i, m in enumerate(mask) if not m]
+    for i in sorted(reused, key=lambda i: -errors[i])[: max(0, target - sum(mask))]:
+        mask[i] = True
+    return tuple(mask)
+
+
+def mask_summary(mask) -> str:
+    """'F' for a full step, '.' for a reused one: e.g. 'FF.F..F'."""
+    return "".join("F" if m else "." for m in mask)

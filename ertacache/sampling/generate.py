@@ -1,0 +1,62 @@
+"""Prompt(s) in, video out: encode, sample (cached or not), decode."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ertacache.models.loading import ModelBundle
+from ertacache.profile.artifact import Profile
+from ertacache.sampling.sampler import CachedSampler, initial_latents
+from ertacache.sampling.settings import SampleSettings
+from ertacache.sampling.sigmas import nominal_sigmas
+from ertacache.sampling.steps import StepTables
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor  # (B, C, F', H', W') float32
+    frames: torch.Tensor | None  # (B, F, H, W, 3) uint8, None when decode=False
+    sample_s: float  # wall time of the denoising loop alone
+    full_steps: int
+    steps: int
+
+
+def sampler_for(bundle: ModelBundle, settings: SampleSettings, profile: Profile | None) -> CachedSampler:
+    """The cached sampler of ``profile``, or plain Euler (all steps full, nominal sigmas) without one."""
+    if profile is None:
+        c = bundle.latent_shape(settings.frames, settings.height, settings.width)[0]
+        tables = StepTables(nominal_sigmas(settings.steps, settings.shift), n_branches=settings.n_branches, channels=c)
+        mask = [True] * settings.steps
+    else:
+        profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, steps=settings.steps,
+                              height=settings.height, width=settings.width, frames=settings.frames)
+        tables, mask = profile.tables(), profile.mask
+    return CachedSampler(bundle.adapter, tables.to(bundle.device), mask)
+
+
+def generate(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: SampleSettings,
+    profile: Profile | None = None,
+    decode: bool = True,
+) -> GenerationResult:
+    """Sample one video per (prompt, seed) pair in one batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    sampler = sampler_for(bundle, settings, profile)
+    shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
+    text = bundle.encode(list(prompts), settings.negative_prompt, sampler.tables.n_branches)
+    noise = initial_latents(shape, seeds, bundle.device)
+    start = time.perf_counter()
+    result = sampler(noise, text, settings.guidance_scale)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize(bundle.device)
+    sample_s = time.perf_counter() - start
+    frames = bundle.decoder.decode(result.latents) if decode else None
+    return GenerationResult(result.latents, frames, sample_s, result.full_steps, settings.steps)

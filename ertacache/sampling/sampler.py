@@ -1,0 +1,80 @@
+"""The eager cached sampler: a plain loop over the two step modules.
+
+The reuse mask is a tuple of Python bools fixed before the loop, so the loop
+has no data-dependent branching and no ``.item()``: what it does at step i is
+known before step 0 runs, exactly as in the exported runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ertacache.errors import UserError
+from ertacache.models.adapter import ModelAdapter
+from ertacache.sampling.steps import CachedStep, FullStep, StepTables
+
+
+def initial_latents(
+    latent_shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Gaussian noise (B, C, F, H, W) with one CPU generator per seed.
+
+    One generator per sample makes sample k of a batch identical to sampling
+    seed k alone, whatever the batch size or device.
+    """
+    noise = [torch.randn(tuple(latent_shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)  # (B, C, F, H, W)
+
+
+def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
+    mask = tuple(bool(m) for m in mask)
+    if len(mask) != steps:
+        raise UserError(f"reuse mask has {len(mask)} entries but the sigma table has {steps} steps")
+    if not mask[0]:
+        raise UserError("the first step must compute (mask[0] must be true): there is no residual to reuse yet")
+    return mask
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # (B, C, F, H, W)
+    full_steps: int
+
+
+class CachedSampler:
+    """Runs ``full if mask[i] else cached`` for i in range(T) in eager PyTorch.
+
+    With an all-true mask and the nominal sigma table this is plain
+    flow-matching Euler sampling with CFG.
+    """
+
+    def __init__(self, adapter: ModelAdapter, tables: StepTables, mask: Sequence[bool]):
+        self.tables = tables
+        self.mask = validate_mask(mask, tables.steps)
+        self.full_step = FullStep(adapter, tables)
+        self.cached_step = CachedStep(adapter, tables)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float) -> SampleResult:
+        """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first."""
+        n_branches = self.tables.n_branches
+        if text_embeds.shape[0] != n_branches * latents.shape[0]:
+            raise UserError(
+                f"text_embeds has {text_embeds.shape[0]} rows; expected {n_branches} x batch {latents.shape[0]} "
+                f"({'cond then uncond' if n_branches == 2 else 'cond only'})"
+            )
+        device = latents.device
+        self.tables.to(device)
+        steps = torch.arange(self.tables.steps, device=device)  # int64 step indices, made once
+        g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
+        x = latents.float()
+        residual = None
+        for i, full in enumerate(self.mask):
+            if full:
+                x, residual = self.full_step(x, steps[i], text_embeds, g)
+            else:
+                x = self.cached_step(x, steps[i], text_embeds, g, residual)
+        return SampleResult(latents=x, full_steps=sum(self.mask))

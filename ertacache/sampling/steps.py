@@ -1,0 +1,160 @@
+"""The full step and the cached step: the two pure functions caching alternates between.
+
+Everything a profile decides is a table indexed by the step number (DESIGN.md,
+"the two step graphs"): the (adjusted) sigma table and the per-step, per-branch,
+per-channel correction coefficients. So one module serves every step, the eager
+sampler and the exported graphs share this code, and the loop carries no
+decision logic beyond the reuse mask, which is data known before the loop.
+
+Tensors crossing a step boundary:
+
+    full_step(latents, step, text_embeds, guidance_scale) -> latents_out, residual_out
+    cached_step(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+
+``text_embeds`` is (nb*B, L, D) with the cond rows first and, with CFG (nb = 2),
+the uncond rows after them; ``residual`` is (nb*B, N, D): one residual per CFG
+branch and sample, in the same row order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ertacache.models.adapter import ModelAdapter
+
+#: flow-matching timesteps are sigma scaled to the training range (diffusers' convention)
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class StepTables(nn.Module):
+    """The per-step constants a profile bakes into the step modules.
+
+    sigmas: (T+1,) the sigma table the model sees and the Euler update uses.
+    corr_a, corr_b: (T, nb, C) per reused step, CFG branch and latent channel,
+        the least-squares fit eps ~ a * v_tilde + b of the cached-output error;
+        zeros (identity correction) on full steps and when rectification is off.
+    """
+
+    def __init__(self, sigmas, corr_a=None, corr_b=None, n_branches: int = 2, channels: int | None = None):
+        super().__init__()
+        sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64), dtype=torch.float32)
+        steps = sigmas.shape[0] - 1
+        if corr_a is None:
+            if channels is None:
+                raise ValueError("channels is required when no correction tables are given")
+            corr_a = torch.zeros(steps, n_branches, channels)
+            corr_b = torch.zeros(steps, n_branches, channels)
+        corr_a = torch.as_tensor(corr_a, dtype=torch.float32)
+        corr_b = torch.as_tensor(corr_b, dtype=torch.float32)
+        if corr_a.shape != corr_b.shape or corr_a.ndim != 3 or corr_a.shape[0] != steps:
+            raise ValueError(
+                f"correction tables must both be (steps={steps}, branches, channels), "
+                f"got {tuple(corr_a.shape)} and {tuple(corr_b.shape)}"
+            )
+        self.register_buffer("sigmas", sigmas)
+        self.register_buffer("corr_a", corr_a)
+        self.register_buffer("corr_b", corr_b)
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.shape[0] - 1
+
+    @property
+    def n_branches(self) -> int:
+        return self.corr_a.shape[1]
+
+
+def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``table[step]`` for a 0-d int64 tensor ``step`` without a host sync.
+
+    Plain ``table[step]`` converts the index to a Python int (``.item()``),
+    which would stall the GPU every step; ``index_select`` stays on device
+    and exports as a Gather.
+    """
+    return table.index_select(0, step.reshape(1)).squeeze(0)
+
+
+def model_timestep(sigma: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sigma (0-d) -> the float timestep vector (rows,) the transformer embeds."""
+    return (sigma * NUM_TRAIN_TIMESTEPS).reshape(1).expand(rows)
+
+
+def expand_branches(latents: torch.Tensor, n_branches: int) -> torch.Tensor:
+    """(B, C, F, H, W) -> (nb*B, C, F, H, W): the same latents for every CFG branch."""
+    return latents.repeat(n_branches, 1, 1, 1, 1)
+
+
+def combine_cfg(v: torch.Tensor, guidance_scale: torch.Tensor, n_branches: int) -> torch.Tensor:
+    """(nb*B, ...) branch velocities -> (B, ...) guided velocity: uncond + g * (cond - uncond)."""
+    if n_branches == 1:
+        return v
+    cond, uncond = v.chunk(2, dim=0)  # (B, ...) each
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def rectify(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """v^ = v~ - (a * v~ + b), per branch and channel. v: (nb*B, C, F, H, W); a, b: (nb, C)."""
+    nb, c = a.shape
+    v_nb = v.unflatten(0, (nb, -1))  # (nb, B, C, F, H, W)
+    a = a.reshape(nb, 1, c, 1, 1, 1)
+    b = b.reshape(nb, 1, c, 1, 1, 1)
+    return (v_nb - (a * v_nb + b)).flatten(0, 1)  # (nb*B, C, F, H, W)
+
+
+def euler(latents: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One flow-matching Euler step: x_next = x + (sigma_next - sigma) * v."""
+    return latents + (sigma_next - sigma) * v
+
+
+def full_velocity(adapter: ModelAdapter, x_in, timestep, text) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch velocities (float32) and the block-stack residual, both for rows of ``x_in``."""
+    pre = adapter.pre(x_in, timestep, text)
+    hidden = adapter.blocks(pre)
+    residual = hidden - pre.hidden  # (rows, N, D)
+    return adapter.head(hidden, pre).float(), residual
+
+
+def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual) -> torch.Tensor:
+    """Branch velocities (float32) from the stored residual: pre + residual + head, no block."""
+    pre = adapter.pre(x_in, timestep, None)
+    return adapter.head(pre.hidden + residual.to(pre.hidden.dtype), pre).float()
+
+
+class _Step(nn.Module):
+    def __init__(self, adapter: ModelAdapter, tables: StepTables):
+        super().__init__()
+        self.adapter = adapter
+        self.transformer = adapter.model  # registered so .to() and torch.export see the weights
+        self.tables = tables
+
+    def _setup(self, latents, step, text_embeds):
+        n_branches = self.tables.n_branches
+        dtype = text_embeds.dtype
+        sigma = at_step(self.tables.sigmas, step)
+        sigma_next = at_step(self.tables.sigmas, step + 1)
+        x_in = expand_branches(latents, n_branches).to(dtype)  # (nb*B, C, F, H, W)
+        timestep = model_timestep(sigma, x_in.shape[0])
+        return n_branches, sigma, sigma_next, x_in, timestep
+
+
+class FullStep(_Step):
+    """Computes the block stack, returns the next latents and the residual to cache."""
+
+    def forward(self, latents, step, text_embeds, guidance_scale):
+        n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
+        v, residual = full_velocity(self.adapter, x_in, timestep, text_embeds)
+        v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)
+        return euler(latents, v, sigma, sigma_next), residual
+
+
+class CachedStep(_Step):
+    """Reuses the residual of the last full step, corrected by the step's a/b tables."""
+
+    def forward(self, latents, step, text_embeds, guidance_scale, residual):
+        n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
+        v = cached_velocity(self.adapter, x_in, timestep, residual)
+        v = rectify(v, at_step(self.tables.corr_a, step), at_step(self.tables.corr_b, step))
+        v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)
+        return euler(latents, v, sigma, sigma_next)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+from torch import nn
+
+from ertacache.errors import UserError
+from ertacache.models.adapter import adapter_for
+from tests.conftest import TINY_WAN_CONFIGS, tiny_wan
+
+
+@pytest.mark.parametrize("name", sorted(TINY_WAN_CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_head_of_pre_plus_blocks_equals_model_forward(name, batch):
+    model = tiny_wan(name, seed=batch)
+    adapter = adapter_for(model)
+    p_t = model.config.patch_size[0]
+    x = torch.randn(batch, 4, 2 * p_t, 8, 6)  # (B, C, F, H, W)
+    t = torch.rand(batch) * 1000
+    text = torch.randn(batch, 5, model.config.text_dim)
+    with torch.no_grad():
+        expected = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        pre = adapter.pre(x, t, text)
+        got = adapter.head(adapter.blocks(pre), pre)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_cached_pre_skips_text_but_gives_same_tokens(wan_adapter):
+    x = torch.randn(2, 4, 2, 8, 8)
+    t = torch.tensor([500.0, 10.0])
+    text = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        full = wan_adapter.pre(x, t, text)
+        cached = wan_adapter.pre(x, t, None)
+    assert cached.block_inputs is None
+    torch.testing.assert_close(cached.hidden, full.hidden)
+    torch.testing.assert_close(cached.head_inputs.temb, full.head_inputs.temb)
+    with pytest.raises(ValueError, match="full step"):
+        wan_adapter.blocks(cached)
+
+
+def test_unknown_model_class_names_the_fix():
+    with pytest.raises(UserError, match="register_adapter"):
+        adapter_for(nn.Linear(2, 2))
