@@ -175,6 +175,7 @@ class ModelBundle:
     prompt_encoder: PromptEncoder
     decoder: LatentDecoder
     fingerprint: str
+    dtype: torch.dtype  # compute dtype of the transformer (some of its modules stay fp32 by design)
 
     @property
     def model_id(self) -> str:
@@ -187,10 +188,6 @@ class ModelBundle:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, F', H', W') for a video of ``frames`` x ``height`` x ``width``; refuses shapes that don't fit."""
@@ -243,4 +240,4 @@ def load_bundle(
     decoder = family.decoder(path, torch_dtype)
     decoder.vae.to(device)
     fingerprint = fingerprint_module(transformer)
-    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint)
+    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype)

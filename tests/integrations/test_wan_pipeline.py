@@ -1,0 +1,61 @@
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+from ertacache.errors import UserError
+from ertacache.integrations import disable_ertacache, enable_ertacache
+from ertacache.models.loading import fingerprint_module
+from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.artifact import Profile
+from ertacache.profile.calibrate import CalibrationSet, calibrate
+from ertacache.sampling import CachedSampler, initial_latents, nominal_sigmas
+from tests.sampling.test_sampler import tiny_vae
+
+STEPS = 10
+LATENT = (4, 2, 8, 8)  # frames 5, 64 x 64 pixels through the tiny Wan VAE
+
+
+def make_profile(model, adapter) -> Profile:
+    cal = CalibrationSet(adapter, initial_latents(LATENT, range(3)), torch.randn(6, 5, 16), 4.0,
+                         nominal_sigmas(STEPS, 3.0))
+    res = calibrate(cal, CalibrationConfig(speedup=2.0, loop="open"), progress=False, log=lambda s: None).result
+    return Profile("tiny", fingerprint_module(model), STEPS, 3.0, 64, 64, 5, list(LATENT), 4.0, 2, 0.1,
+                   list(res.mask), list(cal.nominal_sigmas), list(res.sigmas), list(res.phi), res.corr_a,
+                   res.corr_b, {}, {})
+
+
+def test_enable_ertacache_on_wan_pipeline_equals_our_cached_sampler(wan_model, wan_adapter):
+    profile = make_profile(wan_model, wan_adapter)
+    assert 0 < profile.full_steps < STEPS
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=wan_model, vae=tiny_vae(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_latents(LATENT, [7])
+    cond, uncond = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, height=64, width=64, num_frames=5,
+                  guidance_scale=4.0, output_type="latent")
+
+    enable_ertacache(pipe, profile)
+    got = pipe(num_inference_steps=STEPS, latents=noise.clone(), **kwargs).frames
+    again = pipe(num_inference_steps=STEPS, latents=noise.clone(), **kwargs).frames  # state resets between calls
+    ours = CachedSampler(wan_adapter, profile.tables(), profile.mask)(noise, torch.cat([cond, uncond]), 4.0).latents
+    torch.testing.assert_close(got, ours, rtol=0, atol=5e-6)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+    with pytest.raises(UserError, match="num_inference_steps=10"):
+        pipe(num_inference_steps=20, latents=noise.clone(), **kwargs)
+
+    disable_ertacache(pipe)
+    plain = pipe(num_inference_steps=STEPS, latents=noise.clone(), **kwargs).frames
+    assert (plain - got).abs().max() > 1e-4  # caching changed something, and disabling removed it
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+
+
+def test_profile_for_other_weights_is_refused(wan_model, wan_adapter):
+    from tests.conftest import tiny_wan
+
+    profile = make_profile(wan_model, wan_adapter)
+    other = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_wan(seed=9), vae=tiny_vae(),
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    with pytest.raises(UserError, match="profile this model first"):
+        enable_ertacache(other, profile)
