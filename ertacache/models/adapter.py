@@ -83,6 +83,10 @@ class ModelAdapter:
         """Embed the latent video (and, unless ``text`` is None, everything the blocks need)."""
         raise NotImplementedError
 
+    def modulated_input(self, pre: PreOutput) -> torch.Tensor:
+        """The first block's timestep-modulated input (for TeaCache-style baselines)."""
+        raise NotImplementedError
+
     def blocks(self, pre: PreOutput) -> torch.Tensor:
         """Run the transformer block stack; returns hidden states shaped like ``pre.hidden``."""
         raise NotImplementedError
@@ -154,6 +158,18 @@ class WanAdapter(ModelAdapter):
             rotary=model.rope(latents),
         )
         return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=block_inputs)
+
+    def modulated_input(self, pre: PreOutput) -> torch.Tensor:
+        """First block's timestep-modulated input norm1(h) * (1 + scale) + shift: (B, N, D).
+
+        The signal TeaCache-style baselines watch to decide reuse at run time.
+        """
+        if pre.block_inputs is None:
+            raise ValueError("modulated_input() needs a PreOutput made with text (a full-step pre)")
+        block = self.model.blocks[0]
+        mod = block.scale_shift_table + pre.block_inputs.timestep_proj.float()  # (B, 6, D)
+        shift, scale = mod[:, 0:1], mod[:, 1:2]  # (B, 1, D) each
+        return block.norm1(pre.hidden.float()) * (1 + scale) + shift
 
     def blocks(self, pre: PreOutput) -> torch.Tensor:
         if pre.block_inputs is None:

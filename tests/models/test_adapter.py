@@ -41,3 +41,16 @@ def test_cached_pre_skips_text_but_gives_same_tokens(wan_adapter):
 def test_unknown_model_class_names_the_fix():
     with pytest.raises(UserError, match="register_adapter"):
         adapter_for(nn.Linear(2, 2))
+
+
+def test_modulated_input_is_what_the_first_block_feeds_its_self_attention(wan_model, wan_adapter):
+    x, t, text = torch.randn(2, 4, 2, 8, 8), torch.tensor([900.0, 100.0]), torch.randn(2, 5, 16)
+    seen = {}
+    attn = wan_model.blocks[0].attn1
+    handle = attn.register_forward_pre_hook(lambda mod, args: seen.setdefault("in", args[0]))
+    with torch.no_grad():
+        pre = wan_adapter.pre(x, t, text)
+        wan_adapter.blocks(pre)
+        mod = wan_adapter.modulated_input(pre)
+    handle.remove()
+    torch.testing.assert_close(mod, seen["in"].float(), rtol=0, atol=1e-6)
