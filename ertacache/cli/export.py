@@ -1,0 +1,148 @@
+"""ertacache-export: calibrate (or load a profile), bake it into static graphs, validate, write one folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.errors import UserError
+from ertacache.export.config import TARGETS, ExportConfig
+from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity
+from ertacache.models.loading import load_bundle
+from ertacache.models.recipes import load_recipe
+from ertacache.profile.artifact import load_profile
+from ertacache.profile.build import build_profile, read_prompts_file
+from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.schedule import mask_summary
+from ertacache.sampling.settings import SampleSettings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ertacache-export",
+        description="Bake an ERTACache profile into static full-step / cached-step graphs (ONNX, AOTInductor), "
+                    "validate them against eager PyTorch and write one self-describing folder.",
+    )
+    add_model_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--profile", default=None, help="profile folder from ertacache-profile (else: calibrate now)")
+    source.add_argument("--speedup", type=float, default=None,
+                        help="calibrate for this T / N_full (default: the recipe's, 2.0)")
+    source.add_argument("--lambda", dest="lam", type=float, default=None, help="calibrate with this threshold")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: recipe or the profile's)")
+    add_shape_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help="videos per request; the graphs are static in it")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {list(TARGETS)}")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
+    p.add_argument("--loop", choices=["closed", "open"], default="closed", help="calibration loop (see ertacache-profile)")
+    p.add_argument("--no-decode-graph", action="store_true", help="skip the vae_decode graph")
+    p.add_argument("--no-trt-op-check", action="store_true",
+                   help="accept ONNX ops TensorRT's parser does not support (ONNX Runtime only)")
+    p.add_argument("--timing-repeats", type=int, default=5, help="timed runs per step graph for c (0: skip)")
+    p.add_argument("--out", default=None, help="output folder (default: engines/<model>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no calibration progress bars")
+    return p
+
+
+def _check_profile_flags(args, profile) -> None:
+    for flag, value, have in (("--steps", args.steps, profile.steps), ("--height", args.height, profile.height),
+                              ("--width", args.width, profile.width), ("--frames", args.frames, profile.frames),
+                              ("--shift", args.shift, profile.shift)):
+        if value is not None and value != have:
+            raise UserError(f"{flag} {value} differs from the profile {args.profile} ({flag} {have}); drop the flag, "
+                            "or make a profile for the new setting (ertacache-profile, or drop --profile here)")
+    if profile.model != args.model:
+        raise UserError(f"the profile {args.profile} was made for --model {profile.model}, not {args.model}; pass "
+                        f"--model {profile.model} or drop --profile to calibrate {args.model} now")
+    if args.guidance_scale is not None and (args.guidance_scale > 1.0) != (profile.n_branches == 2):
+        raise UserError(f"--guidance-scale {args.guidance_scale} turns CFG {'on' if args.guidance_scale > 1 else 'off'}"
+                        f" but the profile was calibrated with it {'on' if profile.n_branches == 2 else 'off'}")
+
+
+def _calibrate(args, bundle):
+    recipe = bundle.recipe
+    settings = SampleSettings.from_recipe(
+        recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+    )
+    config = CalibrationConfig(
+        lam=args.lam, speedup=None if args.lam is not None else (args.speedup or recipe.defaults.speedup),
+        loop=args.loop, batch_size=recipe.defaults.calibration_batch_size,
+    )
+    prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
+    print(f"[calibrate] {bundle.model_id} on {len(prompts)} prompts, {settings.steps} steps, "
+          f"{settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
+    profile = build_profile(bundle, config, settings, prompts, progress=not args.quiet)
+    return profile, settings.negative_prompt
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def print_summary(report: ExportReport) -> None:
+    m = report.manifest
+    prof = m["profile"]
+    print(f"\nexport folder {report.out}")
+    for rel, size in sorted(report.files.items()):
+        print(f"  {rel:40s} {_size(size):>10s}")
+    print(f"schedule  {mask_summary(prof['mask'])}  ({prof['full_steps']}/{prof['steps']} full steps)")
+    if report.validation:
+        print(f"validation (final latents vs eager, {m['dtype']}, whole schedule):")
+        print(f"  {'target':8s} {'rel L2':>10s} {'max |diff|':>11s} {'decode':>7s}")
+        for target, row in report.validation.items():
+            dec = row.get("decode_max_abs_uint8", "-")
+            print(f"  {target:8s} {row['rel_l2']:10.3e} {row['max_abs']:11.3e} {dec!s:>7s}")
+    for backend, t in report.timing.items():
+        if isinstance(t, dict):
+            print(f"  {backend:12s} full {t['full_s'] * 1e3:8.2f} ms  cached {t['cached_s'] * 1e3:8.2f} ms  "
+                  f"c = {t['c']:.3f}  bound T/(N_full + N_cached*c) = {t['speedup_bound']:.2f}x")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    recipe = load_recipe(args.model)
+    config = ExportConfig(
+        out=Path(args.out or Path("engines") / args.model), targets=args.targets,
+        dtype=args.dtype or recipe.defaults.dtype, batch_size=args.batch_size, force=args.force, opset=args.opset,
+        check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
+        timing_repeats=args.timing_repeats,
+    )
+    config.check_machine()
+    if config.out.exists() and not config.force:
+        raise UserError(f"output folder {config.out} already exists; pass --force to replace it or choose another --out")
+    profile = load_profile(args.profile) if args.profile else None
+    if profile is not None:
+        _check_profile_flags(args, profile)
+    print(f"[load] {args.model} ({config.dtype})")
+    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
+    if profile is None:
+        profile, negative = _calibrate(args, bundle)
+        profile_dir = None
+    else:
+        profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, where=f"profile {args.profile}")
+        negative = args.negative_prompt if args.negative_prompt is not None else \
+            profile.calibration.get("negative_prompt", "")
+        profile_dir = Path(args.profile)
+    print(f"[profile] {mask_summary(profile.mask)}  lambda {profile.lam:.4g}")
+    probe = (profile.calibration.get("prompts") or list(bundle.recipe.calibration_prompts))[:1]
+    text_shape = tuple(bundle.encode(probe, negative, profile.n_branches).shape[1:])  # (L, D_text) of one prompt
+    identity = ModelIdentity.from_bundle(bundle, text_shape, negative)
+    report = ExportPackage(config)(bundle.adapter, profile, identity, text_shape, bundle.decoder, profile_dir)
+    print_summary(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

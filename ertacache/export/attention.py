@@ -1,0 +1,95 @@
+"""An export-friendly attention processor for Wan's self- and cross-attention.
+
+diffusers' ``WanAttnProcessor`` applies the rotary embedding by writing the two
+rotated halves into strided slices of an empty tensor (``out[..., 0::2] = ...``).
+``torch.onnx.export`` lowers those in-place slice writes to ``ScatterND``, which
+TensorRT handles as a slow generic scatter and which blocks its attention fusion.
+Here the same numbers are built with ``torch.stack`` + ``flatten`` (interleave the
+two halves), which exports as Unsqueeze/Concat/Reshape. Numerically identical:
+the same products and sums, in the same order, only the memory writes differ.
+
+Installed only for the duration of an export through the model's public
+``set_attn_processor`` and restored afterwards (:func:`export_attention`), so the
+eager model the validation compares against keeps diffusers' own processor.
+Swap-and-restore instead of a deep copy: a copy would double the memory of a
+14B transformer during export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs, without in-place slice writes.
+
+    x: (B, N, heads, head_dim); cos, sin: (1, N, 1, head_dim) with each
+    frequency repeated for the pair (diffusers' layout). Returns x's dtype.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, h, hd/2) each: even and odd lanes
+    cos = cos[..., 0::2]  # (1, N, 1, hd/2)
+    sin = sin[..., 1::2]
+    even = x1 * cos - x2 * sin
+    odd = x1 * sin + x2 * cos
+    return torch.stack((even, odd), dim=-1).flatten(-2).type_as(x)  # (B, N, h, hd), lanes interleaved
+
+
+class StackRopeWanAttnProcessor:
+    """Text-to-video Wan attention with :func:`rotate_interleaved` for the rope.
+
+    Supports what Wan2.1 T2V uses: separate or fused q/k/v projections, the
+    q/k RMS norms, and rope on self-attention. Image conditioning
+    (``add_k_proj``, Wan I2V) is refused: the adapter is text-to-video only.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("StackRopeWanAttnProcessor supports text-to-video Wan only (no add_k_proj)")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if getattr(attn, "fused_projections", False):
+            if encoder_hidden_states is None:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, N|L, h*hd)
+
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # (B, N, h, hd)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))  # (B, N|L, h, hd)
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = rotate_interleaved(query, *rotary_emb)
+            key = rotate_interleaved(key, *rotary_emb)
+
+        # SDPA wants (B, h, N, hd); diffusers' native backend does the same transposes.
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+        ).transpose(1, 2)  # (B, N, h, hd)
+        out = out.flatten(2, 3).type_as(query)  # (B, N, h*hd)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+@contextlib.contextmanager
+def export_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Install :class:`StackRopeWanAttnProcessor` on every attention of ``model``, restore on exit.
+
+    Models without ``set_attn_processor`` (not a diffusers attention model) are
+    yielded unchanged.
+    """
+    if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
+        yield model
+        return
+    original = dict(model.attn_processors)
+    model.set_attn_processor(StackRopeWanAttnProcessor())
+    try:
+        yield model
+    finally:
+        model.set_attn_processor(original)

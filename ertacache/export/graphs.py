@@ -1,0 +1,225 @@
+"""The compiler pass: (model, profile) -> static full-step, cached-step and decode graphs.
+
+:class:`BakeStepGraphs` is a pass with a contract (STYLE.md #2). Given a model
+adapter, a profile and the shapes of one request, ``BakeStepGraphs(...)(adapter,
+profile)`` returns :class:`StepGraphs`:
+
+1. The profile's step tables (the adjusted sigma table (T+1,) and the
+   correction tables a, b (T, nb, C)) become buffers of
+   :class:`~ertacache.sampling.steps.StepTables`, i.e. constants of the graphs.
+   The reuse mask is *not* baked: it is data for the runtime's loop and goes
+   to the manifest.
+2. :class:`~ertacache.sampling.steps.FullStep` and
+   :class:`~ertacache.sampling.steps.CachedStep` (the same modules the eager
+   sampler runs) are exported with ``torch.export.export`` at static shapes.
+   Tensors crossing the split, with their exact names (the runtime, the Triton
+   repository and outside tools bind by them):
+
+       full_step(latents, step, text_embeds, guidance_scale) -> latents_out, residual_out
+       cached_step(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+
+       latents      (B, C, F', H', W')  float32   the state of the Euler loop
+       step         ()                  int64     indexes the baked tables
+       text_embeds  (nb*B, L, D_text)   model dtype  cond rows, then uncond rows (CFG)
+       guidance_scale ()                float32
+       residual     (nb*B, N, D)        model dtype  block-stack residual per CFG branch
+                                                  (``residual_out`` of the last full step)
+
+   ``cached_step`` keeps its (unused) ``text_embeds`` input so both graphs bind
+   the same feeds; exporters keep it (TensorRT's parser may drop it).
+3. With a decoder, a third graph ``vae_decode(latents) -> frames`` (uint8,
+   (B, F, H, W, 3)) is exported the same way.
+4. While exporting, diffusers' Wan attention processor is swapped for
+   :class:`~ertacache.export.attention.StackRopeWanAttnProcessor` (identical
+   numbers, no ScatterND in ONNX) and restored afterwards.
+
+Preconditions, checked up front: the adapter's model is in eval mode and
+already in ``dtype`` (load it so); the profile's latent shape is (C, F', H', W')
+with C the model's input channels; ``batch_size`` >= 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ertacache.errors import UserError
+from ertacache.export.attention import export_attention
+from ertacache.export.errors import GraphExportError, failing_op
+from ertacache.models.adapter import ModelAdapter
+from ertacache.models.components import LatentDecoder
+from ertacache.profile.artifact import Profile
+from ertacache.sampling.steps import CachedStep, FullStep, StepTables
+
+FULL_STEP = "full_step"
+CACHED_STEP = "cached_step"
+VAE_DECODE = "vae_decode"
+STEP_GRAPHS = (FULL_STEP, CACHED_STEP)
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.int64: "int64", torch.uint8: "uint8"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named graph input or output: static shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor) -> "TensorSpec":
+        return cls(name, tuple(int(s) for s in t.shape), DTYPE_NAMES[t.dtype])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The I/O contract of one graph."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.outputs]}
+
+
+@dataclass
+class StepGraphs:
+    """What the pass returns: per graph, the eager module, its export, example inputs and contract."""
+
+    modules: dict[str, nn.Module]
+    programs: dict[str, torch.export.ExportedProgram]
+    example_inputs: dict[str, tuple[torch.Tensor, ...]]
+    specs: dict[str, GraphSpec]
+    tables: StepTables
+    mask: list[bool]
+    dtype: torch.dtype
+    batch_size: int
+    attention_swapped: bool = False
+    export_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.programs)
+
+
+class DecodeGraph(nn.Module):
+    """latents (B, C, F', H', W') float32 -> frames (B, F, H, W, 3) uint8 through ``decoder.decode``."""
+
+    def __init__(self, decoder: LatentDecoder):
+        super().__init__()
+        self.decoder = decoder
+        self.vae = decoder.vae  # registered so torch.export sees its weights
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(latents)
+
+
+STEP_INPUTS = ("latents", "step", "text_embeds", "guidance_scale")
+FULL_OUTPUTS = ("latents_out", "residual_out")
+CACHED_INPUTS = STEP_INPUTS + ("residual",)
+CACHED_OUTPUTS = ("latents_out",)
+DECODE_INPUTS = ("latents",)
+DECODE_OUTPUTS = ("frames",)
+
+
+def example_step_inputs(
+    latent_shape, batch_size: int, n_branches: int, text_shape: tuple[int, int], dtype: torch.dtype, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, ...]:
+    """Deterministic example feeds (latents, step, text_embeds, guidance_scale) at the export shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn((batch_size, *latent_shape), generator=gen)  # (B, C, F', H', W') float32
+    text = torch.randn((n_branches * batch_size, *text_shape), generator=gen).to(dtype)  # (nb*B, L, D_text)
+    step, g = torch.tensor(1, dtype=torch.int64), torch.tensor(4.0, dtype=torch.float32)
+    return tuple(t.to(device) for t in (latents, step, text, g))
+
+
+class BakeStepGraphs:
+    """The pass. Settings in the constructor, work in the call (see the module docstring)."""
+
+    def __init__(self, batch_size: int, dtype: torch.dtype, text_shape: tuple[int, int],
+                 decoder: LatentDecoder | None = None, swap_attention: bool = True, strict: bool = False):
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.text_shape = tuple(int(s) for s in text_shape)  # (L, D_text) of one prompt's embeddings
+        self.decoder = decoder
+        self.swap_attention = swap_attention
+        self.strict = strict
+
+    def _check(self, adapter: ModelAdapter, profile: Profile) -> None:
+        model = adapter.model
+        if model.training:
+            raise ValueError("export needs the model in eval mode (call .eval())")
+        if len(profile.latent_shape) != 4 or profile.latent_shape[0] != adapter.in_channels:
+            raise UserError(f"the profile's latent shape {profile.latent_shape} does not fit a model with "
+                            f"{adapter.in_channels} input channels; re-profile this model")
+        if profile.corr_a.shape[-1] != adapter.in_channels:
+            raise UserError(f"the profile's correction tables have {profile.corr_a.shape[-1]} channels, the model "
+                            f"{adapter.in_channels}; re-profile this model")
+
+    def __call__(self, adapter: ModelAdapter, profile: Profile) -> StepGraphs:
+        self._check(adapter, profile)
+        tables = profile.tables()  # sigmas (T+1,), corr_a/corr_b (T, nb, C): baked as buffers
+        nb = tables.n_branches
+        modules: dict[str, nn.Module] = {
+            FULL_STEP: FullStep(adapter, tables).eval(),
+            CACHED_STEP: CachedStep(adapter, tables).eval(),
+        }
+        device = next(adapter.model.parameters()).device
+        tables.to(device)
+        step_in = example_step_inputs(profile.latent_shape, self.batch_size, nb, self.text_shape, self.dtype,
+                                      device=device)
+        with torch.no_grad():
+            latents_out, residual = modules[FULL_STEP](*step_in)
+        examples = {FULL_STEP: step_in, CACHED_STEP: (*step_in, residual)}
+        specs = {
+            FULL_STEP: GraphSpec(FULL_STEP, tuple(map(TensorSpec.of, STEP_INPUTS, step_in)),
+                                 tuple(map(TensorSpec.of, FULL_OUTPUTS, (latents_out, residual)))),
+            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, CACHED_INPUTS, examples[CACHED_STEP])),
+                                   (TensorSpec.of("latents_out", latents_out),)),
+        }
+        if self.decoder is not None:
+            modules[VAE_DECODE] = DecodeGraph(self.decoder).eval()
+            examples[VAE_DECODE] = (step_in[0],)
+            with torch.no_grad():
+                frames = modules[VAE_DECODE](step_in[0])
+            specs[VAE_DECODE] = GraphSpec(VAE_DECODE, (TensorSpec.of("latents", step_in[0]),),
+                                          (TensorSpec.of("frames", frames),))
+
+        programs, times = {}, {}
+        swap = export_attention(adapter.model) if self.swap_attention else contextlib.nullcontext(adapter.model)
+        with swap, torch.no_grad():
+            for name, module in modules.items():
+                start = time.perf_counter()
+                try:
+                    programs[name] = torch.export.export(module, examples[name], strict=self.strict)
+                except Exception as e:  # any exporter failure: name the graph and the op
+                    raise GraphExportError(name, "torch.export", e) from e
+                times[name] = time.perf_counter() - start
+        return StepGraphs(modules, programs, examples, specs, tables, list(profile.mask), self.dtype,
+                          self.batch_size, attention_swapped=self.swap_attention, export_s=times)
+
+
+__all__ = ["BakeStepGraphs", "StepGraphs", "GraphSpec", "TensorSpec", "DecodeGraph", "example_step_inputs",
+           "FULL_STEP", "CACHED_STEP", "VAE_DECODE", "failing_op"]

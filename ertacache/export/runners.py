@@ -1,0 +1,173 @@
+"""Run exported step graphs: one small runner per backend, one schedule loop for all of them.
+
+A runner exposes the two step functions with the graphs' contract:
+
+    full(latents, step, text_embeds, guidance_scale) -> (latents_out, residual_out)
+    cached(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+    decode(latents) -> frames            (when the vae_decode graph exists)
+
+:func:`run_schedule` is the runtime's loop in its plainest form (``full if
+mask[i] else cached``); validation and timing both use it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ertacache.export.errors import GraphExportError, TargetDtypeError
+from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, GraphSpec
+
+
+class StepRunner(Protocol):
+    def full(self, latents, step, text_embeds, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def cached(self, latents, step, text_embeds, guidance_scale, residual) -> torch.Tensor: ...
+
+
+class EagerRunner:
+    """The un-exported modules (FullStep, CachedStep, DecodeGraph), for reference and timing."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    @torch.no_grad()
+    def full(self, *args):
+        return self.modules[FULL_STEP](*args)
+
+    @torch.no_grad()
+    def cached(self, *args):
+        return self.modules[CACHED_STEP](*args)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return self.modules[VAE_DECODE](latents)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; ORT's CPU provider has no bf16 kernels anyway
+        raise TypeError("bfloat16 tensors cannot be fed to ONNX Runtime through numpy")
+    return t.detach().cpu().numpy()
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime sessions of the exported graphs, fed by input name."""
+
+    def __init__(self, paths: dict[str, Path], specs: dict[str, GraphSpec], providers: Sequence[str] | None = None,
+                 dtype_name: str = "float32"):
+        import onnxruntime as ort
+
+        self.specs = specs
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.sessions = {}
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        for name, path in paths.items():
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
+            except Exception as e:  # e.g. bf16 Conv on the CPU provider: INVALID_GRAPH
+                if dtype_name != "float32":
+                    raise TargetDtypeError(
+                        f"ONNX Runtime ({', '.join(self.providers)}) cannot load the {dtype_name} graph {name!r} on "
+                        f"this machine ({' '.join(str(e).split())[:300]}); the export cannot be validated. Use "
+                        f"--dtype fp32 (or fp16) for --targets onnx here, --targets aoti for {dtype_name}, or export "
+                        "on a machine whose ONNX Runtime provider runs it (CUDA / TensorRT)"
+                    ) from None
+                raise GraphExportError(name, "ONNX Runtime session", e) from e
+
+    def _run(self, name, args):
+        spec = self.specs[name]
+        feeds = {s.name: _np(a) for s, a in zip(spec.inputs, args)}
+        return [torch.from_numpy(o) for o in self.sessions[name].run(spec.output_names, feeds)]
+
+    def full(self, *args):
+        latents, residual = self._run(FULL_STEP, args)
+        return latents, residual
+
+    def cached(self, *args):
+        return _single(self._run(CACHED_STEP, args))
+
+    def decode(self, latents):
+        return _single(self._run(VAE_DECODE, (latents,)))
+
+
+class AotiRunner:
+    """AOTInductor packages loaded back with ``torch._inductor.aoti_load_package``."""
+
+    def __init__(self, paths: dict[str, Path]):
+        from ertacache.export.aoti_target import load_aoti_package
+
+        self.models = {name: load_aoti_package(path) for name, path in paths.items()}
+
+    def full(self, *args):
+        latents, residual = self.models[FULL_STEP](*args)
+        return latents, residual
+
+    def cached(self, *args):
+        return _single(self.models[CACHED_STEP](*args))
+
+    def decode(self, latents):
+        return _single(self.models[VAE_DECODE](latents))
+
+
+def _single(out):
+    """A one-output graph returns its tensor as the module did (a bare tensor), some loaders a 1-list."""
+    if isinstance(out, (list, tuple)):
+        if len(out) != 1:
+            raise ValueError(f"expected one output, got {len(out)}")
+        return out[0]
+    return out
+
+
+def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor, text_embeds: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """``for i in range(T): full if mask[i] else cached``; returns the final latents (B, C, F', H', W')."""
+    if not mask or not mask[0]:
+        raise ValueError("the first step must be a full step")
+    device = latents.device
+    g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
+    steps = torch.arange(len(mask), dtype=torch.int64, device=device)  # made once: no host->device copy per step
+    x, residual = latents.float(), None
+    for i, full in enumerate(mask):
+        step = steps[i]
+        if full:
+            x, residual = runner.full(x, step, text_embeds, g)
+        else:
+            x = runner.cached(x, step, text_embeds, g, residual)
+        if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
+            raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
+    return x
+
+
+def relative_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def time_steps(runner: StepRunner, full_inputs: tuple, cached_inputs: tuple, repeats: int = 5,
+               warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one full and one cached step, interleaved so machine noise hits both alike."""
+    for _ in range(warmup):
+        runner.full(*full_inputs)
+        runner.cached(*cached_inputs)
+    full_t, cached_t = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.full(*full_inputs)
+        full_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        runner.cached(*cached_inputs)
+        cached_t.append(time.perf_counter() - start)
+    full_s, cached_s = statistics.median(full_t), statistics.median(cached_t)
+    return {"full_s": full_s, "cached_s": cached_s, "c": cached_s / full_s}
+
+
+def speedup_bound(mask: Sequence[bool], c: float) -> float:
+    """T / (N_full + N_cached * c): the best speedup of the schedule when a cached step costs c full steps."""
+    n_full = sum(bool(m) for m in mask)
+    return len(mask) / (n_full + (len(mask) - n_full) * c)
