@@ -148,8 +148,14 @@ def cached_pass(
     lam: float | None = None,
     mask: Sequence[bool] | None = None,
     progress: bool = True,
-) -> PassResult:
-    """Follow the cached trajectory, deciding (``lam``) or following (``mask``) the schedule."""
+    max_full: int | None = None,
+) -> PassResult | None:
+    """Follow the cached trajectory, deciding (``lam``) or following (``mask``) the schedule.
+
+    With ``max_full``, the pass gives up (returns None) as soon as the mask is
+    sure to exceed that many full steps: a bisection probe only needs to know
+    it is over budget, and small lambdas would otherwise cost a whole pass.
+    """
     if (lam is None) == (mask is None):
         raise ValueError("give exactly one of lam and mask")
     steps, nb = cal.steps, cal.n_branches
@@ -193,6 +199,8 @@ def cached_pass(
         else:
             full = bool(forced[i]) or not res_err < lam
         out_mask.append(full)
+        if max_full is not None and sum(out_mask) + int(forced[i + 1:].sum()) > max_full:
+            return None
 
         if not full:
             stats["residual_error"][i] = res_err
@@ -290,10 +298,11 @@ def calibrate(
     bar = tqdm(desc=f"closed-loop bisection (target {target} full steps)", disable=not progress, unit="probe")
 
     def closed_probe(lam):
-        res = cached_pass(cal, config, lam=lam, progress=False)
+        res = cached_pass(cal, config, lam=lam, progress=False, max_full=target)
         bar.update()
-        bar.set_postfix(lam=f"{lam:.4g}", full=res.full_steps)
-        return res.full_steps, res
+        n = target + 1 if res is None else res.full_steps
+        bar.set_postfix(lam=f"{lam:.4g}", full=n if res is not None else f">{target}")
+        return n, res
 
     lam, n_full, result = solve_lambda(closed_probe, target)
     bar.close()

@@ -39,8 +39,8 @@ def solve_lambda(
     full_steps_at: Callable[[float], tuple[int, object]],
     target: int,
     lam_hi: float = 1.0,
-    iterations: int = 24,
-    rel_tol: float = 1e-4,
+    iterations: int = 16,
+    rel_tol: float = 1e-3,
 ):
     """Lambda whose mask comes closest to ``target`` full steps from below, by bisection.
 
