@@ -8,6 +8,9 @@ from diffusers import WanTransformer3DModel
 
 from ertacache.models.adapter import adapter_for
 
+#: session-scoped export fixtures (tiny, onnx_export, aoti_export), shared by tests/export, tests/engines, tests/runtime
+pytest_plugins = ("tests.export.fixtures",)
+
 #: tiny configs of the real Wan2.1 class: (layers, heads, head_dim, text_dim, patch)
 TINY_WAN_CONFIGS = {
     "2x2h": dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, text_dim=16, patch_size=(1, 2, 2)),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
 from ertacache.errors import UserError
-from ertacache.export.config import TARGETS, ExportConfig
+from ertacache.export.config import DEFAULT_TARGETS, TARGETS, ExportConfig
 from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity
 from ertacache.models.loading import load_bundle
 from ertacache.models.recipes import load_recipe
@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: recipe or the profile's)")
     add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=1, help="videos per request; the graphs are static in it")
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {list(TARGETS)}")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated subset of {list(TARGETS)} (tensorrt needs TensorRT and a GPU here; "
+                        "else build engines on the target with ertacache-build)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
     p.add_argument("--loop", choices=["closed", "open"], default="closed", help="calibration loop (see ertacache-profile)")

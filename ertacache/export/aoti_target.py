@@ -52,4 +52,6 @@ class AotiPackageFromExportedProgram:
 
 def load_aoti_package(path: str | Path):
     """The compiled model of a ``.pt2`` package: call it with the graph's inputs in order."""
-    return torch._inductor.aoti_load_package(str(path))
+    from ertacache.engines.aoti import AotiModelFromPackage
+
+    return AotiModelFromPackage(path)()

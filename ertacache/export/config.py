@@ -10,8 +10,10 @@ import torch
 from ertacache.errors import UserError
 from ertacache.export.errors import TargetDtypeError
 
-#: targets that write files into the output folder; torch.compile is checked, not written (see docs/export.md)
-TARGETS = ("onnx", "aoti")
+#: targets that write files into the output folder; torch.compile is checked, not written (see docs/export.md).
+#: tensorrt builds engines from the ONNX graphs (so implies onnx) and needs TensorRT and a GPU here
+TARGETS = ("onnx", "aoti", "tensorrt")
+DEFAULT_TARGETS = ("onnx", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: fp32 acceptance bound on the final latents, relative L2 against the eager cached sampler
 FP32_TOLERANCE = 1e-4
@@ -24,6 +26,8 @@ def parse_targets(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if unknown or not items:
         raise UserError(f"unknown export target(s) {unknown or items!r}; --targets takes a comma-separated subset "
                         f"of {list(TARGETS)}, e.g. --targets onnx,aoti")
+    if "tensorrt" in items and "onnx" not in items:
+        items.insert(items.index("tensorrt"), "onnx")  # engines are built from the ONNX graphs
     return tuple(dict.fromkeys(items))  # de-duplicated, order kept
 
 
@@ -34,7 +38,8 @@ class ExportConfig:
     out: the output folder, written atomically (temporary sibling, then rename).
     force: replace an existing ``out`` (only once the new folder is complete).
     targets: subset of :data:`TARGETS`. ONNX (opset 18+, for ONNX Runtime and TensorRT)
-        and AOTInductor packages (.pt2, C++-loadable).
+        and AOTInductor packages (.pt2, C++-loadable); tensorrt also builds TensorRT engines from the
+        ONNX here (ertacache.engines.tensorrt; needs TensorRT and a GPU).
     dtype: transformer precision of the graphs. Latents, sigmas and the Euler update stay fp32.
     batch_size: videos per request B; graphs are static in it.
     opset: ONNX opset (>= 18; 17 makes the dynamo exporter emit an invalid Split).
@@ -49,7 +54,7 @@ class ExportConfig:
     """
 
     out: Path
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     dtype: str = "fp32"
     batch_size: int = 1
     force: bool = False
@@ -88,6 +93,17 @@ class ExportConfig:
         Measured (docs/export.md): ONNX Runtime's CPU provider has no bfloat16 Conv kernel, so a bf16
         ONNX graph does not load; fp16 loads and runs. AOTInductor compiles fp16 and bf16 on CPU.
         """
+        if "tensorrt" in self.targets:
+            from ertacache.engines.base import require_backend
+            from ertacache.engines.errors import BackendNotInstalledError
+
+            try:
+                require_backend("tensorrt")
+            except BackendNotInstalledError as e:
+                raise BackendNotInstalledError(
+                    f"--targets tensorrt builds engines on this machine, which cannot: {e}. Export with --targets onnx "
+                    "here and build the engines where they will run: ertacache-build --engines DIR --targets tensorrt"
+                ) from None
         if "onnx" in self.targets and self.dtype == "bf16" and set(self.onnx_providers) <= {"CPUExecutionProvider"}:
             raise TargetDtypeError(
                 "--dtype bf16 with --targets onnx cannot be validated here: ONNX Runtime's CPU provider has no "

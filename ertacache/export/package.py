@@ -186,6 +186,11 @@ class ExportPackage:
             details["aoti"] = {"graphs": {n: {"file": g.path.relative_to(tmp).as_posix(),
                                               "compile_s": round(g.compile_s, 2)} for n, g in aoti.items()},
                                "device": "cpu", "loader": "torch._inductor.aoti_load_package"}
+        if "tensorrt" in cfg.targets:
+            from ertacache.engines.tensorrt import build_engines
+
+            details["tensorrt"] = self._stage("tensorrt engines", stage_s, build_engines, paths["onnx"],
+                                              tmp / "tensorrt", log=self.log)
         return paths, details
 
     def _runner(self, target: str, paths: dict[str, Path], graphs: StepGraphs):

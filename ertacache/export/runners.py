@@ -1,5 +1,10 @@
 """Run exported step graphs: one small runner per backend, one schedule loop for all of them.
 
+These are the export stage's validation runners: plain calls with fresh outputs.
+Sessions and packages are loaded by the engine loaders of :mod:`ertacache.engines`
+(``SessionFromOnnxPath``, ``AotiModelFromPackage``); the preallocated,
+allocation-free loop is :class:`ertacache.runtime.Runtime`.
+
 A runner exposes the two step functions with the graphs' contract:
 
     full(latents, step, text_embeds, guidance_scale) -> (latents_out, residual_out)
@@ -60,16 +65,14 @@ class OnnxRuntimeRunner:
 
     def __init__(self, paths: dict[str, Path], specs: dict[str, GraphSpec], providers: Sequence[str] | None = None,
                  dtype_name: str = "float32"):
-        import onnxruntime as ort
+        from ertacache.engines.onnxruntime import SessionFromOnnxPath
 
         self.specs = specs
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.sessions = {}
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         for name, path in paths.items():
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
+                self.sessions[name] = SessionFromOnnxPath(path, self.providers)()
             except Exception as e:  # e.g. bf16 Conv on the CPU provider: INVALID_GRAPH
                 if dtype_name != "float32":
                     raise TargetDtypeError(
@@ -100,9 +103,9 @@ class AotiRunner:
     """AOTInductor packages loaded back with ``torch._inductor.aoti_load_package``."""
 
     def __init__(self, paths: dict[str, Path]):
-        from ertacache.export.aoti_target import load_aoti_package
+        from ertacache.engines.aoti import AotiModelFromPackage
 
-        self.models = {name: load_aoti_package(path) for name, path in paths.items()}
+        self.models = {name: AotiModelFromPackage(path)() for name, path in paths.items()}
 
     def full(self, *args):
         latents, residual = self.models[FULL_STEP](*args)

@@ -58,7 +58,7 @@ def test_existing_folder_needs_force_and_is_replaced_atomically(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary sibling left
 
 
-@pytest.mark.parametrize("targets", ["tensorrt", "onnx,foo", ""])
+@pytest.mark.parametrize("targets", ["trt", "onnx,foo", ""])
 def test_unknown_target_is_refused(targets):
     with pytest.raises(UserError, match="--targets takes a comma-separated subset"):
         parse_targets(targets)

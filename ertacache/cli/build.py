@@ -1,0 +1,79 @@
+"""ertacache-build: build TensorRT engines from an export folder's ONNX on the machine that will run them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ertacache.cli.common import run_cli
+from ertacache.errors import UserError
+from ertacache.export.manifest import MANIFEST, file_entries, load_manifest
+from ertacache.io import atomic_write_bytes
+
+BUILD_TARGETS = ("tensorrt",)
+
+
+def parser() -> argparse.ArgumentParser:
+    from ertacache.engines.tensorrt import HARDWARE_COMPATIBILITY
+
+    p = argparse.ArgumentParser(prog="ertacache-build", description="Build TensorRT engines (strongly typed, static "
+                                "shapes, timing cache) from an export folder's onnx/ into its tensorrt/, and record "
+                                "them (TensorRT version, GPU, sha256) in its manifest.")
+    p.add_argument("--engines", required=True, help="export folder (ertacache-export --targets onnx)")
+    p.add_argument("--targets", default="tensorrt", help=f"what to build: {list(BUILD_TARGETS)}")
+    p.add_argument("--timing-cache", default=None, help="timing cache file (default: tensorrt/timing.cache)")
+    p.add_argument("--hardware-compatibility", default="none", choices=list(HARDWARE_COMPATIBILITY),
+                   help="none: this GPU only (fastest); ampere+: any Ampere-or-later GPU; same-cc")
+    p.add_argument("--version-compatible", action="store_true", help="engines later TensorRT versions can run")
+    p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit")
+    p.add_argument("--force", action="store_true", help="replace existing engines")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    from ertacache.engines.base import require_backend
+    from ertacache.engines.tensorrt import TensorRTBuildOptions, build_engines
+
+    args = parser().parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets or any(t not in BUILD_TARGETS for t in targets):
+        raise UserError(f"--targets takes {list(BUILD_TARGETS)}, got {args.targets!r}")
+    folder = Path(args.engines)
+    manifest = load_manifest(folder)  # refuses tampered or missing files before a long build
+    if "onnx" not in manifest["targets"]:
+        raise UserError(f"{folder} has no ONNX graphs to build from; export with ertacache-export --targets onnx")
+    require_backend("tensorrt")  # names the pip extra, or says there is no GPU
+    if (folder / "tensorrt").exists() and not args.force:
+        raise UserError(f"{folder}/tensorrt already exists; pass --force to rebuild the engines")
+    options = TensorRTBuildOptions(args.timing_cache, args.hardware_compatibility, args.version_compatible,
+                                   args.workspace_gib)
+    onnx = {g: folder / e["file"] for g, e in manifest["targets"]["onnx"]["graphs"].items()}
+    tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.tmp-", dir=folder))
+    try:
+        print(f"[build] TensorRT engines for {sorted(onnx)} in {folder}/tensorrt")
+        entry = build_engines(onnx, tmp, options)
+        entry = json.loads(json.dumps(entry).replace(f"{tmp.name}/", "tensorrt/"))
+        if (folder / "tensorrt").exists():
+            shutil.rmtree(folder / "tensorrt")
+        tmp.rename(folder / "tensorrt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["targets"]["tensorrt"] = entry
+    manifest["backends"] = list(dict.fromkeys([*manifest["backends"], "tensorrt"]))
+    manifest["files"] = file_entries(folder)
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    print(f"[build] TensorRT {entry['version']} on {entry['gpu']} (sm {entry['compute_capability']}): "
+          + ", ".join(f"{g} {e['build_s']} s" for g, e in entry["engines"].items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""ertacache-run: sample a video from an export folder with one backend (the alternating runtime)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ertacache.cli.common import run_cli
+from ertacache.engines import BACKENDS
+from ertacache.runtime import Runtime, StepTimes
+from ertacache.runtime.inputs import noise_for, text_embeds_from_npy, text_embeds_from_prompt
+from ertacache.video import save_video
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, help="export folder (ertacache-export --out)")
+    p.add_argument("--backend", default="onnxruntime", help=f"one of {list(BACKENDS)} (default: onnxruntime)")
+    p.add_argument("--providers", default=None,
+                   help="ONNX Runtime providers in order, comma-separated (default: CPUExecutionProvider)")
+    p.add_argument("--device", default=None, help="torch device of the buffers (default: the backend's)")
+    p.add_argument("--model-path", default=None, help="model folder for --prompt and the torch backend "
+                                                     "(default: the manifest's)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", default=None, help="text prompt (encoded with the folder's text encoder)")
+    text.add_argument("--text-embeds", default=None,
+                      help=".npy of shape (nb*B, L, D_text): cond rows, then (CFG) uncond rows")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample k of a batch uses seed + k)")
+
+
+def open_runtime(args) -> Runtime:
+    providers = args.providers.split(",") if args.providers else None
+    return Runtime(args.engines, args.backend, device=args.device, providers=providers, model_path=args.model_path)
+
+
+def request(args, manifest):
+    if args.prompt is not None:
+        text = text_embeds_from_prompt(args.prompt, manifest, args.model_path)
+    else:
+        text = text_embeds_from_npy(args.text_embeds, manifest)
+    return noise_for(manifest, args.seed), text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ertacache-run", description="Run an export folder's step graphs with one backend "
+                                "(full if mask[i] else cached) and write the video.")
+    add_runtime_args(p)
+    p.add_argument("--out", required=True, help="output video: .gif, .mp4 or .png")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
+    runtime = open_runtime(args)
+    with runtime as rt:
+        open_s = time.perf_counter() - start
+        noise, text = request(args, rt.manifest)
+        noise, text = noise.to(rt.device), text.to(rt.device)
+        times = StepTimes()
+        start = time.perf_counter()
+        rt.sample(noise, text, times=times)
+        frames = rt.decode()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        total_s = time.perf_counter() - start
+        out = save_video(frames[0].cpu().numpy() if frames.shape[0] == 1 else frames.cpu().numpy(), args.out)
+    n_full, n_cached = len(times.full_s), len(times.cached_s)
+    print(f"{args.backend}: {rt.steps} steps ({n_full} full, {n_cached} cached), open + bind {open_s:.2f} s")
+    print(f"  full step   {times.full_median_s * 1e3:9.2f} ms (median of {n_full})")
+    if n_cached:
+        c = times.cached_median_s / times.full_median_s
+        print(f"  cached step {times.cached_median_s * 1e3:9.2f} ms (median of {n_cached}), c = {c:.3f}")
+    print(f"  sampling + decode {total_s:.3f} s")
+    print(f"video written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

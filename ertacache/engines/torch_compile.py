@@ -1,0 +1,126 @@
+"""torch.compile backend: the step modules themselves, compiled with ``fullgraph=True``.
+
+Unlike the file backends it needs the model: :class:`StepModulesFromManifest`
+loads it through :func:`ertacache.models.loading.load_bundle` with the
+manifest's model id and path, refuses weights whose fingerprint differs from
+the manifest's, and rebuilds ``FullStep`` / ``CachedStep`` with the tables of
+the folder's ``profile/`` (the same modules the export baked). On CUDA each
+bound call is captured into a CUDA graph (:class:`CudaGraphCall`); on the CPU a
+call returns fresh outputs that are copied into the runtime's buffers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
+from ertacache.engines.cuda_graph import CudaGraphCall
+from ertacache.engines.errors import EngineMismatchError
+from ertacache.export.graphs import CACHED_INPUTS, CACHED_STEP, FULL_STEP, STEP_INPUTS, VAE_DECODE, DecodeGraph
+from ertacache.models.adapter import ModelAdapter
+from ertacache.profile.artifact import Profile
+from ertacache.sampling.steps import CachedStep, FullStep
+
+#: the input order of each module's forward (the graphs' contract)
+INPUT_ORDER = {FULL_STEP: STEP_INPUTS, CACHED_STEP: CACHED_INPUTS, VAE_DECODE: ("latents",)}
+
+
+def step_modules(adapter: ModelAdapter, profile: Profile, device: torch.device | str = "cpu",
+                 decoder=None) -> dict[str, nn.Module]:
+    """FullStep / CachedStep (and DecodeGraph with a decoder) with ``profile``'s tables on ``device``."""
+    tables = profile.tables().to(device)
+    modules: dict[str, nn.Module] = {FULL_STEP: FullStep(adapter, tables).eval(),
+                                     CACHED_STEP: CachedStep(adapter, tables).eval()}
+    if decoder is not None:
+        modules[VAE_DECODE] = DecodeGraph(decoder).eval()
+    return modules
+
+
+class StepModulesFromManifest:
+    """Loader: the model named by an export folder's manifest, checked against its fingerprint."""
+
+    def __init__(self, folder: str | Path, manifest: Mapping[str, Any], device: torch.device | str = "cpu",
+                 model_path: str | None = None):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.model_path = model_path
+
+    def __call__(self) -> dict[str, nn.Module]:
+        from ertacache.models.loading import load_bundle
+        from ertacache.profile.artifact import load_profile
+
+        m = self.manifest["model"]
+        bundle = load_bundle(m["id"], self.model_path or m.get("path"), self.device, self.manifest["dtype"])
+        if bundle.fingerprint != m["fingerprint"]:
+            raise EngineMismatchError(
+                f"the export folder {self.folder} was made from weights {m['fingerprint']} but {m['id']} loaded from "
+                f"{bundle.path} has weights {bundle.fingerprint}; pass --model-path to the folder's weights or "
+                "re-export with these")
+        profile = load_profile(self.folder / self.manifest["profile"]["folder"])
+        return step_modules(bundle.adapter, profile, self.device, bundle.decoder)
+
+
+class TorchCompileEngine(Engine):
+    """``torch.compile(fullgraph=True)`` of the step modules (the decoder stays eager).
+
+    modules: a dict graph -> module, or a loader returning one (called on activation).
+    compile_backend: torch.compile's backend ("inductor"; "eager" traces with dynamo but skips code
+        generation, for tests); None runs the modules uncompiled (the eager baseline of the bench).
+    cuda_graphs: capture each bound call into a CUDA graph (CUDA devices only).
+    """
+
+    backend = "torch"
+
+    def __init__(self, modules: Mapping[str, nn.Module] | Callable[[], Mapping[str, nn.Module]],
+                 device: torch.device | str = "cpu", compile_backend: str = "inductor", mode: str | None = None,
+                 cuda_graphs: bool = True):
+        super().__init__(device)
+        self._source = modules
+        self.compile_backend = compile_backend
+        self.mode = mode
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.modules: dict[str, nn.Module] = {}
+        self.compiled: dict[str, Callable] = {}
+        self._pool = None
+
+    def _activate(self) -> None:
+        modules = self._source() if callable(self._source) else self._source
+        self.modules = dict(modules)
+        for name in (FULL_STEP, CACHED_STEP):
+            if name not in self.modules:
+                raise EngineMismatchError(f"the torch backend needs a {name!r} module")
+        self.compiled = {}
+        for name, module in self.modules.items():
+            module.to(self.device)
+            if name == VAE_DECODE or self.compile_backend is None:  # decode runs once per video: not worth a compile
+                self.compiled[name] = torch.no_grad()(module)
+                continue
+            # CUDA graphs are captured by CudaGraphCall around the bound call, not by mode="reduce-overhead":
+            # that keeps the buffers the runtime owns as the graph's static inputs and outputs
+            fn = torch.compile(module, fullgraph=True, dynamic=False, backend=self.compile_backend, mode=self.mode)
+            self.compiled[name] = torch.no_grad()(fn)
+        if self.cuda_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def _deactivate(self) -> None:
+        self.modules, self.compiled, self._pool = {}, {}, None
+        torch._dynamo.reset()
+
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(self.compiled or (self._source if isinstance(self._source, Mapping) else (FULL_STEP, CACHED_STEP)))
+
+    def input_names(self, graph: str) -> tuple[str, ...]:
+        return INPUT_ORDER[graph]
+
+    def bind(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> BoundCall:
+        self._require_active()
+        args = tuple(inputs[n] for n in INPUT_ORDER[graph])
+        call = copy_outputs_call(self.compiled[graph], args, tuple(outputs.values()))
+        if self.cuda_graphs and graph != VAE_DECODE:
+            return CudaGraphCall(call, self.device, pool=self._pool)
+        return call

@@ -1,0 +1,326 @@
+"""The alternating runtime: ``for i in range(T): full if mask[i] else cached`` over preallocated buffers.
+
+    with Runtime("engines/wan2.1-tiny", backend="onnxruntime") as rt:
+        latents = rt.sample(noise, text_embeds)   # (B, C, F', H', W') float32
+        frames = rt.decode()                      # (B, F, H, W, 3) uint8, from the vae_decode graph
+
+On entry the folder is checked (:func:`ertacache.runtime.checks.open_folder`),
+the engine activated, every buffer allocated once (:class:`RuntimeState`) and
+every call bound: the full and cached step once for each of the two latent
+buffers the loop ping-pongs between, and the decoder. The loop then does, per
+step, one in-place copy of the step index into the bound ``step`` buffer and
+one bound call: no allocation, no host synchronisation (the step indices are
+on the device before the loop). Non-finite values are looked for once after
+the loop; when there are some, the schedule is replayed step by step from the
+saved noise to name the first step and graph that produced them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ertacache.engines.base import BoundCall, Engine, backend_info
+from ertacache.errors import NumericalError, UserError
+from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE
+from ertacache.runtime.checks import check_inputs, open_folder
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+           "uint8": torch.uint8}
+
+
+def _spec(manifest, graph: str, name: str) -> dict[str, Any]:
+    g = manifest["graphs"][graph]
+    return next(s for s in g["inputs"] + g["outputs"] if s["name"] == name)
+
+
+def _empty(spec: dict[str, Any], device) -> torch.Tensor:
+    return torch.zeros(spec["shape"], dtype=_DTYPES[spec["dtype"]], device=device)
+
+
+class RuntimeState:
+    """Every buffer the loop touches, allocated once; :meth:`reset` zeroes them.
+
+    latents: two (B, C, F', H', W') float32 buffers; step i reads ``latents[i % 2]`` and writes
+        ``latents[(i + 1) % 2]``, so the final latents are in ``latents[T % 2]``.
+    residual: (nb*B, N, D), written by full steps (``residual_out``), read by cached steps.
+    text_embeds (nb*B, L, D_text), guidance_scale (), step () int64: the other step inputs.
+    steps: (T,) int64 step indices on the device; ``step_views[i]`` is ``steps[i]``, made once.
+    noise: a copy of the initial latents, for the NaN diagnosis replay.
+    frames: (B, F, H, W, 3) uint8 output of vae_decode, when the folder has that graph.
+    """
+
+    def __init__(self, manifest: dict[str, Any], device: torch.device, with_decode: bool):
+        steps = manifest["profile"]["steps"]
+        lat = _spec(manifest, FULL_STEP, "latents")
+        self.latents = (_empty(lat, device), _empty(lat, device))
+        self.noise = _empty(lat, device)
+        self.residual = _empty(_spec(manifest, FULL_STEP, "residual_out"), device)
+        self.text_embeds = _empty(_spec(manifest, FULL_STEP, "text_embeds"), device)
+        self.guidance_scale = _empty(_spec(manifest, FULL_STEP, "guidance_scale"), device)
+        self.step = _empty(_spec(manifest, FULL_STEP, "step"), device)
+        self.steps = torch.arange(steps, dtype=torch.int64, device=device)
+        self.step_views = [self.steps[i] for i in range(steps)]
+        self.frames = _empty(manifest["graphs"][VAE_DECODE]["outputs"][0], device) if with_decode else None
+        self.final = self.latents[steps % 2]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        out = {"latents_0": self.latents[0], "latents_1": self.latents[1], "noise": self.noise,
+               "residual": self.residual, "text_embeds": self.text_embeds, "guidance_scale": self.guidance_scale,
+               "step": self.step}
+        if self.frames is not None:
+            out["frames"] = self.frames
+        return out
+
+    def reset(self) -> None:
+        for t in self.buffers().values():
+            t.zero_()
+
+
+@dataclass
+class StepTimes:
+    """Wall time per step of one timed run, split by kind."""
+
+    full_s: list[float] = field(default_factory=list)
+    cached_s: list[float] = field(default_factory=list)
+
+    @property
+    def full_median_s(self) -> float:
+        return statistics.median(self.full_s) if self.full_s else float("nan")
+
+    @property
+    def cached_median_s(self) -> float:
+        return statistics.median(self.cached_s) if self.cached_s else float("nan")
+
+
+def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
+    mask = tuple(bool(m) for m in mask)
+    if len(mask) != steps:
+        raise UserError(f"the mask has {len(mask)} entries, the folder's schedule {steps} steps")
+    if not mask[0]:
+        raise UserError("the first step must be a full step (there is no residual to reuse yet)")
+    return mask
+
+
+def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: torch.device | None = None,
+                providers: Sequence[str] | None = None, model_path: str | None = None,
+                compile_backend: str = "inductor", cuda_graphs: bool = True) -> Engine:
+    """The engine of ``backend`` over the folder's artifacts (not yet active)."""
+    graphs = [g for g in (FULL_STEP, CACHED_STEP, VAE_DECODE) if g in manifest["graphs"]]
+    targets = manifest["targets"]
+    if backend == "onnxruntime":
+        from ertacache.engines.onnxruntime import OnnxRuntimeEngine
+
+        files = targets["onnx"]["graphs"]
+        return OnnxRuntimeEngine({g: folder / files[g]["file"] for g in graphs},
+                                 providers or ("CPUExecutionProvider",))
+    if backend == "aoti":
+        from ertacache.engines.aoti import AotiEngine
+
+        files = targets["aoti"]["graphs"]
+        order = {g: tuple(s["name"] for s in manifest["graphs"][g]["inputs"]) for g in graphs}
+        return AotiEngine({g: folder / files[g]["file"] for g in graphs}, order, device or "cpu")
+    if backend == "torch":
+        from ertacache.engines.torch_compile import StepModulesFromManifest, TorchCompileEngine
+
+        dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return TorchCompileEngine(StepModulesFromManifest(folder, manifest, dev, model_path), dev, compile_backend,
+                                  cuda_graphs=cuda_graphs)
+    if backend == "tensorrt":
+        from ertacache.engines.tensorrt import TensorRTEngine
+
+        entry = targets["tensorrt"]
+        return TensorRTEngine({g: folder / e["file"] for g, e in entry["engines"].items()}, device or "cuda",
+                              version_compatible=bool(entry.get("version_compatible")), cuda_graphs=cuda_graphs)
+    backend_info(backend)  # raises UnknownBackendError
+    raise AssertionError(backend)
+
+
+class Runtime:
+    """One export folder, one backend; a context manager (see the module docstring).
+
+    engine: an engine to use instead of the one ``backend`` builds from the folder (tests, and the
+        torch backend with a model already in memory).
+    verify_files: check every file's sha256 on open (seconds per GB; keep it on in production).
+    """
+
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime", *, device: torch.device | str | None = None,
+                 providers: Sequence[str] | None = None, model_path: str | None = None, engine: Engine | None = None,
+                 compile_backend: str = "inductor", cuda_graphs: bool = True, verify_files: bool = True):
+        self.folder = Path(folder)
+        self.backend = backend
+        dev = torch.device(device) if device is not None else None
+        self.manifest = open_folder(self.folder, backend, dev, verify_files=verify_files)
+        self.engine = engine or make_engine(self.folder, self.manifest, backend, dev, providers, model_path,
+                                            compile_backend, cuda_graphs)
+        self.device = self.engine.device
+        self.mask = validate_mask(self.manifest["profile"]["mask"], self.manifest["profile"]["steps"])
+        self.state: RuntimeState | None = None
+        self._calls: dict[tuple[str, int], BoundCall] = {}
+        self._decode: BoundCall | None = None
+
+    # ---- lifetime --------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Runtime":
+        self.engine.activate()
+        try:
+            self._allocate_and_bind()
+        except BaseException:
+            self.engine.deactivate()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._calls, self._decode, self.state = {}, None, None
+        self.engine.deactivate()
+
+    @property
+    def steps(self) -> int:
+        return len(self.mask)
+
+    @property
+    def has_decode(self) -> bool:
+        return VAE_DECODE in self.engine.graphs() and VAE_DECODE in self.manifest["graphs"]
+
+    def _allocate_and_bind(self) -> None:
+        st = self.state = RuntimeState(self.manifest, self.device, self.has_decode)
+        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"]))
+        for parity in (0, 1):
+            x_in, x_out = st.latents[parity], st.latents[1 - parity]
+            common = {"latents": x_in, "step": st.step, "text_embeds": st.text_embeds,
+                      "guidance_scale": st.guidance_scale}
+            self._calls[FULL_STEP, parity] = self.engine.bind(
+                FULL_STEP, common, {"latents_out": x_out, "residual_out": st.residual})
+            self._calls[CACHED_STEP, parity] = self.engine.bind(
+                CACHED_STEP, {**common, "residual": st.residual}, {"latents_out": x_out})
+        if st.frames is not None:
+            self._decode = self.engine.bind(VAE_DECODE, {"latents": st.final}, {"frames": st.frames})
+        st.reset()  # binding may have run the graphs once (checks, CUDA graph warm-up)
+        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"]))
+
+    def _require(self) -> RuntimeState:
+        if self.state is None:
+            raise RuntimeError("the runtime is not open; use it inside `with Runtime(...) as rt:`")
+        return self.state
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def plan(self, mask: Sequence[bool] | None = None) -> list[tuple[torch.Tensor, BoundCall]]:
+        """(step index view, bound call) per step; made before the loop, so the loop only indexes."""
+        st = self._require()
+        mask = self.mask if mask is None else validate_mask(mask, self.steps)
+        return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2])
+                for i, full in enumerate(mask)]
+
+    def load_inputs(self, latents: torch.Tensor, text_embeds: torch.Tensor,
+                    guidance_scale: float | None = None) -> None:
+        """Copy a request into the buffers (checked against the folder's shapes first)."""
+        st = self._require()
+        check_inputs(self.manifest, latents, text_embeds)
+        st.latents[0].copy_(latents)
+        st.noise.copy_(latents)
+        st.text_embeds.copy_(text_embeds)
+        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"] if guidance_scale is None
+                                      else guidance_scale))
+
+    def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]]) -> None:
+        """The loop itself: per step an in-place index copy and one bound call. Nothing else."""
+        step = self._require().step
+        for index, call in plan:
+            step.copy_(index)
+            call()
+
+    def sample(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float | None = None,
+               mask: Sequence[bool] | None = None, times: StepTimes | None = None,
+               check_finite: bool = True) -> torch.Tensor:
+        """Run the whole schedule; returns the final latents (a view of the runtime's buffer).
+
+        ``times``: record each step's wall time into it (CUDA events on a GPU, read after the loop).
+        With ``check_finite`` a NaN/Inf in the result raises :class:`NumericalError` naming the first
+        step and graph that produced it.
+        """
+        st = self._require()
+        self.load_inputs(latents, text_embeds, guidance_scale)
+        plan = self.plan(mask)
+        if times is None:
+            self.run_plan(plan)
+        else:
+            self._run_timed(plan, mask if mask is not None else self.mask, times)
+        if check_finite and not torch.isfinite(st.final).all():  # one check (one sync) after the loop
+            self._diagnose_nan(plan, mask if mask is not None else self.mask)
+        return st.final
+
+    def _run_timed(self, plan, mask, times: StepTimes) -> None:
+        step = self._require().step
+        if self.device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(plan) + 1)]
+            events[0].record()
+            for i, (index, call) in enumerate(plan):
+                step.copy_(index)
+                call()
+                events[i + 1].record()
+            torch.cuda.synchronize(self.device)
+            elapsed = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(len(plan))]
+        else:
+            stamps = [0.0] * (len(plan) + 1)
+            stamps[0] = time.perf_counter()
+            for i, (index, call) in enumerate(plan):
+                step.copy_(index)
+                call()
+                stamps[i + 1] = time.perf_counter()
+            elapsed = [stamps[i + 1] - stamps[i] for i in range(len(plan))]
+        for full, s in zip(mask, elapsed):
+            (times.full_s if full else times.cached_s).append(s)
+
+    def _diagnose_nan(self, plan, mask) -> None:
+        """Replay from the saved noise, checking after every step; raise naming the first bad step."""
+        st = self._require()
+        st.latents[0].copy_(st.noise)
+        for i, ((index, call), full) in enumerate(zip(plan, mask)):
+            st.step.copy_(index)
+            call()
+            graph = FULL_STEP if full else CACHED_STEP
+            out = st.latents[(i + 1) % 2]
+            bad = [name for name, t in (("latents_out", out), ("residual_out", st.residual if full else None))
+                   if t is not None and not torch.isfinite(t).all()]
+            if bad:
+                raise NumericalError(
+                    f"NaN/Inf in {' and '.join(bad)} of graph {graph!r} at step {i} of {len(plan)} "
+                    f"({self.backend}, export folder {self.folder}); the step's inputs were finite. Check the "
+                    f"baked tables of that step (profile/, sigmas and correction a/b) and the model's precision")
+        raise NumericalError(f"the final latents contain NaN/Inf but a step-by-step replay did not reproduce it "
+                             f"({self.backend}); the backend is non-deterministic here")
+
+    def decode(self) -> torch.Tensor:
+        """vae_decode of the final latents into the frames buffer: (B, F, H, W, 3) uint8."""
+        st = self._require()
+        if self._decode is None:
+            raise UserError(f"export folder {self.folder} has no vae_decode graph for backend {self.backend!r}; "
+                            "re-export without --no-decode-graph")
+        self._decode()
+        return st.frames
+
+    # ---- timing helpers for the bench and the CLIs ----------------------------------------------------
+
+    def time_graph(self, graph: str, repeats: int = 5, warmup: int = 1) -> float:
+        """Median seconds of one bound call of ``graph`` (the loop's own call, even-parity buffers)."""
+        st = self._require()
+        call = self._calls[graph, 0]
+        st.step.fill_(1)
+        sync: Callable[[], None] = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" \
+            else (lambda: None)
+        for _ in range(warmup):
+            call()
+        sync()
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            sync()
+            out.append(time.perf_counter() - start)
+        return statistics.median(out)

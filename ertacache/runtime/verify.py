@@ -1,0 +1,65 @@
+"""The runtime against eager PyTorch on the same inputs: agreement, and fidelity against uncached sampling."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ertacache.export.runners import relative_l2
+from ertacache.metrics import psnr
+from ertacache.models.adapter import ModelAdapter
+from ertacache.profile.artifact import Profile
+from ertacache.runtime.runtime import Runtime
+from ertacache.sampling.sampler import CachedSampler
+from ertacache.sampling.sigmas import nominal_sigmas
+from ertacache.sampling.steps import StepTables
+
+
+@dataclass
+class VerifyReport:
+    backend: str
+    dtype: str
+    rel_l2: float  # runtime vs eager cached sampler, final latents
+    max_abs: float
+    tolerance: float
+    psnr_vs_uncached: float | None  # runtime's decoded video vs eager uncached, dB
+    eager_psnr_vs_uncached: float | None  # eager cached vs eager uncached (what caching itself costs)
+    full_steps: int
+    steps: int
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_l2 <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+#: default bound per dtype: fp32 is exact up to kernel differences; half precision is reported, loosely bounded
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: torch.Tensor, text: torch.Tensor,
+                   decoder=None, tolerance: float | None = None) -> VerifyReport:
+    """Run ``rt`` and the eager samplers (cached, uncached) on ``noise`` / ``text``; compare."""
+    m = rt.manifest
+    device = next(adapter.model.parameters()).device
+    noise_d, text_d = noise.to(device), text.to(device)
+    cached = CachedSampler(adapter, profile.tables().to(device), profile.mask)
+    ref = cached(noise_d, text_d, profile.guidance_scale).latents
+    got = rt.sample(noise.to(rt.device), text.to(rt.device)).clone().to(ref.device)
+    row = dict(rel_l2=relative_l2(got, ref), max_abs=float((got - ref).abs().max()))
+    p_rt = p_eager = None
+    if decoder is not None:
+        channels = profile.latent_shape[0]
+        plain = CachedSampler(adapter, StepTables(nominal_sigmas(profile.steps, profile.shift),
+                                                  n_branches=profile.n_branches, channels=channels).to(device),
+                              [True] * profile.steps)
+        uncached = decoder.decode(plain(noise_d, text_d, profile.guidance_scale).latents).cpu().numpy()
+        frames = (rt.decode() if rt.has_decode else decoder.decode(got)).cpu().numpy()
+        p_rt = psnr(uncached, frames)
+        p_eager = psnr(uncached, decoder.decode(ref).cpu().numpy())
+    tol = tolerance if tolerance is not None else TOLERANCES[m["dtype"]]
+    return VerifyReport(rt.backend, m["dtype"], row["rel_l2"], row["max_abs"], tol, p_rt, p_eager,
+                        sum(profile.mask), profile.steps)

@@ -1,0 +1,75 @@
+"""Session-scoped exports of one tiny random Wan2.1 model: each target is built once per test run.
+
+Registered for the whole suite by ``pytest_plugins`` in tests/conftest.py, so tests/export,
+tests/engines and tests/runtime share one ONNX and one AOTInductor export.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ertacache.export import ExportConfig, ExportPackage, ModelIdentity
+from ertacache.models.adapter import adapter_for
+from ertacache.models.components import PixelLatentDecoder
+from ertacache.models.loading import fingerprint_module
+from ertacache.profile.artifact import Profile
+from ertacache.profile.calibrate import CalibrationSet, calibrate
+from ertacache.profile.config import CalibrationConfig
+from ertacache.sampling import initial_latents, nominal_sigmas
+from ertacache.testbed.pixel_vae import PixelVAE
+from tests.conftest import tiny_wan
+
+STEPS = 8
+LATENT = (4, 2, 4, 4)  # (C, F', H', W'): 2 frames of 8 x 8 pixels through a 2x2 space-to-depth "VAE"
+TEXT = (5, 16)  # (L, D_text) of one prompt
+GUIDANCE = 4.0
+
+
+def make_profile(model, adapter) -> Profile:
+    """A real (open-loop) calibration on 2 random prompts: mask, adjusted sigmas and a/b tables."""
+    text = torch.randn(4, *TEXT, generator=torch.Generator().manual_seed(1))
+    cal = CalibrationSet(adapter, initial_latents(LATENT, range(2)), text, GUIDANCE, nominal_sigmas(STEPS, 3.0))
+    res = calibrate(cal, CalibrationConfig(speedup=2.0, loop="open"), progress=False, log=lambda s: None).result
+    return Profile("tiny", fingerprint_module(model), STEPS, 3.0, 8, 8, 2, list(LATENT), GUIDANCE, 2, 0.1,
+                   [bool(m) for m in res.mask], list(cal.nominal_sigmas), list(res.sigmas), list(res.phi),
+                   res.corr_a, res.corr_b, {}, {"prompts": ["a", "b"]})
+
+
+def pixel_decoder() -> PixelLatentDecoder:
+    return PixelLatentDecoder(PixelVAE(latent_channels=4, spatial_factor=2, image_channels=1).eval())
+
+
+class Tiny:
+    """The model, its profile and everything an export call needs."""
+
+    def __init__(self):
+        self.model = tiny_wan()
+        self.adapter = adapter_for(self.model)
+        self.profile = make_profile(self.model, self.adapter)
+        self.identity = ModelIdentity("tiny", self.profile.model_fingerprint, "WanTransformer3DModel",
+                                      text_encoder={"kind": "random", "embed_shape": list(TEXT)})
+        self.decoder = pixel_decoder()
+
+    def export(self, out, log=lambda s: None, **config):
+        config.setdefault("timing_repeats", 2)
+        return ExportPackage(ExportConfig(out=out, **config), log)(
+            self.adapter, self.profile, self.identity, TEXT, self.decoder)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return Tiny()
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-export") / "out"
+    return tiny.export(out, targets="onnx")
+
+
+@pytest.fixture(scope="session")
+def aoti_export(tiny, tmp_path_factory):
+    """AOTInductor compiles 3 graphs (~20-30 s on 2 cores): the only AOTI build of the suite."""
+    out = tmp_path_factory.mktemp("aoti-export") / "out"
+    return tiny.export(out, targets="aoti")
