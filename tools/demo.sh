@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded default (wan2.1-tiny, CPU, a few minutes):
-# calibrate a 2x ERTACache profile, then generate the same prompt cached and uncached.
+#   1. calibrate a 2x ERTACache profile (50 steps),
+#   2. bake it into static full-step / cached-step graphs (ONNX + AOTInductor), validated vs eager,
+#   3. run the exported graphs with ONNX Runtime and write the video,
+#   4. verify the runtime against the eager cached sampler, and generate the uncached reference.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -10,8 +13,11 @@ OUT="${1:-$ROOT/engines/demo}"
 PROMPT="${PROMPT:-digit 3 moving left}"
 mkdir -p "$OUT"
 ertacache-profile --model wan2.1-tiny --steps 50 --speedup 2.0 --out "$OUT/profile" --force
+ertacache-export --model wan2.1-tiny --profile "$OUT/profile" --targets onnx,aoti --out "$OUT/export" --force
+ertacache-run --engines "$OUT/export" --backend onnxruntime --prompt "$PROMPT" --seed 1 --out "$OUT/cached.gif"
+ertacache-verify --engines "$OUT/export" --backend onnxruntime --prompt "$PROMPT" --seed 1
 ertacache-generate --model wan2.1-tiny --no-cache --prompt "$PROMPT" --seed 1 --out "$OUT/uncached.gif"
-ertacache-generate --model wan2.1-tiny --profile "$OUT/profile" --prompt "$PROMPT" --seed 1 --out "$OUT/cached.gif"
 echo
-echo "profile:        $OUT/profile (profile.json, correction.safetensors, error_profile.png)"
-echo "videos:         $OUT/uncached.gif  $OUT/cached.gif"
+echo "profile:  $OUT/profile  (profile.json, correction.safetensors, error_profile.png)"
+echo "export:   $OUT/export   (manifest.json, onnx/, aoti/, profile/)"
+echo "videos:   $OUT/cached.gif (exported graphs, ONNX Runtime)   $OUT/uncached.gif (eager, every step full)"
