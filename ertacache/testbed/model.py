@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ertacache.sampling.sampler import initial_latents
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "wan2.1-tiny"
 
 
@@ -89,12 +91,6 @@ def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     return sched.sigmas.float().clone()
 
 
-def initial_noise(seeds: list[int], latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """One CPU generator per seed, so a sample does not depend on its batch neighbours."""
-    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])  # (B, C, F, h, w)
-
-
 @torch.no_grad()
 def sample_latents(transformer, text_encoder, prompts: list[str], seeds: list[int],
                    latent_shape: tuple[int, ...], steps: int = 50, shift: float = 3.0,
@@ -111,7 +107,7 @@ def sample_latents(transformer, text_encoder, prompts: list[str], seeds: list[in
     uncond = text_encoder.encode([""] * len(prompts)).to(device)  # (B, L, D)
     use_cfg = guidance_scale != 1.0
     text = torch.cat([uncond, cond]) if use_cfg else cond  # (2B or B, L, D)
-    x = initial_noise(seeds, latent_shape).to(device)  # (B, C, F, h, w)
+    x = initial_latents(latent_shape, seeds, device)  # (B, C, F, h, w), one generator per seed
     sigmas = flow_sigmas(steps, shift).to(device)
     for i in range(steps):
         sigma = sigmas[i]
