@@ -111,8 +111,20 @@ def _rel_l1_per_sample(approx: torch.Tensor, true: torch.Tensor, n_branches: int
     return diff.sum(1) / ref.sum(1).clamp_min(1e-12)
 
 
-def error_matrix(cal: CalibrationSet, config: CalibrationConfig, progress: bool = True) -> np.ndarray:
-    """(T, T) errors[j, i] of reusing step j's residual at step i, on uncached trajectories."""
+#: ``observe(step, prompts, x_in, timestep, text, v, residual)``: sees every model call of an uncached pass
+StepObserver = Callable[[int, slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def error_matrix(
+    cal: CalibrationSet, config: CalibrationConfig, progress: bool = True, observe: StepObserver | None = None
+) -> np.ndarray:
+    """(T, T) errors[j, i] of reusing step j's residual at step i, on uncached trajectories.
+
+    ``observe``, if given, is called after every model call with the step, the
+    prompts' slice and that call's inputs and outputs (branch rows), so other
+    statistics of the same uncached pass (the evaluation baselines' signals)
+    cost no second pass.
+    """
     steps = cal.steps
     sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.latents.device)
     sums = np.zeros((steps, steps))
@@ -125,6 +137,8 @@ def error_matrix(cal: CalibrationSet, config: CalibrationConfig, progress: bool 
                 x_in = expand_branches(x, cal.n_branches).to(text.dtype)
                 v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
                 _check_finite(v, i, sl)
+                if observe is not None:
+                    observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
                 for j, r_j in enumerate(residuals):
                     sums[j, i] += _rel_l1_per_sample(r_j, r, cal.n_branches).sum().item()
                 residuals.append(r)
@@ -264,13 +278,22 @@ def calibrate(
     config: CalibrationConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    errors: np.ndarray | None = None,
 ) -> CalibrationOutcome:
-    """Fit the whole profile: mask (from lambda or a target speedup), phi, sigmas, correction."""
+    """Fit the whole profile: mask (from lambda or a target speedup), phi, sigmas, correction.
+
+    ``errors``: an open-loop error matrix already measured on ``cal`` (from
+    :func:`error_matrix`); open-loop calibration then skips its uncached pass,
+    which lets several profiles of one calibration set share it.
+    """
     steps = cal.steps
     target = config.target_full_steps(steps) if config.speedup is not None else None
 
     if config.loop == "open":
-        errors = error_matrix(cal, config, progress)
+        if errors is None:
+            errors = error_matrix(cal, config, progress)
+        elif errors.shape != (steps, steps):
+            raise ValueError(f"errors must be ({steps}, {steps}) for {steps} steps, got {errors.shape}")
 
         def open_probe(lam):
             m = mask_from_error_matrix(errors, lam, config.warmup_steps, config.final_steps)

@@ -4,7 +4,7 @@ import torch
 
 from ertacache.errors import NumericalError
 from ertacache.models.adapter import adapter_for
-from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate
+from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate, error_matrix
 from ertacache.profile.config import CalibrationConfig
 from ertacache.sampling import CachedSampler, StepTables, initial_latents, nominal_sigmas
 from tests.conftest import tiny_wan
@@ -75,3 +75,17 @@ def test_nan_during_calibration_names_the_step(cal):
     bad = CalibrationSet(adapter_for(model), cal.latents, cal.text_embeds, 4.0, cal.nominal_sigmas)
     with pytest.raises(NumericalError, match="at step 0"):
         calibrate(bad, CalibrationConfig(speedup=2.0), progress=False, log=lambda s: None)
+
+
+def test_open_loop_can_reuse_a_measured_error_matrix(cal):
+    """Several open-loop profiles of one calibration set share its single uncached pass."""
+    config = CalibrationConfig(speedup=2.0, loop="open", batch_size=2)
+    seen = []
+    errors = error_matrix(cal, config, progress=False, observe=lambda i, sl, *rest: seen.append((i, sl.start)))
+    assert len(seen) == STEPS * 2  # every step of both micro-batches
+    fresh = calibrate(cal, config, progress=False, log=lambda s: None)
+    shared = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors)
+    np.testing.assert_allclose(shared.error_matrix, fresh.error_matrix)
+    assert shared.result.mask == fresh.result.mask
+    with pytest.raises(ValueError, match="errors must be"):
+        calibrate(cal, config, progress=False, log=lambda s: None, errors=errors[:3])
