@@ -1,0 +1,58 @@
+"""Scores of a batch of generated videos against the uncached samples of the same seeds.
+
+PSNR and SSIM come from scikit-image (:mod:`ertacache.metrics`), averaged per
+video as the paper does. Prompt adherence comes from the testbed judge (digit
+recognised per frame, motion direction per video) and is only defined for
+testbed prompts ("digit 3 moving left"); other prompts get None.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ertacache.metrics import psnr, ssim
+
+#: identical videos have infinite PSNR; averaging needs a finite stand-in
+PSNR_CAP_DB = 100.0
+
+LPIPS_NOTE = ("LPIPS not measured: it needs pretrained AlexNet/VGG weights (the lpips package downloads them), "
+              "and these machines cannot reach a model hub; PSNR and SSIM are reported instead")
+
+
+def judge_targets(prompts: Sequence[str]) -> tuple[list[int], list[str]] | None:
+    """(digits, directions) if every prompt is a testbed prompt, else None."""
+    from ertacache.testbed.data import parse_prompt
+
+    try:
+        parsed = [parse_prompt(p) for p in prompts]
+    except ValueError:
+        return None
+    return [d for d, _ in parsed], [r for _, r in parsed]
+
+
+def adherence(frames: np.ndarray, prompts: Sequence[str]) -> dict[str, float | None]:
+    """Digit accuracy (fraction of frames) and motion accuracy (fraction of videos) from the judge."""
+    targets = judge_targets(prompts)
+    if targets is None:
+        return {"digit_acc": None, "motion_acc": None}
+    from ertacache.testbed.judge import frame_digit_accuracy, motion_accuracy
+
+    digits, directions = targets
+    return {"digit_acc": frame_digit_accuracy(frames, digits), "motion_acc": motion_accuracy(frames, directions)}
+
+
+def fidelity(reference: np.ndarray, frames: np.ndarray) -> dict[str, float | list[float]]:
+    """Per-video PSNR (capped at PSNR_CAP_DB) and SSIM of (B, F, H, W, 3) uint8 against the reference."""
+    if reference.shape != frames.shape:
+        raise ValueError(f"reference {reference.shape} and frames {frames.shape} differ in shape")
+    p = [min(psnr(r, f), PSNR_CAP_DB) for r, f in zip(reference, frames)]
+    s = [ssim(r, f) for r, f in zip(reference, frames)]
+    return {"psnr": float(np.mean(p)), "psnr_std": float(np.std(p)), "ssim": float(np.mean(s)),
+            "psnr_per_sample": [float(x) for x in p]}
+
+
+def score(reference: np.ndarray, frames: np.ndarray, prompts: Sequence[str]) -> dict:
+    """fidelity() and adherence() together: the metric columns of one result row."""
+    return {**fidelity(reference, frames), **adherence(frames, prompts)}

@@ -1,0 +1,108 @@
+"""Method registry: name -> the plan it samples with, for a target speedup.
+
+Every builder receives the shared :class:`EvalContext` and the speedup, and
+must return a plan whose full-step count is the budget round(T / speedup):
+exactly for the static methods, as the calibration mean for TeaCache's
+per-sample rule. Adding a method is one decorated function here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ertacache.eval.config import ERTA_METHODS, erta_flags
+from ertacache.eval.magcache import calibrated_ratios, solve_magcache
+from ertacache.eval.plans import Plan, StaticPlan, fewer_steps_plan, reuse_plan, uniform_mask
+from ertacache.eval.teacache import solve_teacache
+from ertacache.profile.calibrate import calibrate
+from ertacache.profile.config import CalibrationConfig
+from ertacache.sampling.steps import StepTables
+
+
+@dataclass
+class Candidate:
+    """A method's plan for one budget, with what it solved (threshold, lambda, K, ...)."""
+
+    plan: Plan
+    info: dict
+
+
+#: builder(ctx: EvalContext, method, speedup) -> Candidate
+Builder = Callable[[object, str, float], Candidate]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(*names: str) -> Callable[[Builder], Builder]:
+    def decorator(fn: Builder) -> Builder:
+        for name in names:
+            _BUILDERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def build_candidate(ctx, method: str, speedup: float) -> Candidate:
+    """The method's candidate, built once per (method, speedup) and kept on the context for reuse."""
+    key = (method, float(speedup))
+    if key not in ctx.candidates:
+        ctx.candidates[key] = _BUILDERS[method](ctx, method, float(speedup))
+    return ctx.candidates[key]
+
+
+@register("fewer-steps")
+def _fewer_steps(ctx, method, speedup) -> Candidate:
+    n = ctx.budget(speedup)
+    plan = fewer_steps_plan(ctx.steps, n, ctx.settings.shift, ctx.settings.n_branches, ctx.channels)
+    return Candidate(plan, {"sampling_steps": n})
+
+
+@register("uniform")
+def _uniform(ctx, method, speedup) -> Candidate:
+    mask = uniform_mask(ctx.steps, ctx.budget(speedup))
+    return Candidate(reuse_plan(mask, ctx.calibration.nominal_sigmas, ctx.settings.n_branches, ctx.channels), {})
+
+
+@register("magcache")
+def _magcache(ctx, method, speedup) -> Candidate:
+    schedule = solve_magcache(calibrated_ratios(ctx.record.mag_ratio), ctx.budget(speedup), ctx.config.magcache)
+    plan = reuse_plan(schedule.mask, ctx.calibration.nominal_sigmas, ctx.settings.n_branches, ctx.channels)
+    return Candidate(plan, schedule.info())
+
+
+@register("teacache")
+def _teacache(ctx, method, speedup) -> Candidate:
+    plan = solve_teacache(ctx.calibration, ctx.record, ctx.budget(speedup), ctx.config.teacache,
+                          ctx.config.calibration_batch_size)
+    return Candidate(plan, plan.info())
+
+
+def erta_config(ctx, method: str, speedup: float | None = None, lam: float | None = None) -> CalibrationConfig:
+    """The CalibrationConfig an ERTACache method name stands for (the same flags as ertacache-profile)."""
+    loop, time_adjust, rectify = erta_flags(method)
+    return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
+                             warmup_steps=ctx.config.warmup_steps, time_adjust=time_adjust, rectify=rectify,
+                             batch_size=ctx.config.calibration_batch_size)
+
+
+def erta_candidate(ctx, cal, config: CalibrationConfig) -> Candidate:
+    """Calibrate on ``cal`` (sharing the recorded open-loop error matrix when it is ctx's set)."""
+    errors = ctx.record.errors if config.loop == "open" and cal is ctx.calibration else None
+    outcome = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors)
+    res = outcome.result
+    plan = StaticPlan(res.mask, StepTables(res.sigmas, res.corr_a, res.corr_b))
+    reused = ~np.asarray(res.mask)
+    info = {"lambda": float(outcome.lam), "phi_min": float(res.phi[reused].min()) if reused.any() else 1.0,
+            "calibration_prompts": cal.prompts}
+    return Candidate(plan, info)
+
+
+@register(*ERTA_METHODS)
+def _erta(ctx, method, speedup) -> Candidate:
+    return erta_candidate(ctx, ctx.calibration, erta_config(ctx, method, speedup))
+
+
+def registered_methods() -> tuple[str, ...]:
+    return tuple(_BUILDERS)
