@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 from ertacache.cli.common import pick_device
+from ertacache.eval.timing import median_time, sampler_step_costs
 from ertacache.metrics import psnr, ssim
 from ertacache.models.loading import load_bundle
 from ertacache.profile.artifact import load_profile
@@ -28,35 +27,13 @@ from ertacache.profile.build import build_profile
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.schedule import mask_summary
 from ertacache.sampling.generate import generate, sampler_for
-from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.settings import SampleSettings
-
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_costs(bundle, settings, profile, repeats):
     """Median seconds of one full and one cached step (batch 1, CFG as profiled)."""
-    sampler = sampler_for(bundle, settings, profile)
-    shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
-    x = initial_latents(shape, [0], bundle.device)
-    text = bundle.encode(["digit 3 moving left" if bundle.model_id == "wan2.1-tiny" else "a cat"],
-                         settings.negative_prompt, profile.n_branches)
-    g = torch.tensor(settings.guidance_scale)
-    step = torch.tensor(1)
-    with torch.no_grad():
-        _, residual = sampler.full_step(x, torch.tensor(0), text, g)
-        full = median_time(lambda: sampler.full_step(x, step, text, g), repeats * 5)
-        cached = median_time(lambda: sampler.cached_step(x, step, text, g, residual), repeats * 5)
-    return full, cached
+    prompt = "digit 3 moving left" if bundle.model_id == "wan2.1-tiny" else "a cat"
+    return sampler_step_costs(sampler_for(bundle, settings, profile), bundle, settings, prompt, repeats)
 
 
 def main(argv=None) -> int:
