@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ertacache.eval.config import EvalConfig, full_step_budget
-from ertacache.eval.fidelity import LPIPS_NOTE, adherence, score
+from ertacache.eval.fidelity import adherence, score
 from ertacache.eval.plans import Plan, StaticPlan, plain_tables
 from ertacache.eval.record import CalibrationRecord, record_calibration
 from ertacache.models.loading import ModelBundle
@@ -153,13 +153,11 @@ def grid_schedule(plan: Plan, run: Run) -> list[float]:
     return [float(x) for x in run.computed.mean(axis=0)]
 
 
-def evaluate(ctx: EvalContext, method: str, speedup: float, samples: SampleSet | None = None,
-             reference: Run | None = None) -> tuple[dict, Run]:
-    """One result row: build the plan for the budget, sample, score. Returns (row, run)."""
+def evaluate(ctx: EvalContext, method: str, speedup: float) -> tuple[dict, Run]:
+    """One held-out result row: build the plan for the budget, sample, score. Returns (row, run)."""
     from ertacache.eval.methods import build_candidate
 
-    samples = samples or ctx.held_out
-    reference = reference or ctx.reference
+    samples, reference = ctx.held_out, ctx.reference
     budget = ctx.budget(speedup)
     t0 = time.perf_counter()
     cand = build_candidate(ctx, method, speedup)
@@ -221,4 +219,4 @@ def run_eval(ctx: EvalContext) -> EvalResult:
     return EvalResult(rows, frames, record)
 
 
-__all__ = ["EvalContext", "EvalResult", "Run", "SampleSet", "evaluate", "run_eval", "LPIPS_NOTE"]
+__all__ = ["EvalContext", "EvalResult", "Run", "SampleSet", "evaluate", "run_eval"]

@@ -19,6 +19,7 @@ from ertacache.eval.plans import Plan, StaticPlan, fewer_steps_plan, reuse_plan,
 from ertacache.eval.teacache import solve_teacache
 from ertacache.profile.calibrate import calibrate
 from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.schedule import mask_from_error_matrix, solve_lambda
 from ertacache.sampling.steps import StepTables
 
 
@@ -87,10 +88,29 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
                              batch_size=ctx.config.calibration_batch_size)
 
 
+def closed_loop_start(ctx, config: CalibrationConfig) -> float:
+    """Twice the open-loop lambda for the same budget (free from the record): where closed-loop bisection starts.
+
+    Closed-loop errors run above open-loop ones, so this usually brackets the
+    answer at once instead of after several whole-pass halvings from 1.
+    """
+    if config.speedup is None:
+        return 1.0
+    target = config.target_full_steps(ctx.steps)
+
+    def probe(lam):
+        mask = mask_from_error_matrix(ctx.record.errors, lam, config.warmup_steps, config.final_steps)
+        return sum(mask), None
+
+    lam_open = solve_lambda(probe, target)[0]
+    return 2.0 * lam_open if lam_open > 0 else 1.0
+
+
 def erta_candidate(ctx, cal, config: CalibrationConfig) -> Candidate:
     """Calibrate on ``cal`` (sharing the recorded open-loop error matrix when it is ctx's set)."""
     errors = ctx.record.errors if config.loop == "open" and cal is ctx.calibration else None
-    outcome = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors)
+    lam_hi = closed_loop_start(ctx, config) if config.loop == "closed" else 1.0
+    outcome = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors, lam_hi=lam_hi)
     res = outcome.result
     plan = StaticPlan(res.mask, StepTables(res.sigmas, res.corr_a, res.corr_b))
     reused = ~np.asarray(res.mask)

@@ -279,12 +279,17 @@ def calibrate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     errors: np.ndarray | None = None,
+    lam_hi: float = 1.0,
 ) -> CalibrationOutcome:
     """Fit the whole profile: mask (from lambda or a target speedup), phi, sigmas, correction.
 
     ``errors``: an open-loop error matrix already measured on ``cal`` (from
     :func:`error_matrix`); open-loop calibration then skips its uncached pass,
     which lets several profiles of one calibration set share it.
+    ``lam_hi``: first upper end of the closed-loop lambda bisection. Every probe
+    within the budget costs a whole calibration pass, so a good guess (e.g.
+    twice the open-loop lambda) saves the halvings down from 1; too small a
+    guess is doubled until it meets the budget, so it is always safe.
     """
     steps = cal.steps
     target = config.target_full_steps(steps) if config.speedup is not None else None
@@ -327,7 +332,7 @@ def calibrate(
         bar.set_postfix(lam=f"{lam:.4g}", full=n if res is not None else f">{target}")
         return n, res
 
-    lam, n_full, result = solve_lambda(closed_probe, target)
+    lam, n_full, result = solve_lambda(closed_probe, target, lam_hi=lam_hi)
     bar.close()
     if n_full < target:  # lambda jumped past the budget: refit along the filled mask
         mask = fill_budget(result.mask, result.residual_error, target)

@@ -89,3 +89,10 @@ def test_open_loop_can_reuse_a_measured_error_matrix(cal):
     assert shared.result.mask == fresh.result.mask
     with pytest.raises(ValueError, match="errors must be"):
         calibrate(cal, config, progress=False, log=lambda s: None, errors=errors[:3])
+
+
+def test_closed_loop_bisection_start_is_only_a_hint(cal):
+    """A start below the answer is doubled until it meets the budget: same exact full-step count."""
+    out = calibrate(cal, CalibrationConfig(speedup=2.0, batch_size=3), progress=False, log=lambda s: None,
+                    lam_hi=1e-3)
+    assert out.result.full_steps == STEPS // 2 and out.lam > 1e-3
