@@ -29,8 +29,9 @@ def test_prompt_lists_are_deterministic_and_valid():
 
 
 def test_videos_stay_on_canvas_and_in_range():
+    spec = data.VideoSpec()
     vids, prompts, labels, dirs = data.DigitVideoSampler("train", seed=1).batch(32)
-    assert vids.shape == (32, 8, 32, 32)
+    assert vids.shape == (32, spec.frames, spec.height, spec.width)
     assert vids.min() >= -1 and vids.max() <= 1
     # every frame keeps (almost) all of the digit's ink: nothing slid off the canvas
     ink = (vids + 1).sum(dim=(2, 3))  # (B, F)
@@ -48,3 +49,29 @@ def test_judge_reads_motion_direction():
     still = frames[:, :1].expand_as(frames)  # a frozen video has no direction
     assert set(judge.predict_directions(still)) == {"none"}
     assert np.all(judge.motion_correct_per_sample(frames, dirs))
+
+
+def test_start_corners_snap_to_the_grid_and_keep_the_track_on_canvas():
+    spec = data.VideoSpec(grid=8)
+    rng = np.random.default_rng(0)
+    dirs = [data.DIRECTIONS[k % 4] for k in range(400)]
+    starts = data.start_positions(dirs, spec, rng)  # (B, 2)
+    free = spec.height - spec.digit_size
+    for (y0, x0), d in zip(starts, dirs):
+        dy, dx = data._DIRECTION_STEP[d]
+        ends = (y0 + dy * spec.travel, x0 + dx * spec.travel)
+        assert 0 <= min(y0, ends[0]) and max(y0, ends[0]) <= free
+        assert 0 <= min(x0, ends[1]) and max(x0, ends[1]) <= free
+        # off the motion axis the corner is on the grid
+        assert (x0 if dy else y0) % spec.grid == 0
+    assert len({tuple(s) for s in starts}) > 2  # still random
+
+
+def test_images_per_class_limits_training_styles_only():
+    spec = data.VideoSpec(images_per_class=3)
+    train = data.DigitVideoSampler("train", spec=spec)
+    assert len(train.labels) == 30 and np.bincount(train.labels).tolist() == [3] * 10
+    held = data.DigitVideoSampler("held_out", spec=spec)
+    assert len(held.labels) == len(data.digit_images("held_out")[1])
+    with pytest.raises(ValueError, match="images_per_class"):
+        data.VideoSpec(images_per_class=-1)
