@@ -164,6 +164,9 @@ def study_tables(doc: dict) -> list[str]:
     out = []
     if "cal-size" in st:
         out += ["### Calibration-set size", "",
+                "Nested prompt sets (the first n of the testbed's calibration prompt stream, seeds 0..n-1), so "
+                "the 16-prompt row is not the recipe set of the main table. The testbed has only 40 distinct "
+                "prompts: at 64 every prompt, held-out ones included, has been seen (with other seeds).", "",
                 table(["calibration prompts", "lambda", "PSNR", "SSIM", "digit acc", "calibration s"],
                       [[str(r["calibration_prompts"]), fmt(r["lambda"], 4), fmt(r["psnr"]), fmt(r["ssim"], 3),
                         pct(r["digit_acc"]), fmt(r["calib_s"], 1)] for r in st["cal-size"]]), ""]

@@ -146,11 +146,12 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _evaluate(args, bundle, settings, config, studies, start, command: str) -> int:
+    """Main table first, then studies and wall clock; the JSON is rewritten after each, so a late failure
+    keeps what was measured."""
     from ertacache.eval import report
     from ertacache.eval.harness import EvalContext, run_eval
-    from ertacache.eval.methods import build_candidate
     from ertacache.eval.studies import run_studies
-    from ertacache.eval.timing import machine_info, wallclock_table
+    from ertacache.eval.timing import machine_info
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     print(f"evaluating {bundle.model_id} ({bundle.fingerprint}): {len(config.methods)} methods x "
@@ -159,25 +160,41 @@ def _evaluate(args, bundle, settings, config, studies, start, command: str) -> i
     ctx = EvalContext(bundle, settings, config, progress=not args.quiet, log=log)
     result = run_eval(ctx)
     print(report.summary_table(result.rows))
-    study_rows = run_studies(ctx, studies, args.study_method, args.study_speedup,
-                             [int(x) for x in parse_floats(args.cal_sizes, "--cal-sizes")]) if studies else {}
-    wallclock = None
-    if args.wallclock:
-        log("wall clock")
-        plans = {s: build_candidate(ctx, args.study_method, s).plan for s in config.speedups}
-        wallclock = {"method": args.study_method, **wallclock_table(ctx, plans, args.repeats)}
-        for r in wallclock["rows"]:
-            print(f"wall clock {r['speedup_target']:g}x: measured {r['speedup_measured']:.3f}, ideal "
-                  f"{r['speedup_ideal']:.3f} (c = {wallclock['c']:.3f}), ratio {r['measured_over_ideal']:.3f}")
     if args.out:
         for path in report.write_figures(result, config.speedups, args.out):
             log(f"wrote {path}")
+    extra: dict = {"studies": {}, "wallclock": None}
+
+    def save() -> None:
+        if args.json:
+            doc = report.document(ctx, result, extra["studies"], extra["wallclock"], command,
+                                  machine_info(bundle.device), time.perf_counter() - start)
+            report.write_json(doc, args.json)
+
+    save()
+    if studies:
+        extra["studies"] = run_studies(ctx, studies, args.study_method, args.study_speedup,
+                                       parse_ints(args.cal_sizes, "--cal-sizes"))
+        save()
+    if args.wallclock:
+        extra["wallclock"] = _wallclock(ctx, args, log)
+        save()
     if args.json:
-        doc = report.document(ctx, result, study_rows, wallclock, command, machine_info(bundle.device),
-                              time.perf_counter() - start)
-        report.write_json(doc, args.json)
         print(f"results written to {args.json}")
     return 0
+
+
+def _wallclock(ctx, args, log) -> dict:
+    from ertacache.eval.methods import build_candidate
+    from ertacache.eval.timing import wallclock_table
+
+    log("wall clock")
+    plans = {s: build_candidate(ctx, args.study_method, s).plan for s in ctx.config.speedups}
+    table = {"method": args.study_method, **wallclock_table(ctx, plans, args.repeats)}
+    for r in table["rows"]:
+        print(f"wall clock {r['speedup_target']:g}x: measured {r['speedup_measured']:.3f}, ideal "
+              f"{r['speedup_ideal']:.3f} (c = {table['c']:.3f}), ratio {r['measured_over_ideal']:.3f}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,9 @@ STUDIES: tuple[str, ...] = ("cal-size", "lambda", "transfer", "batch")
 
 
 def _metrics(ctx: EvalContext, plan, samples=None, reference=None) -> dict:
-    samples = samples or ctx.held_out
-    reference = reference or ctx.reference
+    """Held-out metrics of ``plan`` (or on ``samples`` against ``reference``), without per-sample lists."""
+    samples = ctx.held_out if samples is None else samples
+    reference = ctx.reference if reference is None else reference
     run = ctx.run(plan, samples)
     out = score(reference.frames, run.frames, samples.prompts)
     out.pop("psnr_per_sample")
@@ -84,8 +85,11 @@ def transfer(ctx: EvalContext, method: str, speedup: float) -> list[dict]:
     seen = set(cfg.calibration_prompts)
     rows = []
     for name, prompts, seeds in sets:
-        samples = ctx.samples(prompts, seeds)
-        ref = ctx.reference_for(samples)
+        if prompts == ctx.held_out.prompts and seeds == ctx.held_out.seeds:
+            samples, ref = ctx.held_out, ctx.reference  # the main evaluation's set: reuse its reference
+        else:
+            samples = ctx.samples(prompts, seeds)
+            ref = ctx.reference_for(samples)
         m = _metrics(ctx, plan, samples, ref)
         rows.append({"set": name, "samples": n, "unseen_prompts": sum(p not in seen for p in prompts),
                      "digit_acc_uncached": adherence(ref.frames, prompts)["digit_acc"], **m})
