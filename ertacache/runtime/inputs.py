@@ -44,6 +44,16 @@ def text_embeds_from_prompt(prompt: str, manifest: Mapping[str, Any], model_path
                         "pass --text-embeds FILE.npy instead of --prompt") from None
     path = resolve_model_path(recipe, model_path or manifest["model"].get("path"))
     encoder = FAMILIES[recipe.family].prompt_encoder(path, _DT[manifest["dtype"]])
+    return encode_prompt(encoder, prompt, manifest)
+
+
+def encode_prompt(encoder, prompt: str, manifest: Mapping[str, Any]) -> torch.Tensor:
+    """(nb*B, L, D_text): ``prompt`` for the folder's batch, then (CFG) its negative prompt, with a loaded encoder.
+
+    Shared by ertacache-run and the Triton model, which loads the encoder once per instance.
+    """
+    if not prompt or not prompt.strip():
+        raise UserError("empty prompt: give a non-empty --prompt")
     batch = manifest["shapes"]["batch_size"]
     nb = manifest["profile"]["n_branches"]
     rows = [prompt] * batch + [manifest["text_encoder"].get("negative_prompt", "")] * batch * (nb - 1)

@@ -109,8 +109,12 @@ def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
 
 def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: torch.device | None = None,
                 providers: Sequence[str] | None = None, model_path: str | None = None,
-                compile_backend: str = "inductor", cuda_graphs: bool = True) -> Engine:
-    """The engine of ``backend`` over the folder's artifacts (not yet active)."""
+                compile_backend: str = "inductor", cuda_graphs: bool = True, intra_op_threads: int = 0) -> Engine:
+    """The engine of ``backend`` over the folder's artifacts (not yet active).
+
+    ``intra_op_threads``: ONNX Runtime's threads per session (0: all cores); a server running N
+    instances on one CPU gives each cores / N, or they fight over the same cores.
+    """
     graphs = [g for g in (FULL_STEP, CACHED_STEP, VAE_DECODE) if g in manifest["graphs"]]
     targets = manifest["targets"]
     if backend == "onnxruntime":
@@ -118,7 +122,7 @@ def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: to
 
         files = targets["onnx"]["graphs"]
         return OnnxRuntimeEngine({g: folder / files[g]["file"] for g in graphs},
-                                 providers or ("CPUExecutionProvider",))
+                                 providers or ("CPUExecutionProvider",), intra_op_threads)
     if backend == "aoti":
         from ertacache.engines.aoti import AotiEngine
 
@@ -147,17 +151,19 @@ class Runtime:
     engine: an engine to use instead of the one ``backend`` builds from the folder (tests, and the
         torch backend with a model already in memory).
     verify_files: check every file's sha256 on open (seconds per GB; keep it on in production).
+    intra_op_threads: ONNX Runtime threads per session (0: all cores), see :func:`make_engine`.
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", *, device: torch.device | str | None = None,
                  providers: Sequence[str] | None = None, model_path: str | None = None, engine: Engine | None = None,
-                 compile_backend: str = "inductor", cuda_graphs: bool = True, verify_files: bool = True):
+                 compile_backend: str = "inductor", cuda_graphs: bool = True, verify_files: bool = True,
+                 intra_op_threads: int = 0):
         self.folder = Path(folder)
         self.backend = backend
         dev = torch.device(device) if device is not None else None
         self.manifest = open_folder(self.folder, backend, dev, verify_files=verify_files)
         self.engine = engine or make_engine(self.folder, self.manifest, backend, dev, providers, model_path,
-                                            compile_backend, cuda_graphs)
+                                            compile_backend, cuda_graphs, intra_op_threads)
         self.device = self.engine.device
         self.mask = validate_mask(self.manifest["profile"]["mask"], self.manifest["profile"]["steps"])
         self.state: RuntimeState | None = None
@@ -228,12 +234,25 @@ class Runtime:
         st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"] if guidance_scale is None
                                       else guidance_scale))
 
-    def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]]) -> None:
-        """The loop itself: per step an in-place index copy and one bound call. Nothing else."""
+    def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]],
+                 on_step: Callable[[int], bool] | None = None) -> int:
+        """The loop itself: per step an in-place index copy and one bound call. Nothing else.
+
+        ``on_step(i)`` is called after step i (a server streams progress and checks for a cancelled
+        request there); when it returns False the loop stops after that step. Returns the steps run.
+        """
         step = self._require().step
-        for index, call in plan:
+        if on_step is None:
+            for index, call in plan:
+                step.copy_(index)
+                call()
+            return len(plan)
+        for i, (index, call) in enumerate(plan):
             step.copy_(index)
             call()
+            if not on_step(i):
+                return i + 1
+        return len(plan)
 
     def sample(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float | None = None,
                mask: Sequence[bool] | None = None, times: StepTimes | None = None,
@@ -251,9 +270,15 @@ class Runtime:
             self.run_plan(plan)
         else:
             self._run_timed(plan, mask if mask is not None else self.mask, times)
-        if check_finite and not torch.isfinite(st.final).all():  # one check (one sync) after the loop
-            self._diagnose_nan(plan, mask if mask is not None else self.mask)
+        if check_finite:
+            self.check_result(mask)
         return st.final
+
+    def check_result(self, mask: Sequence[bool] | None = None) -> None:
+        """One isfinite check (one sync) of the final latents; on NaN/Inf replay to name the first bad step."""
+        st = self._require()
+        if not torch.isfinite(st.final).all():
+            self._diagnose_nan(self.plan(mask), mask if mask is not None else self.mask)
 
     def _run_timed(self, plan, mask, times: StepTimes) -> None:
         step = self._require().step
