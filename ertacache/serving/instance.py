@@ -1,0 +1,364 @@
+"""One Triton model instance, without Triton: the runtime, the text encoder and the request loop.
+
+The repository's ``model.py`` (:mod:`ertacache.serving.triton_model`) is glue between Triton's
+Python backend and this module, so everything here is plain Python and NumPy that tests can
+drive without a server:
+
+    instance = ModelInstance(version_dir, model_config, kind="CPU")
+    with instance:                                    # opens the runtime: both engines, every buffer
+        outputs = instance.handle({"seed": np.array([3]), "prompt": np.array([b"a cat"], object)},
+                                  on_step=lambda done: True)   # False stops (cancelled request)
+
+State per instance (allocated once, reused by every request): the runtime's two latent
+buffers, the residual of the last full step, text embeddings, step indices and frames
+(:class:`ertacache.runtime.RuntimeState`). State per request: the parsed inputs and the output
+copies; nothing of a request outlives :meth:`ModelInstance.handle`, cancelled or not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection, Mapping
+
+import numpy as np
+import torch
+
+from ertacache.engines.base import BACKENDS
+from ertacache.errors import ErtaCacheError, UserError
+from ertacache.serving.spec import (FRAMES, GUIDANCE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
+                                    check_model_config)
+
+#: the largest seed: seeds are int64 on the wire and sample k of a batch uses seed + k
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(UserError):
+    """Bad input in one request: that request gets an INVALID_ARG error, the server keeps serving."""
+
+
+class RequestCancelled(ErtaCacheError):
+    """The client cancelled the request or went away; the loop stopped after the step named."""
+
+
+def _flag(value: str, key: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise UserError(f"config.pbtxt parameter {key!r} is {value!r}; give true or false")
+
+
+@dataclass(frozen=True)
+class ModelParameters:
+    """The ``parameters`` of config.pbtxt that an operator tunes (strings in the file).
+
+    engines: the export folder, relative to the version folder (``1/engines``).
+    backend: which engines of the folder run (``ertacache-run --backend``).
+    providers: ONNX Runtime execution providers in order (empty: CPU, or the backend's default).
+    intra_op_threads: ONNX Runtime threads per session; 0 divides the cores by the model's CPU
+        instances (each instance is its own process and would otherwise use every core).
+    verify_files: check every file's sha256 when the instance loads (seconds per GB); a
+        tampered or truncated file then fails the load, naming it.
+    text_encoder: folder of the bundled text encoder, relative to the version folder ("" none).
+    text_encoder_family: how to load it (a family of :data:`ertacache.models.loading.FAMILIES`).
+    """
+
+    engines: str = "engines"
+    backend: str = "onnxruntime"
+    providers: tuple[str, ...] = ()
+    intra_op_threads: int = 0
+    verify_files: bool = True
+    text_encoder: str = ""
+    text_encoder_family: str = ""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"config.pbtxt parameter 'backend' is {self.backend!r}; give one of {list(BACKENDS)}")
+        if self.intra_op_threads < 0:
+            raise UserError(f"config.pbtxt parameter 'intra_op_threads' is {self.intra_op_threads}; give 0 (cores / "
+                            "instances) or a positive number")
+        if self.text_encoder and not self.text_encoder_family:
+            raise UserError("config.pbtxt names a text_encoder folder but no text_encoder_family; regenerate the "
+                            "model with ertacache-triton")
+
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, Any]) -> "ModelParameters":
+        """From Triton's JSON model configuration: ``{"key": {"string_value": "..."}}``."""
+        raw = {k: (v.get("string_value", "") if isinstance(v, Mapping) else str(v)) for k, v in parameters.items()}
+        try:
+            threads = int(raw.get("intra_op_threads", "0") or 0)
+        except ValueError:
+            raise UserError(f"config.pbtxt parameter 'intra_op_threads' is {raw['intra_op_threads']!r}; give an "
+                            "integer") from None
+        return cls(engines=raw.get("engines", "engines"), backend=raw.get("backend", "onnxruntime"),
+                   providers=tuple(p for p in raw.get("providers", "").split(",") if p),
+                   intra_op_threads=threads, verify_files=_flag(raw.get("verify_files", "true"), "verify_files"),
+                   text_encoder=raw.get("text_encoder", ""), text_encoder_family=raw.get("text_encoder_family", ""))
+
+    def to_strings(self) -> dict[str, str]:
+        return {"engines": self.engines, "backend": self.backend, "providers": ",".join(self.providers),
+                "intra_op_threads": str(self.intra_op_threads), "verify_files": str(self.verify_files).lower(),
+                "text_encoder": self.text_encoder, "text_encoder_family": self.text_encoder_family}
+
+
+@dataclass
+class Job:
+    """One generation: the folder's batch for one seed and one text."""
+
+    seed: int
+    prompt: str | None = None
+    text_embeds: np.ndarray | None = None  # (nb*B, L, D_text)
+    guidance: float | None = None
+
+
+# ---- request parsing ------------------------------------------------------------------------------------------
+
+def _rows(inputs: Mapping[str, np.ndarray], batched: bool) -> int:
+    """Rows of a request: Triton's batch dim when batching, else one (arrays get a leading axis)."""
+    if not batched:
+        return 1
+    sizes = {name: a.shape[0] if a.ndim else 0 for name, a in inputs.items()}
+    if len(set(sizes.values())) != 1:
+        raise RequestError(f"inputs have different batch sizes {sizes}; give every input the same number of rows")
+    return next(iter(sizes.values()))
+
+
+def _check_shape(name: str, arr: np.ndarray, dims: tuple[int, ...]) -> None:
+    if tuple(arr.shape) != dims:
+        raise RequestError(f"input {name!r} has shape {list(arr.shape)}, this model takes {list(dims)}")
+
+
+def _seed(arr: np.ndarray, batch: int) -> int:
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"input 'seed' has data type {arr.dtype}, give an integer (INT64)")
+    seed = int(arr.reshape(-1)[0])
+    top = MAX_SEED - (batch - 1)
+    if not 0 <= seed <= top:
+        raise RequestError(f"seed {seed} is out of range: give an integer in [0, {top}] (sample k of the folder's "
+                           f"batch of {batch} uses seed + k)")
+    return seed
+
+
+def _prompt(arr: np.ndarray) -> str:
+    value = arr.reshape(-1)[0]
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("input 'prompt' is not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise RequestError(f"input 'prompt' must be text (BYTES/TYPE_STRING), got {type(value).__name__}")
+    if not value.strip():
+        raise RequestError("empty prompt: give a non-empty prompt")
+    return value
+
+
+def _text_embeds(arr: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    if arr.dtype.kind != "f":
+        raise RequestError(f"input 'text_embeds' has data type {arr.dtype}, give floating point embeddings")
+    _check_shape(TEXT_EMBEDS, arr, dims)
+    if not np.isfinite(arr).all():
+        raise RequestError("input 'text_embeds' contains NaN or Inf; check the text encoder that produced it")
+    return arr
+
+
+def _guidance(arr: np.ndarray, default: float) -> float:
+    if arr.dtype.kind != "f":
+        raise RequestError(f"input 'guidance_scale' has data type {arr.dtype}, give a float (FP32)")
+    value = float(arr.reshape(-1)[0])
+    if not math.isfinite(value):
+        raise RequestError(f"guidance_scale is {value}; give a finite number (this model's default is {default})")
+    return value
+
+
+def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, batched: bool,
+                  default_guidance: float) -> list[Job]:
+    """The jobs of one request (one, or one per row when Triton batches), every input checked.
+
+    Triton checks declared data types and shapes before a request reaches the model; these
+    checks repeat them (a model driven some other way gets the same answers) and add what only
+    the model knows: the seed range, a non-empty prompt, finite numbers, one text source.
+    """
+    unknown = sorted(set(inputs) - {t.name for t in io.inputs})
+    if unknown:
+        raise RequestError(f"unknown input(s) {unknown}; this model takes {[t.name for t in io.inputs]}")
+    if SEED not in inputs:
+        raise RequestError("missing input 'seed' (INT64 [1])")
+    has_prompt, has_embeds = PROMPT in inputs, TEXT_EMBEDS in inputs
+    if has_prompt and has_embeds:
+        raise RequestError("give either 'prompt' or 'text_embeds', not both")
+    if not (has_prompt or has_embeds):
+        raise RequestError("missing input: give 'prompt' (text) or 'text_embeds'" if io.input(PROMPT) else
+                           "missing input 'text_embeds' (this model has no text encoder: encode the prompt yourself)")
+    arrays = {k: np.asarray(v) if batched else np.asarray(v)[None] for k, v in inputs.items()}
+    return [_job({k: a[r] for k, a in arrays.items()}, io, batch, default_guidance)
+            for r in range(_rows(arrays, batched))]
+
+
+def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidance: float) -> Job:
+    """One row of a request (the whole request without Triton batching) as a checked job."""
+    for name in (SEED, PROMPT, GUIDANCE):
+        if name in row and row[name].size != 1:
+            raise RequestError(f"input {name!r} has shape {list(row[name].shape)}, this model takes [1]")
+    job = Job(_seed(row[SEED], batch))
+    if PROMPT in row:
+        job.prompt = _prompt(row[PROMPT])
+    else:
+        job.text_embeds = _text_embeds(row[TEXT_EMBEDS], io.input(TEXT_EMBEDS).dims)
+    if GUIDANCE in row:
+        job.guidance = _guidance(row[GUIDANCE], default_guidance)
+    return job
+
+
+# ---- the instance ---------------------------------------------------------------------------------------------
+
+def cpu_instances(config: Mapping[str, Any]) -> int:
+    """CPU instances of this model in its instance_group (each is a process of its own)."""
+    groups = config.get("instance_group") or [{"count": 1, "kind": "KIND_CPU"}]
+    return max(1, sum(int(g.get("count", 1)) for g in groups if g.get("kind", "KIND_CPU") == "KIND_CPU"))
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class ModelInstance:
+    """The runtime and text encoder of one Triton model instance (see the module docstring)."""
+
+    version_dir: Path
+    config: Mapping[str, Any]  # Triton's model configuration (JSON of config.pbtxt, completed)
+    kind: str = "CPU"  # args["model_instance_kind"]: CPU or GPU
+    device_id: int = 0
+    params: ModelParameters = field(init=False)
+    runtime: Any = field(init=False, default=None)
+    io: ServedIO | None = field(init=False, default=None)
+    encoder: Any = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.version_dir = Path(self.version_dir)
+        self.params = ModelParameters.from_config(self.config.get("parameters", {}))
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        policy = self.config.get("model_transaction_policy") or {}
+        self.decoupled = bool(policy.get("decoupled", False))
+
+    # ---- lifetime --------------------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device | None:
+        if self.kind.upper() != "GPU":
+            return None  # the backend's default (CPU for ONNX Runtime's CPU provider)
+        torch.cuda.set_device(self.device_id)  # ONNX Runtime's CUDA provider computes on the current device
+        return torch.device("cuda", self.device_id)
+
+    def threads(self) -> int:
+        if self.params.intra_op_threads:
+            return self.params.intra_op_threads
+        return max(1, available_cores() // cpu_instances(self.config))
+
+    def __enter__(self) -> "ModelInstance":
+        from ertacache.runtime import Runtime
+
+        folder = self.version_dir / self.params.engines
+        if not folder.is_dir():
+            raise UserError(f"export folder {folder} is missing; the model's version folder must hold the export "
+                            "folder (ertacache-triton copies it there)")
+        rt = Runtime(folder, self.params.backend, device=self._device(), providers=self.params.providers or None,
+                     verify_files=self.params.verify_files, intra_op_threads=self.threads())
+        rt.__enter__()
+        try:
+            self.io = check_model_config(self.config, rt.manifest, self.decoupled)
+            if self.io.input(PROMPT) is not None:
+                self.encoder = self._load_encoder(rt.manifest)
+        except BaseException:
+            rt.__exit__(None, None, None)
+            raise
+        self.runtime = rt
+        return self
+
+    def _load_encoder(self, manifest):
+        from ertacache.models.loading import FAMILIES, TORCH_DTYPES
+
+        if not self.params.text_encoder:
+            raise UserError("config.pbtxt declares a 'prompt' input but names no text_encoder folder; remove the "
+                            "input or regenerate the model with ertacache-triton")
+        path = self.version_dir / self.params.text_encoder
+        if not path.is_dir():
+            raise UserError(f"text encoder folder {path} is missing; regenerate the model with ertacache-triton")
+        if self.params.text_encoder_family not in FAMILIES:
+            raise UserError(f"config.pbtxt parameter 'text_encoder_family' is {self.params.text_encoder_family!r}; "
+                            f"give one of {sorted(FAMILIES)}")
+        return FAMILIES[self.params.text_encoder_family].prompt_encoder(path, TORCH_DTYPES[manifest["dtype"]])
+
+    def __exit__(self, *exc) -> None:
+        if self.runtime is not None:
+            self.runtime.__exit__(*exc)
+        self.runtime, self.encoder = None, None
+
+    # ---- requests --------------------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.runtime.manifest
+
+    @property
+    def steps(self) -> int:
+        return self.runtime.steps
+
+    def parse(self, inputs: Mapping[str, np.ndarray]) -> list[Job]:
+        m = self.manifest
+        return parse_request(inputs, self.io, m["shapes"]["batch_size"], self.batched,
+                             float(m["profile"]["guidance_scale"]))
+
+    def _text(self, job: Job) -> torch.Tensor:
+        from ertacache.models.loading import TORCH_DTYPES
+        from ertacache.runtime.inputs import encode_prompt
+
+        if job.prompt is None:
+            return torch.from_numpy(np.ascontiguousarray(job.text_embeds)).to(TORCH_DTYPES[self.manifest["dtype"]])
+        try:
+            return encode_prompt(self.encoder, job.prompt, self.manifest)
+        except (UserError, ValueError) as e:  # e.g. the testbed encoder refuses unknown words
+            raise RequestError(f"prompt {job.prompt!r} cannot be encoded: {e}") from None
+
+    def run(self, job: Job, want: Collection[str], on_step: Callable[[int], bool] | None = None,
+            done_before: int = 0) -> dict[str, np.ndarray]:
+        """One job through the whole schedule; outputs are copies (the buffers belong to the next request)."""
+        from ertacache.runtime.inputs import noise_for
+
+        rt = self.runtime
+        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), self._text(job).to(rt.device), job.guidance)
+        plan = rt.plan()
+        step_cb = None if on_step is None else (lambda i: on_step(done_before + i + 1))
+        ran = rt.run_plan(plan, step_cb)
+        if ran < len(plan):
+            raise RequestCancelled(f"request cancelled after step {done_before + ran} of {done_before + len(plan)}")
+        rt.check_result()
+        out = {}
+        if FRAMES in want:
+            out[FRAMES] = rt.decode().cpu().numpy().copy()
+        if LATENTS in want:
+            out[LATENTS] = rt.state.final.cpu().numpy().copy()
+        return out
+
+    def handle(self, inputs: Mapping[str, np.ndarray], want: Collection[str] | None = None,
+               on_step: Callable[[int], bool] | None = None) -> dict[str, np.ndarray]:
+        """Parse, run every job, assemble the outputs ``want`` (default: all declared but ``step``).
+
+        ``on_step(done)`` gets the steps done so far for this request; False stops the loop and
+        raises :class:`RequestCancelled`.
+        """
+        if self.runtime is None:
+            raise RuntimeError("the model instance is not open; use it inside `with instance:`")
+        declared = [t.name for t in self.io.outputs if t.name in (FRAMES, LATENTS)]
+        want = [n for n in (declared if want is None else want) if n in declared]
+        jobs = self.parse(inputs)
+        results = [self.run(job, want, on_step, k * self.steps) for k, job in enumerate(jobs)]
+        if not self.batched:
+            return results[0]
+        return {name: np.stack([r[name][0] for r in results]) for name in want}  # rows of batch-1 folders

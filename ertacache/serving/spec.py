@@ -1,0 +1,139 @@
+"""What a served model takes and returns, derived from an export folder's manifest.
+
+One function, :func:`expected_io`, says which tensors a Triton model over a folder has; the
+repository writer renders them into ``config.pbtxt`` and the model checks, when it loads, that
+the configuration it was given still matches its folder (an operator may edit the file).
+
+Inputs (Triton names; ``B`` the folder's static batch, ``nb`` 2 with classifier-free guidance):
+
+    prompt          TYPE_STRING [1]             when the text encoder is in the repository
+    text_embeds     TYPE_FP32   [nb*B, L, D]    precomputed embeddings: cond rows, then uncond rows
+    seed            TYPE_INT64  [1]             noise seed; sample k of the batch uses seed + k
+    guidance_scale  TYPE_FP32   [1]             optional, only with CFG (default: the profile's)
+
+Exactly one of ``prompt`` / ``text_embeds`` per request (both are optional where both exist).
+Outputs: ``frames`` (TYPE_UINT8, (B, F, H, W, 3)) when the folder has a ``vae_decode`` graph,
+``latents`` (TYPE_FP32, (B, C, F', H', W')) as an option (always without a decoder), and, in
+decoupled mode, ``step`` (TYPE_INT64 [1]): the denoising steps done so far, one progress
+response per step before the final response.
+
+With ``max_batch_size`` > 0 (Triton batches requests; the folder must have batch 1) every
+dimension above loses its leading batch of one and Triton adds the request's rows in front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ertacache.errors import UserError
+from ertacache.export.graphs import FULL_STEP, VAE_DECODE
+
+PROMPT, TEXT_EMBEDS, SEED, GUIDANCE = "prompt", "text_embeds", "seed", "guidance_scale"
+FRAMES, LATENTS, STEP = "frames", "latents", "step"
+
+#: manifest dtype names -> Triton data types
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8",
+                "int64": "TYPE_INT64", "string": "TYPE_STRING"}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One input or output of the Triton model: name, Triton data type, dims (without Triton's batch dim)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ServedIO:
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+
+    def input(self, name: str) -> TensorIO | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorIO | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+def _spec(manifest: Mapping[str, Any], graph: str, name: str) -> dict[str, Any]:
+    g = manifest["graphs"][graph]
+    return next(s for s in g["inputs"] + g["outputs"] if s["name"] == name)
+
+
+def has_decoder(manifest: Mapping[str, Any]) -> bool:
+    return VAE_DECODE in manifest["graphs"]
+
+
+def check_batching(manifest: Mapping[str, Any], max_batch_size: int) -> None:
+    """Triton batching feeds rows one at a time to a folder of batch 1; anything else is refused."""
+    batch = manifest["shapes"]["batch_size"]
+    if max_batch_size < 0:
+        raise UserError(f"max_batch_size is {max_batch_size}; give 0 (no Triton batching) or a positive number")
+    if max_batch_size > 0 and batch != 1:
+        raise UserError(f"max_batch_size {max_batch_size} needs an export folder of batch size 1 (Triton batches "
+                        f"requests into rows, the runtime runs one row at a time), this folder has batch size "
+                        f"{batch}; re-export with --batch-size 1, or use max_batch_size 0 (one request = the "
+                        f"folder's batch of {batch})")
+
+
+def expected_io(manifest: Mapping[str, Any], prompt: bool, latents: bool, max_batch_size: int,
+                decoupled: bool) -> ServedIO:
+    """The model's inputs and outputs for this folder and these options (see the module docstring)."""
+    check_batching(manifest, max_batch_size)
+    row = 1 if max_batch_size > 0 else 0  # Triton adds the batch dim itself: drop the folder's batch of 1
+    text = _spec(manifest, FULL_STEP, "text_embeds")
+    lat = _spec(manifest, FULL_STEP, "latents")
+    inputs = []
+    if prompt:
+        inputs.append(TensorIO(PROMPT, "TYPE_STRING", (1,), optional=True))
+    inputs.append(TensorIO(TEXT_EMBEDS, TRITON_TYPES[text["dtype"]], tuple(text["shape"]), optional=prompt))
+    inputs.append(TensorIO(SEED, "TYPE_INT64", (1,)))
+    if manifest["profile"]["n_branches"] == 2:
+        inputs.append(TensorIO(GUIDANCE, "TYPE_FP32", (1,), optional=True))
+    outputs = []
+    if has_decoder(manifest):
+        frames = manifest["graphs"][VAE_DECODE]["outputs"][0]
+        outputs.append(TensorIO(FRAMES, TRITON_TYPES[frames["dtype"]], tuple(frames["shape"])[row:]))
+    if latents or not has_decoder(manifest):
+        outputs.append(TensorIO(LATENTS, TRITON_TYPES[lat["dtype"]], tuple(lat["shape"])[row:]))
+    if decoupled:
+        outputs.append(TensorIO(STEP, "TYPE_INT64", (1,)))
+    return ServedIO(tuple(inputs), tuple(outputs))
+
+
+def io_from_model_config(config: Mapping[str, Any]) -> ServedIO:
+    """The inputs/outputs a Triton model configuration (``args["model_config"]``, JSON) declares."""
+    def tensors(key):
+        return tuple(TensorIO(t["name"], t["data_type"], tuple(int(d) for d in t.get("dims", ())),
+                              bool(t.get("optional", False))) for t in config.get(key, ()))
+    return ServedIO(tensors("input"), tensors("output"))
+
+
+def check_model_config(config: Mapping[str, Any], manifest: Mapping[str, Any], decoupled: bool) -> ServedIO:
+    """The configuration Triton loaded must describe this folder; returns what it declares.
+
+    An operator may remove the optional ``latents`` output or the ``prompt`` input; anything
+    else that differs (a dim, a data type, a missing required tensor) is refused, naming it.
+    """
+    declared = io_from_model_config(config)
+    prompt = declared.input(PROMPT) is not None
+    want = expected_io(manifest, prompt, declared.output(LATENTS) is not None,
+                       int(config.get("max_batch_size", 0)), decoupled)
+    fix = "regenerate the model with ertacache-triton --force, or restore config.pbtxt"
+    for kind, have, need in (("input", declared.inputs, want.inputs), ("output", declared.outputs, want.outputs)):
+        have_by = {t.name: t for t in have}
+        for t in need:
+            got = have_by.pop(t.name, None)
+            if got is None:
+                raise UserError(f"config.pbtxt lacks the {kind} {t.name!r} ({t.data_type} {list(t.dims)}) that this "
+                                f"export folder needs; {fix}")
+            if (got.data_type, got.dims) != (t.data_type, t.dims):
+                raise UserError(f"config.pbtxt declares {kind} {t.name!r} as {got.data_type} {list(got.dims)} but the "
+                                f"export folder has {t.data_type} {list(t.dims)}; {fix}")
+        if have_by:
+            raise UserError(f"config.pbtxt declares {kind}(s) {sorted(have_by)} that this model does not have; {fix}")
+    return declared
