@@ -1,7 +1,8 @@
 """Session-scoped exports of one tiny random Wan2.1 model: each target is built once per test run.
 
 Registered for the whole suite by ``pytest_plugins`` in tests/conftest.py, so tests/export,
-tests/engines and tests/runtime share one ONNX and one AOTInductor export.
+tests/engines, tests/runtime and tests/serving share one ONNX and one AOTInductor export, and one
+CLI export of the tiny diffusers-format Wan2.1 folder (``wan_folder_export``, with a text encoder).
 """
 
 from __future__ import annotations
@@ -73,3 +74,19 @@ def aoti_export(tiny, tmp_path_factory):
     """AOTInductor compiles 3 graphs (~20-30 s on 2 cores): the only AOTI build of the suite."""
     out = tmp_path_factory.mktemp("aoti-export") / "out"
     return tiny.export(out, targets="aoti")
+
+
+@pytest.fixture(scope="session")
+def wan_folder_export(tiny_wan_folder, tmp_path_factory):
+    """One ONNX export of the tiny Wan2.1 folder through the CLI (no AOTInductor: one AOTI build per suite)."""
+    from ertacache.cli import export as export_cli
+
+    root = tmp_path_factory.mktemp("runtime-cli")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat walks on the grass\na dog runs\n")
+    out = root / "engine"
+    rc = export_cli.main(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), "--height", "32", "--width", "32",
+                          "--frames", "5", "--steps", "6", "--speedup", "2", "--loop", "open", "--prompts", str(prompts),
+                          "--dtype", "fp32", "--targets", "onnx", "--timing-repeats", "0", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out

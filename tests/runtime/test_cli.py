@@ -7,24 +7,12 @@ import pytest
 import torch
 
 from ertacache.cli import build as build_cli
-from ertacache.cli import export as export_cli
 from ertacache.cli import run as run_cli
 from ertacache.cli import verify as verify_cli
 from tests.runtime.conftest import copy_folder
 
-
-@pytest.fixture(scope="session")
-def wan_folder_export(tiny_wan_folder, tmp_path_factory):
-    """One ONNX export of the tiny Wan2.1 folder through the CLI (no AOTInductor: one AOTI build per suite)."""
-    root = tmp_path_factory.mktemp("runtime-cli")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a cat walks on the grass\na dog runs\n")
-    out = root / "engine"
-    rc = export_cli.main(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), "--height", "32", "--width", "32",
-                          "--frames", "5", "--steps", "6", "--speedup", "2", "--loop", "open", "--prompts", str(prompts),
-                          "--dtype", "fp32", "--targets", "onnx", "--timing-repeats", "0", "--out", str(out), "--quiet"])
-    assert rc == 0
-    return out
+# wan_folder_export (an ONNX export of the tiny Wan2.1 folder through the CLI) is in tests/export/fixtures.py,
+# shared with tests/serving.
 
 
 def test_run_writes_the_video_and_prints_step_times(wan_folder_export, tiny_wan_folder, tmp_path, capsys):

@@ -1,0 +1,84 @@
+"""The served model's logic without a server: outputs equal the direct runtime, every bad request refused by name."""
+
+import numpy as np
+import pytest
+
+from ertacache.serving import ModelInstance, RequestCancelled, RequestError
+
+
+@pytest.fixture(scope="module")
+def instances(served_repo):
+    _, reports = served_repo
+    opened = {name: ModelInstance(r.model_dir / "1", r.model_config).__enter__() for name, r in reports.items()}
+    yield opened
+    for inst in opened.values():
+        inst.__exit__(None, None, None)
+
+
+def embeds(direct, name="tiny", text_seed=0):
+    return direct.text(name, text_seed=text_seed).numpy()
+
+
+def test_prompt_and_embeddings_equal_the_direct_runtime(instances, direct):
+    got = instances["wan"].handle({"seed": np.array([3]), "prompt": np.array([b"a cat walks"], dtype=object)})
+    want = direct("wan", 3, prompt="a cat walks")
+    assert got["frames"].tobytes() == want["frames"].tobytes() and got["latents"].tobytes() == want["latents"].tobytes()
+    got = instances["tiny"].handle({"seed": np.array([5]), "text_embeds": embeds(direct),
+                                    "guidance_scale": np.array([2.5], np.float32)})
+    want = direct("tiny", 5, guidance=2.5)
+    assert got["frames"].tobytes() == want["frames"].tobytes()
+    only = instances["tiny"].handle({"seed": np.array([5]), "text_embeds": embeds(direct)}, want=["frames"])
+    assert list(only) == ["frames"]
+
+
+def test_rows_of_a_batched_model_are_independent_requests(instances, direct):
+    text = np.stack([embeds(direct, text_seed=0), embeds(direct, text_seed=1)])  # (rows, nb, L, D)
+    got = instances["tiny_rows"].handle({"seed": np.array([[3], [4]]), "text_embeds": text})
+    assert got["frames"].shape == (2, 2, 8, 8, 3)
+    assert got["frames"][0].tobytes() == direct("tiny", 3, text_seed=0)["frames"][0].tobytes()
+    assert got["frames"][1].tobytes() == direct("tiny", 4, text_seed=1)["frames"][0].tobytes()
+
+
+@pytest.mark.parametrize("inputs, match", [
+    ({"prompt": np.array([b"a cat"], dtype=object)}, "missing input 'seed'"),
+    ({"seed": np.array([1])}, r"missing input: give 'prompt' \(text\) or 'text_embeds'"),
+    ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "text_embeds": np.zeros((2, 512, 16), np.float32)},
+     "give either 'prompt' or 'text_embeds', not both"),
+    ({"seed": np.array([1]), "prompt": np.array([b"   "], dtype=object)}, "empty prompt"),
+    ({"seed": np.array([-1]), "prompt": np.array([b"a"], dtype=object)}, r"seed -1 is out of range: give an integer in \[0, "),
+    ({"seed": np.array([1.5]), "prompt": np.array([b"a"], dtype=object)}, "'seed' has data type float64"),
+    ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "guidance_scale": np.array([np.nan], np.float32)},
+     "guidance_scale is nan; give a finite number"),
+    ({"seed": np.array([1]), "text_embeds": np.zeros((2, 512, 15), np.float32)},
+     r"'text_embeds' has shape \[2, 512, 15\], this model takes \[2, 512, 16\]"),
+    ({"seed": np.array([1]), "text_embeds": np.full((2, 512, 16), np.inf, np.float32)}, "NaN or Inf"),
+    ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "strength": np.array([1.0])},
+     r"unknown input\(s\) \['strength'\]"),
+    ({"seed": np.array([1, 2]), "prompt": np.array([b"a"], dtype=object)}, r"'seed' has shape \[2\], this model takes \[1\]"),
+])
+def test_bad_requests_are_refused_by_name(instances, inputs, match):
+    with pytest.raises(RequestError, match=match):
+        instances["wan"].handle(inputs)
+
+
+def test_a_cancelled_request_stops_and_leaves_nothing_behind(instances, direct):
+    tiny = instances["tiny"]
+    seen = []
+    with pytest.raises(RequestCancelled, match="cancelled after step 3 of 8"):
+        tiny.handle({"seed": np.array([7]), "text_embeds": embeds(direct, text_seed=2)},
+                    on_step=lambda done: seen.append(done) or done < 3)
+    assert seen == [1, 2, 3]
+    # the next request is exact: nothing of the cancelled one (latents, residual, text) leaks into it
+    got = tiny.handle({"seed": np.array([5]), "text_embeds": embeds(direct)}, on_step=lambda done: True)
+    assert got["frames"].tobytes() == direct("tiny", 5)["frames"].tobytes()
+
+
+def test_missing_engine_file_fails_the_load_naming_it(served_repo, tmp_path):
+    import shutil
+
+    _, reports = served_repo
+    report = reports["tiny"]
+    version = shutil.copytree(report.model_dir / "1", tmp_path / "1")
+    (version / "engines" / "onnx" / "cached_step.onnx").unlink()
+    with pytest.raises(Exception, match="onnx/cached_step.onnx is missing"):
+        ModelInstance(version, report.model_config).__enter__()
