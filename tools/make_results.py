@@ -25,7 +25,7 @@ DEFAULT_DOC = ROOT / "docs" / "results.md"
 NOTES = ROOT / "docs" / "results_notes.md"
 
 FULL_ARGS = ["--model", "wan2.1-tiny", "--steps", "50", "--speedups", "1.5,2,2.5,3", "--methods", "all",
-             "--seeds", "1000-1015", "--studies", "cal-size,lambda,transfer,batch", "--cal-sizes", "1,4,16,64",
+             "--seeds", "1000-1031", "--studies", "cal-size,lambda,transfer,batch", "--cal-sizes", "1,4,16,64",
              "--wallclock", "--repeats", "10"]
 QUICK_ARGS = ["--model", "wan2.1-tiny", "--steps", "12", "--speedups", "2,3", "--methods", "all",
               "--seeds", "1000-1003", "--studies", "cal-size,lambda,transfer,batch", "--cal-sizes", "1,4",
