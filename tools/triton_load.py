@@ -11,7 +11,8 @@ Every request i uses seed ``--seed + i % --distinct-seeds``; each output is comp
 byte with the direct runtime (ertacache.runtime.Runtime over the same export folder, same seed,
 same text) computed in this process. Reports throughput, p50/p99 latency, errors, mismatches,
 and the per-request overhead of the server path: ``--overhead K`` sequential requests to the
-server vs K direct runs (text encoding + sampling + decode both ways), as a ratio of medians.
+server vs K direct runs (text encoding + sampling + decode both ways; the direct runtime gets the
+ONNX Runtime threads of one server instance), as a ratio of medians.
 The run is bounded by ``--requests`` and ``--seconds``, whichever comes first.
 """
 
@@ -73,8 +74,9 @@ class LoadReport:
 class Direct:
     """The reference: the direct runtime over the export folder, with the same text as the requests."""
 
-    def __init__(self, engines: Path, prompt: str | None, text_seed: int, encoder_path: Path | None):
-        self.runtime = Runtime(engines, "onnxruntime").__enter__()
+    def __init__(self, engines: Path, prompt: str | None, text_seed: int, encoder_path: Path | None,
+                 threads: int = 0):
+        self.runtime = Runtime(engines, "onnxruntime", intra_op_threads=threads).__enter__()
         m = self.runtime.manifest
         self.prompt = prompt
         self.encoder = self._encoder(m, encoder_path) if prompt is not None else None
@@ -187,6 +189,14 @@ def _overhead(args, url, direct: Direct, report: LoadReport, request) -> None:
     report.overhead_ratio = report.server_sequential_ms / report.direct_ms
 
 
+def _instance_threads(config: dict) -> int:
+    """The ONNX Runtime threads one server instance uses, so the direct runs compare like with like."""
+    from ertacache.serving.instance import ModelParameters, available_cores, cpu_instances
+
+    threads = ModelParameters.from_config(config.get("parameters", {})).intra_op_threads
+    return threads or max(1, available_cores() // cpu_instances(config))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -236,7 +246,7 @@ def _main(argv: list[str] | None) -> int:
         if args.prompt is not None and not has_prompt:
             raise UserError(f"model {args.model!r} has no prompt input (no text encoder); drop --prompt")
         encoder_path = Path(args.model_path) if args.model_path else (model_dir / "text_encoder" if model_dir else None)
-        direct = Direct(engines, args.prompt, args.text_seed, encoder_path)
+        direct = Direct(engines, args.prompt, args.text_seed, encoder_path, _instance_threads(config))
         report = run_load(args, url, direct, config)
         report.instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or None
         report.server = "tritonserver (nvidia-pytriton)" if server else url
