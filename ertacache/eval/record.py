@@ -16,19 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ertacache.profile.calibrate import CalibrationSet, error_matrix
+from ertacache.profile.calibrate import CalibrationSet, error_matrix, rel_l1_per_sample
 from ertacache.profile.config import CalibrationConfig
-
-
-def rel_l1_per_sample(new: torch.Tensor, old: torch.Tensor, n_branches: int) -> torch.Tensor:
-    """(nb*b, ...) rows -> (b,) ||new - old||_1 / ||old||_1 over both CFG branches of each sample.
-
-    Divides by the *previous* value, as TeaCache's indicator does.
-    """
-    diff = (new.float() - old.float()).abs().unflatten(0, (n_branches, -1)).transpose(0, 1).flatten(1)
-    ref = old.float().abs().unflatten(0, (n_branches, -1)).transpose(0, 1).flatten(1)
-    # (nb*b, ...) -> (nb, b, ...) -> (b, nb, ...) -> (b, nb*...)
-    return diff.sum(1) / ref.sum(1).clamp_min(1e-12)
 
 
 def magnitude_ratio_per_sample(new: torch.Tensor, old: torch.Tensor, n_branches: int) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 
 from ertacache.eval.config import TeaCacheConfig
 from ertacache.eval.plans import PlanOutput
-from ertacache.eval.record import CalibrationRecord, rel_l1_per_sample
-from ertacache.profile.calibrate import CalibrationSet
+from ertacache.eval.record import CalibrationRecord
+from ertacache.profile.calibrate import CalibrationSet, rel_l1_per_sample
 from ertacache.profile.schedule import forced_full
 from ertacache.sampling.steps import (
     StepTables, cached_velocity, combine_cfg, euler, expand_branches, full_velocity, model_timestep,

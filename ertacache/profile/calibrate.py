@@ -103,8 +103,12 @@ def _check_finite(v: torch.Tensor, step: int, sl: slice) -> None:
         )
 
 
-def _rel_l1_per_sample(approx: torch.Tensor, true: torch.Tensor, n_branches: int) -> torch.Tensor:
-    """(nb*b, ...) pairs -> (b,) ||approx - true||_1 / ||true||_1 over both branches of each sample."""
+def rel_l1_per_sample(approx: torch.Tensor, true: torch.Tensor, n_branches: int) -> torch.Tensor:
+    """(nb*b, ...) pairs -> (b,) ||approx - true||_1 / ||true||_1 over both branches of each sample.
+
+    The calibration error of a reused residual, and (with ``true`` the previous step's value)
+    the step-to-step change TeaCache- and MagCache-style rules accumulate.
+    """
     diff = (approx.float() - true.float()).abs().unflatten(0, (n_branches, -1)).transpose(0, 1).flatten(1)
     ref = true.float().abs().unflatten(0, (n_branches, -1)).transpose(0, 1).flatten(1)
     # (nb*b, N, D) -> (nb, b, N, D) -> (b, nb, N, D) -> (b, nb*N*D)
@@ -140,7 +144,7 @@ def error_matrix(
                 if observe is not None:
                     observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
                 for j, r_j in enumerate(residuals):
-                    sums[j, i] += _rel_l1_per_sample(r_j, r, cal.n_branches).sum().item()
+                    sums[j, i] += rel_l1_per_sample(r_j, r, cal.n_branches).sum().item()
                 residuals.append(r)
                 x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
     return sums / cal.prompts
@@ -201,9 +205,9 @@ def cached_pass(
                 v_cached = None
                 if st.residual is not None and not forced[i]:
                     v_cached = cached_velocity(cal.adapter, x_in, t_rows, st.residual)
-                    res_err_sum += _rel_l1_per_sample(st.residual, r_true, nb).sum().item()
+                    res_err_sum += rel_l1_per_sample(st.residual, r_true, nb).sum().item()
                 if st.prev_r is not None:
-                    res_change_sum += _rel_l1_per_sample(st.prev_r, r_true, nb).sum().item()
+                    res_change_sum += rel_l1_per_sample(st.prev_r, r_true, nb).sum().item()
                 per_state.append((x_in, v_true, r_true, v_cached))
         res_err = res_err_sum / cal.prompts
         stats["residual_change"][i] = res_change_sum / cal.prompts
