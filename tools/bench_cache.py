@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ertacache.cli.common import pick_device
-from ertacache.eval.timing import median_time, sampler_step_costs
+from ertacache.eval.timing import sampler_step_costs
+from ertacache.timing import median_seconds
 from ertacache.metrics import psnr, ssim
 from ertacache.models.loading import load_bundle
 from ertacache.profile.artifact import load_profile
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     ideal = t / (n_full + (t - n_full) * c)
 
     one = ([prompts[0]], [args.seeds[0]])
-    uncached_s = median_time(lambda: generate(bundle, *one, settings, None, decode=False), args.repeats, warmup=1)
-    cached_e2e = median_time(lambda: generate(bundle, *one, settings, profile, decode=False), args.repeats, warmup=1)
+    uncached_s = median_seconds(lambda: generate(bundle, *one, settings, None, decode=False), args.repeats, warmup=1)
+    cached_e2e = median_seconds(lambda: generate(bundle, *one, settings, profile, decode=False), args.repeats, warmup=1)
     measured = uncached_s / cached_e2e
 
     ref = generate(bundle, prompts, args.seeds, settings, None)

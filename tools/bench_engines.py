@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from ertacache.models.loading import fingerprint_module  # noqa: E402
 from ertacache.profile.artifact import Profile  # noqa: E402
 from ertacache.runtime import Runtime, measure_allocations  # noqa: E402
 from ertacache.sampling.sigmas import nominal_sigmas  # noqa: E402
+from ertacache.timing import interleaved_medians  # noqa: E402
 
 #: diffusers' config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tools/export_real_size.py)
 WAN21_1P3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -97,23 +97,16 @@ def model_cases(args):
 def time_e2e(rt: Runtime, noise, text, repeats: int) -> tuple[float, float]:
     """Median seconds of the whole schedule, all-full vs cached mask, interleaved (noise hits both alike)."""
     full_mask = [True] * rt.steps
-    rt.sample(noise, text, mask=full_mask, check_finite=False)  # warm-up
-    rt.sample(noise, text, check_finite=False)
-    unc, cac = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        rt.sample(noise, text, mask=full_mask, check_finite=False)
-        unc.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        rt.sample(noise, text, check_finite=False)
-        cac.append(time.perf_counter() - start)
-    return statistics.median(unc), statistics.median(cac)
+    med = interleaved_medians({"uncached": lambda: rt.sample(noise, text, mask=full_mask, check_finite=False),
+                               "cached": lambda: rt.sample(noise, text, check_finite=False)},
+                              repeats, warmup=1, device=rt.device)
+    return med["uncached"], med["cached"]
 
 
 def bench_backend(rt: Runtime, noise, text, repeats: int, e2e_repeats: int) -> dict:
     mask = rt.mask
-    full_s = rt.time_graph("full_step", repeats)
-    cached_s = rt.time_graph("cached_step", repeats)
+    step_s = rt.time_graphs(("full_step", "cached_step"), repeats)
+    full_s, cached_s = step_s["full_step"], step_s["cached_step"]
     c = cached_s / full_s
     unc, cac = time_e2e(rt, noise, text, e2e_repeats)
     n_full = sum(mask)

@@ -4,30 +4,20 @@ c = cached-step / full-step time at batch 1; the ideal speedup of a schedule
 with N_full of T steps full is T / (N_full + (T - N_full) * c); the measured
 speedup is uncached / cached end-to-end time (text encoding, noise, the
 denoising loop and decoding of one video), medians over interleaved repeats so
-that drift in machine load hits both sides alike.
+that drift in machine load hits both sides alike. The clock is
+:mod:`ertacache.timing` (CUDA events on a GPU).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
 
 from ertacache.sampling.sampler import CachedSampler, initial_latents
+from ertacache.timing import ideal_speedup, interleaved_medians, machine_info
 
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+__all__ = ["sampler_step_costs", "end_to_end", "wallclock_table", "ideal_speedup", "machine_info"]
 
 
 def sampler_step_costs(sampler: CachedSampler, bundle, settings, prompt: str, repeats: int) -> tuple[float, float]:
@@ -35,18 +25,14 @@ def sampler_step_costs(sampler: CachedSampler, bundle, settings, prompt: str, re
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     x = initial_latents(shape, [0], bundle.device)
     text = bundle.encode([prompt], settings.negative_prompt, sampler.tables.n_branches)
-    g = torch.tensor(settings.guidance_scale)
-    step = torch.tensor(1)
+    g = torch.tensor(settings.guidance_scale, device=bundle.device)
+    step = torch.tensor(1, device=bundle.device)
     with torch.no_grad():
-        _, residual = sampler.full_step(x, torch.tensor(0), text, g)
-        full = median_time(lambda: sampler.full_step(x, step, text, g), repeats * 5)
-        cached = median_time(lambda: sampler.cached_step(x, step, text, g, residual), repeats * 5)
-    return full, cached
-
-
-def ideal_speedup(steps: int, full_steps: float, c: float) -> float:
-    """T / (N_full + N_cached * c): the speedup if nothing but the step costs mattered."""
-    return steps / (full_steps + (steps - full_steps) * c)
+        _, residual = sampler.full_step(x, torch.tensor(0, device=bundle.device), text, g)
+        med = interleaved_medians({"full": lambda: sampler.full_step(x, step, text, g),
+                                   "cached": lambda: sampler.cached_step(x, step, text, g, residual)},
+                                  repeats * 5, warmup=2, device=bundle.device)
+    return med["full"], med["cached"]
 
 
 def end_to_end(ctx, plan, prompt: str, seed: int) -> Callable[[], object]:
@@ -70,15 +56,7 @@ def wallclock_table(ctx, plans: dict[float, object], repeats: int = 5) -> dict:
     c = cached_s / full_s
     runs = {"uncached": end_to_end(ctx, ctx.uncached_plan(), prompt, seed)}
     runs.update({s: end_to_end(ctx, p, prompt, seed) for s, p in plans.items()})
-    for fn in runs.values():
-        fn()  # warm-up
-    times = {k: [] for k in runs}
-    for _ in range(repeats):  # interleaved: load drift hits every column alike
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(runs, repeats, warmup=1, device=ctx.bundle.device)  # load drift hits every column alike
     rows = []
     for s, plan in plans.items():
         ideal = ideal_speedup(ctx.steps, plan.full_steps, c)
@@ -88,18 +66,3 @@ def wallclock_table(ctx, plans: dict[float, object], repeats: int = 5) -> dict:
                      "measured_over_ideal": measured / ideal})
     return {"full_step_ms": 1e3 * full_s, "cached_step_ms": 1e3 * cached_s, "c": c, "repeats": repeats,
             "batch": 1, "prompt": prompt, "seed": seed, "rows": rows}
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict:
-    """What produced a timing: CPU model, core count, OS, torch build and threads."""
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}

@@ -17,8 +17,6 @@ mask[i] else cached``); validation and timing both use it.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -27,6 +25,7 @@ import torch
 
 from ertacache.export.errors import GraphExportError, TargetDtypeError
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, GraphSpec
+from ertacache.timing import ideal_speedup, interleaved_medians
 
 
 class StepRunner(Protocol):
@@ -154,23 +153,16 @@ def relative_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def time_steps(runner: StepRunner, full_inputs: tuple, cached_inputs: tuple, repeats: int = 5,
                warmup: int = 1) -> dict[str, float]:
-    """Median seconds of one full and one cached step, interleaved so machine noise hits both alike."""
-    for _ in range(warmup):
-        runner.full(*full_inputs)
-        runner.cached(*cached_inputs)
-    full_t, cached_t = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.full(*full_inputs)
-        full_t.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        runner.cached(*cached_inputs)
-        cached_t.append(time.perf_counter() - start)
-    full_s, cached_s = statistics.median(full_t), statistics.median(cached_t)
-    return {"full_s": full_s, "cached_s": cached_s, "c": cached_s / full_s}
+    """Median seconds of one full and one cached step, interleaved so machine noise hits both alike.
+
+    The clock is :mod:`ertacache.timing`: on a CUDA device it times the device work, not the launch.
+    """
+    med = interleaved_medians({"full": lambda: runner.full(*full_inputs),
+                               "cached": lambda: runner.cached(*cached_inputs)},
+                              repeats, warmup=warmup, device=full_inputs[0].device)
+    return {"full_s": med["full"], "cached_s": med["cached"], "c": med["cached"] / med["full"]}
 
 
 def speedup_bound(mask: Sequence[bool], c: float) -> float:
     """T / (N_full + N_cached * c): the best speedup of the schedule when a cached step costs c full steps."""
-    n_full = sum(bool(m) for m in mask)
-    return len(mask) / (n_full + (len(mask) - n_full) * c)
+    return ideal_speedup(len(mask), sum(bool(m) for m in mask), c)

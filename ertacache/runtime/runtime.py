@@ -18,7 +18,6 @@ saved noise to name the first step and graph that produced them.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from ertacache.engines.base import BoundCall, Engine, backend_info
 from ertacache.errors import NumericalError, UserError
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE
 from ertacache.runtime.checks import check_inputs, open_folder
+from ertacache.timing import StepClock, interleaved_medians
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
            "uint8": torch.uint8}
@@ -281,25 +281,15 @@ class Runtime:
             self._diagnose_nan(self.plan(mask), mask if mask is not None else self.mask)
 
     def _run_timed(self, plan, mask, times: StepTimes) -> None:
+        """The loop with a :class:`~ertacache.timing.StepClock` mark after each step (events on CUDA, no sync)."""
         step = self._require().step
-        if self.device.type == "cuda":
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(plan) + 1)]
-            events[0].record()
-            for i, (index, call) in enumerate(plan):
-                step.copy_(index)
-                call()
-                events[i + 1].record()
-            torch.cuda.synchronize(self.device)
-            elapsed = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(len(plan))]
-        else:
-            stamps = [0.0] * (len(plan) + 1)
-            stamps[0] = time.perf_counter()
-            for i, (index, call) in enumerate(plan):
-                step.copy_(index)
-                call()
-                stamps[i + 1] = time.perf_counter()
-            elapsed = [stamps[i + 1] - stamps[i] for i in range(len(plan))]
-        for full, s in zip(mask, elapsed):
+        clock = StepClock(self.device, len(plan))
+        clock.start()
+        for i, (index, call) in enumerate(plan):
+            step.copy_(index)
+            call()
+            clock.mark(i)
+        for full, s in zip(mask, clock.read()):
             (times.full_s if full else times.cached_s).append(s)
 
     def _diagnose_nan(self, plan, mask) -> None:
@@ -334,18 +324,11 @@ class Runtime:
 
     def time_graph(self, graph: str, repeats: int = 5, warmup: int = 1) -> float:
         """Median seconds of one bound call of ``graph`` (the loop's own call, even-parity buffers)."""
+        return self.time_graphs((graph,), repeats, warmup)[graph]
+
+    def time_graphs(self, graphs: Sequence[str] = (FULL_STEP, CACHED_STEP), repeats: int = 5,
+                    warmup: int = 1) -> dict[str, float]:
+        """Median seconds of one bound call of each graph, interleaved (c is a ratio of one run)."""
         st = self._require()
-        call = self._calls[graph, 0]
         st.step.fill_(1)
-        sync: Callable[[], None] = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" \
-            else (lambda: None)
-        for _ in range(warmup):
-            call()
-        sync()
-        out = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            sync()
-            out.append(time.perf_counter() - start)
-        return statistics.median(out)
+        return interleaved_medians({g: self._calls[g, 0] for g in graphs}, repeats, warmup, self.device)

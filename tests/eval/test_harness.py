@@ -11,7 +11,8 @@ from ertacache.eval import report
 from ertacache.eval.config import ALL_METHODS
 from ertacache.eval.harness import run_eval
 from ertacache.eval.studies import run_studies
-from ertacache.eval.timing import ideal_speedup, median_time, wallclock_table
+from ertacache.eval.timing import ideal_speedup, wallclock_table
+from ertacache.timing import median_seconds
 from tests.eval.conftest import STEPS, make_ctx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,5 +80,5 @@ def test_report_json_figures_and_markdown(evaluated, tmp_path):
 
 def test_timing_helpers():
     calls = []
-    assert median_time(lambda: calls.append(1), repeats=3, warmup=1) >= 0 and len(calls) == 4
+    assert median_seconds(lambda: calls.append(1), repeats=3, warmup=1) >= 0 and len(calls) == 4
     assert ideal_speedup(50, 25, 0.0) == 2.0 and ideal_speedup(50, 25, 1.0) == 1.0
