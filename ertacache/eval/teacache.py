@@ -160,7 +160,7 @@ def solve_teacache(cal: CalibrationSet, record: CalibrationRecord, target: int, 
 
     def mean_full(threshold: float) -> float:
         plan.threshold = threshold
-        counts = [plan.sample(cal.adapter, cal.latents[sl], cal.text_rows(sl), cal.guidance_scale).computed.sum(1)
+        counts = [plan.sample(cal.adapter, cal.latent_rows(sl), cal.text_rows(sl), cal.guidance_scale).computed.sum(1)
                   for sl in cal.micro_batches(batch_size)]
         return float(np.concatenate(counts).mean())
 

@@ -11,7 +11,7 @@ import torch
 from ertacache.errors import UserError
 from ertacache.models.loading import ModelBundle
 from ertacache.profile.artifact import Profile
-from ertacache.profile.calibrate import CalibrationSet, calibrate
+from ertacache.profile.calibrate import CalibrationOutcome, CalibrationSet, calibrate
 from ertacache.profile.config import CalibrationConfig
 from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.settings import SampleSettings
@@ -33,15 +33,19 @@ def read_prompts_file(path) -> list[str]:
 def calibration_set(
     bundle: ModelBundle, prompts: Sequence[str], settings: SampleSettings, seed: int = 0
 ) -> CalibrationSet:
-    """Noise (seeds seed, seed+1, ...) and text embeddings for the calibration prompts."""
+    """Noise (seeds seed, seed+1, ...) and text embeddings for the calibration prompts.
+
+    Both stay in host memory: the passes move one micro-batch at a time to the model's device,
+    so device memory does not grow with the number of prompts.
+    """
     if not prompts:
         raise UserError("no calibration prompts: pass --prompts FILE with one prompt per line")
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     nb = settings.n_branches
     return CalibrationSet(
         adapter=bundle.adapter,
-        latents=initial_latents(shape, [seed + k for k in range(len(prompts))], bundle.device),
-        text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb),
+        latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
+        text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb).cpu(),
         guidance_scale=settings.guidance_scale,
         nominal_sigmas=nominal_sigmas(settings.steps, settings.shift),
         n_branches=nb,
@@ -63,11 +67,27 @@ def build_profile(
     cal = calibration_set(bundle, prompts, settings, seed)
     start = time.perf_counter()
     outcome = calibrate(cal, config, progress=progress, log=log)
-    wall = time.perf_counter() - start
+    return profile_from_outcome(outcome, cal, config, settings, bundle.model_id, bundle.fingerprint, prompts, seed,
+                                wall_s=time.perf_counter() - start, dtype=bundle.dtype)
+
+
+def profile_from_outcome(
+    outcome: CalibrationOutcome,
+    cal: CalibrationSet,
+    config: CalibrationConfig,
+    settings: SampleSettings,
+    model_id: str,
+    fingerprint: str,
+    prompts: Sequence[str],
+    seed: int,
+    wall_s: float,
+    dtype: torch.dtype,
+) -> Profile:
+    """The :class:`Profile` of a finished calibration, with its provenance (no model loading needed)."""
     res = outcome.result
     return Profile(
-        model=bundle.model_id,
-        model_fingerprint=bundle.fingerprint,
+        model=model_id,
+        model_fingerprint=fingerprint,
         steps=settings.steps,
         shift=settings.shift,
         height=settings.height,
@@ -89,9 +109,9 @@ def build_profile(
             "num_prompts": len(prompts),
             "seeds": [seed, seed + len(prompts) - 1],
             "negative_prompt": settings.negative_prompt,
-            "wall_s": round(wall, 3),
-            "device": str(bundle.device),
-            "dtype": str(bundle.dtype).replace("torch.", ""),
+            "wall_s": round(wall_s, 3),
+            "device": str(cal.device),
+            "dtype": str(dtype).replace("torch.", ""),
             "torch": torch.__version__,
             "machine": platform.machine(),
         },

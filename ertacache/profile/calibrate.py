@@ -15,6 +15,14 @@ Two kinds of pass:
   which gives the error statistics where the cached sampler actually goes.
   With ``lam`` it decides the mask greedily as it goes; with ``mask`` it only
   fits phi and the correction along a given mask.
+
+Memory: every per-prompt tensor that outlives one model call (residual
+histories, cached residuals, latents, velocities) is parked in the
+calibration set's :class:`~ertacache.profile.offload.HostStore` (host memory,
+pinned on CUDA) and brought back one micro-batch at a time, and the fits are
+running sums (:class:`~ertacache.profile.correction.OLSAccumulator`). Device
+memory is therefore the model plus one micro-batch's working set, flat in the
+number of prompts and steps (``docs/engines.md`` gives the formula).
 """
 
 from __future__ import annotations
@@ -30,7 +38,14 @@ from ertacache.errors import NumericalError
 from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
-from ertacache.profile.schedule import fill_budget, forced_full, mask_from_error_matrix, solve_lambda
+from ertacache.profile.offload import HostStore
+from ertacache.profile.schedule import (
+    bisection_probes,
+    fill_budget,
+    forced_full,
+    mask_from_error_matrix,
+    solve_lambda,
+)
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
 from ertacache.sampling.steps import (
     cached_velocity,
@@ -48,6 +63,8 @@ class CalibrationSet:
 
     latents: (P, C, F, H, W) float32 initial noise, one row per prompt.
     text_embeds: (nb*P, L, D) cond rows, then (with CFG) uncond rows.
+    Both may live on the host: each pass moves one micro-batch at a time to the model's device.
+    store: where the passes park per-prompt state between steps (see :mod:`ertacache.profile.offload`).
     """
 
     adapter: ModelAdapter
@@ -56,6 +73,14 @@ class CalibrationSet:
     guidance_scale: float
     nominal_sigmas: np.ndarray
     n_branches: int = 2
+    store: HostStore = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.store = HostStore(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.model.parameters()).device
 
     @property
     def prompts(self) -> int:
@@ -68,10 +93,14 @@ class CalibrationSet:
     def micro_batches(self, size: int) -> list[slice]:
         return [slice(s, min(s + size, self.prompts)) for s in range(0, self.prompts, size)]
 
+    def latent_rows(self, sl: slice) -> torch.Tensor:
+        """(b, C, F, H, W) float32 initial noise of prompts ``sl`` on the model's device."""
+        return self.latents[sl].to(self.device, torch.float32)
+
     def text_rows(self, sl: slice) -> torch.Tensor:
-        """(nb*b, L, D): the cond and uncond rows of prompts ``sl``, branch-major."""
+        """(nb*b, L, D): the cond and uncond rows of prompts ``sl``, branch-major, on the model's device."""
         rows = self.text_embeds.unflatten(0, (self.n_branches, self.prompts))  # (nb, P, L, D)
-        return rows[:, sl].flatten(0, 1)
+        return rows[:, sl].flatten(0, 1).to(self.device)
 
 
 @dataclass
@@ -130,34 +159,61 @@ def error_matrix(
     cost no second pass.
     """
     steps = cal.steps
-    sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.latents.device)
+    sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.device)
     sums = np.zeros((steps, steps))
     for sl in tqdm(cal.micro_batches(config.batch_size), desc="open-loop residuals", disable=not progress):
-        x = cal.latents[sl].float()
-        text = cal.text_rows(sl)
-        residuals = []
-        with torch.no_grad():
-            for i in range(steps):
-                x_in = expand_branches(x, cal.n_branches).to(text.dtype)
-                v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
-                _check_finite(v, i, sl)
-                if observe is not None:
-                    observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
-                for j, r_j in enumerate(residuals):
-                    sums[j, i] += rel_l1_per_sample(r_j, r, cal.n_branches).sum().item()
-                residuals.append(r)
-                x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+        _open_loop_batch(cal, sl, sig, sums, observe)
     return sums / cal.prompts
 
 
-class _StepState:
-    """Per micro-batch trajectory state inside a cached pass."""
+def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np.ndarray,
+                     observe: StepObserver | None) -> None:
+    """One micro-batch's uncached trajectory, adding its pairwise residual errors into ``sums``.
 
-    def __init__(self, x, text, sl):
-        self.x, self.text, self.sl = x, text, sl
-        self.residual = None  # cache from the last full step: (nb*b, N, D)
-        self.v_prev = None  # last step's true guided velocity: (b, C, F, H, W)
-        self.prev_r = None  # last step's true residual: (nb*b, N, D)
+    A function of its own so that every tensor of the micro-batch is freed before the next starts.
+    The history of earlier residuals lives in the host store, one comes back to the device at a time.
+    """
+    store = cal.store
+    store.clear()
+    x = cal.latent_rows(sl)
+    text = cal.text_rows(sl)
+    with torch.no_grad():
+        for i in range(cal.steps):
+            x_in = expand_branches(x, cal.n_branches).to(text.dtype)
+            v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
+            _check_finite(v, i, sl)
+            if observe is not None:
+                observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
+            for j in range(i):
+                sums[j, i] += rel_l1_per_sample(store.get(("r", j)), r, cal.n_branches).sum().item()
+            store.put(("r", i), r)
+            x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+    store.clear()
+
+
+class _Trajectories:
+    """Per micro-batch trajectory state of a cached pass, parked in the calibration set's store.
+
+    Names per micro-batch k: "x" latents (b, C, F, H, W); "residual" the cache from the last full
+    step (nb*b, N, D); "prev_r" last step's true residual; "v_prev" last step's true guided
+    velocity (b, C, F, H, W); and within a step "r", "v_true", "v_cached", "g_used", "g_true".
+    """
+
+    def __init__(self, cal: CalibrationSet, batch_size: int):
+        self.store = cal.store
+        self.store.clear()
+        self.slices = cal.micro_batches(batch_size)
+        for k, sl in enumerate(self.slices):
+            self.store.put((k, "x"), cal.latent_rows(sl))
+
+    def __iter__(self):
+        return iter(enumerate(self.slices))
+
+    def get(self, k: int, name: str) -> torch.Tensor | None:
+        return self.store.get((k, name))
+
+    def put(self, k: int, name: str, t: torch.Tensor | None) -> None:
+        self.store.put((k, name), t)
 
 
 def cached_pass(
@@ -179,9 +235,9 @@ def cached_pass(
     steps, nb = cal.steps, cal.n_branches
     forced = forced_full(steps, config.warmup_steps, config.final_steps)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
-    device = cal.latents.device
+    device = cal.device
     g = torch.tensor(float(cal.guidance_scale), device=device)
-    states = [_StepState(cal.latents[sl].float(), cal.text_rows(sl), sl) for sl in cal.micro_batches(config.batch_size)]
+    traj = _Trajectories(cal, config.batch_size)
     channels = cal.latents.shape[1]
 
     phi = np.ones(steps)
@@ -193,55 +249,66 @@ def cached_pass(
 
     for i in tqdm(range(steps), desc="closed-loop calibration", disable=not progress, leave=False):
         sig_i = torch.tensor(sigmas[i], dtype=torch.float32, device=device)
-        t_rows = None
-        per_state = []
         res_err_sum, res_change_sum = 0.0, 0.0
+        # the correction's sufficient statistics, gathered in case the step turns out reused
+        acc = OLSAccumulator(nb, channels) if config.rectify else None
+        # (1) the true step for every micro-batch, and the cached one where a cache exists
         with torch.no_grad():
-            for st in states:
-                x_in = expand_branches(st.x, nb).to(st.text.dtype)  # (nb*b, C, F, H, W)
+            for k, sl in traj:
+                text = cal.text_rows(sl)
+                x_in = expand_branches(traj.get(k, "x"), nb).to(text.dtype)  # (nb*b, C, F, H, W)
                 t_rows = model_timestep(sig_i, x_in.shape[0])
-                v_true, r_true = full_velocity(cal.adapter, x_in, t_rows, st.text)
-                _check_finite(v_true, i, st.sl)
+                v_true, r_true = full_velocity(cal.adapter, x_in, t_rows, text)
+                _check_finite(v_true, i, sl)
+                residual = None if forced[i] else traj.get(k, "residual")
                 v_cached = None
-                if st.residual is not None and not forced[i]:
-                    v_cached = cached_velocity(cal.adapter, x_in, t_rows, st.residual)
-                    res_err_sum += rel_l1_per_sample(st.residual, r_true, nb).sum().item()
-                if st.prev_r is not None:
-                    res_change_sum += rel_l1_per_sample(st.prev_r, r_true, nb).sum().item()
-                per_state.append((x_in, v_true, r_true, v_cached))
+                if residual is not None:
+                    v_cached = cached_velocity(cal.adapter, x_in, t_rows, residual)
+                    res_err_sum += rel_l1_per_sample(residual, r_true, nb).sum().item()
+                    if acc is not None:
+                        acc.update(v_cached, v_cached - v_true)
+                prev_r = traj.get(k, "prev_r")
+                if prev_r is not None:
+                    res_change_sum += rel_l1_per_sample(prev_r, r_true, nb).sum().item()
+                traj.put(k, "r", r_true)
+                traj.put(k, "v_true", v_true)
+                traj.put(k, "v_cached", v_cached)
+                del x_in, v_true, r_true, residual, v_cached, prev_r
         res_err = res_err_sum / cal.prompts
         stats["residual_change"][i] = res_change_sum / cal.prompts
 
+        # (2) the decision, a mean over every prompt
         if mask is not None:
             full = bool(mask[i]) or forced[i]
         else:
             full = bool(forced[i]) or not res_err < lam
         out_mask.append(full)
         if max_full is not None and sum(out_mask) + int(forced[i + 1:].sum()) > max_full:
+            traj.store.clear()
             return None
 
         if not full:
             stats["residual_error"][i] = res_err
-            if config.rectify:
-                acc = OLSAccumulator(nb, channels)
-                for _, v_true, _, v_cached in per_state:
-                    acc.update(v_cached, v_cached - v_true)
+            if acc is not None:
                 corr_a[i], corr_b[i] = acc.solve()
 
+        # (3) the velocity each trajectory uses, and the statistics phi needs
         err_sum, change_sum, scale_sum, count = 0.0, 0.0, 0.0, 0
-        guided = []
-        for st, (_, v_true, r_true, v_cached) in zip(states, per_state):
-            g_true = combine_cfg(v_true, g, nb)  # (b, C, F, H, W)
+        for k, _ in traj:
+            g_true = combine_cfg(traj.get(k, "v_true"), g, nb)  # (b, C, F, H, W)
             if full:
                 g_used = g_true
             else:
-                g_used = combine_cfg(rectify(v_cached, corr_a[i].to(device), corr_b[i].to(device)), g, nb)
+                v_fixed = rectify(traj.get(k, "v_cached"), corr_a[i].to(device), corr_b[i].to(device))
+                g_used = combine_cfg(v_fixed, g, nb)
             err_sum += (g_used - g_true).abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
             scale_sum += g_true.abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
-            if st.v_prev is not None:
-                change_sum += (g_true - st.v_prev).abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
+            v_prev = traj.get(k, "v_prev")
+            if v_prev is not None:
+                change_sum += (g_true - v_prev).abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
             count += g_true.shape[0]
-            guided.append((g_used, g_true, r_true))
+            traj.put(k, "g_used", g_used)
+            traj.put(k, "g_true", g_true)
         stats["velocity_error"][i] = err_sum / count
         stats["velocity_change"][i] = change_sum / count if i > 0 else 0.0
 
@@ -252,14 +319,18 @@ def cached_pass(
             )
             sigmas = adjusted_sigmas(nominal, phi)
 
+        # (4) the Euler update along the (possibly adjusted) sigma table; state moves one step on
         sig_next = torch.tensor(sigmas[i + 1], dtype=torch.float32, device=device)
-        for st, (g_used, g_true, r_true) in zip(states, guided):
-            st.x = st.x + (sig_next - sig_i) * g_used
-            st.v_prev = g_true
-            st.prev_r = r_true
+        for k, _ in traj:
+            traj.put(k, "x", traj.get(k, "x") + (sig_next - sig_i) * traj.get(k, "g_used"))
+            traj.store.alias((k, "v_prev"), (k, "g_true"))
+            traj.store.alias((k, "prev_r"), (k, "r"))
             if full:
-                st.residual = r_true
+                traj.store.alias((k, "residual"), (k, "r"))
+            for name in ("r", "v_true", "v_cached", "g_used", "g_true"):
+                traj.put(k, name, None)
 
+    traj.store.clear()
     return PassResult(
         mask=tuple(out_mask),
         phi=phi,
@@ -327,7 +398,9 @@ def calibrate(
         return CalibrationOutcome(lam=config.lam, result=cached_pass(cal, config, lam=config.lam, progress=progress),
                                   error_matrix=None)
 
-    bar = tqdm(desc=f"closed-loop bisection (target {target} full steps)", disable=not progress, unit="probe")
+    # total: the usual number of probes (each a whole calibration pass, or less when it is over budget early)
+    bar = tqdm(desc=f"closed-loop bisection (target {target} full steps)", total=bisection_probes(),
+               disable=not progress, unit="probe")
 
     def closed_probe(lam):
         res = cached_pass(cal, config, lam=lam, progress=False, max_full=target)

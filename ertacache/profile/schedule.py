@@ -7,6 +7,7 @@ r_j in place of r_i stays below lambda, otherwise it computes and refreshes.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -78,6 +79,16 @@ def solve_lambda(
             lam_lo = mid
     n, lam, payload = best
     return lam, n, payload
+
+
+def bisection_probes(iterations: int = 16, rel_tol: float = 1e-3) -> int:
+    """The most probes :func:`solve_lambda` makes when its first upper end meets the budget.
+
+    One probe of the upper end, then halvings until the bracket is ``rel_tol`` wide (or an exact
+    hit ends it sooner). Progress bars use it as their total; too low a first upper end adds a
+    probe per doubling.
+    """
+    return 1 + min(iterations, math.ceil(math.log2(1.0 / rel_tol)))
 
 
 def fill_budget(mask: tuple[bool, ...], errors, target: int) -> tuple[bool, ...]:
