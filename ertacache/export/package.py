@@ -185,7 +185,8 @@ class ExportPackage:
             paths["aoti"] = {n: g.path for n, g in aoti.items()}
             details["aoti"] = {"graphs": {n: {"file": g.path.relative_to(tmp).as_posix(),
                                               "compile_s": round(g.compile_s, 2)} for n, g in aoti.items()},
-                               "device": "cpu", "loader": "torch._inductor.aoti_load_package"}
+                               "device": graphs.example_inputs[FULL_STEP][0].device.type,
+                               "loader": "torch._inductor.aoti_load_package"}
         if "tensorrt" in cfg.targets:
             from ertacache.engines.tensorrt import build_engines
 
