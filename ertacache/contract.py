@@ -347,7 +347,7 @@ class ExportManifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise fail(f"{MANIFEST} is not an {FORMAT} manifest")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise fail(f"schema_version {_short(version)} is not {SCHEMA_VERSION} (written by another ertacache "
                        "version)")
         m = r.obj(r.get(data, "model", "manifest"), "model")

@@ -128,12 +128,13 @@ def check_replaceable(target: Path, force: bool, what: str, recognise: Callable[
         raise UserError(f"{what} {target} is a symbolic link; --force does not replace links: remove it yourself "
                         "or choose another --out")
     if kind == "folder":
+        a = "an" if what[:1].lower() in "aeiou" else "a"
         if not target.is_dir():
-            raise UserError(f"{target} is a file, not a {what}; --force replaces only a {what} this tool wrote: "
+            raise UserError(f"{target} is a file, not {a} {what}; --force replaces only {a} {what} this tool wrote: "
                             "remove it yourself or choose another --out")
         if recognise is not None and not recognise(target):
-            raise UserError(f"{target} is a folder but not a {what} (--force replaces only a {what} this tool wrote, "
-                            "never other folders); choose another --out or remove it yourself")
+            raise UserError(f"{target} is a folder but not {a} {what} (--force replaces only {a} {what} this tool "
+                            "wrote, never other folders); choose another --out or remove it yourself")
     elif target.is_dir():
         raise UserError(f"{target} is a folder; --out here names a file: choose a file name")
 

@@ -127,6 +127,8 @@ def check_out_video(path: str | os.PathLike, force: bool, flag: str = "--out") -
     from ertacache.video import VIDEO_SUFFIXES
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a video file name ending in one of {VIDEO_SUFFIXES}")
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise UserError(f"{flag} must end in one of {VIDEO_SUFFIXES}, got {brief(path.name, 60)}")
