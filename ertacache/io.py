@@ -169,9 +169,25 @@ def atomic_directory(target: str | os.PathLike, force: bool = False, what: str =
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _raise_disk_error(e, target, what)
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+#: errors of the disk, not of the program: reported as a UserError naming the output and the fix
+_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _raise_disk_error(e: OSError, target: Path, what: str) -> None:
+    """Raise a UserError for a disk error (full, read-only, no permission); return for anything else."""
+    if e.errno in _DISK_ERRNOS:
+        raise UserError(f"cannot write the {what} {target}: {_DISK_ERRNOS[e.errno]} ({e.strerror}); nothing was "
+                        "left half-written. Free space or choose another --out") from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
@@ -181,8 +197,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
     so two writers of one new file cannot both succeed. The file gets the umask's permissions.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        _raise_disk_error(e, path, "file")
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -195,6 +215,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
             except FileExistsError:
                 raise UserError(f"{path} already exists; pass --force to replace it or choose another --out") from None
             os.unlink(tmp)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        _raise_disk_error(e, path, "file")
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -120,3 +120,16 @@ def test_copies_never_follow_links_out_of_the_source(tmp_path):
     (src / ".hidden").write_text("h")
     copy_tree_no_links(src, tmp_path / "dest", ignore_hidden=True)
     assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["a.txt"]
+
+
+def test_a_full_disk_is_a_user_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    with pytest.raises(UserError, match=r"cannot write the test folder .*: disk full .*nothing was left half-written"):
+        with atomic_directory(tmp_path / "out", what="test folder") as tmp:
+            (tmp / "part").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):  # other OS errors are not disguised
+        with atomic_directory(tmp_path / "out", what="test folder"):
+            open(tmp_path / "nope" / "x")
