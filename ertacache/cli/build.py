@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ertacache.cli.common import run_cli
 from ertacache.errors import UserError
-from ertacache.cli.validate import add_digest_arg
+from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg
 from ertacache.contract import folder_digest, load_manifest
 from ertacache.export.manifest import file_entries, write_manifest
 from ertacache.io import output_lock, remove_stale_siblings
@@ -40,7 +40,8 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.engines.base import require_backend
     from ertacache.engines.tensorrt import TensorRTBuildOptions, build_engines
 
-    args = parser().parse_args(argv)
+    args = check_args(parser().parse_args(argv))
+    check_digest_arg(args.expect_digest)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or any(t not in BUILD_TARGETS for t in targets):
         raise UserError(f"--targets takes {list(BUILD_TARGETS)}, got {args.targets!r}")

@@ -43,6 +43,12 @@ _BOUNDS: list[tuple[str, str, str, float | None, float | None, bool]] = [
     ("--lambda", "lam", "float", 0.0, 1e6, True),
     ("--tolerance", "tolerance", "float", 0.0, 1e6, False),
     ("--workspace-gib", "workspace_gib", "float", 0.0, 1e6, False),
+    ("--calibration-seed", "calibration_seed", "int", 0, MAX_SEED, True),
+    ("--study-speedup", "study_speedup", "float", 1.0, 1e4, True),
+    ("--repeats", "repeats", "int", 0, 10_000, True),
+    ("--http-port", "http_port", "int", 0, 65_535, True),
+    ("--grpc-port", "grpc_port", "int", 0, 65_535, True),
+    ("--metrics-port", "metrics_port", "int", 0, 65_535, True),
 ]
 
 
