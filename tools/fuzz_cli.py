@@ -265,8 +265,7 @@ def cases() -> list[Case]:
         "negative_prompt a number": profile_edit(lambda m: m["calibration"].update(negative_prompt=5)),
         "NaN guidance": profile_edit(lambda m: m.update(guidance_scale=float("nan"))),
         "NaN correction table (rehashed)": nan_correction,
-        "deeply nested JSON": lambda c: (c.profile() / "profile.json").write_text("[" * 100_000 + "]" * 100_000)
-        or c.work / "profile",
+        "deeply nested JSON": lambda c: _write(c.profile(), "profile.json", "[" * 100_000 + "]" * 100_000),
         "steps a huge number": profile_edit(lambda m: m.update(steps=10**9)),
         "mask of strings": profile_edit(lambda m: m.update(mask=["x"] * len(m["mask"]))),
     }
@@ -297,8 +296,8 @@ def cases() -> list[Case]:
         "schema_version 99": manifest_edit(lambda m: m.update(schema_version=99)),
         "deeply nested manifest": lambda c: deep_json(c, "manifest.json"),
         "symlink inside": symlinked_folder,
-        "tampered graph": lambda c: (c.folder() / "onnx" / "cached_step.onnx").write_bytes(b"x") or c.folder(),
-        "unlisted file": lambda c: (c.folder() / "onnx" / "extra.onnx").write_bytes(b"x") or c.folder(),
+        "tampered graph": lambda c: _write(c.folder(), "onnx/cached_step.onnx", "x"),
+        "unlisted file": lambda c: _write(c.folder(), "onnx/extra.onnx", "x"),
     }
     for label, make in folders.items():
         run_argv = (lambda c, make=make: ["--engines", str(make(c)), "--text-embeds", "t.npy", "--out", "v.gif"])
@@ -373,6 +372,12 @@ def cases() -> list[Case]:
     for script in MODULES:
         add(f"{script} --no-such-flag", script, ["--no-such-flag"], quick=script == "ertacache-run")
     return out
+
+
+def _write(folder: Path, rel: str, text: str) -> Path:
+    """Write ``folder/rel`` and return ``folder``."""
+    (folder / rel).write_text(text)
+    return folder
 
 
 def _stale_repo(ctx: Ctx) -> Path:

@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     from ertacache.engines.base import require_backend
     from ertacache.engines.tensorrt import TensorRTBuildOptions, build_engines
+    from ertacache.runtime.checks import check_against_profile
 
     args = check_args(parser().parse_args(argv))
     check_digest_arg(args.expect_digest)
@@ -50,7 +51,8 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"--engines {folder} is not a folder; create it with ertacache-export --out {folder}")
     with output_lock(folder, "export folder"):  # one build at a time; a killed build's leftovers go first
         remove_stale_siblings(folder / "tensorrt", log=print)
-        manifest = load_manifest(folder, expect_digest=args.expect_digest)  # refuses tampered files before a long build
+        manifest = load_manifest(folder, expect_digest=args.expect_digest)  # tampered files: refused before the build
+        check_against_profile(manifest)  # the schedule the engines will run equals profile/
         if "onnx" not in manifest.targets:
             raise UserError(f"{folder} has no ONNX graphs to build from; export with ertacache-export --targets onnx")
         require_backend("tensorrt")  # names the pip extra, or says there is no GPU

@@ -76,7 +76,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _range(lo, hi, lo_inclusive: bool) -> str:
-    return f"{'[' if lo_inclusive else '('}{lo:g}, {hi:g}]"
+    def fmt(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    return f"{'[' if lo_inclusive else '('}{fmt(lo)}, {fmt(hi)}]"
 
 
 def check_device(name: str, backend: str | None = None, providers: str | None = None) -> None:

@@ -227,6 +227,8 @@ def _check_backend_target(manifest: ExportManifest, cfg: RepositoryConfig) -> No
 
 def write_repository(cfg: RepositoryConfig, log: Callable[[str], None] = lambda s: None) -> RepositoryReport:
     """Check the export folder, then write ``repo/NAME`` atomically (see the module docstring)."""
+    if cfg.engines.exists() and not cfg.engines.is_dir():
+        raise UserError(f"--engines {cfg.engines} is a file; give the export folder (ertacache-export --out)")
     if not cfg.engines.is_dir():
         raise UserError(f"--engines {cfg.engines} does not exist; create it with ertacache-export --out {cfg.engines}")
     if cfg.repo.exists() and not cfg.repo.is_dir():
