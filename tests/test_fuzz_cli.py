@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ def _fuzz():
     path = Path(__file__).resolve().parents[1] / "tools" / "fuzz_cli.py"
     spec = importlib.util.spec_from_file_location("fuzz_cli", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_cli"] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
