@@ -35,6 +35,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -190,6 +191,19 @@ def _raise_disk_error(e: OSError, target: Path, what: str) -> None:
                         "left half-written. Free space or choose another --out") from e
 
 
+#: a single-file write takes milliseconds (the bytes are ready before the temporary file is made), so a
+#: temporary sibling older than this belongs to a killed run, never to a writer still at work
+STALE_FILE_TEMP_S = 60.0
+
+
+def _remove_stale_file_temps(path: Path) -> None:
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if stale.is_file() and not stale.is_symlink() and now - stale.lstat().st_mtime > STALE_FILE_TEMP_S:
+                stale.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
     """Write a single file atomically (temporary file in the same folder, then rename).
 
@@ -199,6 +213,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_file_temps(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
         _raise_disk_error(e, path, "file")

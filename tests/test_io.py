@@ -133,3 +133,13 @@ def test_a_full_disk_is_a_user_error_and_leaves_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):  # other OS errors are not disguised
         with atomic_directory(tmp_path / "out", what="test folder"):
             open(tmp_path / "nope" / "x")
+
+
+def test_a_killed_single_file_write_is_cleaned_by_the_next(tmp_path):
+    stale = tmp_path / ".v.gif.tmp-abc"
+    stale.write_bytes(b"half")
+    os.utime(stale, (1, 1))  # long ago: a killed run's
+    fresh = tmp_path / ".v.gif.tmp-now"
+    fresh.write_bytes(b"in progress")  # a writer at work right now: left alone
+    atomic_write_bytes(tmp_path / "v.gif", b"GIF89a")
+    assert not stale.exists() and fresh.exists()

@@ -119,11 +119,11 @@ def _main(argv: list[str] | None) -> int:
         check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
         timing_repeats=args.timing_repeats,
     )
+    profile = load_profile(args.profile) if args.profile else None
+    if profile is not None:  # a profile of another model is named as such, before any dtype/machine check
+        _check_profile_flags(args, profile)
     config.check_machine()
     check_out_folder(config.out, config.force, "export folder", is_export_folder)  # before minutes of calibration
-    profile = load_profile(args.profile) if args.profile else None
-    if profile is not None:
-        _check_profile_flags(args, profile)
     print(f"[load] {args.model} ({config.dtype})")
     bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
     if profile is None:
