@@ -33,12 +33,14 @@ def test_manifest_is_typed(onnx_export):
 # (edit of the manifest JSON, expected message): each a malformed field that used to reach a traceback or a backend
 MALFORMED = [
     (lambda m: m.update(files=list(m["files"])), r"files must be a JSON object, got a list"),
-    (lambda m: m["graphs"]["full_step"]["inputs"][0].pop("shape"), r"graphs.full_step.inputs\[0\] lacks the field 'shape'"),
-    (lambda m: m["graphs"]["cached_step"]["inputs"][1].update(shape="[]"), r"graphs.cached_step.inputs\[1\].shape must be a "
-                                                                           "JSON list"),
+    (lambda m: m["graphs"]["full_step"]["inputs"][0].pop("shape"),
+     r"graphs.full_step.inputs\[0\] lacks the field 'shape'"),
+    (lambda m: m["graphs"]["cached_step"]["inputs"][1].update(shape="[]"),
+     r"graphs.cached_step.inputs\[1\].shape must be a JSON list"),
     (lambda m: m["profile"].update(steps=m["profile"]["steps"] + 1), r"the schedule is inconsistent"),
     (lambda m: m["profile"].update(steps=10**9), r"profile.steps is 1000000000, outside"),
-    (lambda m: m["profile"].update(mask=["yes"] * len(m["profile"]["mask"])), r"profile.mask\[0\] must be true or false"),
+    (lambda m: m["profile"].update(mask=["yes"] * len(m["profile"]["mask"])),
+     r"profile.mask\[0\] must be true or false"),
     (lambda m: m["profile"].update(guidance_scale="4"), r"profile.guidance_scale must be a finite number"),
     (lambda m: m["graphs"]["full_step"]["inputs"][0].update(dtype="float128"), r"dtype 'float128' is not one of"),
     (lambda m: m["shapes"].update(batch_size=3), r"shapes.batch_size 3 is not the latents' batch"),

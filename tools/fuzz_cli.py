@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -102,7 +102,7 @@ class Result:
 
 # ---- helpers that damage copies of the sources ---------------------------------------------------------------
 
-def _edit_json(path: Path, edit: Callable[[dict], None], rehash_into: Path | None = None) -> None:
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
@@ -229,7 +229,8 @@ def cases() -> list[Case]:
     for prompt, label in (("", "empty"), ("   ", "blank"), ("x" * 100_000, "100 kB"),
                           ("zebra unicorn ✨", "unknown words + unicode"), ("digit 3 " * 50, "too many words")):
         add(f"ertacache-generate --prompt {label}", "ertacache-generate",
-            ["--prompt", prompt, "--out", "v.gif", "--steps", "2"], quick=label in ("100 kB", "unknown words + unicode"))
+            ["--prompt", prompt, "--out", "v.gif", "--steps", "2"],
+            quick=label in ("100 kB", "unknown words + unicode"))
 
     # --out
     add("generate --out a folder", "ertacache-generate", lambda c: ["--prompt", "digit 3", "--out", str(c.work)])
@@ -242,11 +243,13 @@ def cases() -> list[Case]:
                                                                          "--force"], quick=True)
     add("profile --out unrelated folder, --force", "ertacache-profile",
         lambda c: ["--out", str(c.file("photos/cat.jpg", "x").parent), "--force"])
-    add("export --out a file, --force", "ertacache-export", lambda c: ["--out", str(c.file("notes.txt", "k")), "--force"])
+    add("export --out a file, --force", "ertacache-export",
+        lambda c: ["--out", str(c.file("notes.txt", "k")), "--force"])
     add("export --out existing folder", "ertacache-export", lambda c: ["--out", str(c.folder())])
 
     # prompts files
-    add("profile --prompts a folder", "ertacache-profile", lambda c: ["--prompts", str(c.work), "--out", "p"], quick=True)
+    add("profile --prompts a folder", "ertacache-profile", lambda c: ["--prompts", str(c.work), "--out", "p"],
+        quick=True)
     add("profile --prompts binary", "ertacache-profile",
         lambda c: ["--prompts", str(c.file("p.bin", bytes(range(256)) * 4)), "--out", "p"])
     add("profile --prompts missing", "ertacache-profile", ["--prompts", "nope.txt", "--out", "p"])
@@ -319,7 +322,8 @@ def cases() -> list[Case]:
         add(f"run --text-embeds {kind}", "ertacache-run",
             lambda c, kind=kind: [*ok(c), "--text-embeds", str(npy_file(c, kind)), "--out", "v.gif"],
             quick=kind == "pickle")
-    add("run --text-embeds a folder", "ertacache-run", lambda c: [*ok(c), "--text-embeds", str(c.work), "--out", "v.gif"])
+    add("run --text-embeds a folder", "ertacache-run",
+        lambda c: [*ok(c), "--text-embeds", str(c.work), "--out", "v.gif"])
     add("run --seed 2**63", "ertacache-run", lambda c: [*ok(c), "--text-embeds", "t.npy", "--seed", str(2**63),
                                                        "--out", "v.gif"])
     add("run --backend foo", "ertacache-run", lambda c: [*ok(c), "--backend", "foo", "--text-embeds", "t.npy",

@@ -62,7 +62,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"{flag} {value} is not a finite number; give a value in {_range(lo, hi, lo_inclusive)}")
         low_ok = lo is None or (value >= lo if lo_inclusive else value > lo)
         if not low_ok or (hi is not None and value > hi):
-            raise UserError(f"{flag} {brief(value, 40)} is out of range; give a value in {_range(lo, hi, lo_inclusive)}")
+            raise UserError(f"{flag} {brief(value, 40)} is out of range; give a value in "
+                            f"{_range(lo, hi, lo_inclusive)}")
     prompt = getattr(args, "prompt", None)
     if prompt is not None:
         check_prompt(prompt)
