@@ -247,6 +247,16 @@ def cases() -> list[Case]:
         lambda c: ["--out", str(c.file("notes.txt", "k")), "--force"])
     add("export --out existing folder", "ertacache-export", lambda c: ["--out", str(c.folder())])
 
+    # model folders that do not load
+    add("generate --model-path a folder of corrupt configs", "ertacache-generate",
+        lambda c: ["--model", "wan2.1", "--model-path", str(_corrupt_model(c)), "--prompt", "a cat", "--out", "v.gif"],
+        quick=True)
+    add("profile --model-path a file", "ertacache-profile",
+        lambda c: ["--model", "wan2.1", "--model-path", str(c.file("model.bin", "x")), "--out", "p"])
+    add("export --model-path an empty folder", "ertacache-export",
+        lambda c: ["--model", "wan2.1", "--model-path", str(c.work), "--dtype", "fp32", "--out", "e"])
+    add("generate --model unknown", "ertacache-generate", ["--model", "sdxl", "--prompt", "a", "--out", "v.gif"])
+
     # prompts files
     add("profile --prompts a folder", "ertacache-profile", lambda c: ["--prompts", str(c.work), "--out", "p"],
         quick=True)
@@ -376,6 +386,15 @@ def cases() -> list[Case]:
     for script in MODULES:
         add(f"{script} --no-such-flag", script, ["--no-such-flag"], quick=script == "ertacache-run")
     return out
+
+
+def _corrupt_model(ctx: Ctx) -> Path:
+    """A diffusers-format folder whose every config.json is truncated JSON."""
+    root = ctx.work / "model"
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text("{")
+    return root
 
 
 def _write(folder: Path, rel: str, text: str) -> Path:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
-from ertacache.cli.validate import check_args, check_out_folder
+from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.errors import UserError
 from ertacache.export.config import DEFAULT_TARGETS, TARGETS, ExportConfig
 from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity, is_export_folder
@@ -125,7 +125,8 @@ def _main(argv: list[str] | None) -> int:
     config.check_machine()
     check_out_folder(config.out, config.force, "export folder", is_export_folder)  # before minutes of calibration
     print(f"[load] {args.model} ({config.dtype})")
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
     if profile is None:
         profile, negative = _calibrate(args, bundle)
         profile_dir = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
-from ertacache.cli.validate import check_args, check_out_video
+from ertacache.cli.validate import check_args, check_out_video, loading_model
 from ertacache.errors import UserError
 from ertacache.models.loading import load_bundle
 from ertacache.profile.artifact import load_profile
@@ -55,7 +55,8 @@ def _main(argv: list[str] | None) -> int:
     if profile is not None and profile.model != args.model:
         raise UserError(f"the profile was made for --model {profile.model}, not {args.model}; pass --model "
                         f"{profile.model} or profile {args.model}")
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     settings = _settings(args, bundle, profile)
     if profile is not None and (settings.n_branches != profile.n_branches):
         raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "

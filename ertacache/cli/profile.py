@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
-from ertacache.cli.validate import check_args, check_out_folder
+from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.models.loading import load_bundle
 from ertacache.profile.build import build_profile, read_prompts_file
 from ertacache.profile.config import CalibrationConfig
@@ -45,7 +45,8 @@ def _main(argv: list[str] | None) -> int:
 
     check_out_folder(check_args(args).out, args.force, "profile folder", is_profile_folder)  # before any long work
     prompts = read_prompts_file(args.prompts) if args.prompts else None
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     recipe = bundle.recipe
     settings = SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,

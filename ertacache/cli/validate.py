@@ -12,6 +12,7 @@ the fix; the CLIs' ``run_cli`` prints it as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -195,3 +196,21 @@ def check_folder_arg(path: Any, flag: str, create_with: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder; give the folder {create_with} wrote")
     return path
+
+
+@contextlib.contextmanager
+def loading_model(model: str, model_path: str | None):
+    """Around a model load: a folder diffusers/transformers cannot read becomes one error line, not a traceback.
+
+    Only errors of reading files (OSError, ValueError incl. JSON, safetensors and config errors) are
+    converted; they name the folder and the fix. ``UserError`` passes through unchanged.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        where = f"--model-path {model_path}" if model_path else f"--model {model} (from the hub cache)"
+        raise UserError(f"{where} cannot be loaded ({type(e).__name__}: {brief(str(e), 200)}); check that the folder "
+                        "is a complete diffusers-format download (re-download it), or pass another --model-path") \
+            from None

@@ -9,7 +9,7 @@ import torch
 
 from ertacache.cli.common import run_cli
 from ertacache.cli.run import add_runtime_args, open_runtime, request
-from ertacache.cli.validate import check_out_json
+from ertacache.cli.validate import check_out_json, loading_model
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.io import atomic_write_bytes
 from ertacache.profile.artifact import load_profile
@@ -35,7 +35,8 @@ def _main(argv: list[str] | None) -> int:
     with open_runtime(args) as rt:
         m = rt.manifest
         device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
-        bundle = load_bundle(m.model.id, args.model_path or m.model.path, device, m.dtype)
+        with loading_model(m.model.id, args.model_path or m.model.path):
+            bundle = load_bundle(m.model.id, args.model_path or m.model.path, device, m.dtype)
         if bundle.fingerprint != m.model.fingerprint:
             raise EngineMismatchError(f"the export folder was made from weights {m.model.fingerprint}, the model "
                                       f"loaded from {bundle.path} is {bundle.fingerprint}; pass --model-path to the "
