@@ -151,11 +151,15 @@ def check_out_video(path: str | os.PathLike, force: bool, flag: str = "--out") -
 
 def check_mp4_writer() -> None:
     """Writing .mp4 needs imageio with an FFmpeg plugin: find out now, not after sampling."""
+    import warnings
+
     try:
         import imageio.v3 as iio
         import numpy as np
 
-        iio.imwrite("<bytes>", np.zeros((1, 16, 16, 3), np.uint8), extension=".mp4", fps=1)
+        with warnings.catch_warnings():  # imageio warns on stderr before failing; the error below says it all
+            warnings.simplefilter("ignore")
+            iio.imwrite("<bytes>", np.zeros((1, 16, 16, 3), np.uint8), extension=".mp4", fps=1)
     except Exception as e:  # noqa: BLE001 - any failure means no usable writer
         raise UserError(f"writing .mp4 needs imageio with FFmpeg (pip install imageio imageio-ffmpeg), which does "
                         f"not work here ({brief(str(e), 100)}); or write .gif / .png") from None

@@ -102,3 +102,17 @@ def test_run_verify_build_triton_refuse_bad_folders_and_pins(onnx_export, tmp_pa
     np_file.write_bytes(b"\x93NUMPY not really")
     refused(run_cli.main, [*base, "--out", out], capsys, "is not a .npy array")
     assert not (tmp_path / "v.gif").exists() and not (tmp_path / "r").exists()
+
+
+def test_mp4_without_a_writer_is_refused_before_sampling(tmp_path, capsys):
+    from ertacache.cli.validate import check_mp4_writer
+    from ertacache.errors import UserError
+
+    try:
+        check_mp4_writer()
+    except UserError:
+        refused(gen_cli.main, ["--prompt", "digit 3", "--out", str(tmp_path / "v.mp4")], capsys,
+                "writing .mp4 needs imageio with FFmpeg")
+        assert list(tmp_path.iterdir()) == []
+    else:
+        pytest.skip("an MP4 writer is installed here: nothing to refuse")
