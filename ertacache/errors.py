@@ -24,3 +24,13 @@ class ModelNotFoundError(UserError):
 
 class NumericalError(ErtaCacheError):
     """NaN or Inf appeared in a model output; the message names the step."""
+
+
+class PromptError(UserError, ValueError):
+    """A prompt the model's text encoder cannot encode (unknown words, too long); a ValueError too."""
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` capped at ``limit`` characters: error messages never echo megabytes of input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

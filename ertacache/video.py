@@ -22,8 +22,11 @@ def _upscale(frames: np.ndarray, min_side: int = 128) -> np.ndarray:
     return frames.repeat(k, axis=1).repeat(k, axis=2)  # (F, H*k, W*k, 3)
 
 
-def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
-    """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side."""
+def save_video(frames, path: str | os.PathLike, fps: int = 8, overwrite: bool = True) -> Path:
+    """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side.
+
+    ``overwrite=False`` refuses an existing ``path`` (also one that appeared while sampling).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
@@ -47,5 +50,5 @@ def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
             buf.write(iio.imwrite("<bytes>", arr, extension=".mp4", fps=fps))
         except Exception as e:  # imageio without an ffmpeg plugin
             raise UserError(f"writing MP4 needs imageio with ffmpeg (pip install imageio-ffmpeg): {e}") from None
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
     return path

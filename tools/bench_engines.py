@@ -96,9 +96,11 @@ def model_cases(args):
 
 def time_e2e(rt: Runtime, noise, text, repeats: int) -> tuple[float, float]:
     """Median seconds of the whole schedule, all-full vs cached mask, interleaved (noise hits both alike)."""
-    full_mask = [True] * rt.steps
-    med = interleaved_medians({"uncached": lambda: rt.sample(noise, text, mask=full_mask, check_finite=False),
-                               "cached": lambda: rt.sample(noise, text, check_finite=False)},
+    def uncached():  # every step full: timing only (the folder's tables are fitted for its own mask)
+        rt.load_inputs(noise, text)
+        rt.run_plan(rt.all_full_plan())
+
+    med = interleaved_medians({"uncached": uncached, "cached": lambda: rt.sample(noise, text, check_finite=False)},
                               repeats, warmup=1, device=rt.device)
     return med["uncached"], med["cached"]
 
@@ -165,12 +167,14 @@ def run_case(name, model, latent, text_shape, steps, targets, args, out: dict) -
 
 
 def _manifest_only_folder(folder: Path, adapter, profile: Profile, identity, text_shape) -> None:
-    """A folder with only a manifest (no graph files), enough for the eager and torch backends.
+    """A folder with only a manifest and the profile (no graph files), enough for the eager and torch backends.
 
     Used for the 1.3B case without --wan13b-onnx: its ONNX export takes ~4 minutes and 12 GB here.
+    It follows the contract (ertacache.contract): every file listed and hashed, schedule = profile/.
     """
-    from ertacache.export.graphs import CACHED_INPUTS, FULL_OUTPUTS, STEP_INPUTS, TensorSpec, example_step_inputs
-    from ertacache.export.manifest import FORMAT, SCHEMA_VERSION, write_manifest
+    from ertacache.contract import CACHED_INPUTS, FORMAT, FULL_OUTPUTS, LOOP, SCHEMA_VERSION, STEP_INPUTS, TensorSpec
+    from ertacache.export.graphs import example_step_inputs
+    from ertacache.export.manifest import file_entries, write_manifest
     from ertacache.sampling.steps import FullStep
 
     ins = example_step_inputs(profile.latent_shape, 1, 2, text_shape, torch.float32)
@@ -179,15 +183,20 @@ def _manifest_only_folder(folder: Path, adapter, profile: Profile, identity, tex
     full_in = [TensorSpec.of(n, t).to_json() for n, t in zip(STEP_INPUTS, ins)]
     full_out = [TensorSpec.of(n, t).to_json() for n, t in zip(FULL_OUTPUTS, outs)]
     folder.mkdir(parents=True)
+    profile.save(folder / "profile", plot=False)
     write_manifest(folder, {
         "schema_version": SCHEMA_VERSION, "format": FORMAT,
         "model": {"id": identity.model_id, "fingerprint": identity.fingerprint, "path": None},
         "text_encoder": identity.text_encoder,
-        "profile": {"folder": "profile", "steps": profile.steps, "mask": list(profile.mask),
-                    "sigmas": list(profile.sigmas), "guidance_scale": profile.guidance_scale, "n_branches": 2},
-        "shapes": {"batch_size": 1, "latents": full_in[0]["shape"], "text_embeds": full_in[2]["shape"],
+        "profile": {"folder": "profile", "steps": profile.steps, "shift": profile.shift, "lambda": profile.lam,
+                    "mask": list(profile.mask), "sigmas": list(profile.sigmas),
+                    "nominal_sigmas": list(profile.nominal_sigmas), "phi": list(profile.phi),
+                    "guidance_scale": profile.guidance_scale, "n_branches": profile.n_branches},
+        "shapes": {"batch_size": 1, "height": profile.height, "width": profile.width, "frames": profile.frames,
+                   "latents": full_in[0]["shape"], "text_embeds": full_in[2]["shape"],
                    "residual": full_out[1]["shape"]},
-        "dtype": "fp32", "opset": None, "targets": {}, "files": {}, "versions": package_versions(), "runtime": {},
+        "dtype": "fp32", "opset": None, "targets": {}, "files": file_entries(folder), "versions": package_versions(),
+        "runtime": {"loop": LOOP},
         "graphs": {"full_step": {"inputs": full_in, "outputs": full_out},
                    "cached_step": {"inputs": full_in + [dict(full_out[1], name=CACHED_INPUTS[-1])],
                                    "outputs": [full_out[0]]}},

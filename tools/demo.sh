@@ -14,9 +14,9 @@ PROMPT="${PROMPT:-digit 3 moving left}"
 mkdir -p "$OUT"
 ertacache-profile --model wan2.1-tiny --steps 50 --speedup 2.0 --out "$OUT/profile" --force
 ertacache-export --model wan2.1-tiny --profile "$OUT/profile" --targets onnx,aoti --out "$OUT/export" --force
-ertacache-run --engines "$OUT/export" --backend onnxruntime --prompt "$PROMPT" --seed 1 --out "$OUT/cached.gif"
+ertacache-run --engines "$OUT/export" --backend onnxruntime --prompt "$PROMPT" --seed 1 --out "$OUT/cached.gif" --force
 ertacache-verify --engines "$OUT/export" --backend onnxruntime --prompt "$PROMPT" --seed 1
-ertacache-generate --model wan2.1-tiny --no-cache --prompt "$PROMPT" --seed 1 --out "$OUT/uncached.gif"
+ertacache-generate --model wan2.1-tiny --no-cache --prompt "$PROMPT" --seed 1 --out "$OUT/uncached.gif" --force
 echo
 echo "profile:  $OUT/profile  (profile.json, correction.safetensors, error_profile.png)"
 echo "export:   $OUT/export   (manifest.json, onnx/, aoti/, profile/)"

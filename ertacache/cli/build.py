@@ -10,8 +10,10 @@ from pathlib import Path
 
 from ertacache.cli.common import run_cli
 from ertacache.errors import UserError
-from ertacache.export.manifest import MANIFEST, file_entries, load_manifest
-from ertacache.io import atomic_write_bytes
+from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg
+from ertacache.contract import folder_digest, load_manifest
+from ertacache.export.manifest import file_entries, write_manifest
+from ertacache.io import output_lock, remove_stale_siblings
 
 BUILD_TARGETS = ("tensorrt",)
 
@@ -30,44 +32,54 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version-compatible", action="store_true", help="engines later TensorRT versions can run")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit")
     p.add_argument("--force", action="store_true", help="replace existing engines")
+    add_digest_arg(p)
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     from ertacache.engines.base import require_backend
     from ertacache.engines.tensorrt import TensorRTBuildOptions, build_engines
+    from ertacache.runtime.checks import check_against_profile
 
-    args = parser().parse_args(argv)
+    args = check_args(parser().parse_args(argv))
+    check_digest_arg(args.expect_digest)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or any(t not in BUILD_TARGETS for t in targets):
         raise UserError(f"--targets takes {list(BUILD_TARGETS)}, got {args.targets!r}")
     folder = Path(args.engines)
-    manifest = load_manifest(folder)  # refuses tampered or missing files before a long build
-    if "onnx" not in manifest["targets"]:
-        raise UserError(f"{folder} has no ONNX graphs to build from; export with ertacache-export --targets onnx")
-    require_backend("tensorrt")  # names the pip extra, or says there is no GPU
-    if (folder / "tensorrt").exists() and not args.force:
-        raise UserError(f"{folder}/tensorrt already exists; pass --force to rebuild the engines")
-    options = TensorRTBuildOptions(args.timing_cache, args.hardware_compatibility, args.version_compatible,
-                                   args.workspace_gib)
-    onnx = {g: folder / e["file"] for g, e in manifest["targets"]["onnx"]["graphs"].items()}
-    tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.tmp-", dir=folder))
-    try:
-        print(f"[build] TensorRT engines for {sorted(onnx)} in {folder}/tensorrt")
-        entry = build_engines(onnx, tmp, options)
-        entry = json.loads(json.dumps(entry).replace(f"{tmp.name}/", "tensorrt/"))
-        if (folder / "tensorrt").exists():
-            shutil.rmtree(folder / "tensorrt")
-        tmp.rename(folder / "tensorrt")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    manifest["targets"]["tensorrt"] = entry
-    manifest["backends"] = list(dict.fromkeys([*manifest["backends"], "tensorrt"]))
-    manifest["files"] = file_entries(folder)
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
-    print(f"[build] TensorRT {entry['version']} on {entry['gpu']} (sm {entry['compute_capability']}): "
-          + ", ".join(f"{g} {e['build_s']} s" for g, e in entry["engines"].items()))
+    if not folder.is_dir():
+        raise UserError(f"--engines {folder} is not a folder; create it with ertacache-export --out {folder}")
+    with output_lock(folder, "export folder"):  # one build at a time; a killed build's leftovers go first
+        remove_stale_siblings(folder / "tensorrt", log=print)
+        manifest = load_manifest(folder, expect_digest=args.expect_digest)  # tampered files: refused before the build
+        check_against_profile(manifest)  # the schedule the engines will run equals profile/
+        if "onnx" not in manifest.targets:
+            raise UserError(f"{folder} has no ONNX graphs to build from; export with ertacache-export --targets onnx")
+        require_backend("tensorrt")  # names the pip extra, or says there is no GPU
+        if (folder / "tensorrt").exists() and not args.force:
+            raise UserError(f"{folder}/tensorrt already exists; pass --force to rebuild the engines")
+        options = TensorRTBuildOptions(args.timing_cache, args.hardware_compatibility, args.version_compatible,
+                                       args.workspace_gib)
+        onnx = manifest.graph_files("onnx")  # listed, hashed and inside the folder (checked on load)
+        tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.tmp-", dir=folder))
+        try:
+            print(f"[build] TensorRT engines for {sorted(onnx)} in {folder}/tensorrt")
+            entry = build_engines(onnx, tmp, options)
+            entry = json.loads(json.dumps(entry).replace(f"{tmp.name}/", "tensorrt/"))
+            if (folder / "tensorrt").exists():
+                shutil.rmtree(folder / "tensorrt")
+            tmp.rename(folder / "tensorrt")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        data = json.loads(json.dumps(manifest.data))  # a mutable copy of the manifest as read
+        data["targets"]["tensorrt"] = entry
+        data["backends"] = list(dict.fromkeys([*data.get("backends", []), "tensorrt"]))
+        data["files"] = file_entries(folder)
+        write_manifest(folder, data)
+        print(f"[build] TensorRT {entry['version']} on {entry['gpu']} (sm {entry['compute_capability']}): "
+              + ", ".join(f"{g} {e['build_s']} s" for g, e in entry["engines"].items()))
+        print(f"[build] new folder digest {folder_digest(folder)} (the manifest changed; pin this one)")
     return 0
 
 

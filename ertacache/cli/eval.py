@@ -13,6 +13,7 @@ import sys
 import time
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.validate import check_args, loading_model
 from ertacache.errors import UserError
 from ertacache.eval.config import (
     ALL_METHODS, ERTA_METHODS, METHOD_GROUPS, EvalConfig, full_step_budget, parse_methods,
@@ -130,10 +131,11 @@ def _check_study_args(args) -> list[str]:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    args = check_args(parser().parse_args(argv))
     studies = _check_study_args(args)
     start = time.perf_counter()
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     settings = SampleSettings.from_recipe(
         bundle.recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,

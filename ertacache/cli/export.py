@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.errors import UserError
 from ertacache.export.config import DEFAULT_TARGETS, TARGETS, ExportConfig
-from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity
+from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity, is_export_folder
 from ertacache.models.loading import load_bundle
 from ertacache.models.recipes import load_recipe
 from ertacache.profile.artifact import load_profile
@@ -106,10 +107,11 @@ def print_summary(report: ExportReport) -> None:
         if isinstance(t, dict):
             print(f"  {backend:12s} full {t['full_s'] * 1e3:8.2f} ms  cached {t['cached_s'] * 1e3:8.2f} ms  "
                   f"c = {t['c']:.3f}  bound T/(N_full + N_cached*c) = {t['speedup_bound']:.2f}x")
+    print(f"digest    {report.digest}  (pin it: --expect-digest on ertacache-run / -verify / -build / -triton)")
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    args = check_args(parser().parse_args(argv))
     recipe = load_recipe(args.model)
     config = ExportConfig(
         out=Path(args.out or Path("engines") / args.model), targets=args.targets,
@@ -117,14 +119,14 @@ def _main(argv: list[str] | None) -> int:
         check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
         timing_repeats=args.timing_repeats,
     )
-    config.check_machine()
-    if config.out.exists() and not config.force:
-        raise UserError(f"output folder {config.out} already exists; pass --force to replace it or choose another --out")
     profile = load_profile(args.profile) if args.profile else None
-    if profile is not None:
+    if profile is not None:  # a profile of another model is named as such, before any dtype/machine check
         _check_profile_flags(args, profile)
+    config.check_machine()
+    check_out_folder(config.out, config.force, "export folder", is_export_folder)  # before minutes of calibration
     print(f"[load] {args.model} ({config.dtype})")
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
     if profile is None:
         profile, negative = _calibrate(args, bundle)
         profile_dir = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.validate import check_args, check_out_video, loading_model
 from ertacache.errors import UserError
 from ertacache.models.loading import load_bundle
 from ertacache.profile.artifact import load_profile
@@ -24,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", required=True, help="output file: .gif, .mp4 or .png (frames side by side)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -48,18 +50,20 @@ def _settings(args, bundle, profile) -> SampleSettings:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    check_out_video(check_args(args).out, args.force)  # before loading or sampling anything
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None and profile.model != args.model:
         raise UserError(f"the profile was made for --model {profile.model}, not {args.model}; pass --model "
                         f"{profile.model} or profile {args.model}")
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     settings = _settings(args, bundle, profile)
     if profile is not None and (settings.n_branches != profile.n_branches):
         raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "
                         f"{'on' if settings.n_branches == 2 else 'off'} but the profile was calibrated with it "
                         f"{'on' if profile.n_branches == 2 else 'off'}")
     result = generate(bundle, [args.prompt], [args.seed], settings, profile)
-    out = save_video(result.frames[0].cpu().numpy(), args.out)
+    out = save_video(result.frames[0].cpu().numpy(), args.out, overwrite=args.force)
     mode = f"cached ({args.profile})" if profile is not None else "uncached"
     print(f"{mode}: {result.full_steps}/{result.steps} full steps, sampling {result.sample_s:.2f} s wall")
     print(f"video written to {out}")

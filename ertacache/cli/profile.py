@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.models.loading import load_bundle
 from ertacache.profile.build import build_profile, read_prompts_file
 from ertacache.profile.config import CalibrationConfig
@@ -40,7 +41,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-    bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
+    from ertacache.profile.artifact import is_profile_folder
+
+    check_out_folder(check_args(args).out, args.force, "profile folder", is_profile_folder)  # before any long work
+    prompts = read_prompts_file(args.prompts) if args.prompts else None
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     recipe = bundle.recipe
     settings = SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
@@ -56,7 +62,7 @@ def _main(argv: list[str] | None) -> int:
         rectify=not args.no_rectify,
         batch_size=args.batch_size or recipe.defaults.calibration_batch_size,
     )
-    prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
+    prompts = prompts or list(recipe.calibration_prompts)
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
           f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
     profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)

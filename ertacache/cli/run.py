@@ -8,6 +8,7 @@ import time
 import torch
 
 from ertacache.cli.common import run_cli
+from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg, check_folder_arg, check_out_video
 from ertacache.engines import BACKENDS
 from ertacache.runtime import Runtime, StepTimes
 from ertacache.runtime.inputs import noise_for, text_embeds_from_npy, text_embeds_from_prompt
@@ -27,11 +28,16 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     text.add_argument("--text-embeds", default=None,
                       help=".npy of shape (nb*B, L, D_text): cond rows, then (CFG) uncond rows")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample k of a batch uses seed + k)")
+    add_digest_arg(p)
 
 
 def open_runtime(args) -> Runtime:
+    check_args(args)
+    check_digest_arg(args.expect_digest)
+    check_folder_arg(args.engines, "--engines", "ertacache-export --out")
     providers = args.providers.split(",") if args.providers else None
-    return Runtime(args.engines, args.backend, device=args.device, providers=providers, model_path=args.model_path)
+    return Runtime(args.engines, args.backend, device=args.device, providers=providers, model_path=args.model_path,
+                   expect_digest=args.expect_digest)
 
 
 def request(args, manifest):
@@ -47,11 +53,13 @@ def parser() -> argparse.ArgumentParser:
                                 "(full if mask[i] else cached) and write the video.")
     add_runtime_args(p)
     p.add_argument("--out", required=True, help="output video: .gif, .mp4 or .png")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    check_out_video(args.out, args.force)  # before opening engines or sampling
     start = time.perf_counter()
     runtime = open_runtime(args)
     with runtime as rt:
@@ -65,7 +73,8 @@ def _main(argv: list[str] | None) -> int:
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
         total_s = time.perf_counter() - start
-        out = save_video(frames[0].cpu().numpy() if frames.shape[0] == 1 else frames.cpu().numpy(), args.out)
+        out = save_video(frames[0].cpu().numpy() if frames.shape[0] == 1 else frames.cpu().numpy(), args.out,
+                         overwrite=args.force)
     n_full, n_cached = len(times.full_s), len(times.cached_s)
     print(f"{args.backend}: {rt.steps} steps ({n_full} full, {n_cached} cached), open + bind {open_s:.2f} s")
     print(f"  full step   {times.full_median_s * 1e3:9.2f} ms (median of {n_full})")

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from ertacache.cli.common import run_cli
+from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg
 from ertacache.engines import BACKENDS
 from ertacache.serving.repository import RepositoryConfig, write_repository
 from ertacache.serving.server import ServerConfig, TritonServer
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify-files", action="store_true",
                    help="skip the sha256 check of every file when an instance loads (faster loads of big folders)")
     p.add_argument("--force", action="store_true", help="replace a model of the same name in the repository")
+    add_digest_arg(p)
     return p
 
 
@@ -68,13 +70,14 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def _write(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    args = check_args(parser().parse_args(argv))
+    check_digest_arg(args.expect_digest)
     cfg = RepositoryConfig(
         engines=args.engines, repo=args.repo, name=args.name, backend=args.backend, instances=args.instances,
         decoupled=args.decoupled, max_batch_size=args.max_batch_size, latents=args.latents,
         text_encoder=False if args.no_text_encoder else None, model_path=args.model_path,
         providers=tuple(p for p in (args.providers or "").split(",") if p), intra_op_threads=args.intra_op_threads,
-        verify_files=not args.no_verify_files, force=args.force)
+        verify_files=not args.no_verify_files, force=args.force, expect_digest=args.expect_digest)
     report = write_repository(cfg, log=print)
     total = sum(report.files.values())
     print(f"model {report.name!r} written to {report.model_dir} ({len(report.files)} files, {total / 1e6:.1f} MB)")
@@ -86,7 +89,7 @@ def _write(argv: list[str] | None) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    args = serve_parser().parse_args(argv)
+    args = check_args(serve_parser().parse_args(argv))
     cfg = ServerConfig(repo=args.repo, address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
                        metrics_port=args.metrics_port, python=args.python, tritonserver=args.tritonserver,
                        log_verbose=args.log_verbose)

@@ -9,7 +9,9 @@ import torch
 
 from ertacache.cli.common import run_cli
 from ertacache.cli.run import add_runtime_args, open_runtime, request
+from ertacache.cli.validate import check_out_json, loading_model
 from ertacache.engines.errors import EngineMismatchError
+from ertacache.io import atomic_write_bytes
 from ertacache.profile.artifact import load_profile
 from ertacache.runtime.verify import TOLERANCES, verify_runtime
 
@@ -29,15 +31,17 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.models.loading import load_bundle
 
     args = parser().parse_args(argv)
+    check_out_json(args.json)
     with open_runtime(args) as rt:
         m = rt.manifest
         device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
-        bundle = load_bundle(m["model"]["id"], args.model_path or m["model"].get("path"), device, m["dtype"])
-        if bundle.fingerprint != m["model"]["fingerprint"]:
-            raise EngineMismatchError(f"the export folder was made from weights {m['model']['fingerprint']}, the model "
+        with loading_model(m.model.id, args.model_path or m.model.path):
+            bundle = load_bundle(m.model.id, args.model_path or m.model.path, device, m.dtype)
+        if bundle.fingerprint != m.model.fingerprint:
+            raise EngineMismatchError(f"the export folder was made from weights {m.model.fingerprint}, the model "
                                       f"loaded from {bundle.path} is {bundle.fingerprint}; pass --model-path to the "
                                       "folder's weights")
-        profile = load_profile(rt.folder / m["profile"]["folder"])
+        profile = load_profile(m.profile_dir)
         noise, text = request(args, m)
         report = verify_runtime(rt, bundle.adapter, profile, noise, text, bundle.decoder, args.tolerance)
     print(f"{report.backend} ({report.dtype}) vs eager cached sampler, {report.full_steps}/{report.steps} full steps:")
@@ -47,8 +51,7 @@ def _main(argv: list[str] | None) -> int:
               f"{report.eager_psnr_vs_uncached:.2f} dB)")
     print("  OK" if report.ok else "  FAILED: over tolerance")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_json(), f, indent=1)
+        atomic_write_bytes(args.json, json.dumps(report.to_json(), indent=1, allow_nan=False).encode())
     return 0 if report.ok else 1
 
 

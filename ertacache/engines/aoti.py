@@ -15,6 +15,7 @@ import torch
 
 from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
 from ertacache.engines.errors import EngineMismatchError
+from ertacache.errors import brief
 
 
 class AotiModelFromPackage:
@@ -24,7 +25,13 @@ class AotiModelFromPackage:
         self.path = Path(path)
 
     def __call__(self):
-        return torch._inductor.aoti_load_package(str(self.path))
+        # Loading runs the package's compiled code: only load folders from trusted sources (docs/engines.md)
+        try:
+            return torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails in many ways (zip, dlopen, ...)
+            raise EngineMismatchError(f"AOTInductor cannot load {self.path} ({type(e).__name__}: "
+                                      f"{brief(str(e), 200)}); re-export the folder with ertacache-export on this "
+                                      "machine") from None
 
 
 class AotiEngine(Engine):

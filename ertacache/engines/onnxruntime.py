@@ -21,6 +21,7 @@ import torch
 
 from ertacache.engines.base import BoundCall, Engine
 from ertacache.engines.errors import BackendNotInstalledError, EngineMismatchError
+from ertacache.errors import brief
 
 #: torch dtype -> numpy element type ORT's bind_input/bind_output accept
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.uint8: np.uint8,
@@ -89,7 +90,11 @@ class SessionFromOnnxPath:
                                   if name == "CUDAExecutionProvider" else {"user_compute_stream": str(stream)}))
             else:
                 providers.append(name)
-        return ort.InferenceSession(str(self.path), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidProtobuf/... for a bad file
+            raise EngineMismatchError(f"ONNX Runtime cannot load {self.path} ({type(e).__name__}: "
+                                      f"{brief(str(e), 200)}); re-export the folder with ertacache-export") from None
 
 
 class OnnxRuntimeEngine(Engine):

@@ -12,7 +12,7 @@ call returns fresh outputs that are copied into the runtime's buffers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -20,13 +20,13 @@ from torch import nn
 from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
 from ertacache.engines.cuda_graph import CudaGraphCall
 from ertacache.engines.errors import EngineMismatchError
-from ertacache.export.graphs import CACHED_INPUTS, CACHED_STEP, FULL_STEP, STEP_INPUTS, VAE_DECODE, DecodeGraph
+from ertacache.contract import CACHED_STEP, FULL_STEP, IO_NAMES, VAE_DECODE, ExportManifest
 from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
-from ertacache.sampling.steps import CachedStep, FullStep
+from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep
 
 #: the input order of each module's forward (the graphs' contract)
-INPUT_ORDER = {FULL_STEP: STEP_INPUTS, CACHED_STEP: CACHED_INPUTS, VAE_DECODE: ("latents",)}
+INPUT_ORDER = {graph: io[0] for graph, io in IO_NAMES.items()}
 
 
 def step_modules(adapter: ModelAdapter, profile: Profile, device: torch.device | str = "cpu",
@@ -43,7 +43,7 @@ def step_modules(adapter: ModelAdapter, profile: Profile, device: torch.device |
 class StepModulesFromManifest:
     """Loader: the model named by an export folder's manifest, checked against its fingerprint."""
 
-    def __init__(self, folder: str | Path, manifest: Mapping[str, Any], device: torch.device | str = "cpu",
+    def __init__(self, folder: str | Path, manifest: ExportManifest, device: torch.device | str = "cpu",
                  model_path: str | None = None):
         self.folder = Path(folder)
         self.manifest = manifest
@@ -54,14 +54,14 @@ class StepModulesFromManifest:
         from ertacache.models.loading import load_bundle
         from ertacache.profile.artifact import load_profile
 
-        m = self.manifest["model"]
-        bundle = load_bundle(m["id"], self.model_path or m.get("path"), self.device, self.manifest["dtype"])
-        if bundle.fingerprint != m["fingerprint"]:
+        m = self.manifest.model
+        bundle = load_bundle(m.id, self.model_path or m.path, self.device, self.manifest.dtype)
+        if bundle.fingerprint != m.fingerprint:
             raise EngineMismatchError(
-                f"the export folder {self.folder} was made from weights {m['fingerprint']} but {m['id']} loaded from "
+                f"the export folder {self.folder} was made from weights {m.fingerprint} but {m.id} loaded from "
                 f"{bundle.path} has weights {bundle.fingerprint}; pass --model-path to the folder's weights or "
                 "re-export with these")
-        profile = load_profile(self.folder / self.manifest["profile"]["folder"])
+        profile = load_profile(self.manifest.profile_dir)
         return step_modules(bundle.adapter, profile, self.device, bundle.decoder)
 
 

@@ -11,11 +11,12 @@ See docs/export.md.
 from ertacache.export.config import TARGETS, ExportConfig, parse_targets
 from ertacache.export.errors import GraphExportError, TargetDtypeError, UnsupportedOpsError
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, BakeStepGraphs, GraphSpec, StepGraphs
-from ertacache.export.manifest import load_manifest
+from ertacache.contract import ExportManifest, load_manifest
 from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity, export_package
 
 __all__ = [
     "TARGETS", "ExportConfig", "parse_targets", "GraphExportError", "TargetDtypeError", "UnsupportedOpsError",
     "CACHED_STEP", "FULL_STEP", "VAE_DECODE", "BakeStepGraphs", "GraphSpec", "StepGraphs", "load_manifest",
+    "ExportManifest",
     "ExportPackage", "ExportReport", "ModelIdentity", "export_package",
 ]

@@ -43,62 +43,20 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
+from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECODE_INPUTS, DECODE_OUTPUTS,
+                                 DTYPE_NAMES, FULL_OUTPUTS, FULL_STEP, STEP_GRAPHS, STEP_INPUTS, VAE_DECODE, GraphSpec,
+                                 TensorSpec)
 from ertacache.errors import UserError
 from ertacache.export.attention import export_attention
 from ertacache.export.errors import GraphExportError, failing_op
 from ertacache.models.adapter import ModelAdapter
 from ertacache.models.components import LatentDecoder
 from ertacache.profile.artifact import Profile
-from ertacache.sampling.steps import CachedStep, FullStep, StepTables
-
-FULL_STEP = "full_step"
-CACHED_STEP = "cached_step"
-VAE_DECODE = "vae_decode"
-STEP_GRAPHS = (FULL_STEP, CACHED_STEP)
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.int64: "int64", torch.uint8: "uint8"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named graph input or output: static shape and dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @classmethod
-    def of(cls, name: str, t: torch.Tensor) -> "TensorSpec":
-        return cls(name, tuple(int(s) for s in t.shape), DTYPE_NAMES[t.dtype])
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """The I/O contract of one graph."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.outputs]}
+from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep, StepTables
 
 
 @dataclass
@@ -119,26 +77,6 @@ class StepGraphs:
     @property
     def names(self) -> list[str]:
         return list(self.programs)
-
-
-class DecodeGraph(nn.Module):
-    """latents (B, C, F', H', W') float32 -> frames (B, F, H, W, 3) uint8 through ``decoder.decode``."""
-
-    def __init__(self, decoder: LatentDecoder):
-        super().__init__()
-        self.decoder = decoder
-        self.vae = decoder.vae  # registered so torch.export sees its weights
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder.decode(latents)
-
-
-STEP_INPUTS = ("latents", "step", "text_embeds", "guidance_scale")
-FULL_OUTPUTS = ("latents_out", "residual_out")
-CACHED_INPUTS = STEP_INPUTS + ("residual",)
-CACHED_OUTPUTS = ("latents_out",)
-DECODE_INPUTS = ("latents",)
-DECODE_OUTPUTS = ("frames",)
 
 
 def example_step_inputs(
@@ -221,5 +159,7 @@ class BakeStepGraphs:
                           self.batch_size, attention_swapped=self.swap_attention, export_s=times)
 
 
+#: the contract's names and specs live in ertacache.contract; re-exported here for the pass's callers
 __all__ = ["BakeStepGraphs", "StepGraphs", "GraphSpec", "TensorSpec", "DecodeGraph", "example_step_inputs",
-           "FULL_STEP", "CACHED_STEP", "VAE_DECODE", "failing_op"]
+           "FULL_STEP", "CACHED_STEP", "VAE_DECODE", "STEP_GRAPHS", "STEP_INPUTS", "FULL_OUTPUTS", "CACHED_INPUTS",
+           "CACHED_OUTPUTS", "DECODE_INPUTS", "DECODE_OUTPUTS", "DTYPE_NAMES", "failing_op"]

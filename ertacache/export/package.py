@@ -17,8 +17,6 @@ check, validation, disk full) leaves no folder behind.
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,8 +28,10 @@ import torch
 from ertacache.errors import UserError
 from ertacache.export.config import ExportConfig
 from ertacache.export.errors import GraphExportError
-from ertacache.export.graphs import CACHED_STEP, FULL_STEP, STEP_GRAPHS, VAE_DECODE, BakeStepGraphs, StepGraphs
-from ertacache.export.manifest import FORMAT, SCHEMA_VERSION, file_entries, package_versions, write_manifest
+from ertacache.contract import (CACHED_STEP, FORMAT, FULL_STEP, LOOP, MANIFEST, SCHEMA_VERSION, STEP_GRAPHS,
+                                VAE_DECODE, folder_digest)
+from ertacache.export.graphs import BakeStepGraphs, StepGraphs
+from ertacache.export.manifest import file_entries, package_versions, write_manifest
 from ertacache.export.runners import (
     AotiRunner,
     EagerRunner,
@@ -41,7 +41,7 @@ from ertacache.export.runners import (
     speedup_bound,
     time_steps,
 )
-from ertacache.io import atomic_directory
+from ertacache.io import atomic_directory, check_replaceable, copy_tree_no_links
 from ertacache.models.adapter import ModelAdapter
 from ertacache.models.components import LatentDecoder
 from ertacache.profile.artifact import Profile
@@ -85,6 +85,13 @@ class ExportReport:
     validation: dict[str, dict[str, float]]
     timing: dict[str, Any]
     stage_s: dict[str, float]
+    #: sha256 of manifest.json, which lists every file's sha256: pins the whole folder (--expect-digest)
+    digest: str = ""
+
+
+def is_export_folder(path: Path) -> bool:
+    """What ``--force`` may replace: a folder holding an export manifest (never another folder or a file)."""
+    return (path / MANIFEST).is_file()
 
 
 def _validation_inputs(graphs: StepGraphs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +121,7 @@ class ExportPackage:
                  profile_dir: Path | None = None) -> ExportReport:
         cfg = self.config
         cfg.check_machine()
-        if cfg.out.exists() and not cfg.force:  # refuse before minutes of export, not after
-            raise UserError(f"output folder {cfg.out} already exists; pass --force to replace it or choose another --out")
+        check_replaceable(cfg.out.absolute(), cfg.force, "export folder", is_export_folder)  # before minutes of work
         if identity.fingerprint != profile.model_fingerprint:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")
@@ -127,7 +133,8 @@ class ExportPackage:
             if cfg.check_compile else None
 
         try:
-            with atomic_directory(cfg.out, force=cfg.force, what="output folder") as tmp:
+            with atomic_directory(cfg.out, force=cfg.force, what="export folder", recognise=is_export_folder,
+                                  log=self.log) as tmp:
                 report = self._write(tmp, graphs, profile, identity, text_shape, profile_dir, compile_check, stage_s)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -135,6 +142,7 @@ class ExportPackage:
                                 f"Free space on {cfg.out.absolute().parent} or choose another --out") from e
             raise
         report.out = cfg.out
+        report.digest = folder_digest(cfg.out)
         return report
 
     # ---- stages ---------------------------------------------------------------------------------
@@ -260,7 +268,6 @@ class ExportPackage:
         manifest = self._manifest(tmp, graphs, profile, identity, text_shape, details, compile_check,
                                   validation, timing)
         write_manifest(tmp, manifest)
-        _match_umask(tmp)
         files = {rel: e["bytes"] for rel, e in manifest["files"].items()}
         files["manifest.json"] = (tmp / "manifest.json").stat().st_size
         return ExportReport(cfg.out, manifest, files, validation, timing, stage_s)
@@ -268,7 +275,7 @@ class ExportPackage:
     @staticmethod
     def _copy_profile(dest: Path, profile: Profile, profile_dir: Path | None) -> None:
         if profile_dir is not None:
-            shutil.copytree(profile_dir, dest)
+            copy_tree_no_links(profile_dir, dest, ignore_hidden=True)  # a link would put any file under the hash
         else:
             profile.save(dest, plot=True)
 
@@ -311,19 +318,11 @@ class ExportPackage:
                        "attention_processor": "StackRopeWanAttnProcessor" if graphs.attention_swapped else None},
             "files": file_entries(tmp),
             "versions": package_versions(),
-            "runtime": {"loop": "for i in range(steps): full_step if mask[i] else cached_step",
+            "runtime": {"loop": LOOP,
                         "state": "latents (float32) and residual (residual_out of the last full step)",
                         "bind": "by name; cached_step's text_embeds is unused and may be dropped by TensorRT",
                         "decode": "vae_decode(latents_out of the last step) -> frames uint8 (B, F, H, W, 3)"},
         }
-
-
-def _match_umask(root: Path) -> None:
-    """mkdtemp makes 0700 folders; give the finished folder the permissions a plain mkdir would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        os.chmod(folder, 0o777 & ~mask)
 
 
 def export_package(adapter, profile, identity, text_shape, config: ExportConfig, decoder=None, profile_dir=None,

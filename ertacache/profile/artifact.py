@@ -12,6 +12,7 @@ message naming both sides.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ertacache.errors import ProfileError
+from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
+from ertacache.limits import MAX_STEPS
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
@@ -53,6 +55,15 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "calibration": dict,
     "correction": dict,
 }
+#: the largest profile.json read (a profile is kilobytes; this refuses a substituted huge file early)
+MAX_PROFILE_JSON_BYTES = 64 << 20
+#: correction coefficients a, b beyond this are not a fit of a bounded error (a corrupt or hostile table)
+MAX_CORRECTION = 1e4
+
+
+def is_profile_folder(path: Path) -> bool:
+    """What ``--force`` may replace: a folder holding a profile.json (never another folder or a file)."""
+    return (Path(path) / PROFILE_JSON).is_file()
 
 
 @dataclass
@@ -154,11 +165,11 @@ class Profile:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False, plot: bool = True) -> Path:
         """Write the folder atomically: a killed run leaves no half profile."""
-        with atomic_directory(out_dir, force=force, what="profile folder") as tmp:
+        with atomic_directory(out_dir, force=force, what="profile folder", recognise=is_profile_folder) as tmp:
             save_file({"a": self.corr_a.contiguous(), "b": self.corr_b.contiguous()}, str(tmp / CORRECTION_FILE),
                       metadata={"format": "ertacache-correction", "schema_version": str(SCHEMA_VERSION)})
             meta = self.to_json(sha256_file(tmp / CORRECTION_FILE))
-            (tmp / PROFILE_JSON).write_text(json.dumps(meta, indent=1))
+            (tmp / PROFILE_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False))  # NaN is not JSON
             if plot:
                 from ertacache.profile.plot import plot_profile
 
@@ -176,10 +187,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     file = path / PROFILE_JSON
     if not file.is_file():
         raise _fail(path, f"no {PROFILE_JSON} in the folder")
+    if file.is_symlink():
+        raise _fail(path, f"{PROFILE_JSON} is a symbolic link")
+    if file.stat().st_size > MAX_PROFILE_JSON_BYTES:
+        raise _fail(path, f"{PROFILE_JSON} is {file.stat().st_size} bytes, not a profile")
     try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(path, f"{PROFILE_JSON} is corrupt or truncated ({e})") from None
+        meta = json.loads(file.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _fail(path, f"{PROFILE_JSON} is corrupt or truncated ({brief(str(e), 120)})") from None
     if not isinstance(meta, dict):
         raise _fail(path, f"{PROFILE_JSON} is not a JSON object")
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -191,6 +206,52 @@ def _read_json(path: Path) -> dict[str, Any]:
         if not isinstance(meta[key], typ) or isinstance(meta[key], bool) and typ in (int, (int, float)):
             raise _fail(path, f"field {key!r} has the wrong type ({type(meta[key]).__name__})")
     return meta
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (a non-finite number)")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_fields(path: Path, meta: dict[str, Any]) -> None:
+    """Values in range, lists of the right element type, optional fields of the right type."""
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise _fail(path, problem)
+
+    need(1 <= meta["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}], got {meta['steps']}")
+    for key in ("height", "width", "frames"):
+        need(meta[key] >= 1, f"{key} must be >= 1, got {meta[key]}")
+    shape = meta["latent_shape"]
+    need(len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape),
+         f"latent_shape must be 4 positive integers (C, F', H', W'), got {brief(shape, 60)}")
+    need(_finite(meta["shift"]) and meta["shift"] > 0, f"shift must be a finite number > 0, got {meta['shift']}")
+    need(_finite(meta["lambda"]) and meta["lambda"] >= 0, f"lambda must be a finite number >= 0, got {meta['lambda']}")
+    g = meta["guidance_scale"]
+    need(_finite(g) and g >= 0, f"guidance_scale must be a finite number >= 0, got {g}")
+    need(meta["n_branches"] in (1, 2), f"n_branches must be 1 or 2, got {meta['n_branches']}")
+    need((meta["n_branches"] == 2) == (g > 1.0), f"n_branches {meta['n_branches']} disagrees with guidance_scale {g} "
+                                                 "(CFG, two branches, exactly when guidance > 1)")
+    for key in ("phi",):
+        need(all(_finite(p) and 0.0 <= p <= 1.0 for p in meta[key]), f"{key!r} must be numbers in [0, 1]")
+    for key in ("nominal_sigmas", "sigmas"):
+        need(all(_finite(x) for x in meta[key]), f"{key!r} must be finite numbers")
+    target = meta.get("speedup_target")
+    need(target is None or (_finite(target) and target >= 1.0), f"speedup_target must be null or >= 1, got "
+                                                                 f"{brief(target, 40)}")
+    stats = meta.get("stats", {})
+    need(isinstance(stats, dict) and all(isinstance(v, list) and all(_finite(x) for x in v) for v in stats.values()),
+         "'stats' must map names to lists of finite numbers")
+    calibration = meta["calibration"]
+    negative = calibration.get("negative_prompt", "")
+    need(isinstance(negative, str), f"calibration.negative_prompt must be a string, got {type(negative).__name__}")
+    prompts = calibration.get("prompts", [])
+    need(isinstance(prompts, list) and all(isinstance(p, str) for p in prompts),
+         "calibration.prompts must be a list of strings")
+    need(isinstance(meta["correction"].get("sha256"), str), "correction.sha256 must be a string")
 
 
 def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
@@ -225,6 +286,14 @@ def _load_correction(path: Path, meta: dict[str, Any]) -> tuple[torch.Tensor, to
         if key not in tensors or tuple(tensors[key].shape) != shape:
             got = tuple(tensors[key].shape) if key in tensors else "missing"
             raise _fail(path, f"correction table {key!r} should be {shape}, got {got}")
+        if not tensors[key].is_floating_point():
+            raise _fail(path, f"correction table {key!r} is {tensors[key].dtype}, not floating point")
+        table = tensors[key].float()
+        if not torch.isfinite(table).all():
+            bad = int((~torch.isfinite(table)).any(dim=(1, 2)).nonzero()[0])
+            raise _fail(path, f"correction table {key!r} holds NaN or Inf (first at step {bad})")
+        if table.abs().max() > MAX_CORRECTION:
+            raise _fail(path, f"correction table {key!r} holds values beyond +-{MAX_CORRECTION:g}")
     return tensors["a"].float(), tensors["b"].float()
 
 
@@ -232,6 +301,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     """Read and validate a profile folder; every defect raises ProfileError naming it."""
     path = Path(path)
     meta = _read_json(path)
+    _validate_fields(path, meta)
     _validate_tables(path, meta)
     corr_a, corr_b = _load_correction(path, meta)
     return Profile(

@@ -18,12 +18,26 @@ from ertacache.sampling.settings import SampleSettings
 from ertacache.sampling.sigmas import nominal_sigmas
 
 
+#: a calibration prompts file is a few kilobytes; anything past this is not one
+MAX_PROMPTS_FILE_BYTES = 16 << 20
+
+
 def read_prompts_file(path) -> list[str]:
     """One prompt per line; blank lines and '#' comments are skipped."""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_PROMPTS_FILE_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"prompts file {path} does not exist; give a text file with one prompt per line") from None
+    except IsADirectoryError:
+        raise UserError(f"prompts file {path} is a folder; give a text file with one prompt per line") from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text; give a text file with one prompt per line") from None
+    except OSError as e:
+        raise UserError(f"prompts file {path} cannot be read ({e.strerror})") from None
+    if len(text) > MAX_PROMPTS_FILE_BYTES or "\x00" in text:
+        raise UserError(f"prompts file {path} is binary or larger than {MAX_PROMPTS_FILE_BYTES >> 20} MB; give a "
+                        "text file with one prompt per line")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompt; put one prompt per line")

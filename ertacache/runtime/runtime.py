@@ -17,30 +17,34 @@ saved noise to name the first step and graph that produced them.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, TensorSpec
 from ertacache.engines.base import BoundCall, Engine, backend_info
 from ertacache.errors import NumericalError, UserError
-from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE
 from ertacache.runtime.checks import check_inputs, open_folder
 from ertacache.timing import StepClock, interleaved_medians
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "uint8": torch.uint8}
+
+def _empty(spec: TensorSpec, device) -> torch.Tensor:
+    return torch.zeros(spec.shape, dtype=spec.torch_dtype, device=device)
 
 
-def _spec(manifest, graph: str, name: str) -> dict[str, Any]:
-    g = manifest["graphs"][graph]
-    return next(s for s in g["inputs"] + g["outputs"] if s["name"] == name)
-
-
-def _empty(spec: dict[str, Any], device) -> torch.Tensor:
-    return torch.zeros(spec["shape"], dtype=_DTYPES[spec["dtype"]], device=device)
+def check_guidance(value: float, n_branches: int) -> float:
+    """A request's guidance scale: finite and >= 0 (0 and 1 are plain cond sampling; CFG needs > 1 to matter)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UserError(f"guidance_scale {str(value)[:40]} is not a finite number >= 0; give e.g. 5.0 (or leave it "
+                        "out for the profile's)")
+    if n_branches != 2:
+        raise UserError("this export folder has no CFG branch (it was profiled with guidance <= 1): a guidance "
+                        "scale has no effect; leave it out, or export a profile made with CFG")
+    return float(value)
 
 
 class RuntimeState:
@@ -55,18 +59,18 @@ class RuntimeState:
     frames: (B, F, H, W, 3) uint8 output of vae_decode, when the folder has that graph.
     """
 
-    def __init__(self, manifest: dict[str, Any], device: torch.device, with_decode: bool):
-        steps = manifest["profile"]["steps"]
-        lat = _spec(manifest, FULL_STEP, "latents")
+    def __init__(self, manifest: ExportManifest, device: torch.device, with_decode: bool):
+        steps = manifest.schedule.steps
+        lat = manifest.spec(FULL_STEP, "latents")
         self.latents = (_empty(lat, device), _empty(lat, device))
         self.noise = _empty(lat, device)
-        self.residual = _empty(_spec(manifest, FULL_STEP, "residual_out"), device)
-        self.text_embeds = _empty(_spec(manifest, FULL_STEP, "text_embeds"), device)
-        self.guidance_scale = _empty(_spec(manifest, FULL_STEP, "guidance_scale"), device)
-        self.step = _empty(_spec(manifest, FULL_STEP, "step"), device)
+        self.residual = _empty(manifest.spec(FULL_STEP, "residual_out"), device)
+        self.text_embeds = _empty(manifest.spec(FULL_STEP, "text_embeds"), device)
+        self.guidance_scale = _empty(manifest.spec(FULL_STEP, "guidance_scale"), device)
+        self.step = _empty(manifest.spec(FULL_STEP, "step"), device)
         self.steps = torch.arange(steps, dtype=torch.int64, device=device)
         self.step_views = [self.steps[i] for i in range(steps)]
-        self.frames = _empty(manifest["graphs"][VAE_DECODE]["outputs"][0], device) if with_decode else None
+        self.frames = _empty(manifest.spec(VAE_DECODE, "frames"), device) if with_decode else None
         self.final = self.latents[steps % 2]
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -107,7 +111,7 @@ def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
     return mask
 
 
-def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: torch.device | None = None,
+def make_engine(folder: Path, manifest: ExportManifest, backend: str, device: torch.device | None = None,
                 providers: Sequence[str] | None = None, model_path: str | None = None,
                 compile_backend: str = "inductor", cuda_graphs: bool = True, intra_op_threads: int = 0) -> Engine:
     """The engine of ``backend`` over the folder's artifacts (not yet active).
@@ -115,20 +119,20 @@ def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: to
     ``intra_op_threads``: ONNX Runtime's threads per session (0: all cores); a server running N
     instances on one CPU gives each cores / N, or they fight over the same cores.
     """
-    graphs = [g for g in (FULL_STEP, CACHED_STEP, VAE_DECODE) if g in manifest["graphs"]]
-    targets = manifest["targets"]
+    graphs = [g for g in (FULL_STEP, CACHED_STEP, VAE_DECODE) if g in manifest.graphs]
+    targets = manifest.targets
     if backend == "onnxruntime":
         from ertacache.engines.onnxruntime import OnnxRuntimeEngine
 
-        files = targets["onnx"]["graphs"]
-        return OnnxRuntimeEngine({g: folder / files[g]["file"] for g in graphs},
+        files = manifest.graph_files("onnx")  # every one listed and hashed (checked on load)
+        return OnnxRuntimeEngine({g: files[g] for g in graphs if g in files},
                                  providers or ("CPUExecutionProvider",), intra_op_threads)
     if backend == "aoti":
         from ertacache.engines.aoti import AotiEngine
 
-        files = targets["aoti"]["graphs"]
-        order = {g: tuple(s["name"] for s in manifest["graphs"][g]["inputs"]) for g in graphs}
-        return AotiEngine({g: folder / files[g]["file"] for g in graphs}, order, device or "cpu")
+        files = manifest.graph_files("aoti")
+        order = {g: tuple(manifest.graphs[g].input_names) for g in graphs}
+        return AotiEngine({g: files[g] for g in graphs if g in files}, order, device or "cpu")
     if backend == "torch":
         from ertacache.engines.torch_compile import StepModulesFromManifest, TorchCompileEngine
 
@@ -139,7 +143,7 @@ def make_engine(folder: Path, manifest: dict[str, Any], backend: str, device: to
         from ertacache.engines.tensorrt import TensorRTEngine
 
         entry = targets["tensorrt"]
-        return TensorRTEngine({g: folder / e["file"] for g, e in entry["engines"].items()}, device or "cuda",
+        return TensorRTEngine(manifest.graph_files("tensorrt"), device or "cuda",
                               version_compatible=bool(entry.get("version_compatible")), cuda_graphs=cuda_graphs)
     backend_info(backend)  # raises UnknownBackendError
     raise AssertionError(backend)
@@ -152,20 +156,25 @@ class Runtime:
         torch backend with a model already in memory).
     verify_files: check every file's sha256 on open (seconds per GB; keep it on in production).
     intra_op_threads: ONNX Runtime threads per session (0: all cores), see :func:`make_engine`.
+    expect_digest: refuse the folder unless its digest (``sha256:...`` of manifest.json, printed by
+        ertacache-export) is this one.
+
+    The schedule is the folder's: there is no mask override (the baked sigma and correction tables
+    were fitted for that mask). :meth:`all_full_plan` exists for timing the uncached cost only.
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", *, device: torch.device | str | None = None,
                  providers: Sequence[str] | None = None, model_path: str | None = None, engine: Engine | None = None,
                  compile_backend: str = "inductor", cuda_graphs: bool = True, verify_files: bool = True,
-                 intra_op_threads: int = 0):
+                 intra_op_threads: int = 0, expect_digest: str | None = None):
         self.folder = Path(folder)
         self.backend = backend
         dev = torch.device(device) if device is not None else None
-        self.manifest = open_folder(self.folder, backend, dev, verify_files=verify_files)
+        self.manifest = open_folder(self.folder, backend, dev, verify_files=verify_files, expect_digest=expect_digest)
         self.engine = engine or make_engine(self.folder, self.manifest, backend, dev, providers, model_path,
                                             compile_backend, cuda_graphs, intra_op_threads)
         self.device = self.engine.device
-        self.mask = validate_mask(self.manifest["profile"]["mask"], self.manifest["profile"]["steps"])
+        self.mask = validate_mask(self.manifest.schedule.mask, self.manifest.schedule.steps)
         self.state: RuntimeState | None = None
         self._calls: dict[tuple[str, int], BoundCall] = {}
         self._decode: BoundCall | None = None
@@ -191,11 +200,11 @@ class Runtime:
 
     @property
     def has_decode(self) -> bool:
-        return VAE_DECODE in self.engine.graphs() and VAE_DECODE in self.manifest["graphs"]
+        return VAE_DECODE in self.engine.graphs() and self.manifest.has_decode
 
     def _allocate_and_bind(self) -> None:
         st = self.state = RuntimeState(self.manifest, self.device, self.has_decode)
-        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"]))
+        st.guidance_scale.fill_(self.manifest.schedule.guidance_scale)
         for parity in (0, 1):
             x_in, x_out = st.latents[parity], st.latents[1 - parity]
             common = {"latents": x_in, "step": st.step, "text_embeds": st.text_embeds,
@@ -207,7 +216,7 @@ class Runtime:
         if st.frames is not None:
             self._decode = self.engine.bind(VAE_DECODE, {"latents": st.final}, {"frames": st.frames})
         st.reset()  # binding may have run the graphs once (checks, CUDA graph warm-up)
-        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"]))
+        st.guidance_scale.fill_(self.manifest.schedule.guidance_scale)
 
     def _require(self) -> RuntimeState:
         if self.state is None:
@@ -216,10 +225,20 @@ class Runtime:
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    def plan(self, mask: Sequence[bool] | None = None) -> list[tuple[torch.Tensor, BoundCall]]:
-        """(step index view, bound call) per step; made before the loop, so the loop only indexes."""
+    def plan(self) -> list[tuple[torch.Tensor, BoundCall]]:
+        """(step index view, bound call) per step of the folder's schedule; made before the loop."""
+        return self._plan(self.mask)
+
+    def all_full_plan(self) -> list[tuple[torch.Tensor, BoundCall]]:
+        """Every step a full step: for timing the uncached cost only (benchmarks).
+
+        Its result is not a valid sample (the folder's sigma table was adjusted for its own mask),
+        which is why :meth:`sample` takes no mask.
+        """
+        return self._plan((True,) * self.steps)
+
+    def _plan(self, mask: Sequence[bool]) -> list[tuple[torch.Tensor, BoundCall]]:
         st = self._require()
-        mask = self.mask if mask is None else validate_mask(mask, self.steps)
         return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2])
                 for i, full in enumerate(mask)]
 
@@ -231,8 +250,9 @@ class Runtime:
         st.latents[0].copy_(latents)
         st.noise.copy_(latents)
         st.text_embeds.copy_(text_embeds)
-        st.guidance_scale.fill_(float(self.manifest["profile"]["guidance_scale"] if guidance_scale is None
-                                      else guidance_scale))
+        schedule = self.manifest.schedule
+        st.guidance_scale.fill_(schedule.guidance_scale if guidance_scale is None
+                                else check_guidance(guidance_scale, schedule.n_branches))
 
     def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]],
                  on_step: Callable[[int], bool] | None = None) -> int:
@@ -255,8 +275,7 @@ class Runtime:
         return len(plan)
 
     def sample(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float | None = None,
-               mask: Sequence[bool] | None = None, times: StepTimes | None = None,
-               check_finite: bool = True) -> torch.Tensor:
+               times: StepTimes | None = None, check_finite: bool = True) -> torch.Tensor:
         """Run the whole schedule; returns the final latents (a view of the runtime's buffer).
 
         ``times``: record each step's wall time into it (CUDA events on a GPU, read after the loop).
@@ -265,20 +284,20 @@ class Runtime:
         """
         st = self._require()
         self.load_inputs(latents, text_embeds, guidance_scale)
-        plan = self.plan(mask)
+        plan = self.plan()
         if times is None:
             self.run_plan(plan)
         else:
-            self._run_timed(plan, mask if mask is not None else self.mask, times)
+            self._run_timed(plan, self.mask, times)
         if check_finite:
-            self.check_result(mask)
+            self.check_result()
         return st.final
 
-    def check_result(self, mask: Sequence[bool] | None = None) -> None:
+    def check_result(self) -> None:
         """One isfinite check (one sync) of the final latents; on NaN/Inf replay to name the first bad step."""
         st = self._require()
         if not torch.isfinite(st.final).all():
-            self._diagnose_nan(self.plan(mask), mask if mask is not None else self.mask)
+            self._diagnose_nan(self.plan(), self.mask)
 
     def _run_timed(self, plan, mask, times: StepTimes) -> None:
         """The loop with a :class:`~ertacache.timing.StepClock` mark after each step (events on CUDA, no sync)."""

@@ -60,6 +60,6 @@ def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: 
         frames = (rt.decode() if rt.has_decode else decoder.decode(got)).cpu().numpy()
         p_rt = psnr(uncached, frames)
         p_eager = psnr(uncached, decoder.decode(ref).cpu().numpy())
-    tol = tolerance if tolerance is not None else TOLERANCES[m["dtype"]]
-    return VerifyReport(rt.backend, m["dtype"], row["rel_l2"], row["max_abs"], tol, p_rt, p_eager,
+    tol = tolerance if tolerance is not None else TOLERANCES[m.dtype]
+    return VerifyReport(rt.backend, m.dtype, row["rel_l2"], row["max_abs"], tol, p_rt, p_eager,
                         sum(profile.mask), profile.steps)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ertacache.errors import UserError
+from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
 from ertacache.sampling.steps import CachedStep, FullStep, StepTables
 
@@ -58,8 +58,21 @@ class CachedSampler:
         self.cached_step = CachedStep(adapter, tables)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float) -> SampleResult:
-        """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first."""
+    def __call__(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float,
+                 check_finite: bool = True) -> SampleResult:
+        """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first.
+
+        With ``check_finite`` a NaN/Inf in the result raises :class:`NumericalError` naming the
+        first step that produced it (one isfinite check after the loop; a replay only on failure).
+        """
+        result = self._run(latents, text_embeds, guidance_scale)
+        if check_finite and not torch.isfinite(result.latents).all():
+            self._run(latents, text_embeds, guidance_scale, name_bad_step=True)
+            raise NumericalError("the final latents contain NaN/Inf but a replay did not reproduce it")
+        return result
+
+    def _run(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float,
+             name_bad_step: bool = False) -> SampleResult:
         n_branches = self.tables.n_branches
         if text_embeds.shape[0] != n_branches * latents.shape[0]:
             raise UserError(
@@ -77,4 +90,10 @@ class CachedSampler:
                 x, residual = self.full_step(x, steps[i], text_embeds, g)
             else:
                 x = self.cached_step(x, steps[i], text_embeds, g, residual)
+            if name_bad_step and not torch.isfinite(x).all():
+                raise NumericalError(
+                    f"NaN/Inf in the latents after step {i} of {len(self.mask)} ({'full' if full else 'cached'} "
+                    f"step, sigma {float(self.tables.sigmas[i]):.4g} -> {float(self.tables.sigmas[i + 1]):.4g}, "
+                    f"guidance {float(guidance_scale):g}); check that step's tables in the profile (sigmas, "
+                    "correction a/b) and the model's precision")
         return SampleResult(latents=x, full_steps=sum(self.mask))

@@ -158,3 +158,19 @@ class CachedStep(_Step):
         v = rectify(v, at_step(self.tables.corr_a, step), at_step(self.tables.corr_b, step))
         v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)
         return euler(latents, v, sigma, sigma_next)
+
+
+class DecodeGraph(nn.Module):
+    """latents (B, C, F', H', W') float32 -> frames (B, F, H, W, 3) uint8 through ``decoder.decode``.
+
+    The third graph of an export folder (``vae_decode``); here, next to the step modules, so the
+    exporter and the torch.compile engine build it from the same place.
+    """
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+        self.vae = decoder.vae  # registered so torch.export sees its weights
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(latents)

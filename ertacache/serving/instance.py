@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from ertacache.engines.base import BACKENDS
-from ertacache.errors import ErtaCacheError, UserError
+from ertacache.contract import ExportManifest
+from ertacache.errors import ErtaCacheError, UserError, brief
+from ertacache.limits import MAX_PROMPT_CHARS, MAX_SEED
 from ertacache.serving.spec import (FRAMES, GUIDANCE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
                                     check_model_config)
 
-#: the largest seed: seeds are int64 on the wire and sample k of a batch uses seed + k
-MAX_SEED = 2**63 - 1
 
 
 class RequestError(UserError):
@@ -64,6 +64,8 @@ class ModelParameters:
         tampered or truncated file then fails the load, naming it.
     text_encoder: folder of the bundled text encoder, relative to the version folder ("" none).
     text_encoder_family: how to load it (a family of :data:`ertacache.models.loading.FAMILIES`).
+    digest: the export folder's digest when the model was written (``sha256:...`` of its
+        manifest.json); the instance refuses a folder that has been swapped or rebuilt since.
     """
 
     engines: str = "engines"
@@ -73,6 +75,7 @@ class ModelParameters:
     verify_files: bool = True
     text_encoder: str = ""
     text_encoder_family: str = ""
+    digest: str = ""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -96,12 +99,14 @@ class ModelParameters:
         return cls(engines=raw.get("engines", "engines"), backend=raw.get("backend", "onnxruntime"),
                    providers=tuple(p for p in raw.get("providers", "").split(",") if p),
                    intra_op_threads=threads, verify_files=_flag(raw.get("verify_files", "true"), "verify_files"),
-                   text_encoder=raw.get("text_encoder", ""), text_encoder_family=raw.get("text_encoder_family", ""))
+                   text_encoder=raw.get("text_encoder", ""), text_encoder_family=raw.get("text_encoder_family", ""),
+                   digest=raw.get("digest", ""))
 
     def to_strings(self) -> dict[str, str]:
         return {"engines": self.engines, "backend": self.backend, "providers": ",".join(self.providers),
                 "intra_op_threads": str(self.intra_op_threads), "verify_files": str(self.verify_files).lower(),
-                "text_encoder": self.text_encoder, "text_encoder_family": self.text_encoder_family}
+                "text_encoder": self.text_encoder, "text_encoder_family": self.text_encoder_family,
+                "digest": self.digest}
 
 
 @dataclass
@@ -153,6 +158,8 @@ def _prompt(arr: np.ndarray) -> str:
         raise RequestError(f"input 'prompt' must be text (BYTES/TYPE_STRING), got {type(value).__name__}")
     if not value.strip():
         raise RequestError("empty prompt: give a non-empty prompt")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt is {len(value)} characters long; give at most {MAX_PROMPT_CHARS}")
     return value
 
 
@@ -169,8 +176,9 @@ def _guidance(arr: np.ndarray, default: float) -> float:
     if arr.dtype.kind != "f":
         raise RequestError(f"input 'guidance_scale' has data type {arr.dtype}, give a float (FP32)")
     value = float(arr.reshape(-1)[0])
-    if not math.isfinite(value):
-        raise RequestError(f"guidance_scale is {value}; give a finite number (this model's default is {default})")
+    if not math.isfinite(value) or value < 0:
+        raise RequestError(f"guidance_scale is {value}; give a finite number >= 0 (this model's default is "
+                           f"{default}), as ertacache-run and ertacache-generate require")
     return value
 
 
@@ -184,7 +192,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
     """
     unknown = sorted(set(inputs) - {t.name for t in io.inputs})
     if unknown:
-        raise RequestError(f"unknown input(s) {unknown}; this model takes {[t.name for t in io.inputs]}")
+        raise RequestError(f"unknown input(s) {brief(unknown, 120)}; this model takes {[t.name for t in io.inputs]}")
     if SEED not in inputs:
         raise RequestError("missing input 'seed' (INT64 [1])")
     has_prompt, has_embeds = PROMPT in inputs, TEXT_EMBEDS in inputs
@@ -269,7 +277,8 @@ class ModelInstance:
             raise UserError(f"export folder {folder} is missing; the model's version folder must hold the export "
                             "folder (ertacache-triton copies it there)")
         rt = Runtime(folder, self.params.backend, device=self._device(), providers=self.params.providers or None,
-                     verify_files=self.params.verify_files, intra_op_threads=self.threads())
+                     verify_files=self.params.verify_files, intra_op_threads=self.threads(),
+                     expect_digest=self.params.digest or None)
         rt.__enter__()
         try:
             self.io = check_model_config(self.config, rt.manifest, self.decoupled)
@@ -282,7 +291,7 @@ class ModelInstance:
         return self
 
     def _load_encoder(self, manifest):
-        from ertacache.models.loading import FAMILIES, TORCH_DTYPES
+        from ertacache.models.loading import FAMILIES
 
         if not self.params.text_encoder:
             raise UserError("config.pbtxt declares a 'prompt' input but names no text_encoder folder; remove the "
@@ -293,7 +302,7 @@ class ModelInstance:
         if self.params.text_encoder_family not in FAMILIES:
             raise UserError(f"config.pbtxt parameter 'text_encoder_family' is {self.params.text_encoder_family!r}; "
                             f"give one of {sorted(FAMILIES)}")
-        return FAMILIES[self.params.text_encoder_family].prompt_encoder(path, TORCH_DTYPES[manifest["dtype"]])
+        return FAMILIES[self.params.text_encoder_family].prompt_encoder(path, manifest.torch_dtype)
 
     def __exit__(self, *exc) -> None:
         if self.runtime is not None:
@@ -303,7 +312,7 @@ class ModelInstance:
     # ---- requests --------------------------------------------------------------------------------------------
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> ExportManifest:
         return self.runtime.manifest
 
     @property
@@ -312,19 +321,17 @@ class ModelInstance:
 
     def parse(self, inputs: Mapping[str, np.ndarray]) -> list[Job]:
         m = self.manifest
-        return parse_request(inputs, self.io, m["shapes"]["batch_size"], self.batched,
-                             float(m["profile"]["guidance_scale"]))
+        return parse_request(inputs, self.io, m.shapes.batch_size, self.batched, m.schedule.guidance_scale)
 
     def _text(self, job: Job) -> torch.Tensor:
-        from ertacache.models.loading import TORCH_DTYPES
         from ertacache.runtime.inputs import encode_prompt
 
         if job.prompt is None:
-            return torch.from_numpy(np.ascontiguousarray(job.text_embeds)).to(TORCH_DTYPES[self.manifest["dtype"]])
+            return torch.from_numpy(np.ascontiguousarray(job.text_embeds)).to(self.manifest.torch_dtype)
         try:
             return encode_prompt(self.encoder, job.prompt, self.manifest)
-        except (UserError, ValueError) as e:  # e.g. the testbed encoder refuses unknown words
-            raise RequestError(f"prompt {job.prompt!r} cannot be encoded: {e}") from None
+        except (UserError, ValueError) as e:  # e.g. the testbed encoder refuses unknown words (capped echo)
+            raise RequestError(f"prompt cannot be encoded: {brief(str(e), 300)}") from None
 
     def run(self, job: Job, want: Collection[str], on_step: Callable[[int], bool] | None = None,
             done_before: int = 0) -> dict[str, np.ndarray]:

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ertacache.contract import ExportManifest, load_manifest
 from ertacache.engines.base import BACKENDS
 from ertacache.errors import UserError
-from ertacache.export.manifest import load_manifest
-from ertacache.export.package import _match_umask
-from ertacache.io import atomic_directory
-from ertacache.runtime.checks import check_consistency
+from ertacache.io import atomic_directory, copy_tree_no_links
+from ertacache.runtime.checks import check_against_profile
 from ertacache.serving.instance import ModelParameters
 from ertacache.serving.spec import ServedIO, TensorIO, expected_io
 
@@ -73,6 +72,7 @@ class RepositoryConfig:
     intra_op_threads: int = 0
     verify_files: bool = True
     force: bool = False
+    expect_digest: str | None = None  # refuse an export folder whose digest is not this one
 
     def __post_init__(self):
         object.__setattr__(self, "engines", Path(self.engines))
@@ -107,17 +107,17 @@ class RepositoryReport:
 
 # ---- the text encoder -----------------------------------------------------------------------------------------
 
-def find_text_encoder(manifest: dict[str, Any], model_path: Path | None = None) -> tuple[Path, str] | None:
+def find_text_encoder(manifest: ExportManifest, model_path: Path | None = None) -> tuple[Path, str] | None:
     """(model folder holding text_encoder/ and maybe tokenizer/, family) of the folder's model, or None."""
     from importlib import resources
 
     from ertacache.models.recipes import load_recipe
 
     try:
-        recipe = load_recipe(manifest["model"]["id"])
+        recipe = load_recipe(manifest.model.id)
     except UserError:
         return None  # a model without a recipe (built in code): no loader for its encoder
-    path = model_path or manifest["model"].get("path")
+    path = model_path or manifest.model.path
     if (path is None or not Path(path).is_dir()) and recipe.package_path is not None:
         path = Path(str(resources.files("ertacache") / recipe.package_path))
     if path is None or not (Path(path) / "text_encoder").is_dir():
@@ -129,7 +129,7 @@ def _copy_text_encoder(source: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
     for sub in ("tokenizer", "text_encoder"):
         if (source / sub).is_dir():
-            shutil.copytree(source / sub, dest / sub)
+            copy_tree_no_links(source / sub, dest / sub)  # never copy what a link points at into the repository
 
 
 # ---- config.pbtxt ---------------------------------------------------------------------------------------------
@@ -146,16 +146,16 @@ def _parameter(key: str, value: str) -> str:
     return f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}'
 
 
-def instance_kind(cfg: RepositoryConfig, manifest: dict[str, Any]) -> str:
+def instance_kind(cfg: RepositoryConfig, manifest: ExportManifest) -> str:
     """KIND_GPU where the engines run on a GPU (TensorRT, CUDA providers, CUDA AOTInductor), else KIND_CPU."""
-    aoti_device = manifest.get("targets", {}).get("aoti", {}).get("device", "cpu")
+    aoti_device = manifest.targets.get("aoti", {}).get("device", "cpu")
     gpu = (cfg.backend == "tensorrt" or any(p in CUDA_PROVIDERS for p in cfg.providers)
            or (cfg.backend == "aoti" and str(aoti_device).startswith("cuda")))
     return "KIND_GPU" if gpu else "KIND_CPU"
 
 
 def model_config(name: str, io: ServedIO, params: ModelParameters, cfg: RepositoryConfig,
-                 manifest: dict[str, Any]) -> dict[str, Any]:
+                 manifest: ExportManifest) -> dict[str, Any]:
     """The configuration in the JSON form Triton passes to ``initialize`` (args["model_config"])."""
     def tensors(ts):
         return [{"name": t.name, "data_type": t.data_type, "dims": [str(d) for d in t.dims], "optional": t.optional}
@@ -171,16 +171,16 @@ def model_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposito
 
 
 def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: RepositoryConfig,
-                  manifest: dict[str, Any]) -> str:
+                  manifest: ExportManifest) -> str:
     """config.pbtxt in Triton's protobuf text format (model_config.proto)."""
     from ertacache import __version__
 
-    prof = manifest["profile"]
+    prof = manifest.schedule
     text_in = "exactly one of prompt / text_embeds" if any(t.name == "prompt" for t in io.inputs) else "text_embeds"
     head = [
-        f"# Written by ertacache-triton {__version__} from an export folder of {manifest['model']['id']}:",
-        f"# {prof['steps']} steps ({sum(prof['mask'])} full), batch {manifest['shapes']['batch_size']}, "
-        f"{manifest['dtype']}. Per request: {text_in}, seed, optional guidance_scale (with CFG).",
+        f"# Written by ertacache-triton {__version__} from an export folder of {manifest.model.id}:",
+        f"# {prof.steps} steps ({prof.full_steps} full), batch {manifest.shapes.batch_size}, "
+        f"{manifest.dtype}. Per request: {text_in}, seed, optional guidance_scale (with CFG).",
         "# Operators tune the parameters below; inputs and outputs are the export folder's static shapes.",
         f'name: "{name}"',
         'backend: "python"',
@@ -193,18 +193,32 @@ def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposit
         head.append("dynamic_batching { }")
     if cfg.decoupled:
         head.append("model_transaction_policy {\n  decoupled: true\n}")
-    info = {"steps": str(prof["steps"]), "full_steps": str(sum(prof["mask"])),
-            "default_guidance_scale": str(prof["guidance_scale"]), "ertacache_version": __version__}
+    info = {"steps": str(prof.steps), "full_steps": str(prof.full_steps),
+            "default_guidance_scale": str(prof.guidance_scale), "ertacache_version": __version__}
     params_text = [_parameter(k, v) for k, v in {**params.to_strings(), **info}.items()]
     return "\n".join(head + params_text) + "\n"
 
 
 # ---- the writer -----------------------------------------------------------------------------------------------
 
-def _check_backend_target(manifest: dict[str, Any], cfg: RepositoryConfig) -> None:
+def is_model_folder(path: Path) -> bool:
+    """What ``--force`` may replace in a repository: a model folder ertacache-triton wrote (config + model.py)."""
+    return (path / "config.pbtxt").is_file() and (path / "1" / "model.py").is_file()
+
+
+def check_model_file(model_dir: Path) -> None:
+    """The repository's ``1/model.py`` is this installed package's (a stale copy may not fit the package it imports)."""
+    file = Path(model_dir) / "1" / "model.py"
+    if not file.is_file() or file.read_bytes() != MODEL_FILE.read_bytes():
+        raise UserError(f"{file} differs from the model.py of the installed ertacache (or is missing): the model was "
+                        "written by another ertacache version; regenerate it with ertacache-triton --engines "
+                        f"EXPORT_FOLDER --repo {Path(model_dir).parent} --name {Path(model_dir).name} --force")
+
+
+def _check_backend_target(manifest: ExportManifest, cfg: RepositoryConfig) -> None:
     """The folder holds the chosen backend's artifacts (their machine is checked when the server loads them)."""
     target = BACKENDS[cfg.backend].needs_target
-    if target is not None and target not in manifest.get("targets", {}):
+    if target is not None and target not in manifest.targets:
         how = (f"build them on the serving GPU with ertacache-build --engines {cfg.engines} --targets tensorrt"
                if target == "tensorrt" else f"re-export with ertacache-export --targets {target}")
         raise UserError(f"export folder {cfg.engines} has no {target} artifacts for --backend {cfg.backend}; {how}, "
@@ -213,34 +227,42 @@ def _check_backend_target(manifest: dict[str, Any], cfg: RepositoryConfig) -> No
 
 def write_repository(cfg: RepositoryConfig, log: Callable[[str], None] = lambda s: None) -> RepositoryReport:
     """Check the export folder, then write ``repo/NAME`` atomically (see the module docstring)."""
+    if cfg.engines.exists() and not cfg.engines.is_dir():
+        raise UserError(f"--engines {cfg.engines} is a file; give the export folder (ertacache-export --out)")
     if not cfg.engines.is_dir():
         raise UserError(f"--engines {cfg.engines} does not exist; create it with ertacache-export --out {cfg.engines}")
-    manifest = load_manifest(cfg.engines, verify_files=True)  # never deploy a tampered folder
-    check_consistency(manifest, cfg.engines)
+    if cfg.repo.exists() and not cfg.repo.is_dir():
+        raise UserError(f"--repo {cfg.repo} is a file; give a folder (created if missing)")
+    # never deploy a tampered folder: every file listed and hashed, paths confined, schedule = profile/
+    manifest = load_manifest(cfg.engines, verify_files=True, expect_digest=cfg.expect_digest)
+    check_against_profile(manifest)
     _check_backend_target(manifest, cfg)
-    name = cfg.name or default_name(manifest["model"]["id"])
+    name = cfg.name or default_name(manifest.model.id)
     encoder = None if cfg.text_encoder is False else find_text_encoder(manifest, cfg.model_path)
     if cfg.text_encoder is True and encoder is None:
-        raise UserError(f"the text encoder of {manifest['model']['id']!r} was not found (looked in "
-                        f"{cfg.model_path or manifest['model'].get('path')}); pass --model-path with the model folder, "
+        raise UserError(f"the text encoder of {manifest.model.id!r} was not found (looked in "
+                        f"{cfg.model_path or manifest.model.path}); pass --model-path with the model folder, "
                         "or --no-text-encoder to serve text_embeds")
     io = expected_io(manifest, encoder is not None, cfg.latents, cfg.max_batch_size, cfg.decoupled)
     params = ModelParameters(backend=cfg.backend, providers=tuple(cfg.providers),
                              intra_op_threads=cfg.intra_op_threads, verify_files=cfg.verify_files,
                              text_encoder="text_encoder" if encoder else "",
-                             text_encoder_family=encoder[1] if encoder else "")
+                             text_encoder_family=encoder[1] if encoder else "", digest=manifest.digest)
     target = cfg.repo / name
-    with atomic_directory(target, force=cfg.force, what=f"Triton model folder {name!r} in the repository") as tmp:
+    with atomic_directory(target, force=cfg.force, what=f"Triton model folder {name!r} in the repository",
+                          recognise=is_model_folder, log=log) as tmp:
         (tmp / "config.pbtxt").write_text(render_config(name, io, params, cfg, manifest))
         version = tmp / "1"
         version.mkdir()
         shutil.copyfile(MODEL_FILE, version / "model.py")
         log(f"copying the export folder {cfg.engines} into {target / '1' / params.engines}")
-        shutil.copytree(cfg.engines, version / params.engines, ignore=shutil.ignore_patterns(".*"))
+        copy_tree_no_links(cfg.engines, version / params.engines)  # load_manifest refused links and extra files
+        if load_manifest(version / params.engines, verify_files=True).digest != manifest.digest:
+            raise UserError(f"the export folder {cfg.engines} changed while it was copied; run ertacache-triton again")
         if encoder is not None:
             log(f"bundling the text encoder of {encoder[0]}")
             _copy_text_encoder(encoder[0], version / params.text_encoder)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _match_umask(tmp)  # mkdtemp made it 0700; a server running as another user must read it
+        # atomic_directory gives the folder the umask's permissions: a server running as another user reads it
     return RepositoryReport(target, name, io, params.to_strings(), encoder[0] if encoder else None,
                             model_config(name, io, params, cfg, manifest), files)

@@ -148,6 +148,20 @@ class ServerConfig:
         if self.load_models and not self.explicit:
             raise UserError("models to load at start need explicit model control (--explicit); without it every "
                             "model in the repository is loaded")
+        check_repository_models(self.repo)
+
+
+def check_repository_models(repo: Path) -> None:
+    """Every model ertacache-triton wrote in ``repo`` carries this installed package's model.py (else: regenerate)."""
+    from ertacache.serving.repository import check_model_file
+
+    for config in sorted(Path(repo).glob("*/config.pbtxt")):
+        try:
+            ours = "ertacache-triton" in config.read_text(errors="replace")[:400]
+        except OSError:
+            continue
+        if ours:
+            check_model_file(config.parent)
 
 
 def _children(pid: int) -> list[int]:

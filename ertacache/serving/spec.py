@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ertacache.contract import FULL_STEP, VAE_DECODE, ExportManifest
 from ertacache.errors import UserError
-from ertacache.export.graphs import FULL_STEP, VAE_DECODE
 
 PROMPT, TEXT_EMBEDS, SEED, GUIDANCE = "prompt", "text_embeds", "seed", "guidance_scale"
 FRAMES, LATENTS, STEP = "frames", "latents", "step"
@@ -59,18 +59,13 @@ class ServedIO:
         return next((t for t in self.outputs if t.name == name), None)
 
 
-def _spec(manifest: Mapping[str, Any], graph: str, name: str) -> dict[str, Any]:
-    g = manifest["graphs"][graph]
-    return next(s for s in g["inputs"] + g["outputs"] if s["name"] == name)
+def has_decoder(manifest: ExportManifest) -> bool:
+    return manifest.has_decode
 
 
-def has_decoder(manifest: Mapping[str, Any]) -> bool:
-    return VAE_DECODE in manifest["graphs"]
-
-
-def check_batching(manifest: Mapping[str, Any], max_batch_size: int) -> None:
+def check_batching(manifest: ExportManifest, max_batch_size: int) -> None:
     """Triton batching feeds rows one at a time to a folder of batch 1; anything else is refused."""
-    batch = manifest["shapes"]["batch_size"]
+    batch = manifest.shapes.batch_size
     if max_batch_size < 0:
         raise UserError(f"max_batch_size is {max_batch_size}; give 0 (no Triton batching) or a positive number")
     if max_batch_size > 0 and batch != 1:
@@ -80,26 +75,26 @@ def check_batching(manifest: Mapping[str, Any], max_batch_size: int) -> None:
                         f"folder's batch of {batch})")
 
 
-def expected_io(manifest: Mapping[str, Any], prompt: bool, latents: bool, max_batch_size: int,
+def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch_size: int,
                 decoupled: bool) -> ServedIO:
     """The model's inputs and outputs for this folder and these options (see the module docstring)."""
     check_batching(manifest, max_batch_size)
     row = 1 if max_batch_size > 0 else 0  # Triton adds the batch dim itself: drop the folder's batch of 1
-    text = _spec(manifest, FULL_STEP, "text_embeds")
-    lat = _spec(manifest, FULL_STEP, "latents")
+    text = manifest.spec(FULL_STEP, "text_embeds")
+    lat = manifest.spec(FULL_STEP, "latents")
     inputs = []
     if prompt:
         inputs.append(TensorIO(PROMPT, "TYPE_STRING", (1,), optional=True))
-    inputs.append(TensorIO(TEXT_EMBEDS, TRITON_TYPES[text["dtype"]], tuple(text["shape"]), optional=prompt))
+    inputs.append(TensorIO(TEXT_EMBEDS, TRITON_TYPES[text.dtype], text.shape, optional=prompt))
     inputs.append(TensorIO(SEED, "TYPE_INT64", (1,)))
-    if manifest["profile"]["n_branches"] == 2:
+    if manifest.schedule.n_branches == 2:
         inputs.append(TensorIO(GUIDANCE, "TYPE_FP32", (1,), optional=True))
     outputs = []
     if has_decoder(manifest):
-        frames = manifest["graphs"][VAE_DECODE]["outputs"][0]
-        outputs.append(TensorIO(FRAMES, TRITON_TYPES[frames["dtype"]], tuple(frames["shape"])[row:]))
+        frames = manifest.spec(VAE_DECODE, "frames")
+        outputs.append(TensorIO(FRAMES, TRITON_TYPES[frames.dtype], frames.shape[row:]))
     if latents or not has_decoder(manifest):
-        outputs.append(TensorIO(LATENTS, TRITON_TYPES[lat["dtype"]], tuple(lat["shape"])[row:]))
+        outputs.append(TensorIO(LATENTS, TRITON_TYPES[lat.dtype], lat.shape[row:]))
     if decoupled:
         outputs.append(TensorIO(STEP, "TYPE_INT64", (1,)))
     return ServedIO(tuple(inputs), tuple(outputs))
@@ -113,7 +108,7 @@ def io_from_model_config(config: Mapping[str, Any]) -> ServedIO:
     return ServedIO(tensors("input"), tensors("output"))
 
 
-def check_model_config(config: Mapping[str, Any], manifest: Mapping[str, Any], decoupled: bool) -> ServedIO:
+def check_model_config(config: Mapping[str, Any], manifest: ExportManifest, decoupled: bool) -> ServedIO:
     """The configuration Triton loaded must describe this folder; returns what it declares.
 
     An operator may remove the optional ``latents`` output or the ``prompt`` input; anything

@@ -13,6 +13,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ertacache.errors import PromptError, brief
+
 PAD = "<pad>"
 DEFAULT_VOCAB: tuple[str, ...] = (
     PAD, "digit", "moving", *[str(d) for d in range(10)], "left", "right", "up", "down",
@@ -59,11 +61,13 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         for row, prompt in enumerate(prompts):
             words = prompt.strip().lower().split()
             if len(words) > self.config.max_length:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; max is {self.config.max_length}")
+                raise PromptError(f"prompt {brief(prompt)} has {len(words)} words; this text encoder takes at most "
+                                  f"{self.config.max_length}")
             for col, word in enumerate(words):
                 if word not in self._index or word == PAD:
                     known = [w for w in self.config.vocab if w != PAD]
-                    raise ValueError(f"unknown word {word!r} in prompt {prompt!r}; vocabulary: {known}")
+                    raise PromptError(f"unknown word {brief(word, 40)} in prompt {brief(prompt)}; this text encoder "
+                                      f"knows: {' '.join(known)}")
                 ids[row, col] = self._index[word]
         return ids
 

@@ -54,9 +54,9 @@ def run_err(main, argv, capsys):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--speedup", "0.5"], "speedup must be >= 1"),
+        (["--speedup", "0.5"], "--speedup 0.5 is out of range"),
         (["--speedup", "9"], "above what 10 steps allow"),
-        (["--lambda", "-1"], "lambda must be >= 0"),
+        (["--lambda", "-1"], "--lambda -1.0 is out of range"),
         (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
         (["--height", "40"], "multiples of 16"),
     ],

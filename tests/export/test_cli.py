@@ -47,7 +47,7 @@ def run_err(argv, capsys):
     pytest.param(["--targets", "onnx,tensorrt"], "ertacache-build --engines DIR --targets tensorrt",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU may build engines")),
     (["--dtype", "bf16", "--targets", "onnx"], "bfloat16 Conv"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0 is out of range"),
 ])
 def test_cli_bad_flags_exit_2(extra, match, tmp_path, tiny_wan_folder, capsys):
     rc, err = run_err(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), *SHAPE, *extra,

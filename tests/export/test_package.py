@@ -52,7 +52,10 @@ def test_existing_folder_needs_force_and_is_replaced_atomically(tiny, tmp_path):
     (out / "old.txt").write_text("keep me")
     with pytest.raises(UserError, match="already exists; pass --force"):
         tiny.export(out, targets="onnx", decode_graph=False)
+    with pytest.raises(UserError, match="is a folder but not an export folder"):  # --force replaces only our folders
+        tiny.export(out, targets="onnx", decode_graph=False, force=True)
     assert (out / "old.txt").read_text() == "keep me"
+    (out / "manifest.json").write_text("{}")  # an (old, broken) export folder: that one --force replaces
     tiny.export(out, targets="onnx", decode_graph=False, timing_repeats=0, check_compile=False, force=True)
     assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary sibling left

@@ -115,3 +115,67 @@ def test_existing_folder_needs_force(tmp_path):
     make_profile(model="x").save(tmp_path / "p", force=True)
     assert load_profile(tmp_path / "p").model == "x"
 
+
+
+def _rehash_correction(path, edit_tables):
+    """Rewrite correction.safetensors (and its sha256 in profile.json), as a broken calibration would."""
+    from safetensors.torch import load_file, save_file
+
+    from ertacache.io import sha256_file
+
+    tables = load_file(str(path / "correction.safetensors"))
+    edit_tables(tables)
+    save_file(tables, str(path / "correction.safetensors"))
+    _edit(path, lambda m: m["correction"].update(sha256=sha256_file(path / "correction.safetensors")))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: _rehash_correction(p, lambda t: t["a"][3].fill_(float("nan"))),
+         r"correction table 'a' holds NaN or Inf \(first at step 3\)"),
+        (lambda p: _rehash_correction(p, lambda t: t["b"][5, 1, 2:4].fill_(float("inf"))),
+         r"correction table 'b' holds NaN or Inf \(first at step 5\)"),
+        (lambda p: _rehash_correction(p, lambda t: t["a"].mul_(1e9)), r"beyond \+-10000"),
+        (lambda p: _edit(p, lambda m: m.update(phi="0.9")), "field 'phi' has the wrong type"),
+        (lambda p: _edit(p, lambda m: m.update(phi=[2.0] * 8)), r"'phi' must be numbers in \[0, 1\]"),
+        (lambda p: _edit(p, lambda m: m.update(stats=[1, 2])), "'stats' must map names to lists"),
+        (lambda p: _edit(p, lambda m: m.update(latent_shape=[])), "latent_shape must be 4 positive integers"),
+        (lambda p: _edit(p, lambda m: m.update(calibration={"negative_prompt": 3})),
+         "calibration.negative_prompt must be a string"),
+        (lambda p: _edit(p, lambda m: m.update(guidance_scale=-5.0)), "guidance_scale must be a finite number >= 0"),
+        (lambda p: _edit(p, lambda m: m.update(n_branches=1)), "n_branches 1 disagrees with guidance_scale 4.0"),
+        (lambda p: _edit(p, lambda m: m.update(steps=10**8)), r"steps must be in \[1, 10000\]"),
+        (lambda p: _edit(p, lambda m: m.update(speedup_target="fast")), "speedup_target must be null"),
+        (lambda p: (p / "profile.json").write_text((p / "profile.json").read_text().replace('"lambda": 0.1',
+                                                                                         '"lambda": Infinity')),
+         "Infinity is not valid JSON"),
+        (lambda p: (p / "profile.json").write_text("[" * 100_000 + "]" * 100_000), "corrupt or truncated"),
+        (lambda p: _edit(p, lambda m: m.update(sigmas=[float(x) for x in m["sigmas"]][:-1] + [1e400 * 0])),
+         "corrupt or truncated|finite|NaN"),
+    ],
+)
+def test_profile_contents_are_checked_on_load(tmp_path, damage, match):
+    make_profile().save(tmp_path / "p", plot=False)
+    damage(tmp_path / "p")
+    with pytest.raises(ProfileError, match=match) as err:
+        load_profile(tmp_path / "p")
+    assert len(str(err.value)) < 600  # a named defect, never an echo of the file
+
+
+def test_a_profile_with_non_finite_values_cannot_be_saved(tmp_path):
+    prof = make_profile()
+    prof.lam = float("inf")
+    with pytest.raises(ValueError):
+        prof.save(tmp_path / "p", plot=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_force_never_replaces_something_that_is_not_a_profile(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="is a file, not a profile folder"):
+        make_profile().save(tmp_path / "notes.txt", force=True, plot=False)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="is a folder but not a profile folder"):
+        make_profile().save(tmp_path / "data", force=True, plot=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "data").is_dir()

@@ -1,10 +1,13 @@
 """The alternating runtime: eager agreement over the whole schedule, no per-step allocation, every refusal."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from ertacache.engines import EngineMismatchError, UnknownBackendError
+from ertacache.contract import load_manifest
 from ertacache.errors import NumericalError, UserError
 from ertacache.export import CACHED_STEP, FULL_STEP
 from ertacache.export.runners import relative_l2
@@ -100,7 +103,7 @@ def test_other_schema_version_is_refused(onnx_export, tmp_path):
 def test_profile_of_other_weights_is_refused_naming_both(onnx_export, tmp_path):
     folder = copy_folder(onnx_export.out, tmp_path / "f")
     m = edit_manifest(folder, lambda m: m["model"].update(fingerprint="0123456789abcdef"))
-    with pytest.raises(EngineMismatchError, match=r"weights 0123456789abcdef but its profile was made for weights \w+"):
+    with pytest.raises(EngineMismatchError, match=r"model fingerprint \(0123456789abcdef\) differs from its profile's \(\w+\)"):
         Runtime(folder, "onnxruntime")
     assert m["model"]["fingerprint"] == "0123456789abcdef"
 
@@ -108,7 +111,8 @@ def test_profile_of_other_weights_is_refused_naming_both(onnx_export, tmp_path):
 def test_torch_backend_refuses_other_weights(onnx_export, tiny, tmp_path, request_inputs):
     from ertacache.engines.torch_compile import StepModulesFromManifest
 
-    manifest = dict(onnx_export.manifest, model=dict(onnx_export.manifest["model"], id="wan2.1-tiny", path=None))
+    loaded = load_manifest(onnx_export.out)
+    manifest = dataclasses.replace(loaded, model=dataclasses.replace(loaded.model, id="wan2.1-tiny", path=None))
     with pytest.raises(EngineMismatchError, match=r"made from weights \w+ but wan2.1-tiny .* has weights \w+") as e:
         try:
             StepModulesFromManifest(onnx_export.out, manifest)()

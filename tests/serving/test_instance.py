@@ -55,10 +55,16 @@ def test_rows_of_a_batched_model_are_independent_requests(instances, direct):
     ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "strength": np.array([1.0])},
      r"unknown input\(s\) \['strength'\]"),
     ({"seed": np.array([1, 2]), "prompt": np.array([b"a"], dtype=object)}, r"'seed' has shape \[2\], this model takes \[1\]"),
+    ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "guidance_scale": np.array([-5], np.float32)},
+     r"guidance_scale is -5.0; give a finite number >= 0"),
+    ({"seed": np.array([1]), "prompt": np.array([b"x" * 50_000], dtype=object)}, "prompt is 50000 characters long"),
+    ({"seed": np.array([1]), "prompt": np.array([b"a"], dtype=object), "x" * 10_000: np.array([1.0])},
+     r"unknown input\(s\) \['xxxx.*\.\.\. \(10004 characters\)"),
 ])
 def test_bad_requests_are_refused_by_name(instances, inputs, match):
-    with pytest.raises(RequestError, match=match):
+    with pytest.raises(RequestError, match=match) as err:
         instances["wan"].handle(inputs)
+    assert len(str(err.value)) < 1000  # echoed input is capped
 
 
 def test_a_cancelled_request_stops_and_leaves_nothing_behind(instances, direct):
@@ -82,3 +88,37 @@ def test_missing_engine_file_fails_the_load_naming_it(served_repo, tmp_path):
     (version / "engines" / "onnx" / "cached_step.onnx").unlink()
     with pytest.raises(Exception, match="onnx/cached_step.onnx is missing"):
         ModelInstance(version, report.model_config).__enter__()
+
+
+def test_a_stale_model_file_is_refused_with_the_command_to_regenerate(served_repo, tmp_path):
+    import shutil
+
+    from ertacache.errors import UserError
+    from ertacache.serving.server import ServerConfig
+
+    repo, reports = served_repo
+    copy = shutil.copytree(repo, tmp_path / "repo")
+    ServerConfig(repo=copy)  # as written: accepted
+    model_py = copy / "tiny" / "1" / "model.py"
+    model_py.write_text(model_py.read_text() + "\n# edited by another ertacache version\n")
+    with pytest.raises(UserError, match=r"differs from the model.py of the installed ertacache .* regenerate it with "
+                                        r"ertacache-triton --engines EXPORT_FOLDER --repo .* --name tiny --force"):
+        ServerConfig(repo=copy)
+
+
+def test_the_instance_refuses_a_swapped_export_folder(served_repo, onnx_export, tmp_path):
+    """The model records the digest of the folder it was written from; a folder swapped in later is refused."""
+    import json
+    import shutil
+
+    from ertacache.errors import UserError
+
+    _, reports = served_repo
+    report = reports["wan"]
+    version = shutil.copytree(report.model_dir / "1", tmp_path / "1")
+    assert report.parameters["digest"].startswith("sha256:")
+    shutil.rmtree(version / "engines")
+    shutil.copytree(onnx_export.out, version / "engines")  # a valid folder, but not this model's
+    config = json.loads(json.dumps(report.model_config))
+    with pytest.raises(UserError, match="not the pinned"):
+        ModelInstance(version, config).__enter__()

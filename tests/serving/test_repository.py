@@ -1,16 +1,18 @@
 """ertacache-triton's repository: layout, config.pbtxt, every refusal (no server needed)."""
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 
 from ertacache.cli import triton as triton_cli
+from ertacache.contract import load_manifest
 from ertacache.errors import UserError
 from ertacache.serving import RepositoryConfig, expected_io, write_repository
 from ertacache.serving.instance import ModelParameters
 from ertacache.serving.spec import check_model_config
-from tests.runtime.conftest import copy_folder, edit_manifest
+from tests.runtime.conftest import copy_folder
 
 
 def test_layout_and_config(served_repo, wan_folder_export):
@@ -51,7 +53,7 @@ def test_config_round_trip(served_repo):
     for report in reports.values():
         params = ModelParameters.from_config(report.model_config["parameters"])
         assert params.to_strings() == report.parameters
-        manifest = json.loads((report.model_dir / "1" / "engines" / "manifest.json").read_text())
+        manifest = load_manifest(report.model_dir / "1" / "engines")
         decoupled = bool(report.model_config.get("model_transaction_policy"))
         assert check_model_config(report.model_config, manifest, decoupled) == report.io
 
@@ -59,7 +61,7 @@ def test_config_round_trip(served_repo):
 def test_an_edited_config_that_no_longer_fits_the_folder_is_refused(served_repo):
     _, reports = served_repo
     report = reports["tiny"]
-    manifest = json.loads((report.model_dir / "1" / "engines" / "manifest.json").read_text())
+    manifest = load_manifest(report.model_dir / "1" / "engines")
     config = json.loads(json.dumps(report.model_config))
     config["input"][0]["dims"] = ["2", "5", "17"]
     with pytest.raises(UserError, match=r"declares input 'text_embeds' as TYPE_FP32 \[2, 5, 17\] but the export "
@@ -94,8 +96,8 @@ def test_refusals(onnx_export, served_repo, tmp_path):
 
 
 def test_max_batch_size_needs_a_folder_of_batch_one(onnx_export, tmp_path):
-    folder = copy_folder(onnx_export.out, tmp_path / "b2")
-    manifest = edit_manifest(folder, lambda m: m["shapes"].update(batch_size=2))
+    loaded = load_manifest(onnx_export.out)
+    manifest = dataclasses.replace(loaded, shapes=dataclasses.replace(loaded.shapes, batch_size=2))
     with pytest.raises(UserError, match="max_batch_size 4 needs an export folder of batch size 1"):
         expected_io(manifest, False, False, 4, False)
     assert expected_io(manifest, False, False, 0, False).outputs  # without Triton batching it is fine
