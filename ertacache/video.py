@@ -22,12 +22,33 @@ def _upscale(frames: np.ndarray, min_side: int = 128) -> np.ndarray:
     return frames.repeat(k, axis=1).repeat(k, axis=2)  # (F, H*k, W*k, 3)
 
 
-def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
-    """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side."""
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse an output name this install cannot write, before any sampling (a failure after would waste the run).
+
+    MP4 goes through imageio's ffmpeg plugin (the imageio-ffmpeg dependency ships an ffmpeg binary).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise UserError(f"--out must end in one of {VIDEO_SUFFIXES}, got {path.name!r}")
+    if suffix == ".mp4":
+        try:
+            import imageio  # noqa: F401
+            import imageio_ffmpeg
+
+            imageio_ffmpeg.get_ffmpeg_exe()
+        except Exception as e:  # not installed, or a platform without a bundled ffmpeg binary and none on PATH
+            raise UserError(f"cannot write {path.name}: MP4 needs imageio and imageio-ffmpeg with an ffmpeg binary "
+                            f"({type(e).__name__}: {e}); pip install imageio imageio-ffmpeg, or write .gif") from None
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name ending in one of {VIDEO_SUFFIXES}")
+    return path
+
+
+def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
+    """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side."""
+    path = check_writable(path)
+    suffix = path.suffix.lower()
     arr = np.asarray(frames)
     if arr.ndim == 5:  # (B, F, H, W, 3) -> (F, H, B*W, 3): the batch side by side
         arr = np.concatenate(list(arr), axis=2)
@@ -46,6 +67,7 @@ def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
 
             buf.write(iio.imwrite("<bytes>", arr, extension=".mp4", fps=fps))
         except Exception as e:  # imageio without an ffmpeg plugin
-            raise UserError(f"writing MP4 needs imageio with ffmpeg (pip install imageio-ffmpeg): {e}") from None
+            raise UserError(f"writing MP4 failed in imageio's ffmpeg plugin ({type(e).__name__}: {e}); "
+                            "write .gif instead, or check `python -m imageio_ffmpeg` / pip install imageio-ffmpeg") from None
     atomic_write_bytes(path, buf.getvalue())
     return path

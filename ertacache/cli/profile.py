@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
-from ertacache.models.loading import load_bundle
-from ertacache.profile.build import build_profile, read_prompts_file
-from ertacache.profile.config import CalibrationConfig
-from ertacache.profile.schedule import mask_summary
-from ertacache.sampling.settings import SampleSettings
+from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="ertacache-profile",
         description="Calibrate ERTACache offline: reuse mask, adjusted sigmas and residual correction.",
     )
@@ -32,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rectify", action="store_true", help="ablation: no residual correction")
     p.add_argument("--batch-size", type=int, default=None, help="calibration prompts per model call")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed (prompt k uses seed + k)")
-    p.add_argument("--out", required=True, help="profile folder to write")
+    p.add_argument("--out", default=None,
+                   help="profile folder to write (default: engines/<model>-profile; pass it to the other "
+                        "commands' --profile)")
     p.add_argument("--force", action="store_true", help="replace an existing profile folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -40,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    apply_threads(args.threads)
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.build import build_profile, read_prompts_file
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.profile.schedule import mask_summary
+    from ertacache.sampling.settings import SampleSettings
+
     bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     recipe = bundle.recipe
     settings = SampleSettings.from_recipe(
@@ -60,7 +64,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
           f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
     profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)
-    out = profile.save(args.out, force=args.force)
+    out = profile.save(args.out or f"engines/{args.model}-profile", force=args.force)
     print(f"mask   {mask_summary(profile.mask)}")
     print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "
           f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s")

@@ -32,6 +32,7 @@ from ertacache.export.config import ExportConfig
 from ertacache.export.errors import GraphExportError
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, STEP_GRAPHS, VAE_DECODE, BakeStepGraphs, StepGraphs
 from ertacache.export.manifest import FORMAT, SCHEMA_VERSION, file_entries, package_versions, write_manifest
+from ertacache.export.quiet import known_exporter_messages_filtered
 from ertacache.export.runners import (
     AotiRunner,
     EagerRunner,
@@ -104,7 +105,8 @@ class ExportPackage:
     def _stage(self, name: str, stage_s: dict[str, float], fn, *args, **kwargs):
         self.log(f"[{name}] ...")
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        with known_exporter_messages_filtered():  # torch's two known exporter messages (export/quiet.py)
+            out = fn(*args, **kwargs)
         stage_s[name] = time.perf_counter() - start
         self.log(f"[{name}] done in {stage_s[name]:.1f} s")
         return out
