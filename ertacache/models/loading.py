@@ -94,7 +94,7 @@ FAMILIES: dict[str, Family] = {
 
 def _download_hint(recipe: Recipe) -> str:
     return (
-        f"download it with `huggingface-cli download {recipe.hub_id} --local-dir /path/to/{recipe.model}` "
+        f"download it with `hf download {recipe.hub_id} --local-dir /path/to/{recipe.model}` "
         f"on a machine with network access, then pass --model-path /path/to/{recipe.model}"
     )
 

@@ -110,3 +110,13 @@ def test_profile_for_other_weights_is_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="re-profile this model"):
         ExportPackage(ExportConfig(out=tmp_path / "o", targets="onnx"), log=lambda s: None)(
             tiny.adapter, tiny.profile, other, (5, 16))
+
+
+@pytest.mark.slow
+def test_stage_lines_count_up_to_the_announced_total(tiny, tmp_path):
+    lines: list[str] = []
+    tiny.export(tmp_path / "out", log=lines.append, targets="onnx", timing_repeats=0, check_compile=False)
+    done = [line for line in lines if line.startswith("[") and "] done in" in line]
+    total = len(done)
+    assert total >= 5  # bake, onnx x 3 graphs, validate, timing, profile copy
+    assert [line.split(" ", 1)[0] for line in done] == [f"[{k}/{total}" for k in range(1, total + 1)]
