@@ -46,6 +46,7 @@ def test_every_file_is_hashed_and_tampering_is_refused(onnx_export, tmp_path):
         load_manifest(copy)
 
 
+@pytest.mark.slow
 def test_existing_folder_needs_force_and_is_replaced_atomically(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -77,6 +78,7 @@ def test_exporter_failure_names_the_graph_and_leaves_nothing(tiny, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_leaves_no_folder(tiny, tmp_path, monkeypatch):
     def full_disk_save(self, destination, **kwargs):
         with open(destination, "wb") as f:
@@ -89,6 +91,7 @@ def test_disk_full_mid_write_leaves_no_folder(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_validation_failure_leaves_no_folder(tiny, tmp_path, monkeypatch):
     from ertacache.export import runners
 
