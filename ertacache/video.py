@@ -67,7 +67,7 @@ def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
 
             buf.write(iio.imwrite("<bytes>", arr, extension=".mp4", fps=fps))
         except Exception as e:  # imageio without an ffmpeg plugin
-            raise UserError(f"writing MP4 failed in imageio's ffmpeg plugin ({type(e).__name__}: {e}); "
-                            "write .gif instead, or check `python -m imageio_ffmpeg` / pip install imageio-ffmpeg") from None
+            raise UserError(f"writing MP4 failed in imageio's ffmpeg plugin ({type(e).__name__}: {e}); write .gif "
+                            "instead, or check the install: pip install imageio imageio-ffmpeg") from None
     atomic_write_bytes(path, buf.getvalue())
     return path

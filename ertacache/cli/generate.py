@@ -13,8 +13,9 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--profile", default=None, help="profile folder from ertacache-profile (cached sampling)")
-    cache.add_argument("--no-cache", action="store_true", help="plain sampling, every step computes (what happens without --profile; "
-                       "the flag only says so explicitly)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="plain sampling, every step computes (what happens without --profile; the flag only "
+                            "says so explicitly)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (with --profile: the profile's)")
     add_shape_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")

@@ -69,6 +69,9 @@ def _main(argv: list[str] | None) -> int:
     print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "
           f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s")
     print(f"profile written to {out}")
+    model = f"--model {args.model}" + (f" --model-path {args.model_path}" if args.model_path else "")
+    print(f"next: ertacache-generate {model} --profile {out} --prompt \"...\" --out video.gif\n"
+          f"      ertacache-export {model} --profile {out} --engines engines/{args.model}")
     return 0
 
 
