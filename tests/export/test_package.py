@@ -26,7 +26,11 @@ def test_manifest_schema(onnx_export, tiny):
     assert m["text_encoder"]["embed_shape"] == [5, 16]
     assert m["targets"]["torch_compile"]["graph_breaks"] == {FULL_STEP: 0, CACHED_STEP: 0}
     assert all(m["versions"][k] for k in ("torch", "onnx", "diffusers"))
-    assert 0 < m["timing"]["onnxruntime"]["c"] < 1
+    # timing is recorded consistently (c = cached / full, the bound from c); no speed assertion: a unit test
+    # measures on a shared machine, where one noisy call makes the cached step look slower than the full one
+    t, mask = m["timing"]["onnxruntime"], m["profile"]["mask"]  # (seconds rounded to 1e-6 in the manifest)
+    assert t["full_s"] > 0 and t["cached_s"] > 0 and t["c"] == pytest.approx(t["cached_s"] / t["full_s"], rel=1e-2)
+    assert t["speedup_bound"] == pytest.approx(len(mask) / (sum(mask) + (len(mask) - sum(mask)) * t["c"]), rel=1e-3)
 
 
 def test_every_file_is_hashed_and_tampering_is_refused(onnx_export, tmp_path):
