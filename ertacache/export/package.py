@@ -116,7 +116,7 @@ class ExportPackage:
         tag = f"{self._stages_done}/{self._stages_total} {name}" if self._stages_total else name
         self.log(f"[{tag}] ...")
         start = time.perf_counter()
-        with known_exporter_messages_filtered():  # torch's two known exporter messages (export/quiet.py)
+        with known_exporter_messages_filtered():  # the exporters' known messages (export/quiet.py)
             out = fn(*args, **kwargs)
         stage_s[name] = time.perf_counter() - start
         self.log(f"[{tag}] done in {stage_s[name]:.1f} s ({time.perf_counter() - self._start:.0f} s so far)")

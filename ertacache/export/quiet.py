@@ -1,4 +1,4 @@
-"""Filter two known messages of torch's exporters, by message and at their source, for the length of an export.
+"""Filter three known messages of the exporters, by message and at their source, for the length of an export.
 
 Each is harmless for this project and would otherwise print on every export, where users learn to skip
 warnings (and then miss the ones that matter). Nothing else is filtered: other warnings and log records
@@ -10,6 +10,9 @@ of the same modules still show.
 2. ``torch.utils._pytree`` deprecates ``LeafSpec`` with a ``FutureWarning`` raised whenever one is built,
    which torch's own code does when it copies an ``ExportedProgram`` (ONNX export, AOTInductor); the
    message is addressed to torch's code, not to ours.
+3. onnxscript's constant folding (``ONNXProgram.optimize``) logs "Skipping constant folding for op
+   Split with multiple outputs." for each constant Split it leaves as it is: the graph stays
+   correct (ONNX Runtime and TensorRT run Split), the export only folds a little less.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Iterator
 ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 TORCHVISION_SKIPPED = "torchvision is not installed. Skipping "
 LEAFSPEC_DEPRECATED = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+ONNXSCRIPT_FOLDING_LOGGER = "onnxscript.optimizer._constant_folding"
+FOLDING_SKIPPED = "Skipping constant folding for op "
 
 
 class _DropPrefix(logging.Filter):
@@ -37,13 +42,15 @@ class _DropPrefix(logging.Filter):
 
 @contextlib.contextmanager
 def known_exporter_messages_filtered() -> Iterator[None]:
-    """Within the block, drop the two messages of the module docstring (and only those)."""
-    logger = logging.getLogger(ONNX_REGISTRY_LOGGER)
-    drop = _DropPrefix(TORCHVISION_SKIPPED)
-    logger.addFilter(drop)
+    """Within the block, drop the three messages of the module docstring (and only those)."""
+    drops = [(logging.getLogger(ONNX_REGISTRY_LOGGER), _DropPrefix(TORCHVISION_SKIPPED)),
+             (logging.getLogger(ONNXSCRIPT_FOLDING_LOGGER), _DropPrefix(FOLDING_SKIPPED))]
+    for logger, drop in drops:
+        logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LEAFSPEC_DEPRECATED, category=FutureWarning)
             yield
     finally:
-        logger.removeFilter(drop)
+        for logger, drop in drops:
+            logger.removeFilter(drop)
