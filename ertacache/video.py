@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ertacache.errors import UserError
+from ertacache.errors import UserError, brief
 from ertacache.io import atomic_write_bytes
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".png")
@@ -22,15 +22,37 @@ def _upscale(frames: np.ndarray, min_side: int = 128) -> np.ndarray:
     return frames.repeat(k, axis=1).repeat(k, axis=2)  # (F, H*k, W*k, 3)
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse an output name this install cannot write, before any sampling (a failure after would waste the run).
+
+    MP4 goes through imageio's ffmpeg plugin (the imageio-ffmpeg dependency ships an ffmpeg binary).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise UserError(f"--out must end in one of {VIDEO_SUFFIXES}, got {brief(path.name, 60)}")
+    if suffix == ".mp4":
+        try:
+            import imageio  # noqa: F401
+            import imageio_ffmpeg
+
+            imageio_ffmpeg.get_ffmpeg_exe()
+        except Exception as e:  # not installed, or a platform without a bundled ffmpeg binary and none on PATH
+            raise UserError(f"cannot write {brief(path.name, 60)}: MP4 needs imageio and imageio-ffmpeg with an ffmpeg "
+                            f"binary ({type(e).__name__}: {brief(str(e), 100)}); pip install imageio imageio-ffmpeg, "
+                            "or write .gif") from None
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name ending in one of {VIDEO_SUFFIXES}")
+    return path
+
+
 def save_video(frames, path: str | os.PathLike, fps: int = 8, overwrite: bool = True) -> Path:
     """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side.
 
     ``overwrite=False`` refuses an existing ``path`` (also one that appeared while sampling).
     """
-    path = Path(path)
+    path = check_writable(path)
     suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise UserError(f"--out must end in one of {VIDEO_SUFFIXES}, got {path.name!r}")
     arr = np.asarray(frames)
     if arr.ndim == 5:  # (B, F, H, W, 3) -> (F, H, B*W, 3): the batch side by side
         arr = np.concatenate(list(arr), axis=2)
@@ -49,6 +71,7 @@ def save_video(frames, path: str | os.PathLike, fps: int = 8, overwrite: bool = 
 
             buf.write(iio.imwrite("<bytes>", arr, extension=".mp4", fps=fps))
         except Exception as e:  # imageio without an ffmpeg plugin
-            raise UserError(f"writing MP4 needs imageio with ffmpeg (pip install imageio-ffmpeg): {e}") from None
+            raise UserError(f"writing MP4 failed in imageio's ffmpeg plugin ({type(e).__name__}: {e}); write .gif "
+                            "instead, or check the install: pip install imageio imageio-ffmpeg") from None
     atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
     return path

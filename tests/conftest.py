@@ -75,3 +75,14 @@ def save_tiny_wan_folder(path):
 @pytest.fixture(scope="session")
 def tiny_wan_folder(tmp_path_factory):
     return save_tiny_wan_folder(tmp_path_factory.mktemp("wan-tiny-random"))
+
+
+#: fixtures that export, compile or calibrate for tens of seconds on 2 cores: every test that uses one is
+#: marked slow, so the fast lane (pytest -m "not slow") never builds them
+SLOW_FIXTURES = frozenset({"aoti_export", "wan_folder_export", "cli_export", "evaluated"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -8,23 +8,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ertacache.cli.common import run_cli
-from ertacache.errors import UserError
+from ertacache.cli.common import add_engines_arg, apply_threads, new_parser, run_cli
 from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg
-from ertacache.contract import folder_digest, load_manifest
-from ertacache.export.manifest import file_entries, write_manifest
-from ertacache.io import output_lock, remove_stale_siblings
+from ertacache.errors import UserError
 
 BUILD_TARGETS = ("tensorrt",)
+#: as ertacache.engines.tensorrt.HARDWARE_COMPATIBILITY (tests/cli checks they agree), spelled here so --help
+#: needs no torch
+HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-cc")
 
 
 def parser() -> argparse.ArgumentParser:
-    from ertacache.engines.tensorrt import HARDWARE_COMPATIBILITY
-
-    p = argparse.ArgumentParser(prog="ertacache-build", description="Build TensorRT engines (strongly typed, static "
+    p = new_parser(prog="ertacache-build", description="Build TensorRT engines (strongly typed, static "
                                 "shapes, timing cache) from an export folder's onnx/ into its tensorrt/, and record "
                                 "them (TensorRT version, GPU, sha256) in its manifest.")
-    p.add_argument("--engines", required=True, help="export folder (ertacache-export --targets onnx)")
+    add_engines_arg(p, help="export folder with ONNX graphs (ertacache-export --targets onnx)")
     p.add_argument("--targets", default="tensorrt", help=f"what to build: {list(BUILD_TARGETS)}")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: tensorrt/timing.cache)")
     p.add_argument("--hardware-compatibility", default="none", choices=list(HARDWARE_COMPATIBILITY),
@@ -37,18 +35,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    check_args(args)
+    check_digest_arg(args.expect_digest)
+    apply_threads(args.threads)
+    from ertacache.contract import folder_digest, load_manifest
     from ertacache.engines.base import require_backend
     from ertacache.engines.tensorrt import TensorRTBuildOptions, build_engines
+    from ertacache.export.manifest import file_entries, write_manifest
+    from ertacache.io import output_lock, remove_stale_siblings
     from ertacache.runtime.checks import check_against_profile
 
-    args = check_args(parser().parse_args(argv))
-    check_digest_arg(args.expect_digest)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or any(t not in BUILD_TARGETS for t in targets):
         raise UserError(f"--targets takes {list(BUILD_TARGETS)}, got {args.targets!r}")
     folder = Path(args.engines)
     if not folder.is_dir():
-        raise UserError(f"--engines {folder} is not a folder; create it with ertacache-export --out {folder}")
+        raise UserError(f"--engines {folder} is not a folder; create it with ertacache-export --engines {folder}")
     with output_lock(folder, "export folder"):  # one build at a time; a killed build's leftovers go first
         remove_stale_siblings(folder / "tensorrt", log=print)
         manifest = load_manifest(folder, expect_digest=args.expect_digest)  # tampered files: refused before the build

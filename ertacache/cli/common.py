@@ -1,4 +1,17 @@
-"""Flags shared by the CLIs (named as in TensorRT's diffusion demo) and error reporting."""
+"""Flags shared by the CLIs (named as in TensorRT's diffusion demo) and error reporting.
+
+Nothing heavy is imported here: every CLI builds its parser and parses its arguments (and
+answers --help and --version) before torch, diffusers or ONNX Runtime load, which takes
+seconds. Heavy imports live inside each CLI's ``_main`` after ``parse_args``.
+
+One flag name per concept across the CLIs:
+
+    --engines DIR   an export folder (ertacache-export writes it; run, verify, build, triton read it);
+                    ertacache-export also accepts its old spelling --out
+    --profile DIR   a profile folder given to a command (ertacache-profile writes it with --out)
+    --out PATH      what this command writes (a profile folder, a video, plots)
+    --threads N     CPU threads of this process (PyTorch, Inductor's code, ONNX Runtime; 0 = auto)
+"""
 
 from __future__ import annotations
 
@@ -6,10 +19,65 @@ import argparse
 import sys
 from typing import Callable
 
-import torch
-
+from ertacache import __version__
 from ertacache.errors import ErtaCacheError, UserError
 from ertacache.models.recipes import DEFAULT_MODEL, available_models
+
+#: the runtime's backends and the export targets, as in ertacache.engines.base.BACKENDS and
+#: ertacache.export.config.TARGETS (tests/cli checks they agree); spelled here so --help needs no torch
+BACKEND_NAMES = ("onnxruntime", "tensorrt", "aoti", "torch")
+EXPORT_TARGETS = ("onnx", "aoti", "tensorrt")
+DEFAULT_EXPORT_TARGETS = ("onnx", "aoti")
+
+#: --threads default, 0 = auto: PyTorch's pool (eager ops, and Inductor's code in torch.compile and
+#: AOTInductor) gets 1 thread, ONNX Runtime all cores. Measured with tools/bench_threads.py on the
+#: project's 2-core machines (docs/engines.md, "Threads"): with 2 threads PyTorch's OpenMP steps ran
+#: 5-10x slower (up to 69x for the cached step) whenever another process held a core, because its
+#: workers wait for each other at every op, while ONNX Runtime's (non-spinning) threads gained 1.2-1.7x.
+DEFAULT_THREADS = 0
+TORCH_AUTO_THREADS = 1
+
+
+def new_parser(prog: str, description: str, threads: bool = True, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser with the flags every console script has: --version and (by default) --threads."""
+    p = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (ertacache)")
+    if threads:
+        add_threads_arg(p)
+    return p
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"give 0 (auto) or more threads, got {value}")
+    return value
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, default=DEFAULT_THREADS, metavar="N",
+                        help="CPU threads of PyTorch (eager and Inductor's compiled code) and ONNX Runtime "
+                             f"(default 0: auto, {TORCH_AUTO_THREADS} for PyTorch, all cores for ONNX Runtime; more "
+                             "PyTorch threads than free cores make each step many times slower on a busy "
+                             "machine, see docs/engines.md)")
+
+
+def apply_threads(threads: int) -> None:
+    """Set this process's PyTorch threads: the pool eager ops, torch.compile and AOTInductor code use.
+
+    ONNX Runtime's threads are per session: pass ``threads`` (0 = all cores) as ``intra_op_threads``.
+    """
+    import torch
+
+    torch.set_num_threads(threads or TORCH_AUTO_THREADS)
+
+
+def add_engines_arg(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--engines", required=required, metavar="DIR",
+                        help=help or "export folder (written by ertacache-export --engines)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +99,9 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: recipe)")
 
 
-def pick_device(name: str | None) -> torch.device:
+def pick_device(name: str | None):
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

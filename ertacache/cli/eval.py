@@ -12,18 +12,17 @@ import shlex
 import sys
 import time
 
-from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
 from ertacache.cli.validate import check_args, loading_model
 from ertacache.errors import UserError
-from ertacache.eval.config import (
-    ALL_METHODS, ERTA_METHODS, METHOD_GROUPS, EvalConfig, full_step_budget, parse_methods,
-)
-from ertacache.eval.fidelity import judge_targets
-from ertacache.models.loading import load_bundle
-from ertacache.profile.build import read_prompts_file
-from ertacache.sampling.settings import SampleSettings
 
 DEFAULT_HELD_OUT = 16
+#: as ertacache.eval.config.ALL_METHODS / METHOD_GROUPS and ertacache.eval.studies.STUDIES (tests/cli checks
+#: they agree), spelled here because importing those loads torch, and --help should answer at once
+ALL_METHODS = ("fewer-steps", "uniform", "teacache", "magcache", "erta-open-policy", "erta-open-time",
+               "erta-open-full", "erta-closed-policy", "erta-closed-time", "erta-closed-full")
+METHOD_GROUPS = ("all", "baselines", "erta")
+STUDIES = ("cal-size", "lambda", "transfer", "batch")
 
 
 def parse_floats(text: str, what: str) -> tuple[float, ...]:
@@ -53,7 +52,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-eval", description=__doc__.splitlines()[0])
+    p = new_parser(prog="ertacache-eval", description=__doc__.splitlines()[0])
     add_model_args(p)
     p.add_argument("--steps", type=int, default=None, help="denoising steps of every method's reference (default: recipe)")
     p.add_argument("--speedups", default="1.5,2,2.5,3",
@@ -70,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="held-out samples per model call")
     p.add_argument("--studies", default="",
-                   help="comma list of cal-size, lambda, transfer, batch (default: none)")
+                   help=f"comma list of {', '.join(STUDIES)} (default: none)")
     p.add_argument("--study-method", default="erta-closed-full", help="ERTACache variant the studies use")
     p.add_argument("--study-speedup", type=float, default=2.0, help="speedup the studies use")
     p.add_argument("--cal-sizes", default="1,4,16,64", help="calibration-set sizes of the cal-size study")
@@ -85,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
 
 def held_out_set(args, bundle, calibration: list[str]) -> tuple[list[str], list[int]]:
     """Held-out prompts and seeds: --prompts cycled to --seeds, or testbed prompts unseen in calibration."""
+    from ertacache.eval.fidelity import judge_targets
+    from ertacache.profile.build import read_prompts_file
+
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else None
     if args.prompts:
         prompts = read_prompts_file(args.prompts)
@@ -100,7 +102,10 @@ def held_out_set(args, bundle, calibration: list[str]) -> tuple[list[str], list[
     return (prompts * (len(seeds) // len(prompts) + 1))[: len(seeds)], seeds
 
 
-def build_config(args, bundle) -> EvalConfig:
+def build_config(args, bundle):
+    from ertacache.eval.config import EvalConfig, parse_methods
+    from ertacache.profile.build import read_prompts_file
+
     calibration = (read_prompts_file(args.calibration_prompts) if args.calibration_prompts
                    else list(bundle.recipe.calibration_prompts))
     prompts, seeds = held_out_set(args, bundle, calibration)
@@ -117,6 +122,7 @@ def build_config(args, bundle) -> EvalConfig:
 
 
 def _check_study_args(args) -> list[str]:
+    from ertacache.eval.config import ERTA_METHODS
     from ertacache.eval.studies import STUDIES
 
     names = [s.strip() for s in args.studies.split(",") if s.strip()]
@@ -132,6 +138,11 @@ def _check_study_args(args) -> list[str]:
 
 def _main(argv: list[str] | None) -> int:
     args = check_args(parser().parse_args(argv))
+    apply_threads(args.threads)
+    from ertacache.eval.config import full_step_budget
+    from ertacache.models.loading import load_bundle
+    from ertacache.sampling.settings import SampleSettings
+
     studies = _check_study_args(args)
     start = time.perf_counter()
     with loading_model(args.model, args.model_path):

@@ -5,22 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.common import (
+    DEFAULT_EXPORT_TARGETS, EXPORT_TARGETS, add_model_args, add_shape_args, apply_threads, new_parser, pick_device,
+    run_cli,
+)
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.errors import UserError
-from ertacache.export.config import DEFAULT_TARGETS, TARGETS, ExportConfig
-from ertacache.export.package import ExportPackage, ExportReport, ModelIdentity, is_export_folder
-from ertacache.models.loading import load_bundle
-from ertacache.models.recipes import load_recipe
-from ertacache.profile.artifact import load_profile
-from ertacache.profile.build import build_profile, read_prompts_file
-from ertacache.profile.config import CalibrationConfig
-from ertacache.profile.schedule import mask_summary
-from ertacache.sampling.settings import SampleSettings
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="ertacache-export",
         description="Bake an ERTACache profile into static full-step / cached-step graphs (ONNX, AOTInductor), "
                     "validate them against eager PyTorch and write one self-describing folder.",
@@ -34,8 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: recipe or the profile's)")
     add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=1, help="videos per request; the graphs are static in it")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help=f"comma-separated subset of {list(TARGETS)} (tensorrt needs TensorRT and a GPU here; "
+    p.add_argument("--targets", default=",".join(DEFAULT_EXPORT_TARGETS),
+                   help=f"comma-separated subset of {list(EXPORT_TARGETS)} (tensorrt needs TensorRT and a GPU here; "
                         "else build engines on the target with ertacache-build)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
@@ -44,7 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-trt-op-check", action="store_true",
                    help="accept ONNX ops TensorRT's parser does not support (ONNX Runtime only)")
     p.add_argument("--timing-repeats", type=int, default=5, help="timed runs per step graph for c (0: skip)")
-    p.add_argument("--out", default=None, help="output folder (default: engines/<model>)")
+    p.add_argument("--engines", "--out", dest="engines", metavar="DIR", default=None,
+                   help="export folder to write (default: engines/<model>); the other commands take it as "
+                        "--engines (--out is the old spelling, still accepted)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no calibration progress bars")
     return p
@@ -66,6 +62,10 @@ def _check_profile_flags(args, profile) -> None:
 
 
 def _calibrate(args, bundle):
+    from ertacache.profile.build import build_profile, read_prompts_file
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.sampling.settings import SampleSettings
+
     recipe = bundle.recipe
     settings = SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
@@ -90,7 +90,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def print_summary(report: ExportReport) -> None:
+def print_summary(report) -> None:
+    from ertacache.profile.schedule import mask_summary
+
     m = report.manifest
     prof = m["profile"]
     print(f"\nexport folder {report.out}")
@@ -112,9 +114,17 @@ def print_summary(report: ExportReport) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = check_args(parser().parse_args(argv))
+    apply_threads(args.threads)
+    from ertacache.export.config import ExportConfig
+    from ertacache.export.package import ExportPackage, ModelIdentity, is_export_folder
+    from ertacache.models.loading import load_bundle
+    from ertacache.models.recipes import load_recipe
+    from ertacache.profile.artifact import load_profile
+    from ertacache.profile.schedule import mask_summary
+
     recipe = load_recipe(args.model)
     config = ExportConfig(
-        out=Path(args.out or Path("engines") / args.model), targets=args.targets,
+        out=Path(args.engines or Path("engines") / args.model), targets=args.targets,
         dtype=args.dtype or recipe.defaults.dtype, batch_size=args.batch_size, force=args.force, opset=args.opset,
         check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
         timing_repeats=args.timing_repeats,
@@ -141,6 +151,8 @@ def _main(argv: list[str] | None) -> int:
     identity = ModelIdentity.from_bundle(bundle, text_shape, negative)
     report = ExportPackage(config)(bundle.adapter, profile, identity, text_shape, bundle.decoder, profile_dir)
     print_summary(report)
+    backend = "onnxruntime" if "onnx" in config.targets else config.targets[0]
+    print(f"next: ertacache-run --engines {config.out} --backend {backend} --prompt \"...\" --out video.gif")
     return 0
 
 

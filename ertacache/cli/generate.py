@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
 from ertacache.cli.validate import check_args, check_out_video, loading_model
 from ertacache.errors import UserError
-from ertacache.models.loading import load_bundle
-from ertacache.profile.artifact import load_profile
-from ertacache.sampling.generate import generate
-from ertacache.sampling.settings import SampleSettings
-from ertacache.video import save_video
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-generate", description="Generate a video, with or without ERTACache.")
+    p = new_parser(prog="ertacache-generate", description="Generate a video, with or without ERTACache.")
     add_model_args(p)
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--profile", default=None, help="profile folder from ertacache-profile (cached sampling)")
-    cache.add_argument("--no-cache", action="store_true", help="plain sampling, every step computes (the default)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="plain sampling, every step computes (what happens without --profile; the flag only "
+                            "says so explicitly)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (with --profile: the profile's)")
     add_shape_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")
@@ -29,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args, bundle, profile) -> SampleSettings:
+def _settings(args, bundle, profile):
+    from ertacache.sampling.settings import SampleSettings
+
     if profile is None:
         return SampleSettings.from_recipe(
             bundle.recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
@@ -51,6 +50,12 @@ def _settings(args, bundle, profile) -> SampleSettings:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     check_out_video(check_args(args).out, args.force)  # before loading or sampling anything
+    apply_threads(args.threads)
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.artifact import load_profile
+    from ertacache.sampling.generate import generate
+    from ertacache.video import save_video
+
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None and profile.model != args.model:
         raise UserError(f"the profile was made for --model {profile.model}, not {args.model}; pass --model "

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import add_model_args, add_shape_args, pick_device, run_cli
+from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
-from ertacache.models.loading import load_bundle
-from ertacache.profile.build import build_profile, read_prompts_file
-from ertacache.profile.config import CalibrationConfig
-from ertacache.profile.schedule import mask_summary
-from ertacache.sampling.settings import SampleSettings
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="ertacache-profile",
         description="Calibrate ERTACache offline: reuse mask, adjusted sigmas and residual correction.",
     )
@@ -33,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rectify", action="store_true", help="ablation: no residual correction")
     p.add_argument("--batch-size", type=int, default=None, help="calibration prompts per model call")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed (prompt k uses seed + k)")
-    p.add_argument("--out", required=True, help="profile folder to write")
+    p.add_argument("--out", default=None,
+                   help="profile folder to write (default: engines/<model>-profile; pass it to the other "
+                        "commands' --profile)")
     p.add_argument("--force", action="store_true", help="replace an existing profile folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -43,7 +40,15 @@ def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     from ertacache.profile.artifact import is_profile_folder
 
+    args.out = args.out or f"engines/{args.model}-profile"
     check_out_folder(check_args(args).out, args.force, "profile folder", is_profile_folder)  # before any long work
+    apply_threads(args.threads)
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.build import build_profile, read_prompts_file
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.profile.schedule import mask_summary
+    from ertacache.sampling.settings import SampleSettings
+
     prompts = read_prompts_file(args.prompts) if args.prompts else None
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
@@ -71,6 +76,9 @@ def _main(argv: list[str] | None) -> int:
     print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "
           f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s")
     print(f"profile written to {out}")
+    model = f"--model {args.model}" + (f" --model-path {args.model_path}" if args.model_path else "")
+    print(f"next: ertacache-generate {model} --profile {out} --prompt \"...\" --out video.gif\n"
+          f"      ertacache-export {model} --profile {out} --engines engines/{args.model}")
     return 0
 
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from ertacache.cli.common import run_cli
+from ertacache.cli.common import BACKEND_NAMES, add_engines_arg, apply_threads, new_parser, run_cli
 from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg, check_folder_arg, check_out_video
-from ertacache.engines import BACKENDS
-from ertacache.runtime import Runtime, StepTimes
-from ertacache.runtime.inputs import noise_for, text_embeds_from_npy, text_embeds_from_prompt
-from ertacache.video import save_video
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engines", required=True, help="export folder (ertacache-export --out)")
-    p.add_argument("--backend", default="onnxruntime", help=f"one of {list(BACKENDS)} (default: onnxruntime)")
+    add_engines_arg(p)
+    p.add_argument("--backend", default="onnxruntime", help=f"one of {list(BACKEND_NAMES)} (default: onnxruntime)")
     p.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: CPUExecutionProvider)")
     p.add_argument("--device", default=None, help="torch device of the buffers (default: the backend's)")
@@ -31,16 +25,23 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     add_digest_arg(p)
 
 
-def open_runtime(args) -> Runtime:
+def open_runtime(args):
+    """The folder's Runtime, its arguments checked first, with --threads applied (torch's pool for aoti/torch,
+    ONNX Runtime's intra-op threads) and the folder pinned to --expect-digest when given."""
+    from ertacache.runtime import Runtime
+
     check_args(args)
     check_digest_arg(args.expect_digest)
-    check_folder_arg(args.engines, "--engines", "ertacache-export --out")
+    check_folder_arg(args.engines, "--engines", "ertacache-export --engines")
+    apply_threads(args.threads)
     providers = args.providers.split(",") if args.providers else None
     return Runtime(args.engines, args.backend, device=args.device, providers=providers, model_path=args.model_path,
-                   expect_digest=args.expect_digest)
+                   intra_op_threads=args.threads, expect_digest=args.expect_digest)
 
 
 def request(args, manifest):
+    from ertacache.runtime.inputs import noise_for, text_embeds_from_npy, text_embeds_from_prompt
+
     if args.prompt is not None:
         text = text_embeds_from_prompt(args.prompt, manifest, args.model_path)
     else:
@@ -49,7 +50,7 @@ def request(args, manifest):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-run", description="Run an export folder's step graphs with one backend "
+    p = new_parser(prog="ertacache-run", description="Run an export folder's step graphs with one backend "
                                 "(full if mask[i] else cached) and write the video.")
     add_runtime_args(p)
     p.add_argument("--out", required=True, help="output video: .gif, .mp4 or .png")
@@ -60,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     check_out_video(args.out, args.force)  # before opening engines or sampling
+    import torch
+
+    from ertacache.runtime import StepTimes
+    from ertacache.video import save_video
+
     start = time.perf_counter()
     runtime = open_runtime(args)
     with runtime as rt:

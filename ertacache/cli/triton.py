@@ -15,21 +15,23 @@ import argparse
 import signal
 import sys
 
-from ertacache.cli.common import run_cli
+from ertacache.cli.common import BACKEND_NAMES, add_engines_arg, new_parser, run_cli
 from ertacache.cli.validate import add_digest_arg, check_args, check_digest_arg
-from ertacache.engines import BACKENDS
-from ertacache.serving.repository import RepositoryConfig, write_repository
-from ertacache.serving.server import ServerConfig, TritonServer
+
+USAGE = """
+  ertacache-triton --engines DIR --repo DIR [options]   write a model repository entry for an export folder
+  ertacache-triton serve --repo DIR [options]           start Triton Inference Server on a repository
+  (ertacache-triton serve --help lists the server's options)"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-triton", description="Write a Triton Inference Server model "
-                                "repository entry (config.pbtxt + Python-backend model.py + the export folder) that "
-                                "serves an export folder. `ertacache-triton serve --repo DIR` starts a server on it.")
-    p.add_argument("--engines", required=True, help="export folder (ertacache-export --out)")
+    p = new_parser(prog="ertacache-triton", threads=False, usage=USAGE, description="Write a Triton Inference "
+                   "Server model repository entry (config.pbtxt + Python-backend model.py + the export folder) that "
+                   "serves an export folder. `ertacache-triton serve --repo DIR` starts a server on it.")
+    add_engines_arg(p)
     p.add_argument("--repo", required=True, help="model repository folder (created; other models in it are kept)")
     p.add_argument("--name", default=None, help="model name (default: from the model id, e.g. wan2_1-tiny)")
-    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKEND_NAMES),
                    help="which engines of the folder the model runs (default: onnxruntime)")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances (instance_group count); each has its own engines and buffers (default 1)")
@@ -45,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--model-path", default=None,
                      help="model folder holding text_encoder/ (default: the export manifest's model path)")
     p.add_argument("--providers", default=None, help="ONNX Runtime providers, comma-separated (default: CPU)")
-    p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per instance (default 0: cores / instances, chosen at load)")
+    p.add_argument("--threads", "--intra-op-threads", dest="intra_op_threads", type=int, default=0,
+                   help="ONNX Runtime threads per model instance (default 0: cores / instances, chosen at load; "
+                        "--intra-op-threads is the old spelling)")
     p.add_argument("--no-verify-files", action="store_true",
                    help="skip the sha256 check of every file when an instance loads (faster loads of big folders)")
     p.add_argument("--force", action="store_true", help="replace a model of the same name in the repository")
@@ -55,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-triton serve", description="Start Triton Inference Server on a "
-                                "model repository and run until Ctrl-C.")
+    p = new_parser(prog="ertacache-triton serve", threads=False, description="Start Triton Inference Server on a "
+                   "model repository and run until Ctrl-C.")
     p.add_argument("--repo", required=True, help="model repository (ertacache-triton --repo)")
     p.add_argument("--address", default="127.0.0.1", help="listen address (default: loopback only)")
     p.add_argument("--http-port", type=int, default=8000)
@@ -66,12 +69,16 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="interpreter of the environment model.py runs in (default: this one; it needs ertacache)")
     p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: nvidia-pytriton's)")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--log-dir", default=None,
+                   help="keep the server's log as DIR/server.log (default: a temporary folder removed on stop)")
     return p
 
 
 def _write(argv: list[str] | None) -> int:
     args = check_args(parser().parse_args(argv))
     check_digest_arg(args.expect_digest)
+    from ertacache.serving.repository import RepositoryConfig, write_repository
+
     cfg = RepositoryConfig(
         engines=args.engines, repo=args.repo, name=args.name, backend=args.backend, instances=args.instances,
         decoupled=args.decoupled, max_batch_size=args.max_batch_size, latents=args.latents,
@@ -90,10 +97,12 @@ def _write(argv: list[str] | None) -> int:
 
 def _serve(argv: list[str]) -> int:
     args = check_args(serve_parser().parse_args(argv))
+    from ertacache.serving.server import ServerConfig, TritonServer
+
     cfg = ServerConfig(repo=args.repo, address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
                        metrics_port=args.metrics_port, python=args.python, tritonserver=args.tritonserver,
                        log_verbose=args.log_verbose)
-    server = TritonServer(cfg)
+    server = TritonServer(cfg, log_dir=args.log_dir)
     print(f"starting {server.dist.binary} on {cfg.repo} (log: {server.log_path})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM -> the finally below stops the server
     try:

@@ -134,35 +134,15 @@ def check_out_folder(path: str | os.PathLike, force: bool, what: str, recognise:
 def check_out_video(path: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
     """--out names a video file: a known suffix with a writer here, not a folder, existing only with --force."""
     from ertacache.io import check_replaceable
-    from ertacache.video import VIDEO_SUFFIXES
+    from ertacache.video import VIDEO_SUFFIXES, check_writable
 
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a video file name ending in one of {VIDEO_SUFFIXES}")
-    suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise UserError(f"{flag} must end in one of {VIDEO_SUFFIXES}, got {brief(path.name, 60)}")
+    check_writable(path)  # suffix, and for .mp4 an FFmpeg writer: found out now, not after sampling
     check_replaceable(path.absolute(), force, "output file", kind="file")
     _writable_parent(path, flag)
-    if suffix == ".mp4":
-        check_mp4_writer()
     return path
-
-
-def check_mp4_writer() -> None:
-    """Writing .mp4 needs imageio with an FFmpeg plugin: find out now, not after sampling."""
-    import warnings
-
-    try:
-        import imageio.v3 as iio
-        import numpy as np
-
-        with warnings.catch_warnings():  # imageio warns on stderr before failing; the error below says it all
-            warnings.simplefilter("ignore")
-            iio.imwrite("<bytes>", np.zeros((1, 16, 16, 3), np.uint8), extension=".mp4", fps=1)
-    except Exception as e:  # noqa: BLE001 - any failure means no usable writer
-        raise UserError(f"writing .mp4 needs imageio with FFmpeg (pip install imageio imageio-ffmpeg), which does "
-                        f"not work here ({brief(str(e), 100)}); or write .gif / .png") from None
 
 
 def check_out_json(path: str | os.PathLike | None, flag: str = "--json") -> None:

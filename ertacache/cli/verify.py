@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from ertacache.cli.common import run_cli
+from ertacache.cli.common import new_parser, run_cli
 from ertacache.cli.run import add_runtime_args, open_runtime, request
 from ertacache.cli.validate import check_out_json, loading_model
-from ertacache.engines.errors import EngineMismatchError
-from ertacache.io import atomic_write_bytes
-from ertacache.profile.artifact import load_profile
-from ertacache.runtime.verify import TOLERANCES, verify_runtime
+
+#: as ertacache.runtime.verify.TOLERANCES (tests/cli checks they agree), spelled here so --help needs no torch
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ertacache-verify", description="Compare an export folder's runtime with eager "
+    p = new_parser(prog="ertacache-verify", description="Compare an export folder's runtime with eager "
                                 "PyTorch on the same inputs (relative L2 of the final latents) and report fidelity "
                                 "against uncached sampling (PSNR). Exit 1 when over tolerance.")
     add_runtime_args(p)
@@ -28,10 +25,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ertacache.models.loading import load_bundle
-
     args = parser().parse_args(argv)
     check_out_json(args.json)
+    import torch
+
+    from ertacache.engines.errors import EngineMismatchError
+    from ertacache.io import atomic_write_bytes
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.artifact import load_profile
+    from ertacache.runtime.verify import verify_runtime
+
     with open_runtime(args) as rt:
         m = rt.manifest
         device = rt.device if rt.device.type == "cuda" else torch.device("cpu")

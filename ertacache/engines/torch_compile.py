@@ -102,7 +102,13 @@ class TorchCompileEngine(Engine):
                 continue
             # CUDA graphs are captured by CudaGraphCall around the bound call, not by mode="reduce-overhead":
             # that keeps the buffers the runtime owns as the graph's static inputs and outputs
-            fn = torch.compile(module, fullgraph=True, dynamic=False, backend=self.compile_backend, mode=self.mode)
+            # Inductor bakes torch.get_num_threads() at compile time into its C++ kernels
+            # (`omp parallel num_threads(N)`); cpp.dynamic_threads reads it at every call instead, so the
+            # process's thread setting (--threads) holds after the compile as well
+            # (torch.compile takes mode or options, not both: with a mode, threads stay baked)
+            options = {"cpp.dynamic_threads": True} if self.compile_backend == "inductor" and not self.mode else None
+            fn = torch.compile(module, fullgraph=True, dynamic=False, backend=self.compile_backend, mode=self.mode,
+                               options=options)
             self.compiled[name] = torch.no_grad()(fn)
         if self.cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()

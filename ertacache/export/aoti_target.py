@@ -30,7 +30,9 @@ class AotiPackageFromExportedProgram:
     """Compile one graph into ``out_dir/<name>.pt2``."""
 
     def __init__(self, inductor_configs: dict | None = None):
-        self.inductor_configs = dict(inductor_configs or {})
+        # threads are read at run time (torch.set_num_threads / --threads of the process that loads the
+        # package), not baked in from the exporting machine's core count, which Inductor does by default
+        self.inductor_configs = {"cpp.dynamic_threads": True, **(inductor_configs or {})}
 
     def __call__(self, name: str, program: torch.export.ExportedProgram, out_dir: Path) -> AotiGraph:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ class AotiPackageFromExportedProgram:
         start = time.perf_counter()
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                     inductor_configs=self.inductor_configs or None)
+                                                     inductor_configs=self.inductor_configs)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise GraphExportError(name, "writing the AOTInductor package", f"disk full ({e})",

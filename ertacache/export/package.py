@@ -25,13 +25,14 @@ from typing import Any, Callable
 
 import torch
 
+from ertacache.contract import (CACHED_STEP, FORMAT, FULL_STEP, LOOP, MANIFEST, SCHEMA_VERSION, STEP_GRAPHS,
+                                VAE_DECODE, folder_digest)
 from ertacache.errors import UserError
 from ertacache.export.config import ExportConfig
 from ertacache.export.errors import GraphExportError
-from ertacache.contract import (CACHED_STEP, FORMAT, FULL_STEP, LOOP, MANIFEST, SCHEMA_VERSION, STEP_GRAPHS,
-                                VAE_DECODE, folder_digest)
 from ertacache.export.graphs import BakeStepGraphs, StepGraphs
 from ertacache.export.manifest import file_entries, package_versions, write_manifest
+from ertacache.export.quiet import known_exporter_messages_filtered
 from ertacache.export.runners import (
     AotiRunner,
     EagerRunner,
@@ -107,13 +108,25 @@ class ExportPackage:
     def __init__(self, config: ExportConfig, log: Callable[[str], None] = print):
         self.config = config
         self.log = log
+        self._stages_total: int | None = None
+        self._stages_done = 0
+        self._start = time.perf_counter()
+
+    def _count_stages(self, n_graphs: int) -> int:
+        """How many _stage calls this export makes (for the "[k/N name]" progress lines)."""
+        cfg = self.config
+        return (1 + cfg.check_compile + n_graphs * (("onnx" in cfg.targets) + ("aoti" in cfg.targets))
+                + ("tensorrt" in cfg.targets) + 2 * cfg.validate + 1)
 
     def _stage(self, name: str, stage_s: dict[str, float], fn, *args, **kwargs):
-        self.log(f"[{name}] ...")
+        self._stages_done += 1
+        tag = f"{self._stages_done}/{self._stages_total} {name}" if self._stages_total else name
+        self.log(f"[{tag}] ...")
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        with known_exporter_messages_filtered():  # the exporters' known messages (export/quiet.py)
+            out = fn(*args, **kwargs)
         stage_s[name] = time.perf_counter() - start
-        self.log(f"[{name}] done in {stage_s[name]:.1f} s")
+        self.log(f"[{tag}] done in {stage_s[name]:.1f} s ({time.perf_counter() - self._start:.0f} s so far)")
         return out
 
     def __call__(self, adapter: ModelAdapter, profile: Profile, identity: ModelIdentity,
@@ -126,6 +139,8 @@ class ExportPackage:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")
         stage_s: dict[str, float] = {}
+        self._start, self._stages_done = time.perf_counter(), 0
+        self._stages_total = self._count_stages(2 + (decoder is not None and cfg.decode_graph))
         bake = BakeStepGraphs(cfg.batch_size, cfg.torch_dtype, text_shape,
                               decoder=decoder if cfg.decode_graph else None)
         graphs = self._stage("bake", stage_s, bake, adapter, profile)

@@ -1,14 +1,25 @@
-"""Model knowledge as data: adapters (the pre/blocks/head split), recipes and loading."""
+"""Model knowledge as data: adapters (the pre/blocks/head split), recipes and loading.
 
-from ertacache.models.adapter import ModelAdapter, PreOutput, adapter_for, register_adapter
-from ertacache.models.recipes import Recipe, available_models, load_recipe
+The names below load on first use (PEP 562), so that reading a recipe (what the CLIs do to
+write their --help) does not import torch.
+"""
 
-__all__ = [
-    "ModelAdapter",
-    "PreOutput",
-    "adapter_for",
-    "register_adapter",
-    "Recipe",
-    "available_models",
-    "load_recipe",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "ModelAdapter": "ertacache.models.adapter",
+    "PreOutput": "ertacache.models.adapter",
+    "adapter_for": "ertacache.models.adapter",
+    "register_adapter": "ertacache.models.adapter",
+    "Recipe": "ertacache.models.recipes",
+    "available_models": "ertacache.models.recipes",
+    "load_recipe": "ertacache.models.recipes",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,12 +10,11 @@ testbed loads the same way from a folder shipped inside this package.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -95,7 +94,7 @@ FAMILIES: dict[str, Family] = {
 
 def _download_hint(recipe: Recipe) -> str:
     return (
-        f"download it with `huggingface-cli download {recipe.hub_id} --local-dir /path/to/{recipe.model}` "
+        f"download it with `hf download {recipe.hub_id} --local-dir /path/to/{recipe.model}` "
         f"on a machine with network access, then pass --model-path /path/to/{recipe.model}"
     )
 
@@ -140,21 +139,25 @@ def resolve_model_path(recipe: Recipe, model_path: str | os.PathLike | None = No
         ) from None
 
 
-def fingerprint_module(module: nn.Module, extra: Any = None) -> str:
-    """A cheap identity of a module's weights: class, config, and a strided sample of every tensor.
+def fingerprint_module(module: nn.Module) -> str:
+    """The identity of a module's weights alone: every tensor's name, shape and a strided sample of values.
 
-    Hashing every byte of a 14B model takes minutes; 64 samples per tensor plus
-    names and shapes tell apart any two checkpoints in practice. Samples are
-    rounded to bfloat16 first so that the same weights loaded in fp32, fp16 or
-    bf16 share one fingerprint (a profile is about weights, not precision).
+    Why nothing else goes in: a profile is about weights, so the id must be
+    the same wherever and however the same weights are loaded. diffusers'
+    config carries ``_name_or_path`` (the folder the weights came from) and
+    ``_diffusers_version``, so hashing the config gave the same checkpoint a
+    different id in a clone, a wheel install, a copy of the folder or a path
+    with a trailing slash. Names and shapes pin the architecture; values
+    tell checkpoints apart.
+
+    Hashing every byte of a 14B model takes minutes; 64 samples per tensor
+    tell apart any two checkpoints in practice. Samples are rounded to
+    bfloat16 first so that the same weights loaded in fp32 or bf16 share one
+    fingerprint (a profile is about weights, not precision). fp16 loading
+    rounds twice (fp32 -> fp16 -> bf16), which can differ in the last bfloat16
+    bit, so an fp16 load of fp32 weights may get another id.
     """
-    h = hashlib.sha256()
-    h.update(type(module).__name__.encode())
-    config = getattr(module, "config", None)
-    if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    if extra is not None:
-        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(b"ertacache-weights-v2")
     with torch.no_grad():
         for name, tensor in sorted(module.state_dict().items()):
             flat = tensor.detach().reshape(-1)

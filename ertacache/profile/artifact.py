@@ -127,6 +127,13 @@ class Profile:
             ("frames", frames, self.frames),
         ]
         for name, wanted, have in checks:
+            if name.startswith("model fingerprint") and wanted is not None and wanted != have:
+                # no flag sets the weights: name both ids and what to do, not "the conflicting flag"
+                raise ProfileError(
+                    f"{where} was made for other weights: profile fingerprint {have}, loaded model {wanted} "
+                    f"(the fingerprint hashes weight names, shapes and values, not the folder); load the weights "
+                    f"the profile was made from, or re-run ertacache-profile on these"
+                )
             if wanted is not None and wanted != have:
                 raise ProfileError(
                     f"{where} was made for {name} = {have!r}, but {wanted!r} was requested; "

@@ -191,6 +191,7 @@ class TritonServer:
 
     config: ServerConfig
     workdir: Path | None = None  # default: a temporary folder, removed on stop
+    log_dir: Path | None = None  # where server.log goes and stays after stop (default: the workdir)
     process: subprocess.Popen | None = field(default=None, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
 
@@ -198,6 +199,12 @@ class TritonServer:
         self.dist = TritonDistribution.find(self.config.tritonserver)
         self._own_workdir = self.workdir is None
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="ertacache-triton-"))
+        if self.log_dir is not None:
+            self.log_dir = Path(self.log_dir).absolute()
+            try:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--log-dir {self.log_dir} cannot be created ({e.strerror}); choose another") from None
         self.shm_prefix = ""
 
     # ---- environment -----------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ class TritonServer:
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "server.log"
+        return (self.log_dir or self.workdir) / "server.log"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""

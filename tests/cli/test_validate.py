@@ -105,14 +105,14 @@ def test_run_verify_build_triton_refuse_bad_folders_and_pins(onnx_export, tmp_pa
 
 
 def test_mp4_without_a_writer_is_refused_before_sampling(tmp_path, capsys):
-    from ertacache.cli.validate import check_mp4_writer
     from ertacache.errors import UserError
+    from ertacache.video import check_writable
 
     try:
-        check_mp4_writer()
+        check_writable(tmp_path / "probe.mp4")
     except UserError:
         refused(gen_cli.main, ["--prompt", "digit 3", "--out", str(tmp_path / "v.mp4")], capsys,
-                "writing .mp4 needs imageio with FFmpeg")
+                "MP4 needs imageio and imageio-ffmpeg")
         assert list(tmp_path.iterdir()) == []
     else:
         pytest.skip("an MP4 writer is installed here: nothing to refuse")

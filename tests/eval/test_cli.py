@@ -15,6 +15,7 @@ def cal_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_cli_smoke(cal_file, tmp_path, capsys):
     out = tmp_path / "out"
     rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "6", "--speedups", "2", "--methods", "all",

@@ -63,6 +63,7 @@ def test_onnx_runtime_matches_eager_per_step_and_over_the_schedule(onnx_export, 
     assert onnx_export.validation["onnx"]["decode_max_abs_uint8"] <= 1
 
 
+@pytest.mark.slow
 def test_unsupported_op_is_refused_naming_graph_and_op(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_target, "TENSORRT_ONNX_OPS", onnx_target.TENSORRT_ONNX_OPS - {"Gemm"})
     out = tmp_path / "out"
@@ -71,6 +72,7 @@ def test_unsupported_op_is_refused_naming_graph_and_op(tiny, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
 
 
+@pytest.mark.slow
 def test_fp16_onnx_exports_and_reports_its_error(tiny, tmp_path):
     import copy
 

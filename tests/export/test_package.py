@@ -26,7 +26,11 @@ def test_manifest_schema(onnx_export, tiny):
     assert m["text_encoder"]["embed_shape"] == [5, 16]
     assert m["targets"]["torch_compile"]["graph_breaks"] == {FULL_STEP: 0, CACHED_STEP: 0}
     assert all(m["versions"][k] for k in ("torch", "onnx", "diffusers"))
-    assert 0 < m["timing"]["onnxruntime"]["c"] < 1
+    # timing is recorded consistently (c = cached / full, the bound from c); no speed assertion: a unit test
+    # measures on a shared machine, where one noisy call makes the cached step look slower than the full one
+    t, mask = m["timing"]["onnxruntime"], m["profile"]["mask"]  # (seconds rounded to 1e-6 in the manifest)
+    assert t["full_s"] > 0 and t["cached_s"] > 0 and t["c"] == pytest.approx(t["cached_s"] / t["full_s"], rel=1e-2)
+    assert t["speedup_bound"] == pytest.approx(len(mask) / (sum(mask) + (len(mask) - sum(mask)) * t["c"]), rel=1e-3)
 
 
 def test_every_file_is_hashed_and_tampering_is_refused(onnx_export, tmp_path):
@@ -46,6 +50,7 @@ def test_every_file_is_hashed_and_tampering_is_refused(onnx_export, tmp_path):
         load_manifest(copy)
 
 
+@pytest.mark.slow
 def test_existing_folder_needs_force_and_is_replaced_atomically(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -80,6 +85,7 @@ def test_exporter_failure_names_the_graph_and_leaves_nothing(tiny, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_leaves_no_folder(tiny, tmp_path, monkeypatch):
     def full_disk_save(self, destination, **kwargs):
         with open(destination, "wb") as f:
@@ -92,6 +98,7 @@ def test_disk_full_mid_write_leaves_no_folder(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_validation_failure_leaves_no_folder(tiny, tmp_path, monkeypatch):
     from ertacache.export import runners
 
@@ -113,3 +120,13 @@ def test_profile_for_other_weights_is_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="re-profile this model"):
         ExportPackage(ExportConfig(out=tmp_path / "o", targets="onnx"), log=lambda s: None)(
             tiny.adapter, tiny.profile, other, (5, 16))
+
+
+@pytest.mark.slow
+def test_stage_lines_count_up_to_the_announced_total(tiny, tmp_path):
+    lines: list[str] = []
+    tiny.export(tmp_path / "out", log=lines.append, targets="onnx", timing_repeats=0, check_compile=False)
+    done = [line for line in lines if line.startswith("[") and "] done in" in line]
+    total = len(done)
+    assert total >= 5  # bake, onnx x 3 graphs, validate, timing, profile copy
+    assert [line.split(" ", 1)[0] for line in done] == [f"[{k}/{total}" for k in range(1, total + 1)]

@@ -59,3 +59,58 @@ def test_shapes_that_do_not_fit_the_vae_and_patch_are_refused(tiny_wan_folder, s
     bundle = load_bundle("wan2.1", model_path=tiny_wan_folder)
     with pytest.raises(UserError, match=match):
         bundle.latent_shape(*shape)
+
+
+def _tiny_profile(fingerprint: str):
+    from ertacache.profile.artifact import Profile
+    from ertacache.sampling.sigmas import nominal_sigmas
+
+    steps = 4
+    sig = nominal_sigmas(steps, 3.0).tolist()
+    return Profile(
+        model="wan2.1-tiny", model_fingerprint=fingerprint, steps=steps, shift=3.0, height=32, width=32, frames=5,
+        latent_shape=[4, 2, 4, 4], guidance_scale=4.0, n_branches=2, lam=0.1, mask=[True, False, True, True],
+        nominal_sigmas=sig, sigmas=sig, phi=[1.0] * steps, corr_a=torch.zeros(steps, 2, 4),
+        corr_b=torch.zeros(steps, 2, 4), config={}, calibration={}, stats={}, speedup_target=None,
+    )
+
+
+def test_a_profile_of_the_shipped_model_moves_with_its_weights_not_its_folder(tmp_path):
+    """Same weights in another folder (a copy, a wheel install, a trailing slash): same id; other weights: refused."""
+    import shutil
+
+    from diffusers import WanTransformer3DModel
+
+    from ertacache.errors import ProfileError
+    from ertacache.integrations import enable_ertacache
+    from ertacache.profile.artifact import load_profile
+
+    shipped = load_bundle("wan2.1-tiny")
+    _tiny_profile(shipped.fingerprint).save(tmp_path / "profile")
+    profile = load_profile(tmp_path / "profile")
+
+    copy = tmp_path / "elsewhere" / "my-tiny"
+    shutil.copytree(shipped.path, copy)
+    for path in (copy, f"{copy}/"):
+        moved = load_bundle("wan2.1-tiny", model_path=path)
+        assert moved.path != shipped.path
+        assert moved.fingerprint == shipped.fingerprint
+        profile.check_matches(model=moved.model_id, fingerprint=moved.fingerprint)
+    # a transformer loaded by hand, as the diffusers-native API does
+    by_hand = WanTransformer3DModel.from_pretrained(copy, subfolder="transformer")
+    assert fingerprint_module(by_hand) == shipped.fingerprint
+
+    class Pipe:  # the two attributes enable_ertacache reads
+        transformer, scheduler = by_hand, None
+
+    enable_ertacache(Pipe(), profile)
+
+    with torch.no_grad():
+        by_hand.proj_out.weight.mul_(1.01)
+    by_hand.save_pretrained(copy / "transformer")
+    other = load_bundle("wan2.1-tiny", model_path=copy)
+    assert other.fingerprint != shipped.fingerprint
+    with pytest.raises(ProfileError) as err:
+        profile.check_matches(model=other.model_id, fingerprint=other.fingerprint, where="profile P")
+    msg = str(err.value)
+    assert shipped.fingerprint in msg and other.fingerprint in msg and "flag" not in msg

@@ -43,3 +43,21 @@ def test_free_port_is_free():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # nothing else holds it
+
+
+def test_log_dir_keeps_the_server_log_after_stop(tmp_path):
+    """--log-dir: the log is written there and stays when the server (here a stand-in that exits) is gone."""
+    from ertacache.serving.server import ServerError, TritonServer
+
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\necho \"stand-in server: $1\"\nexit 3\n")
+    fake.chmod(0o755)
+    (tmp_path / "repo").mkdir()
+    server = TritonServer(ServerConfig(repo=tmp_path / "repo", tritonserver=fake, startup_timeout_s=30),
+                          log_dir=tmp_path / "logs")
+    assert server.log_path == tmp_path / "logs" / "server.log"
+    with pytest.raises(ServerError, match="stand-in server"):
+        server.start()
+    server.close()
+    assert not server.workdir.exists()  # the temporary folder goes ...
+    assert "stand-in server: --model-repository=" in (tmp_path / "logs" / "server.log").read_text()  # ... the log stays

@@ -27,6 +27,7 @@ def test_folder_is_small_and_facts_complete(testbed):
     assert list((ASSET_DIR / "transformer").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_50_step_samples_show_prompted_digits(testbed):
     n = 16
     prompts = data.held_out_prompts(n)
@@ -40,6 +41,7 @@ def test_50_step_samples_show_prompted_digits(testbed):
     assert judge.motion_accuracy(frames, dirs) >= testbed.facts["eval"]["held_out"]["motion_accuracy"] - SLACK
 
 
+@pytest.mark.slow
 def test_residual_changes_smoothly(testbed):
     curves = residual_change_curve(testbed, data.held_out_prompts(2), list(data.HELD_OUT_SEEDS[:2]), steps=50)
     c = curves["cond"]
