@@ -27,6 +27,9 @@ from ertacache.sampling.steps import StepTables
 class PlanOutput:
     latents: torch.Tensor  # (B, C, F, H, W)
     computed: np.ndarray  # (B, T_plan) bool: which steps ran the block stack, per sample
+    #: (B,) blocks that ran, in units of the whole stack, where a method runs probe blocks on cached steps
+    #: (measured for the peers); None means equal to the full-step count
+    block_equivalents: np.ndarray | None = None
 
 
 class Plan(Protocol):
