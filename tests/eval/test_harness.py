@@ -75,8 +75,15 @@ def test_report_json_figures_and_markdown(evaluated, tmp_path):
     spec.loader.exec_module(make_results)
     md = make_results.render(loaded, tmp_path, tmp_path / "results.md")
     for needle in ("## The 2x table", "erta-closed-full", "## Goals", "Wall clock", "Calibration-set size",
-                   "LPIPS not measured", "psnr_vs_speedup.png"):
+                   "LPIPS not measured", "psnr_vs_speedup.png", "| PSNR mean | PSNR worst | PSNR pooled |",
+                   "PSNR (dB) of the worst held-out video", "ertacache (hand-written) TeaCache-style",
+                   "Its worst sample no worse"):
         assert needle in md
+    # an eval.json from before the tail was recorded gets it from its per-sample PSNRs
+    old = {"rows": [{"psnr_per_sample": [20.0, 30.0]}, {"psnr_per_sample": None}]}
+    filled = make_results.fill_tail(old)["rows"]
+    assert filled[0]["psnr_worst"] == 20.0 and filled[1].get("psnr_worst") is None
+    assert filled[0]["psnr_pooled"] == pytest.approx(-10 * np.log10((1e-2 + 1e-3) / 2))
 
 
 def test_timing_helpers():
