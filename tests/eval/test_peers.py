@@ -49,6 +49,7 @@ def test_block_counter_counts_real_executions(ctx):
     assert not any(b.ffn._forward_hooks for b in model.blocks)  # the counter removed its hooks
 
 
+@pytest.mark.slow  # each peer: its tuning runs (calibration probes) and the held-out set at two speedups
 @pytest.mark.parametrize("method", PEER_METHODS)
 def test_each_peer_is_tuned_to_the_budget_by_counting(ctx, uncached, method):
     needs_library(method)
