@@ -29,8 +29,9 @@ error on calibration prompts is kept), MagCache's threshold (static given its ca
 the nearest reachable count, and the dynamic thresholds (FirstBlockCache, DBCache) by closed-loop
 bisection on the calibration prompts; their held-out mean and range are reported.
 
-Dynamic peers decide per model call over the whole batch, so every peer samples one prompt per call
-(its two CFG rows together): a row's decisions never depend on another sample.
+Dynamic peers decide per model call over the whole batch, so they sample one prompt per call (its two
+CFG rows together): a sample's decisions never depend on another's. The static ones (TaylorSeer,
+calibrated MagCache) sample a micro-batch per call, as the built-in methods do.
 """
 
 from __future__ import annotations
@@ -171,7 +172,15 @@ class BlockCounter:
 
 
 class Peer:
-    """One library configuration: how to attach it, reset it between samples and remove it."""
+    """One library configuration: how to attach it, reset it between samples and remove it.
+
+    per_sample: run one prompt per model call. Needed where the library decides at run time from the
+    whole call's tensors (FirstBlockCache, DBCache): batched, one sample's decision would depend on the
+    others. A static schedule (TaylorSeer, calibrated MagCache) decides from the step index alone and
+    predicts element-wise, so it samples a whole micro-batch per call like the built-in methods.
+    """
+
+    per_sample: bool = True
 
     def attach(self, model: nn.Module, steps: int) -> None:
         raise NotImplementedError
@@ -195,6 +204,7 @@ class DiffusersPeer(Peer):
 
     make_config: Callable[[int], object]  # steps -> the config object
     knobs: dict = field(default_factory=dict)
+    per_sample: bool = True
 
     def attach(self, model, steps):
         model.enable_cache(self.make_config(steps))
@@ -261,7 +271,7 @@ def taylorseer_peer(n_blocks: int, order: int, interval: int, before: int, after
         kw = {k: v for k, v in knobs.items() if k != "taylor_factors_dtype"}
         return diffusers.TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **kw)
 
-    return DiffusersPeer(make, knobs)
+    return DiffusersPeer(make, knobs, per_sample=False)
 
 
 def fbcache_peer(threshold: float) -> DiffusersPeer:
@@ -277,7 +287,7 @@ def magcache_peer(ratios, threshold: float, max_skip: int, retention: float) -> 
     def make(steps: int):
         return diffusers.MagCacheConfig(num_inference_steps=steps, mag_ratios=list(map(float, ratios)), **knobs)
 
-    return DiffusersPeer(make, knobs)
+    return DiffusersPeer(make, knobs, per_sample=False)
 
 
 def magcache_calibrator() -> DiffusersPeer:
@@ -296,7 +306,7 @@ def model_velocity(model: nn.Module, x_in: torch.Tensor, timestep: torch.Tensor,
 
 @dataclass
 class PeerPlan:
-    """A peer with fixed settings over the nominal sigma table; samples one prompt per call."""
+    """A peer with fixed settings over the nominal sigma table (one prompt per call where it must be)."""
 
     peer: Peer
     sigmas: np.ndarray  # (T+1,)
@@ -322,18 +332,19 @@ class PeerPlan:
         with quiet_libraries(), BlockCounter(model) as counter:
             self.peer.attach(model, steps)
             try:
-                for k in range(batch):
+                groups = [slice(k, k + 1) for k in range(batch)] if self.peer.per_sample else [slice(0, batch)]
+                for sl in groups:
                     self.peer.before_sample(model, steps)
                     start_blocks = counter.block_equivalents
-                    x, txt = noise[k:k + 1].float(), rows[:, k:k + 1].flatten(0, 1)  # (1, C, F, H, W), (nb, L, D)
+                    x, txt = noise[sl].float(), rows[:, sl].flatten(0, 1)  # (b, C, F, H, W), (nb*b, L, D)
                     for i in range(steps):
-                        x_in = expand_branches(x, nb).to(txt.dtype)  # (nb, C, F, H, W)
+                        x_in = expand_branches(x, nb).to(txt.dtype)  # (nb*b, C, F, H, W)
                         before = counter.stack_runs
                         with model.cache_context(_CONTEXT):
-                            v = model_velocity(model, x_in, model_timestep(sig[i], nb), txt).float()
-                        computed[k, i] = counter.stack_runs > before
+                            v = model_velocity(model, x_in, model_timestep(sig[i], x_in.shape[0]), txt).float()
+                        computed[sl, i] = counter.stack_runs > before  # one call serves every sample of the group
                         x = euler(x, combine_cfg(v, g, nb), sig[i], sig[i + 1])
-                    blocks[k] = counter.block_equivalents - start_blocks
+                    blocks[sl] = counter.block_equivalents - start_blocks
                     self.peer.after_sample(model)
                     outs.append(x)
             finally:
