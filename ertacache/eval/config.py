@@ -8,13 +8,34 @@ from dataclasses import asdict, dataclass, field
 from ertacache.errors import UserError
 from ertacache.profile.config import CalibrationConfig
 
-BASELINES: tuple[str, ...] = ("fewer-steps", "uniform", "teacache", "magcache")
+#: hand-written baselines, kept only where no library has the method (MagCache is diffusers' now)
+BASELINES: tuple[str, ...] = ("fewer-steps", "uniform", "teacache")
 #: ERTACache ablation ladder: policy = offline mask only; time = + timestep adjustment;
 #: full = + error rectification (the whole method). Each in open- and closed-loop calibration.
 ERTA_STAGES: dict[str, tuple[bool, bool]] = {"policy": (False, False), "time": (True, False), "full": (True, True)}
 ERTA_METHODS: tuple[str, ...] = tuple(f"erta-{loop}-{stage}" for loop in ("open", "closed") for stage in ERTA_STAGES)
-ALL_METHODS: tuple[str, ...] = BASELINES + ERTA_METHODS
-METHOD_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_METHODS, "baselines": BASELINES, "erta": ERTA_METHODS}
+BUILTIN_METHODS: tuple[str, ...] = BASELINES + ERTA_METHODS
+#: real peer libraries (ertacache.eval.peers): method -> (the module it imports, what it runs)
+PEERS: dict[str, tuple[str, str]] = {
+    "diffusers-taylorseer-o1": ("diffusers", "TaylorSeer o1"),
+    "diffusers-taylorseer-o2": ("diffusers", "TaylorSeer o2"),
+    "diffusers-taylorseer-lite": ("diffusers", "TaylorSeer lite o1"),
+    "diffusers-fbcache": ("diffusers", "FirstBlockCache"),
+    "diffusers-magcache": ("diffusers", "MagCache"),
+    "cachedit-dbcache": ("cache_dit", "DBCache F1B0"),
+    "cachedit-dbcache-taylorseer": ("cache_dit", "DBCache F1B0 + TaylorSeer o1"),
+}
+PEER_METHODS: tuple[str, ...] = tuple(PEERS)
+ALL_METHODS: tuple[str, ...] = BUILTIN_METHODS + PEER_METHODS
+METHOD_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_METHODS, "builtin": BUILTIN_METHODS, "baselines": BASELINES,
+                                             "erta": ERTA_METHODS, "peers": PEER_METHODS}
+#: what implements each built-in method, for the tables (peers are labelled with their library's version)
+BUILTIN_LABELS: dict[str, str] = {
+    "fewer-steps": "ertacache (hand-written) fewer-step Euler",
+    "uniform": "ertacache (hand-written) uniform reuse, FORA-style",
+    "teacache": "ertacache (hand-written) TeaCache-style",
+    **{m: f"ertacache ERTACache {m.split('-')[1]}-loop {m.split('-')[2]}" for m in ERTA_METHODS},
+}
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
@@ -40,6 +61,15 @@ def erta_flags(method: str) -> tuple[str, bool, bool]:
     _, loop, stage = method.split("-")
     time_adjust, rectify = ERTA_STAGES[stage]
     return loop, time_adjust, rectify
+
+
+def method_label(method: str) -> str:
+    """What implements ``method``: 'diffusers 0.42.1 TaylorSeer o1', 'ertacache (hand-written) TeaCache-style'."""
+    if method in PEERS:
+        from ertacache.eval.peers import peer_label
+
+        return peer_label(method)
+    return BUILTIN_LABELS.get(method, method)
 
 
 def full_step_budget(steps: int, speedup: float) -> int:
@@ -79,29 +109,39 @@ class TeaCacheConfig:
 
 
 @dataclass
-class MagCacheConfig:
-    """MagCache-style static reuse from calibrated residual magnitude ratios.
+class PeerConfig:
+    """How the real peers (ertacache.eval.peers) are tuned to the full-step budget.
 
-    retention_ratio: leading fraction of the steps that always computes
-        (MagCache publishes 0.2); shrunk when the budget cannot afford it.
-    max_skip: K, the most consecutive reused steps. MagCache publishes K = 2,
-        which caps the speedup (with a 20 % retention window about 2.1x at 50
-        steps), so K is raised to the smallest value that reaches the budget;
-        the K used is reported with each row.
-    final_steps: trailing steps that compute, as for every other method here.
+    max_probes: closed-loop runs over the calibration prompts allowed for a
+        dynamic peer's threshold search (FirstBlockCache, DBCache).
+    tolerance: stop once a dynamic peer's calibration mean is this close to the budget.
+    tune_prompts: calibration prompts that rank TaylorSeer's schedules when
+        several hit the budget exactly (latent error against uncached).
+    taylorseer_candidates: exact-budget TaylorSeer schedules compared per
+        cool-down setting (shortest cache intervals first).
+    magcache_retention / magcache_max_skip: the library defaults (0.2 and K = 3);
+        the window is halved when the budget cannot afford it and K raised only
+        as far as the budget needs.
     """
 
-    retention_ratio: float = 0.2
-    max_skip: int = 2
-    final_steps: int = 1
+    max_probes: int = 8
+    tolerance: float = 0.25
+    tune_prompts: int = 4
+    taylorseer_candidates: int = 3
+    magcache_retention: float = 0.2
+    magcache_max_skip: int = 3
 
     def __post_init__(self):
-        if not 0.0 <= self.retention_ratio < 1.0:
-            raise UserError(f"MagCache retention_ratio must be in [0, 1), got {self.retention_ratio}")
-        if self.max_skip < 1:
-            raise UserError(f"MagCache max_skip (K) must be >= 1, got {self.max_skip}")
-        if self.final_steps < 1:
-            raise UserError("MagCache final_steps must be >= 1: the last step computes")
+        if self.max_probes < 2:
+            raise UserError(f"peer max_probes must be >= 2 (one to bracket, one to refine), got {self.max_probes}")
+        if self.tolerance < 0:
+            raise UserError(f"peer tolerance must be >= 0, got {self.tolerance}")
+        if self.tune_prompts < 1 or self.taylorseer_candidates < 1:
+            raise UserError("peer tune_prompts and taylorseer_candidates must be >= 1")
+        if not 0.0 <= self.magcache_retention < 1.0:
+            raise UserError(f"MagCache retention ratio must be in [0, 1), got {self.magcache_retention}")
+        if self.magcache_max_skip < 1:
+            raise UserError(f"MagCache max_skip_steps must be >= 1, got {self.magcache_max_skip}")
 
 
 @dataclass
@@ -126,7 +166,7 @@ class EvalConfig:
     calibration_batch_size: int = 16
     warmup_steps: int = 1
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
-    magcache: MagCacheConfig = field(default_factory=MagCacheConfig)
+    peers: PeerConfig = field(default_factory=PeerConfig)
 
     def __post_init__(self):
         self.speedups = tuple(float(s) for s in self.speedups)
@@ -151,6 +191,10 @@ class EvalConfig:
             raise UserError("batch sizes must be >= 1")
         if self.warmup_steps < 1:
             raise UserError("warmup_steps must be >= 1: step 0 has no cache to reuse")
+        if any(m in PEERS for m in self.methods):
+            from ertacache.eval.peers import require_peers
+
+            require_peers(self.methods)  # a missing extra is refused here, before any compute
 
     def to_dict(self) -> dict:
         return asdict(self)

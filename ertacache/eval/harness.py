@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ertacache.eval.config import EvalConfig, full_step_budget
+from ertacache.eval.config import EvalConfig, full_step_budget, method_label
 from ertacache.eval.fidelity import adherence, score
 from ertacache.eval.plans import Plan, StaticPlan, plain_tables
 from ertacache.eval.record import CalibrationRecord, record_calibration
@@ -62,6 +62,7 @@ class Run:
     frames: np.ndarray  # (B, F, H, W, 3) uint8
     computed: np.ndarray  # (B, T_plan) bool
     wall_s: float  # denoising loops only (text encoding and decoding excluded)
+    block_equivalents: np.ndarray | None = None  # (B,) where measured (peers), else None
 
 
 class EvalContext:
@@ -71,7 +72,8 @@ class EvalContext:
                  log: Callable[[str], None] = print):
         self.bundle, self.settings, self.config = bundle, settings, config
         self.progress, self.log = progress, log
-        self.candidates: dict[tuple[str, float], object] = {}  # (method, speedup) -> Candidate, for reuse
+        #: (method, speedup) -> Candidate, for reuse; also other per-context results keyed by a tuple
+        self.candidates: dict[tuple, object] = {}
 
     # ---- shared inputs -------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class EvalContext:
     def run(self, plan: Plan, samples: SampleSet, batch_size: int | None = None) -> Run:
         """Sample ``samples`` with ``plan`` in micro-batches, then decode."""
         size = batch_size or self.config.batch_size
-        latents, computed, wall = [], [], 0.0
+        latents, computed, blocks, wall = [], [], [], 0.0
         for start in range(0, len(samples), size):
             noise, text = samples.chunk(slice(start, start + size))
             t0 = time.perf_counter()
@@ -137,9 +139,21 @@ class EvalContext:
             wall += time.perf_counter() - t0
             latents.append(out.latents)
             computed.append(out.computed)
+            blocks.append(out.block_equivalents)
         lat = torch.cat(latents)
         frames = self.bundle.decoder.decode(lat).cpu().numpy()
-        return Run(lat, frames, np.concatenate(computed), wall)
+        block_eq = None if any(b is None for b in blocks) else np.concatenate(blocks)
+        return Run(lat, frames, np.concatenate(computed), wall, block_eq)
+
+    def calibration_reference(self, prompts: int) -> torch.Tensor:
+        """Uncached final latents (n, C, F, H, W) of the first ``prompts`` calibration prompts (peer tuning)."""
+        key = ("calibration-reference", prompts)
+        if key not in self.candidates:
+            cal = self.calibration
+            noise, text = cal.latents[:prompts], cal.text_rows(slice(0, prompts))
+            self.candidates[key] = self.uncached_plan().sample(self.bundle.adapter, noise, text,
+                                                               cal.guidance_scale).latents
+        return self.candidates[key]
 
     def reference_for(self, samples: SampleSet) -> Run:
         """Uncached samples of another prompt/seed set (studies)."""
@@ -166,6 +180,7 @@ def evaluate(ctx: EvalContext, method: str, speedup: float) -> tuple[dict, Run]:
     counts = run.computed.sum(axis=1)
     row = {
         "method": method,
+        "implementation": method_label(method),
         "speedup_target": speedup,
         "budget": budget,
         "full_steps": float(counts.mean()),
@@ -178,6 +193,10 @@ def evaluate(ctx: EvalContext, method: str, speedup: float) -> tuple[dict, Run]:
         "info": cand.info,
         "schedule": grid_schedule(cand.plan, run),
     }
+    if run.block_equivalents is not None:  # blocks that really ran, probe blocks included (whole-stack units)
+        be = run.block_equivalents
+        row["block_equivalents"] = float(be.mean())
+        row["block_equivalents_range"] = [float(be.min()), float(be.max())]
     if isinstance(cand.plan, StaticPlan):
         row["mask"] = mask_summary(cand.plan.mask)
     return row, run
@@ -186,8 +205,9 @@ def evaluate(ctx: EvalContext, method: str, speedup: float) -> tuple[dict, Run]:
 def reference_row(ctx: EvalContext) -> dict:
     """The uncached row: what 'no caching' scores on the judge (PSNR/SSIM are against itself)."""
     ref = ctx.reference
-    return {"method": "uncached", "speedup_target": 1.0, "budget": ctx.steps, "full_steps": float(ctx.steps),
-            "full_steps_range": [ctx.steps, ctx.steps], "steps": ctx.steps, "psnr": None, "ssim": None,
+    return {"method": "uncached", "implementation": "uncached reference", "speedup_target": 1.0, "budget": ctx.steps, "full_steps": float(ctx.steps),
+            "full_steps_range": [ctx.steps, ctx.steps], "steps": ctx.steps, "psnr": None, "ssim": None, "psnr_worst": None, "ssim_worst": None,
+            "psnr_pooled": None,
             **adherence(ref.frames, ctx.held_out.prompts), "lpips": None, "wall_s": ref.wall_s, "calib_s": 0.0,
             "info": {}, "schedule": [1.0] * ctx.steps}
 

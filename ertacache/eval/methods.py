@@ -2,8 +2,8 @@
 
 Every builder receives the shared :class:`EvalContext` and the speedup, and
 must return a plan whose full-step count is the budget round(T / speedup):
-exactly for the static methods, as the calibration mean for TeaCache's
-per-sample rule. Adding a method is one decorated function here.
+exactly for the static methods, as the calibration mean for the per-sample
+rules (TeaCache-style, and the dynamic peers of :mod:`ertacache.eval.peers`). Adding a method is one decorated function here.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ertacache.eval.config import ERTA_METHODS, erta_flags
-from ertacache.eval.magcache import calibrated_ratios, solve_magcache
+from ertacache.eval.config import ERTA_METHODS, PEER_METHODS, erta_flags
 from ertacache.eval.plans import Plan, StaticPlan, fewer_steps_plan, reuse_plan, uniform_mask
 from ertacache.eval.teacache import solve_teacache
 from ertacache.profile.calibrate import calibrate
@@ -66,13 +65,6 @@ def _uniform(ctx, method, speedup) -> Candidate:
     return Candidate(reuse_plan(mask, ctx.calibration.nominal_sigmas, ctx.settings.n_branches, ctx.channels), {})
 
 
-@register("magcache")
-def _magcache(ctx, method, speedup) -> Candidate:
-    schedule = solve_magcache(calibrated_ratios(ctx.record.mag_ratio), ctx.budget(speedup), ctx.config.magcache)
-    plan = reuse_plan(schedule.mask, ctx.calibration.nominal_sigmas, ctx.settings.n_branches, ctx.channels)
-    return Candidate(plan, schedule.info())
-
-
 @register("teacache")
 def _teacache(ctx, method, speedup) -> Candidate:
     plan = solve_teacache(ctx.calibration, ctx.record, ctx.budget(speedup), ctx.config.teacache,
@@ -122,6 +114,14 @@ def erta_candidate(ctx, cal, config: CalibrationConfig) -> Candidate:
 @register(*ERTA_METHODS)
 def _erta(ctx, method, speedup) -> Candidate:
     return erta_candidate(ctx, ctx.calibration, erta_config(ctx, method, speedup))
+
+
+@register(*PEER_METHODS)
+def _peer(ctx, method, speedup) -> Candidate:
+    from ertacache.eval.peers import solve_peer  # the peer libraries load only when a peer is asked for
+
+    cand = solve_peer(ctx, method, ctx.budget(speedup))
+    return Candidate(cand.plan, cand.info)
 
 
 def registered_methods() -> tuple[str, ...]:

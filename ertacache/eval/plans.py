@@ -1,11 +1,12 @@
 """What a method runs on the held-out set: a plan that samples a batch.
 
-Every static method (fewer steps, uniform reuse, MagCache-style, ERTACache and
-its ablations) is a reuse mask plus step tables (sigmas, correction), run by
-the product's own :class:`CachedSampler`: a baseline is ERTACache's sampler
-with unit phi (nominal sigmas) and zero correction. Only the TeaCache-style
-baseline decides at run time, per sample, and has its own loop
-(:mod:`ertacache.eval.teacache`).
+Every static built-in method (fewer steps, uniform reuse, ERTACache and its
+ablations) is a reuse mask plus step tables (sigmas, correction), run by the
+product's own :class:`CachedSampler`: a baseline is ERTACache's sampler with
+unit phi (nominal sigmas) and zero correction. The TeaCache-style baseline
+decides at run time, per sample, and has its own loop
+(:mod:`ertacache.eval.teacache`); the real peers run their libraries' hooks
+(:mod:`ertacache.eval.peers`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from ertacache.sampling.steps import StepTables
 class PlanOutput:
     latents: torch.Tensor  # (B, C, F, H, W)
     computed: np.ndarray  # (B, T_plan) bool: which steps ran the block stack, per sample
+    #: (B,) blocks that ran, in units of the whole stack, where a method runs probe blocks on cached steps
+    #: (measured for the peers); None means equal to the full-step count
+    block_equivalents: np.ndarray | None = None
 
 
 class Plan(Protocol):

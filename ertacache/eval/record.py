@@ -3,9 +3,10 @@
 ERTACache's open loop needs the residual error matrix; the TeaCache-style
 baseline needs, per prompt and step, the relative L1 change of the
 timestep-modulated input and of the model output (to fit its rescaling
-polynomial); the MagCache-style baseline needs the magnitude ratio of
-consecutive residuals. All three come from the same uncached trajectories, so
-they are gathered in one pass through :func:`error_matrix`'s observer hook.
+polynomial); the magnitude ratio of consecutive residuals (MagCache's
+signal) is reported with the results. All three come from the same uncached
+trajectories, so they are gathered in one pass through :func:`error_matrix`'s
+observer hook.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def magnitude_ratio_per_sample(new: torch.Tensor, old: torch.Tensor, n_branches:
     """(nb*b, N, D) residuals -> (b,) mean over tokens and branches of ||r_new||_2 / ||r_old||_2 per token."""
     ratio = new.float().norm(dim=-1) / old.float().norm(dim=-1).clamp_min(1e-12)  # (nb*b, N)
     return ratio.unflatten(0, (n_branches, -1)).mean(dim=(0, 2))  # (nb, b, N) -> (b,)
+
+
+def calibrated_ratios(mag_ratio: np.ndarray) -> np.ndarray:
+    """(P, T) per-prompt magnitude ratios -> (T,) their mean over calibration prompts (for the plots/JSON)."""
+    return np.asarray(mag_ratio, dtype=np.float64).mean(axis=0)
 
 
 @dataclass

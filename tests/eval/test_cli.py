@@ -1,11 +1,12 @@
 """ertacache-eval end to end on the shipped testbed, in seconds (tiny step count and sample set)."""
 
 import json
+import sys
 
 import pytest
 
 from ertacache.cli import eval as eval_cli
-from ertacache.eval.config import ALL_METHODS
+from ertacache.eval.config import BUILTIN_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -18,21 +19,30 @@ def cal_file(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_cli_smoke(cal_file, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "6", "--speedups", "2", "--methods", "all",
+    rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "6", "--speedups", "2", "--methods",
+                        "builtin,diffusers-taylorseer-o1",
                         "--seeds", "1000-1001", "--calibration-prompts", str(cal_file), "--studies", "transfer",
                         "--wallclock", "--repeats", "1", "--json", str(tmp_path / "e.json"), "--out", str(out),
                         "--quiet"])
     assert rc == 0
     doc = json.loads((tmp_path / "e.json").read_text())
     rows = doc["rows"]
-    assert [r["method"] for r in rows] == ["uncached", *ALL_METHODS]
+    assert [r["method"] for r in rows] == ["uncached", *BUILTIN_METHODS, "diffusers-taylorseer-o1"]
     assert all(r["full_steps"] == 3 for r in rows[1:] if r["method"] != "teacache")
     assert not set(doc["config"]["held_out_prompts"]) & set(doc["config"]["calibration_prompts"])
     assert doc["command"].startswith("ertacache-eval --model wan2.1-tiny") and doc["machine"]["cores"] >= 1
     assert doc["wallclock"]["rows"][0]["full_steps"] == 3 and len(doc["studies"]["transfer"]) == 3
     for name in ("psnr_vs_speedup.png", "schedules_2x.png", "strip.gif", "strip.png"):
         assert (out / name).stat().st_size > 1000
-    assert "erta-closed-full" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "erta-closed-full" in out_text and "worst" in out_text and "pooled" in out_text
+
+
+def test_missing_peers_extra_is_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # an environment without the extra
+    rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "6", "--quiet", "--methods", "cachedit-dbcache"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'ertacache[peers]'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("extra, match", [

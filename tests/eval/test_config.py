@@ -2,8 +2,8 @@ import pytest
 
 from ertacache.errors import UserError
 from ertacache.eval.config import (
-    ALL_METHODS, BASELINES, ERTA_METHODS, EvalConfig, MagCacheConfig, TeaCacheConfig, erta_flags, full_step_budget,
-    parse_methods,
+    ALL_METHODS, BASELINES, BUILTIN_METHODS, ERTA_METHODS, PEER_METHODS, EvalConfig, PeerConfig, TeaCacheConfig,
+    erta_flags, full_step_budget, method_label, parse_methods,
 )
 from ertacache.eval.methods import registered_methods
 from ertacache.profile.config import CalibrationConfig
@@ -12,6 +12,8 @@ from ertacache.profile.config import CalibrationConfig
 def test_method_groups_and_order():
     assert parse_methods("all") == ALL_METHODS
     assert parse_methods("baselines") == BASELINES
+    assert parse_methods("builtin") == BUILTIN_METHODS and parse_methods("peers") == PEER_METHODS
+    assert ALL_METHODS == BUILTIN_METHODS + PEER_METHODS and "magcache" not in ALL_METHODS  # diffusers has it
     assert parse_methods("uniform, erta,uniform") == ("uniform", *ERTA_METHODS)
     assert erta_flags("erta-closed-policy") == ("closed", False, False)
     assert erta_flags("erta-open-time") == ("open", True, False)
@@ -54,10 +56,20 @@ def test_eval_config_refuses_bad_values(kw, match):
         _cfg(**kw)
 
 
+def test_every_row_is_labelled_by_implementation():
+    assert method_label("teacache") == "ertacache (hand-written) TeaCache-style"
+    assert method_label("erta-closed-full") == "ertacache ERTACache closed-loop full"
+    import diffusers
+
+    assert method_label("diffusers-taylorseer-o2") == f"diffusers {diffusers.__version__} TaylorSeer o2"
+
+
 def test_baseline_configs_validate():
-    with pytest.raises(UserError, match="max_skip"):
-        MagCacheConfig(max_skip=0)
-    with pytest.raises(UserError, match="retention_ratio"):
-        MagCacheConfig(retention_ratio=1.0)
+    with pytest.raises(UserError, match="max_skip_steps"):
+        PeerConfig(magcache_max_skip=0)
+    with pytest.raises(UserError, match="retention"):
+        PeerConfig(magcache_retention=1.0)
+    with pytest.raises(UserError, match="max_probes"):
+        PeerConfig(max_probes=1)
     with pytest.raises(UserError, match="poly_degree"):
         TeaCacheConfig(poly_degree=0)

@@ -19,8 +19,12 @@ def test_psnr_and_ssim_on_known_inputs():
     expected = [20 * math.log10(255 / 10), 20 * math.log10(255 / 20)]  # constant error e: PSNR = 20 log10(255 / e)
     np.testing.assert_allclose(out["psnr_per_sample"], expected, rtol=1e-9)
     assert out["psnr"] == pytest.approx(np.mean(expected))
+    assert out["psnr_worst"] == pytest.approx(min(expected)) and out["ssim_worst"] <= out["ssim"]
+    # pooled: the PSNR of the mean MSE (10^2 and 20^2 grey levels), below the mean of the per-video PSNRs
+    assert out["psnr_pooled"] == pytest.approx(10 * math.log10(255 ** 2 / np.mean([10 ** 2, 20 ** 2])))
+    assert out["psnr_pooled"] < out["psnr"]
     same = fidelity(ref, ref)
-    assert same["psnr"] == PSNR_CAP_DB and same["ssim"] == pytest.approx(1.0)
+    assert same["psnr"] == PSNR_CAP_DB and same["psnr_pooled"] == PSNR_CAP_DB and same["ssim"] == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     noisy = np.clip(ref.astype(int) + rng.integers(-40, 41, ref.shape), 0, 255).astype(np.uint8)
     assert fidelity(ref, noisy)["ssim"] < 0.5

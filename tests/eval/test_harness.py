@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ertacache.eval import report
-from ertacache.eval.config import ALL_METHODS
+from ertacache.eval.config import BUILTIN_METHODS
 from ertacache.eval.harness import run_eval
 from ertacache.eval.studies import run_studies
 from ertacache.eval.timing import ideal_speedup, wallclock_table
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def evaluated():
-    ctx = make_ctx(speedups=(2.0, 3.0))
+    ctx = make_ctx(methods=("builtin",), speedups=(2.0, 3.0))  # the peers: tests/eval/test_peers.py
     return ctx, run_eval(ctx)
 
 
@@ -29,7 +29,7 @@ def test_every_method_runs_at_the_full_step_budget(evaluated):
     rows = {(r["method"], r["speedup_target"]): r for r in result.rows}
     assert rows[("uncached", 1.0)]["full_steps"] == STEPS
     for s, budget in ((2.0, 4), (3.0, 3)):
-        for m in ALL_METHODS:
+        for m in BUILTIN_METHODS:
             r = rows[(m, s)]
             assert r["budget"] == budget
             if m == "teacache":  # per-sample rule: solved on calibration, reported as the held-out mean
@@ -37,6 +37,8 @@ def test_every_method_runs_at_the_full_step_budget(evaluated):
             else:
                 assert r["full_steps"] == budget and r["full_steps_range"] == [budget, budget], (m, s)
             assert len(r["schedule"]) == STEPS and r["psnr"] > 0 and 0 < r["ssim"] <= 1
+            assert r["psnr_worst"] == min(r["psnr_per_sample"]) and r["psnr_worst"] <= r["psnr"]
+            assert r["ssim_worst"] <= r["ssim"] and r["psnr_pooled"] > 0 and r["implementation"].startswith("ertacache")
             assert r["digit_acc"] is not None and r["lpips"] is None
     assert rows[("erta-closed-full", 2.0)]["info"]["lambda"] > 0
 
@@ -74,8 +76,15 @@ def test_report_json_figures_and_markdown(evaluated, tmp_path):
     spec.loader.exec_module(make_results)
     md = make_results.render(loaded, tmp_path, tmp_path / "results.md")
     for needle in ("## The 2x table", "erta-closed-full", "## Goals", "Wall clock", "Calibration-set size",
-                   "LPIPS not measured", "psnr_vs_speedup.png"):
+                   "LPIPS not measured", "psnr_vs_speedup.png", "| PSNR mean | PSNR worst | PSNR pooled |",
+                   "PSNR (dB) of the worst held-out video", "ertacache (hand-written) TeaCache-style",
+                   "Its worst sample no worse"):
         assert needle in md
+    # an eval.json from before the tail was recorded gets it from its per-sample PSNRs
+    old = {"rows": [{"psnr_per_sample": [20.0, 30.0]}, {"psnr_per_sample": None}]}
+    filled = make_results.fill_tail(old)["rows"]
+    assert filled[0]["psnr_worst"] == 20.0 and filled[1].get("psnr_worst") is None
+    assert filled[0]["psnr_pooled"] == pytest.approx(-10 * np.log10((1e-2 + 1e-3) / 2))
 
 
 def test_timing_helpers():
