@@ -19,9 +19,11 @@ from ertacache.errors import UserError
 DEFAULT_HELD_OUT = 16
 #: as ertacache.eval.config.ALL_METHODS / METHOD_GROUPS and ertacache.eval.studies.STUDIES (tests/cli checks
 #: they agree), spelled here because importing those loads torch, and --help should answer at once
-ALL_METHODS = ("fewer-steps", "uniform", "teacache", "magcache", "erta-open-policy", "erta-open-time",
-               "erta-open-full", "erta-closed-policy", "erta-closed-time", "erta-closed-full")
-METHOD_GROUPS = ("all", "baselines", "erta")
+ALL_METHODS = ("fewer-steps", "uniform", "teacache", "erta-open-policy", "erta-open-time", "erta-open-full",
+               "erta-closed-policy", "erta-closed-time", "erta-closed-full", "diffusers-taylorseer-o1",
+               "diffusers-taylorseer-o2", "diffusers-taylorseer-lite", "diffusers-fbcache", "diffusers-magcache",
+               "cachedit-dbcache", "cachedit-dbcache-taylorseer")
+METHOD_GROUPS = ("all", "builtin", "baselines", "erta", "peers")
 STUDIES = ("cal-size", "lambda", "transfer", "batch")
 
 
