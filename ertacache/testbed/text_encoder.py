@@ -13,10 +13,20 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ertacache.errors import UserError
+
 PAD = "<pad>"
 DEFAULT_VOCAB: tuple[str, ...] = (
     PAD, "digit", "moving", *[str(d) for d in range(10)], "left", "right", "up", "down",
 )
+
+
+class UnknownWordError(UserError, ValueError):
+    """A prompt word outside the encoder's vocabulary (the message lists the vocabulary).
+
+    A UserError, so the CLIs print one line instead of a traceback; still a ValueError,
+    as callers of the testbed API have always caught.
+    """
 
 
 class TinyTextEncoder(ModelMixin, ConfigMixin):
@@ -59,11 +69,13 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         for row, prompt in enumerate(prompts):
             words = prompt.strip().lower().split()
             if len(words) > self.config.max_length:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; max is {self.config.max_length}")
+                raise UnknownWordError(f"prompt {prompt!r} has {len(words)} words; "
+                                       f"the text encoder takes at most {self.config.max_length}")
             for col, word in enumerate(words):
                 if word not in self._index or word == PAD:
                     known = [w for w in self.config.vocab if w != PAD]
-                    raise ValueError(f"unknown word {word!r} in prompt {prompt!r}; vocabulary: {known}")
+                    raise UnknownWordError(f"unknown word {word!r} in prompt {prompt!r}; "
+                                           f"the text encoder knows only: {' '.join(known)}")
                 ids[row, col] = self._index[word]
         return ids
 
