@@ -124,20 +124,31 @@ def all_prompts() -> list[str]:
 
 
 def calibration_prompts(n: int = 16, seed: int = 0) -> list[str]:
-    """A deterministic list cycling through shuffled copies of all prompts (attributes stay balanced)."""
+    """A deterministic prompt list; every 16 consecutive prompts are balanced in all four attributes."""
     return _balanced_prompts(n, np.random.default_rng(30_000 + seed))
 
 
 def held_out_prompts(n: int = 16, seed: int = 0) -> list[str]:
-    """Evaluation prompts, drawn with a different stream than calibration prompts."""
+    """Evaluation prompts, drawn with a different stream than calibration prompts (same balance)."""
     return _balanced_prompts(n, np.random.default_rng(40_000 + seed))
 
 
 def _balanced_prompts(n: int, rng: np.random.Generator) -> list[str]:
-    pool = all_prompts()
+    """All 128 prompts in 8 blocks of 16 (block order and order inside a block shuffled), repeated as needed.
+
+    Block k holds every (colour, shape) pair once with direction (c + s + k) mod 4 and
+    background (c + s + k // 4) mod 2, so each block has every colour and shape 4 times,
+    every direction 4 times and each background 8 times, and the 8 blocks together hold
+    every prompt exactly once. A judged sample of 16 or 48 prompts is then balanced.
+    """
+    blocks = []
+    for k in range(8):
+        blocks.append([make_prompt(COLOURS[c], SHAPES[s], DIRECTIONS[(c + s + k) % 4], BACKGROUNDS[(c + s + k // 4) % 2])
+                       for c in range(len(COLOURS)) for s in range(len(SHAPES))])
     out: list[str] = []
     while len(out) < n:
-        out.extend(pool[k] for k in rng.permutation(len(pool)))
+        for k in rng.permutation(len(blocks)):
+            out.extend(blocks[k][j] for j in rng.permutation(len(blocks[k])))
     return out[:n]
 
 

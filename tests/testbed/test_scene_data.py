@@ -95,3 +95,13 @@ def test_training_and_held_out_use_different_digits_and_regions():
     train, held = sd.SceneSampler("train", spec=SMALL), sd.SceneSampler("held_out", spec=SMALL)
     assert train.regions["flower"].shape[1] != held.regions["flower"].shape[1]
     assert len(train.digits) + len(held.digits) == 1797
+
+
+@pytest.mark.parametrize("make", [sd.calibration_prompts, sd.held_out_prompts])
+def test_every_16_prompts_are_balanced_in_each_attribute(make):
+    prompts = make(48)
+    for start in (0, 16, 32):
+        parsed = [sd.parse_prompt(p) for p in prompts[start:start + 16]]
+        for k, values in enumerate((sd.COLOURS, sd.SHAPES, sd.DIRECTIONS, sd.BACKGROUNDS)):
+            counts = {v: sum(p[k] == v for p in parsed) for v in values}
+            assert set(counts.values()) == {16 // len(values)}, counts
