@@ -105,9 +105,10 @@ def _atomic_json(obj, path: Path) -> None:
 class Run:
     """Models, optimiser, EMA copies, data stream and losses: everything a checkpoint holds."""
 
-    def __init__(self, cfg: SmallTrainConfig, spec: TransformerSpec, scene: sd.SceneSpec):
-        self.cfg, self.spec, self.scene = cfg, spec, scene
-        self.transformer, self.text_encoder, self.vae = build_small_models(cfg.seed, spec)
+    def __init__(self, cfg: SmallTrainConfig, spec: TransformerSpec, scene: sd.SceneSpec, device: str = "cpu"):
+        self.cfg, self.spec, self.scene, self.device = cfg, spec, scene, torch.device(device)
+        # Built on the CPU (same initial weights on every device), then moved.
+        self.transformer, self.text_encoder, self.vae = (m.to(self.device) for m in build_small_models(cfg.seed, spec))
         self.ema_tr = copy.deepcopy(self.transformer).eval()
         self.ema_te = copy.deepcopy(self.text_encoder).eval()
         self.params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
@@ -131,7 +132,7 @@ class Run:
         }
 
     @classmethod
-    def from_checkpoint(cls, path: Path, steps: int | None) -> "Run":
+    def from_checkpoint(cls, path: Path, steps: int | None, device: str = "cpu") -> "Run":
         """Rebuild a run from ``path``; ``steps`` (if given) replaces the planned total (extend or shorten)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -140,7 +141,8 @@ class Run:
         cfg_dict = dict(state["config"])
         if steps is not None:
             cfg_dict["steps"] = steps
-        run = cls(SmallTrainConfig(**cfg_dict), TransformerSpec(**state["model"]), sd.SceneSpec(**state["scene"]))
+        run = cls(SmallTrainConfig(**cfg_dict), TransformerSpec(**state["model"]), sd.SceneSpec(**state["scene"]),
+                  device)
         run.transformer.load_state_dict(state["transformer"])
         run.text_encoder.load_state_dict(state["text_encoder"])
         run.ema_tr.load_state_dict(state["ema_transformer"])
@@ -157,9 +159,10 @@ class Run:
         clips, prompts, _ = self.sampler.batch(cfg.batch_size)  # (B, 3, F, H, W) in [-1, 1]
         drop = torch.rand(cfg.batch_size, generator=self.gen) < cfg.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        x0 = self.vae.encode(clips)  # (B, 48, F, H/4, W/4)
-        noise = torch.randn(x0.shape, generator=self.gen)
-        sigma = shifted_sigmas(torch.rand(cfg.batch_size, generator=self.gen), cfg.shift)  # (B,)
+        x0 = self.vae.encode(clips.to(self.device))  # (B, 48, F, H/4, W/4)
+        # Noise from a CPU generator: the same stream (and checkpoint state) on every device.
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        sigma = shifted_sigmas(torch.rand(cfg.batch_size, generator=self.gen), cfg.shift).to(self.device)  # (B,)
         s = sigma.view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         text = self.text_encoder.encode(prompts)  # (B, L, D_text)
@@ -217,7 +220,7 @@ def judge_samples(testbed: Testbed, prompts: list[str], seeds: list[int], steps:
     for i in tqdm(range(0, len(prompts), batch), desc=f"sample g={g}", file=sys.stdout, mininterval=10.0):
         lat = sample_latents(testbed.transformer, testbed.text_encoder, prompts[i:i + batch], seeds[i:i + batch],
                              testbed.latent_shape, steps=steps, shift=testbed.facts["shift"], guidance_scale=g)
-        frames.append(testbed.vae.decode(lat))
+        frames.append(testbed.vae.decode(lat).cpu())
     frames = torch.cat(frames)  # (B, F, H, W, 3) uint8
     acc = scene_judge.attribute_accuracy(frames, prompts)
     return {**{k: round(v, 4) for k, v in acc.items()}, "samples": len(prompts)}
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=SmallTrainConfig.warmup)
     ap.add_argument("--seed", type=int, default=SmallTrainConfig.seed)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 = both cores of the project's VM)")
+    ap.add_argument("--device", default="cpu", help="torch device (the recipe runs on CPU; a GPU is faster)")
     ap.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     ap.add_argument("--eval-samples", type=int, default=48, help="held-out samples judged at the end (0 = skip)")
     ap.add_argument("--calibration-samples", type=int, default=16, help="samples per CFG value of the sweep")
@@ -340,7 +344,7 @@ def _main(args, argv) -> int:
     if args.resume:
         if not ckpt.exists():
             raise UserError(f"--resume: no checkpoint at {ckpt}; run without --resume to start, or pass --work")
-        run = Run.from_checkpoint(ckpt, args.steps)
+        run = Run.from_checkpoint(ckpt, args.steps, args.device)
         print(f"resumed at step {run.step} of {run.cfg.steps} ({run.train_seconds:.0f} s trained so far); "
               f"config from the checkpoint: {run.cfg}", flush=True)
     else:
@@ -348,7 +352,7 @@ def _main(args, argv) -> int:
             raise UserError(f"{ckpt} exists: pass --resume to continue it, or another --work to start afresh")
         cfg = SmallTrainConfig(steps=args.steps or SmallTrainConfig.steps, batch_size=args.batch_size, lr=args.lr,
                                warmup=args.warmup, seed=args.seed)
-        run = Run(cfg, SMALL_TRANSFORMER, SMALL_SCENE)
+        run = Run(cfg, SMALL_TRANSFORMER, SMALL_SCENE, args.device)
     n_params = sum(p.numel() for p in run.transformer.parameters())
     print(f"model: {run.spec} ({n_params / 1e6:.2f} M parameters), {small_tokens(run.scene)} tokens/sample\n"
           f"scene: {run.scene}\ntrain: {run.cfg}, threads {args.threads}", flush=True)
@@ -357,7 +361,7 @@ def _main(args, argv) -> int:
     log = json.loads(log_path.read_text()) if log_path.exists() else {"invocations": []}
     entry = {"argv": [sys.executable, *sys.argv] if argv is None else ["train_small_testbed.py", *argv],
              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_step": run.step,
-             "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__}
+             "threads": args.threads, "cpus": os.cpu_count(), "device": args.device, "torch": torch.__version__}
     log["invocations"].append(entry)
     _atomic_json(log, log_path)
     stop = train(run, work, args.minutes, args.checkpoint_every)

@@ -16,7 +16,7 @@ import torch
 from ertacache.errors import UserError
 from ertacache.testbed import load_testbed, sample_frames
 from ertacache.testbed import scene_data as sd
-from ertacache.testbed.model import Testbed as TestbedBundle
+from ertacache.testbed.model import Testbed as ModelSet
 from ertacache.testbed.model import TransformerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def test_written_folder_loads_with_from_pretrained_and_samples(tmp_path):
     out = tmp_path / "asset"
     out.mkdir()
     (out / "stale.txt").write_text("replaced as a whole")
-    tst.write_folder(out, TestbedBundle(run.ema_tr, run.ema_te, run.vae, facts))
+    tst.write_folder(out, ModelSet(run.ema_tr, run.ema_te, run.vae, facts))
     assert not (out / "stale.txt").exists() and not list(tmp_path.glob("asset.*"))
     assert json.loads((out / "testbed.json").read_text())["size_mb"] > 0
     tb = load_testbed(out)
