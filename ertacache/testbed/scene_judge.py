@@ -33,6 +33,7 @@ CHROMA_MIN = 0.5  # a pixel with max(RGB) - min(RGB) above this counts as object
 SOFT_LO, SOFT_HI = 0.4, 0.6  # soft object coverage ramps between these chromas
 MIN_OBJECT_PIXELS = 12  # per frame; fewer and the frame shows no object
 MIN_SPEED = 0.5  # px/frame; a slower track counts as "none"
+POOL = 4  # background features are computed on POOL x POOL cell means
 CROP = 24  # shape crop (px) around the object's centre of mass; object_size 16 + margin
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "direction", "background")
 
@@ -156,13 +157,23 @@ def shape_features(masks: np.ndarray) -> np.ndarray:
 
 
 def _background_features(a: _Analysis) -> np.ndarray:
-    """(B, 70): 4x4x4 RGB histogram, mean RGB and RGB std of each clip's non-object pixels."""
-    keep = a.chroma <= SOFT_LO  # (B, F, H, W): background and white distractors
-    bins = np.minimum((a.rgb * 4).astype(np.int64), 3)  # (3, B, F, H, W) in 0..3
-    code = bins[0] * 16 + bins[1] * 4 + bins[2]  # (B, F, H, W) in 0..63
+    """(B, 70): 4x4x4 RGB histogram, mean RGB and RGB std of each clip's background, on 4x4-pooled pixels.
+
+    Pooling first makes the histogram robust to pixel noise (a sample's high-frequency error would
+    otherwise spread it over neighbouring bins); a pooled cell counts only if all 16 of its pixels
+    are background (no object pixel; white distractors stay in).
+    """
+    _, n_b, n_f, h, w = a.rgb.shape
+    p = POOL
+    rgb = a.rgb[..., : h - h % p, : w - w % p]  # (3, B, F, H', W'), H' and W' multiples of p
+    rgb = rgb.reshape(3, n_b, n_f, h // p, p, w // p, p).mean(axis=(4, 6))  # (3, B, F, H/p, W/p)
+    chroma = a.chroma[..., : h - h % p, : w - w % p].reshape(n_b, n_f, h // p, p, w // p, p)
+    keep = chroma.max(axis=(3, 5)) <= SOFT_LO  # (B, F, H/p, W/p)
+    bins = np.minimum((rgb * 4).astype(np.int64), 3)  # (3, B, F, H/p, W/p) in 0..3
+    code = bins[0] * 16 + bins[1] * 4 + bins[2]  # (B, F, H/p, W/p) in 0..63
     feats = []
-    for b in range(keep.shape[0]):
-        px = a.rgb[:, b][:, keep[b]]  # (3, P)
+    for b in range(n_b):
+        px = rgb[:, b][:, keep[b]]  # (3, P)
         hist = np.bincount(code[b][keep[b]], minlength=64) / max(1, px.shape[1])  # (64,)
         stats = np.concatenate([px.mean(axis=1), px.std(axis=1)]) if px.shape[1] else np.zeros(6)
         feats.append(np.concatenate([hist, stats]))
