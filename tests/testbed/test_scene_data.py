@@ -1,5 +1,7 @@
 """The wan2.1-small data generator: prompts, splits, geometry of rendered clips."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -81,9 +83,9 @@ def test_object_is_drawn_where_the_scene_says_in_its_colour():
 
 
 def test_camera_pans_the_background():
-    sampler = sd.SceneSampler("train", spec=SMALL.__class__(**{**SMALL.__dict__, "distractors": 0}), seed=3)
-    scene = sampler.draw_scene(background="temple")
-    scene = sd.Scene(**{**scene.__dict__, "pan": (1, -1), "window": (10, 30), "start": (0, 0), "direction": "right"})
+    sampler = sd.SceneSampler("train", spec=dataclasses.replace(SMALL, distractors=0), seed=3)
+    scene = dataclasses.replace(sampler.draw_scene(background="temple"), pan=(1, -1), window=(10, 30), start=(0, 0),
+                                direction="right")
     clip = sampler.render(scene)
     region = sampler.regions["temple"]
     # bottom-right corner (never covered by the object moving right along the top) follows the window
