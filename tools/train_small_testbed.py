@@ -135,9 +135,11 @@ class Run:
     def from_checkpoint(cls, path: Path, steps: int | None, device: str = "cpu") -> "Run":
         """Rebuild a run from ``path``; ``steps`` (if given) replaces the planned total (extend or shorten)."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: tensors, numbers, strings and containers are all a checkpoint holds.
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file: say which and what to do
-            raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it to start over") from None
+            raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
+                            "delete it to start over") from None
         cfg_dict = dict(state["config"])
         if steps is not None:
             cfg_dict["steps"] = steps
@@ -199,9 +201,8 @@ def train(run: Run, work: Path, minutes: float, checkpoint_every: int) -> str:
             bar.set_postfix(loss=f"{np.mean(run.losses[-50:]):.4f}", lr=f"{lr_at(run.step, run.cfg):.1e}")
         if run.step % 50 == 0:
             tqdm.write(f"step {run.step:5d}  loss(avg50) {np.mean(run.losses[-50:]):.4f}  last {loss:.4f}  "
-                       f"{run.train_seconds / max(1, run.step):.2f} s/step wall, {run.cpu_seconds / max(1, run.step):.2f} "
-                       f"CPU s/step (this run {time.time() - t0:.0f} s)",
-                       file=sys.stdout)
+                       f"{run.train_seconds / run.step:.2f} s/step wall, {run.cpu_seconds / run.step:.2f} CPU s/step "
+                       f"(this run {time.time() - t0:.0f} s)", file=sys.stdout)
         if run.step % checkpoint_every == 0:
             _atomic_torch_save(run.state(), work / CHECKPOINT)
         if time.time() - t0 > minutes * 60:

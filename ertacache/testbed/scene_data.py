@@ -143,7 +143,8 @@ def _balanced_prompts(n: int, rng: np.random.Generator) -> list[str]:
     """
     blocks = []
     for k in range(8):
-        blocks.append([make_prompt(COLOURS[c], SHAPES[s], DIRECTIONS[(c + s + k) % 4], BACKGROUNDS[(c + s + k // 4) % 2])
+        blocks.append([make_prompt(COLOURS[c], SHAPES[s], DIRECTIONS[(c + s + k) % 4],
+                                   BACKGROUNDS[(c + s + k // 4) % 2])
                        for c in range(len(COLOURS)) for s in range(len(SHAPES))])
     out: list[str] = []
     while len(out) < n:
@@ -269,7 +270,8 @@ class SceneSampler:
         make_prompt(colour, shape, direction, background)  # validate
         dy, dx = _DIRECTION_STEP[direction]
         fy, fx = spec.height - spec.object_size, spec.width - spec.object_size
-        start = (_start_on_axis(dy, fy, spec.travel, spec.grid, rng), _start_on_axis(dx, fx, spec.travel, spec.grid, rng))
+        start = (_start_on_axis(dy, fy, spec.travel, spec.grid, rng),
+                 _start_on_axis(dx, fx, spec.travel, spec.grid, rng))
         pan = tuple(int(v) for v in rng.integers(-spec.max_pan, spec.max_pan + 1, size=2))
         rh, rw, _ = self.regions[background].shape
         window = (_start_on_axis(pan[0], rh - spec.height, abs(pan[0]) * (spec.frames - 1), 1, rng),

@@ -5,9 +5,9 @@ does it still show what the prompt asked for? Each attribute has its own test, s
 caching method that keeps the background but loses the object shows up as such.
 
 Everything keys on *chroma* (max - min of RGB): the generator scales background chroma
-by ``SceneSpec.saturation`` (<= 0.45) and draws the prompted object at chroma >= 0.7,
-so strongly coloured pixels are the object and the rest is background (white digit
-distractors have low chroma too).
+by ``SceneSpec.saturation`` (0.4: at most 0.36 on both photos) and draws the prompted
+object at chroma >= 0.7, so strongly coloured pixels are the object and the rest is
+background (white digit distractors have low chroma too).
 
 * colour: chroma-weighted vote of the object pixels' nearest colour prototype;
 * direction: least-squares slope of the object mask's centre-of-mass track;
@@ -15,7 +15,7 @@ distractors have low chroma too).
   per frame, majority vote over frames;
 * background: logistic regression on the colour histogram of the background pixels.
 
-The two regressions are fitted once per process (about a second) on clips rendered from
+The two regressions are fitted once per process (a few seconds) on clips rendered from
 the *training* photo regions and digit images, and tested on the held-out ones.
 """
 
@@ -238,14 +238,15 @@ def predict_backgrounds(frames_uint8, spec: SceneSpec = SceneSpec()) -> list[str
 
 
 def predict_attributes(frames_uint8, spec: SceneSpec = SceneSpec()) -> dict[str, list[str]]:
-    """Every attribute's verdict per clip: {"colour": [...], "shape": [...], "direction": [...], "background": [...]}."""
+    """Every attribute's verdict per clip: {"colour": [...], "shape": [...], "direction": [...], ...}."""
     a = _Analysis(frames_uint8)
     backgrounds = background_classifier(spec).predict(_background_features(a))
     return {"colour": list(a.colours), "shape": _shapes(a, spec), "direction": _directions(a),
             "background": [BACKGROUNDS[int(k)] for k in backgrounds]}
 
 
-def attributes_correct_per_sample(frames_uint8, prompts: list[str], spec: SceneSpec = SceneSpec()) -> dict[str, np.ndarray]:
+def attributes_correct_per_sample(frames_uint8, prompts: list[str],
+                                  spec: SceneSpec = SceneSpec()) -> dict[str, np.ndarray]:
     """(B,) booleans per attribute: does each clip show what its prompt asked for."""
     if len(prompts) != len(frames_uint8):
         raise ValueError(f"{len(frames_uint8)} clips but {len(prompts)} prompts")
