@@ -21,6 +21,10 @@ DEFAULT_VOCAB: tuple[str, ...] = (
 )
 
 
+#: the testbed's name for a prompt its encoder cannot read (a UserError and a ValueError, see PromptError)
+UnknownWordError = PromptError
+
+
 class TinyTextEncoder(ModelMixin, ConfigMixin):
     """Token + position embeddings, plus a bag-of-words summary mixed into every token, then LayerNorm.
 
