@@ -65,14 +65,13 @@ from ertacache.sampling import CachedSampler, initial_latents, nominal_sigmas  #
 from ertacache.sampling.settings import SampleSettings  # noqa: E402
 from ertacache.timing import ideal_speedup, interleaved_medians, machine_info, median_seconds  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_engines import WAN21_1P3B  # noqa: E402  (diffusers' config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+
 SCHEMA = "ertacache-gpu-check/1"
 DOCS_BEGIN = "<!-- gpu-check:begin -->"
 DOCS_END = "<!-- gpu-check:end -->"
 
-#: diffusers' config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tools/bench_engines.py)
-WAN21_1P3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 #: the dry run's model: the same class and layout, tiny (CPU, seconds)
 WAN_DRY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
                text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,

@@ -120,15 +120,16 @@ def predict_directions(frames_uint8) -> list[str]:
     t = np.arange(com.shape[1], dtype=np.float64)
     t = t - t.mean()
     slopes = (com * t[None, :, None]).sum(axis=1) / (t**2).sum()  # (B, 2) px/frame (row, col)
-    out = []
-    for dy, dx in slopes:
-        if max(abs(dy), abs(dx)) < MIN_SPEED:
-            out.append("none")
-        elif abs(dx) >= abs(dy):
-            out.append("right" if dx > 0 else "left")
-        else:
-            out.append("down" if dy > 0 else "up")
-    return out
+    return [direction_of(dy, dx) for dy, dx in slopes]
+
+
+def direction_of(dy: float, dx: float, min_speed: float = MIN_SPEED) -> str:
+    """The named direction of a (row, col) velocity in px/frame: the larger axis wins; "none" if too slow."""
+    if max(abs(dy), abs(dx)) < min_speed:
+        return "none"
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
 
 
 def motion_correct_per_sample(frames_uint8, directions) -> np.ndarray:

@@ -25,6 +25,7 @@ import functools
 
 import numpy as np
 
+from ertacache.testbed.judge import direction_of
 from ertacache.testbed.scene_data import (
     BACKGROUNDS, COLOUR_RGB, COLOURS, SHAPES, SceneSampler, SceneSpec, parse_prompt, to_uint8,
 )
@@ -128,12 +129,7 @@ def _directions(a: _Analysis) -> list[str]:
         t = np.flatnonzero(seen).astype(np.float64)
         t -= t.mean()
         dy, dx = (com[b][seen] * t[:, None]).sum(axis=0) / (t**2).sum()  # px/frame (row, col)
-        if max(abs(dy), abs(dx)) < MIN_SPEED:
-            out.append("none")
-        elif abs(dx) >= abs(dy):
-            out.append("right" if dx > 0 else "left")
-        else:
-            out.append("down" if dy > 0 else "up")
+        out.append(direction_of(dy, dx, MIN_SPEED))
     return out
 
 
