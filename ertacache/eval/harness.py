@@ -150,7 +150,7 @@ class EvalContext:
         key = ("calibration-reference", prompts)
         if key not in self.candidates:
             cal = self.calibration
-            noise, text = cal.latents[:prompts], cal.text_rows(slice(0, prompts))
+            noise, text = cal.latent_rows(slice(0, prompts)), cal.text_rows(slice(0, prompts))
             self.candidates[key] = self.uncached_plan().sample(self.bundle.adapter, noise, text,
                                                                cal.guidance_scale).latents
         return self.candidates[key]

@@ -356,7 +356,7 @@ class PeerPlan:
 
 
 def _first_sample(cal):
-    return cal.latents[:1], cal.text_rows(slice(0, 1))
+    return cal.latent_rows(slice(0, 1)), cal.text_rows(slice(0, 1))
 
 
 def count_once(ctx, peer: Peer) -> int:
@@ -371,14 +371,17 @@ def calibration_error(ctx, plan: PeerPlan, prompts: int) -> float:
     cal = ctx.calibration
     n = min(prompts, cal.prompts)
     ref = ctx.calibration_reference(n)
-    out = plan.sample(ctx.bundle.adapter, cal.latents[:n], cal.text_rows(slice(0, n)), ctx.settings.guidance_scale)
+    out = plan.sample(ctx.bundle.adapter, cal.latent_rows(slice(0, n)), cal.text_rows(slice(0, n)),
+                      ctx.settings.guidance_scale)
     return float(((out.latents - ref) ** 2).mean())
 
 
 def calibration_counts(ctx, plan: PeerPlan) -> np.ndarray:
     """(P,) full steps per calibration prompt (closed loop: the real hook on the calibration prompts)."""
     cal = ctx.calibration
-    return plan.sample(ctx.bundle.adapter, cal.latents, cal.text_embeds, cal.guidance_scale).computed.sum(axis=1)
+    everyone = slice(0, cal.prompts)  # inputs live on the host; the model's device gets them here
+    return plan.sample(ctx.bundle.adapter, cal.latent_rows(everyone), cal.text_rows(everyone),
+                       cal.guidance_scale).computed.sum(axis=1)
 
 
 def bisect_threshold(mean_full: Callable[[float], float], target: float, lo: float, hi: float, probes: int,
