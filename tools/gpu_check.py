@@ -171,6 +171,7 @@ class Setup:
         self.steps = args.steps
         self.model_fp32 = None
         self.model = None
+        self.finals: dict[str, torch.Tensor] = {}  # final latents per runtime backend, compared with eager
 
     def build_models(self) -> dict:
         torch.manual_seed(0)
@@ -409,7 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (float("inf") if args.dry_run else 330.0)
     check = Check(args.out, budget, ["python", "tools/gpu_check.py", *argv])
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    setup.finals = {}
 
     def run(name, fn, needs=()):
         if name in skip:
