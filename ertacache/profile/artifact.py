@@ -1,8 +1,13 @@
 """The profile folder: what calibration decided, in a form later stages can trust.
 
-    profile.json             schedule, sigma tables, phi, provenance, per-step statistics
-    correction.safetensors   per-step, per-branch, per-channel correction tables "a" and "b"
+    profile.json             schedule, sigma tables, phi, predictor, provenance, per-step statistics
+    correction.safetensors   per-step, per-branch, per-channel correction tables "a" and "b", and the
+                             predictor's weights "pred_w" (T, K, Dw) and bias "pred_b" (T, Db)
     error_profile.png        per-step errors with the schedule marked
+
+Schema 2 added the predictor (``profile.json["predictor"]`` and the two tables). A schema-1
+profile (the paper's reuse only) still loads: it is read as the reuse predictor (K = 1, weight 1),
+which is exactly what it meant. Older code refuses a schema-2 profile by its version number.
 
 A profile is only valid for the model, step count, shift and latent shape it
 was made for; :meth:`Profile.check_matches` refuses anything else with a
@@ -28,7 +33,9 @@ from ertacache.limits import MAX_STEPS
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions this code reads (1: before the predictor; read as reuse)
+READABLE_SCHEMAS = (1, 2)
 PROFILE_JSON = "profile.json"
 CORRECTION_FILE = "correction.safetensors"
 PLOT_FILE = "error_profile.png"
@@ -59,6 +66,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 MAX_PROFILE_JSON_BYTES = 64 << 20
 #: correction coefficients a, b beyond this are not a fit of a bounded error (a corrupt or hostile table)
 MAX_CORRECTION = 1e4
+#: the most full-step residuals a predictor may read (each is a buffer of the cached step)
+MAX_HISTORY = 4
 
 
 def is_profile_folder(path: Path) -> bool:
@@ -91,6 +100,20 @@ class Profile:
     calibration: dict[str, Any]
     stats: dict[str, list[float]] = field(default_factory=dict)
     speedup_target: float | None = None
+    pred_w: torch.Tensor | None = None  # (T, K, Dw); None: reuse (T, 1, 1) ones
+    pred_b: torch.Tensor | None = None  # (T, Db); None: zeros
+    predictor: dict[str, Any] = field(default_factory=lambda: {"kind": "reuse", "order": 0, "history": 1})
+
+    def __post_init__(self):
+        if self.pred_w is None:
+            self.pred_w = torch.ones(self.steps, 1, 1)
+        if self.pred_b is None:
+            self.pred_b = torch.zeros(self.steps, 1)
+
+    @property
+    def history(self) -> int:
+        """K: the full-step residuals the cached step reads."""
+        return int(self.pred_w.shape[1])
 
     @property
     def full_steps(self) -> int:
@@ -102,7 +125,7 @@ class Profile:
         return self.steps / self.full_steps
 
     def tables(self) -> StepTables:
-        return StepTables(self.sigmas, self.corr_a, self.corr_b)
+        return StepTables(self.sigmas, self.corr_a, self.corr_b, pred_w=self.pred_w, pred_b=self.pred_b)
 
     def shape_key(self) -> dict[str, int]:
         return {"height": self.height, "width": self.width, "frames": self.frames}
@@ -166,14 +189,18 @@ class Profile:
             "calibration": self.calibration,
             "stats": {k: [float(x) for x in v] for k, v in self.stats.items()},
             "correction": {"file": CORRECTION_FILE, "sha256": correction_sha256,
-                           "shape": list(self.corr_a.shape), "keys": ["a", "b"]},
+                           "shape": list(self.corr_a.shape), "keys": ["a", "b", "pred_w", "pred_b"],
+                           "pred_w_shape": list(self.pred_w.shape), "pred_b_shape": list(self.pred_b.shape)},
+            "predictor": self.predictor,
         }
         return d
 
     def save(self, out_dir: str | os.PathLike, force: bool = False, plot: bool = True) -> Path:
         """Write the folder atomically: a killed run leaves no half profile."""
         with atomic_directory(out_dir, force=force, what="profile folder", recognise=is_profile_folder) as tmp:
-            save_file({"a": self.corr_a.contiguous(), "b": self.corr_b.contiguous()}, str(tmp / CORRECTION_FILE),
+            tables = {"a": self.corr_a.contiguous(), "b": self.corr_b.contiguous(),
+                      "pred_w": self.pred_w.float().contiguous(), "pred_b": self.pred_b.float().contiguous()}
+            save_file(tables, str(tmp / CORRECTION_FILE),
                       metadata={"format": "ertacache-correction", "schema_version": str(SCHEMA_VERSION)})
             meta = self.to_json(sha256_file(tmp / CORRECTION_FILE))
             (tmp / PROFILE_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False))  # NaN is not JSON
@@ -204,9 +231,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise _fail(path, f"{PROFILE_JSON} is corrupt or truncated ({brief(str(e), 120)})") from None
     if not isinstance(meta, dict):
         raise _fail(path, f"{PROFILE_JSON} is not a JSON object")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise _fail(path, f"schema_version {meta.get('schema_version')!r} is not {SCHEMA_VERSION} (made by another "
-                          "ertacache version)")
+    if meta.get("schema_version") not in READABLE_SCHEMAS:
+        raise _fail(path, f"schema_version {brief(meta.get('schema_version'), 40)} is not one this ertacache reads "
+                          f"{READABLE_SCHEMAS} (made by another ertacache version)")
+    if meta["schema_version"] == 1:  # before the predictor: the paper's reuse, which is what it meant
+        meta.setdefault("predictor", {"kind": "reuse", "order": 0, "history": 1, "migrated_from_schema": 1})
     for key, typ in _REQUIRED.items():
         if key not in meta:
             raise _fail(path, f"{PROFILE_JSON} lacks the field {key!r}")
@@ -259,6 +288,12 @@ def _validate_fields(path: Path, meta: dict[str, Any]) -> None:
     need(isinstance(prompts, list) and all(isinstance(p, str) for p in prompts),
          "calibration.prompts must be a list of strings")
     need(isinstance(meta["correction"].get("sha256"), str), "correction.sha256 must be a string")
+    predictor = meta.get("predictor")
+    need(isinstance(predictor, dict) and isinstance(predictor.get("kind"), str)
+         and isinstance(predictor.get("history"), int) and not isinstance(predictor.get("history"), bool)
+         and 1 <= predictor["history"] <= MAX_HISTORY,
+         f"'predictor' must be an object with a 'kind' and a 'history' in [1, {MAX_HISTORY}], got "
+         f"{brief(predictor, 80)}")
 
 
 def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
@@ -270,6 +305,11 @@ def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
             raise _fail(path, f"{key!r} has {len(meta[key])} entries for {steps} steps")
     if not all(isinstance(m, bool) for m in meta["mask"]) or not meta["mask"][0]:
         raise _fail(path, "'mask' must be booleans with the first step true (full compute)")
+    history, mask = meta["predictor"]["history"], meta["mask"]
+    first_cached = mask.index(False) if False in mask else steps
+    if history > first_cached:
+        raise _fail(path, f"its predictor reads {history} full-step residuals but only {first_cached} full step(s) "
+                          "precede the first cached step")
     for key in ("nominal_sigmas", "sigmas"):
         try:
             validate_sigma_table(meta[key], steps, what=f"{key!r}")
@@ -301,7 +341,30 @@ def _load_correction(path: Path, meta: dict[str, Any]) -> tuple[torch.Tensor, to
             raise _fail(path, f"correction table {key!r} holds NaN or Inf (first at step {bad})")
         if table.abs().max() > MAX_CORRECTION:
             raise _fail(path, f"correction table {key!r} holds values beyond +-{MAX_CORRECTION:g}")
-    return tensors["a"].float(), tensors["b"].float()
+    pred = _load_predictor(path, meta, tensors)
+    return tensors["a"].float(), tensors["b"].float(), *pred
+
+
+def _load_predictor(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """(pred_w, pred_b) from the correction file; a schema-1 file has none: the reuse predictor."""
+    steps, history = meta["steps"], meta["predictor"]["history"]
+    if meta["schema_version"] == 1:
+        return torch.ones(steps, 1, 1), torch.zeros(steps, 1)
+    out = []
+    for key, ndim in (("pred_w", 3), ("pred_b", 2)):
+        if key not in tensors:
+            raise _fail(path, f"{CORRECTION_FILE} lacks the predictor table {key!r}")
+        t = tensors[key]
+        ok = (t.ndim == ndim and t.shape[0] == steps and t.is_floating_point()
+              and (key != "pred_w" or t.shape[1] == history))
+        if not ok:
+            raise _fail(path, f"predictor table {key!r} is {tuple(t.shape)} {t.dtype}; expected ({steps}, "
+                              f"{history if key == 'pred_w' else 'channels'}, ...) floating point")
+        t = t.float()
+        if not torch.isfinite(t).all() or t.abs().max() > MAX_CORRECTION:
+            raise _fail(path, f"predictor table {key!r} holds NaN, Inf or values beyond +-{MAX_CORRECTION:g}")
+        out.append(t)
+    return tuple(out)
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
@@ -310,7 +373,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     meta = _read_json(path)
     _validate_fields(path, meta)
     _validate_tables(path, meta)
-    corr_a, corr_b = _load_correction(path, meta)
+    corr_a, corr_b, pred_w, pred_b = _load_correction(path, meta)
     return Profile(
         model=meta["model"],
         model_fingerprint=meta["model_fingerprint"],
@@ -333,5 +396,8 @@ def load_profile(path: str | os.PathLike) -> Profile:
         calibration=meta["calibration"],
         stats={k: list(v) for k, v in meta.get("stats", {}).items()},
         speedup_target=meta.get("speedup_target"),
+        pred_w=pred_w,
+        pred_b=pred_b,
+        predictor=dict(meta["predictor"]),
     )
 

@@ -29,12 +29,22 @@ def initial_latents(
     return torch.stack(noise).to(device)  # (B, C, F, H, W)
 
 
-def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
+def validate_mask(mask: Sequence[bool], steps: int, history: int = 1) -> tuple[bool, ...]:
+    """The mask as bools; refuses a length that is not ``steps`` and a cached step before ``history`` full ones.
+
+    history: K, the residual slots the cached step reads; each must hold a full step's residual
+    before the first cached step.
+    """
     mask = tuple(bool(m) for m in mask)
     if len(mask) != steps:
         raise UserError(f"reuse mask has {len(mask)} entries but the sigma table has {steps} steps")
     if not mask[0]:
         raise UserError("the first step must compute (mask[0] must be true): there is no residual to reuse yet")
+    first_cached = mask.index(False) if False in mask else steps
+    if history > first_cached:
+        raise UserError(f"the predictor reads the last {history} full-step residuals but only {first_cached} full "
+                        f"step(s) precede the first cached step (step {first_cached}); make the first {history} "
+                        "steps full (--warmup-steps) or use a lower predictor order")
     return mask
 
 
@@ -53,7 +63,7 @@ class CachedSampler:
 
     def __init__(self, adapter: ModelAdapter, tables: StepTables, mask: Sequence[bool]):
         self.tables = tables
-        self.mask = validate_mask(mask, tables.steps)
+        self.mask = validate_mask(mask, tables.steps, tables.history)
         self.full_step = FullStep(adapter, tables)
         self.cached_step = CachedStep(adapter, tables)
 
@@ -84,12 +94,13 @@ class CachedSampler:
         steps = torch.arange(self.tables.steps, device=device)  # int64 step indices, made once
         g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
         x = latents.float()
-        residual = None
+        history: list[torch.Tensor] = []  # the last K full-step residuals, newest first
         for i, full in enumerate(self.mask):
             if full:
                 x, residual = self.full_step(x, steps[i], text_embeds, g)
+                history = [residual, *history[: self.tables.history - 1]]
             else:
-                x = self.cached_step(x, steps[i], text_embeds, g, residual)
+                x = self.cached_step(x, steps[i], text_embeds, g, *history)
             if name_bad_step and not torch.isfinite(x).all():
                 raise NumericalError(
                     f"NaN/Inf in the latents after step {i} of {len(self.mask)} ({'full' if full else 'cached'} "

@@ -9,14 +9,22 @@ decision logic beyond the reuse mask, which is data known before the loop.
 Tensors crossing a step boundary:
 
     full_step(latents, step, text_embeds, guidance_scale) -> latents_out, residual_out
-    cached_step(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+    cached_step(latents, step, text_embeds, guidance_scale, residual[, residual_1, ...]) -> latents_out
 
 ``text_embeds`` is (nb*B, L, D) with the cond rows first and, with CFG (nb = 2),
 the uncond rows after them; ``residual`` is (nb*B, N, D): one residual per CFG
 branch and sample, in the same row order.
+
+The cached step predicts the block-stack residual from the K most recent
+full-step residuals (``residual`` the newest, ``residual_k`` the one k full
+steps before it) with the step's baked weights: K = 1 with weight 1 is the
+paper's reuse, Lagrange weights are a Taylor-style extrapolation
+(:mod:`ertacache.profile.predictor` fits or derives them).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,9 +43,14 @@ class StepTables(nn.Module):
     corr_a, corr_b: (T, nb, C) per reused step, CFG branch and latent channel,
         the least-squares fit eps ~ a * v_tilde + b of the cached-output error;
         zeros (identity correction) on full steps and when rectification is off.
+    pred_w: (T, K, Dw) per step, the weight of each of the K most recent full-step residuals
+        (slot 0 the newest) in the predicted residual, per residual channel (Dw = D) or shared
+        (Dw = 1). Default (T, 1, 1) ones: reuse the last residual.
+    pred_b: (T, Db) a bias added to the predicted residual (Db = D or 1); default zeros.
     """
 
-    def __init__(self, sigmas, corr_a=None, corr_b=None, n_branches: int = 2, channels: int | None = None):
+    def __init__(self, sigmas, corr_a=None, corr_b=None, n_branches: int = 2, channels: int | None = None,
+                 pred_w=None, pred_b=None):
         super().__init__()
         sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64), dtype=torch.float32)
         steps = sigmas.shape[0] - 1
@@ -53,9 +66,17 @@ class StepTables(nn.Module):
                 f"correction tables must both be (steps={steps}, branches, channels), "
                 f"got {tuple(corr_a.shape)} and {tuple(corr_b.shape)}"
             )
+        pred_w = torch.ones(steps, 1, 1) if pred_w is None else torch.as_tensor(pred_w, dtype=torch.float32)
+        pred_b = torch.zeros(steps, 1) if pred_b is None else torch.as_tensor(pred_b, dtype=torch.float32)
+        if pred_w.ndim != 3 or pred_w.shape[0] != steps or pred_w.shape[1] < 1:
+            raise ValueError(f"pred_w must be (steps={steps}, K >= 1, channels or 1), got {tuple(pred_w.shape)}")
+        if pred_b.ndim != 2 or pred_b.shape[0] != steps:
+            raise ValueError(f"pred_b must be (steps={steps}, channels or 1), got {tuple(pred_b.shape)}")
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("corr_a", corr_a)
         self.register_buffer("corr_b", corr_b)
+        self.register_buffer("pred_w", pred_w)
+        self.register_buffer("pred_b", pred_b)
 
     @property
     def steps(self) -> int:
@@ -64,6 +85,15 @@ class StepTables(nn.Module):
     @property
     def n_branches(self) -> int:
         return self.corr_a.shape[1]
+
+    @property
+    def history(self) -> int:
+        """K: how many full-step residuals the cached step reads."""
+        return self.pred_w.shape[1]
+
+    def plain_reuse(self) -> bool:
+        """True when the predictor is the paper's reuse (K = 1, weight 1, no bias): no arithmetic needed."""
+        return self.history == 1 and bool((self.pred_w == 1).all()) and not bool(self.pred_b.any())
 
 
 def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -116,6 +146,19 @@ def full_velocity(adapter: ModelAdapter, x_in, timestep, text) -> tuple[torch.Te
     return adapter.head(hidden, pre).float(), residual
 
 
+def predict_residual(history: Sequence[torch.Tensor], w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_k w[k] * history[k] + b, computed in float32, returned in the residuals' dtype.
+
+    history: K tensors (rows, N, D), the newest first; w: (K, Dw); b: (Db,), with Dw, Db in {1, D}.
+    float32 because extrapolation weights (e.g. 1.875, -1.25, 0.375) cancel large terms, which bf16
+    would round badly; with K = 1, w = 1, b = 0 the result equals ``history[0]`` bit for bit.
+    """
+    out = b.float() + w[0].float() * history[0].float()  # (rows, N, D)
+    for k in range(1, len(history)):
+        out = out + w[k].float() * history[k].float()
+    return out.to(history[0].dtype)
+
+
 def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual) -> torch.Tensor:
     """Branch velocities (float32) from the stored residual: pre + residual + head, no block."""
     pre = adapter.pre(x_in, timestep, None)
@@ -150,10 +193,24 @@ class FullStep(_Step):
 
 
 class CachedStep(_Step):
-    """Reuses the residual of the last full step, corrected by the step's a/b tables."""
+    """Predicts the residual from the last K full steps' residuals, corrected by the step's a/b tables.
 
-    def forward(self, latents, step, text_embeds, guidance_scale, residual):
+    ``forward(latents, step, text_embeds, guidance_scale, residual, *older)`` takes K residual
+    slots, the newest first. With the paper's reuse (K = 1, weight 1) the prediction is skipped
+    altogether, so that graph is exactly the reuse graph.
+    """
+
+    def __init__(self, adapter: ModelAdapter, tables: StepTables):
+        super().__init__(adapter, tables)
+        self.reuse = tables.plain_reuse()  # a static choice of graph, made once
+
+    def forward(self, latents, step, text_embeds, guidance_scale, residual, *older):
+        if len(older) + 1 != self.tables.history:
+            raise ValueError(f"the cached step takes {self.tables.history} residual slot(s), got {len(older) + 1}")
         n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
+        if not self.reuse:
+            residual = predict_residual((residual, *older), at_step(self.tables.pred_w, step),
+                                        at_step(self.tables.pred_b, step))
         v = cached_velocity(self.adapter, x_in, timestep, residual)
         v = rectify(v, at_step(self.tables.corr_a, step), at_step(self.tables.corr_b, step))
         v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)

@@ -34,8 +34,74 @@ def test_round_trip_keeps_every_field(tmp_path):
         assert getattr(back, field) == getattr(prof, field), field
     torch.testing.assert_close(back.corr_a, prof.corr_a)
     torch.testing.assert_close(back.corr_b, prof.corr_b)
+    torch.testing.assert_close(back.pred_w, prof.pred_w)
+    torch.testing.assert_close(back.pred_b, prof.pred_b)
+    assert back.predictor == prof.predictor and back.history == 1
     meta = json.loads((tmp_path / "p" / "profile.json").read_text())
-    assert meta["schema_version"] == 1 and meta["sigmas"][-1] == 0.0 and len(meta["sigmas"]) == 9
+    assert meta["schema_version"] == 2 and meta["sigmas"][-1] == 0.0 and len(meta["sigmas"]) == 9
+
+
+def _rewrite(folder, edit):
+    """Apply ``edit`` to profile.json (keeping the correction file's hash valid)."""
+    meta = json.loads((folder / "profile.json").read_text())
+    edit(meta)
+    (folder / "profile.json").write_text(json.dumps(meta))
+
+
+def test_a_predictor_profile_round_trips_its_tables(tmp_path):
+    prof = make_profile()
+    prof.mask = [True, True, True, False, True, False, False, True]
+    prof.pred_w = torch.randn(prof.steps, 3, 1)
+    prof.pred_b = torch.randn(prof.steps, 32)
+    prof.predictor = {"kind": "lagrange", "order": 2, "history": 3}
+    prof.save(tmp_path / "p")
+    back = load_profile(tmp_path / "p")
+    assert back.history == 3 and back.predictor["kind"] == "lagrange"
+    torch.testing.assert_close(back.tables().pred_w, prof.pred_w)
+    torch.testing.assert_close(back.tables().pred_b, prof.pred_b)
+
+
+def test_a_schema_1_profile_loads_as_the_reuse_predictor(tmp_path):
+    """What a profile of the old schema meant (reuse the last residual) is what the new code reads."""
+    from safetensors.torch import load_file, save_file
+
+    from ertacache.io import sha256_file
+
+    prof = make_profile()
+    prof.save(tmp_path / "p")
+    file = tmp_path / "p" / "correction.safetensors"
+    old = {k: v for k, v in load_file(str(file)).items() if k in ("a", "b")}
+    save_file(old, str(file))
+
+    def to_v1(meta):
+        meta["schema_version"] = 1
+        meta.pop("predictor")
+        meta["correction"]["sha256"] = sha256_file(file)
+
+    _rewrite(tmp_path / "p", to_v1)
+    back = load_profile(tmp_path / "p")
+    assert back.history == 1 and back.tables().plain_reuse()
+    assert back.predictor["migrated_from_schema"] == 1
+
+
+def test_a_predictor_needs_its_history_before_the_first_cached_step(tmp_path):
+    prof = make_profile()
+    prof.mask = [True, False] + [True] * 6
+    prof.save(tmp_path / "p")
+
+    def deeper(meta):
+        meta["predictor"]["history"] = 2
+
+    _rewrite(tmp_path / "p", deeper)
+    with pytest.raises(ProfileError, match="reads 2 full-step residuals but only 1 full step"):
+        load_profile(tmp_path / "p")
+
+
+def test_a_profile_of_a_future_schema_is_refused(tmp_path):
+    make_profile().save(tmp_path / "p")
+    _rewrite(tmp_path / "p", lambda meta: meta.update(schema_version=3))
+    with pytest.raises(ProfileError, match="schema_version 3 is not one this ertacache reads"):
+        load_profile(tmp_path / "p")
 
 
 @pytest.mark.parametrize(
