@@ -19,11 +19,18 @@ from ertacache.errors import UserError
 DEFAULT_HELD_OUT = 16
 #: as ertacache.eval.config.ALL_METHODS / METHOD_GROUPS and ertacache.eval.studies.STUDIES (tests/cli checks
 #: they agree), spelled here because importing those loads torch, and --help should answer at once
-ALL_METHODS = ("fewer-steps", "uniform", "teacache", "erta-open-policy", "erta-open-time", "erta-open-full",
-               "erta-closed-policy", "erta-closed-time", "erta-closed-full", "diffusers-taylorseer-o1",
+_STAGES = ("policy", "time", "full")
+_ERTA = tuple(f"erta-{loop}-{stage}" for loop in ("open", "closed") for stage in _STAGES)
+_PREDICTORS = tuple(f"erta-{code}-{loop}-{stage}" for code in ("t1", "t2", "f1", "f2") for loop in ("open", "closed")
+                    for stage in _STAGES)
+ALL_METHODS = ("fewer-steps", "uniform", "teacache", *_ERTA, *_PREDICTORS, "diffusers-taylorseer-o1",
                "diffusers-taylorseer-o2", "diffusers-taylorseer-lite", "diffusers-fbcache", "diffusers-magcache",
                "cachedit-dbcache", "cachedit-dbcache-taylorseer")
-METHOD_GROUPS = ("all", "builtin", "baselines", "erta", "peers")
+METHOD_GROUPS = ("all", "builtin", "baselines", "erta", "predictors", "peers")
+_METHODS_HELP = ("fewer-steps, uniform, teacache; ERTACache erta-{open,closed}-{policy,time,full} (the paper's reuse) "
+                 "and erta-{t1,t2,f1,f2}-{open,closed}-{policy,time,full} (Taylor order 1/2 or fitted K=2/3 "
+                 "predictor); the real peers diffusers-taylorseer-{o1,o2,lite}, diffusers-fbcache, diffusers-magcache, "
+                 "cachedit-dbcache, cachedit-dbcache-taylorseer")
 STUDIES = ("cal-size", "lambda", "transfer", "batch")
 
 
@@ -60,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--speedups", default="1.5,2,2.5,3",
                    help="target speedups; each sets the full-step budget round(T / speedup) (default: 1.5,2,2.5,3)")
     p.add_argument("--methods", default="all",
-                   help=f"comma list of {', '.join(ALL_METHODS)} or groups {', '.join(METHOD_GROUPS)} (default: all)")
+                   help=f"comma list of {_METHODS_HELP}, or groups {', '.join(METHOD_GROUPS)} (default: all)")
     p.add_argument("--seeds", default=None,
                    help=f"held-out seeds, e.g. 1000-1015 (default: {DEFAULT_HELD_OUT} seeds from 1000, or one per prompt)")
     p.add_argument("--prompts", default=None,
@@ -70,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-seed", type=int, default=0, help="calibration prompt k uses this seed + k")
     add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="held-out samples per model call")
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="leading full steps of every ERTACache method (raised to a predictor's K where lower)")
+    p.add_argument("--phi-rule", choices=["paper", "lsq"], default="paper",
+                   help="ERTACache's step scale phi: the paper's ratio or the least-squares scale")
     p.add_argument("--studies", default="",
                    help=f"comma list of {', '.join(STUDIES)} (default: none)")
     p.add_argument("--study-method", default="erta-closed-full", help="ERTACache variant the studies use")
@@ -120,6 +131,8 @@ def build_config(args, bundle):
         calibration_seed=args.calibration_seed,
         batch_size=args.batch_size,
         calibration_batch_size=bundle.recipe.defaults.calibration_batch_size,
+        warmup_steps=args.warmup_steps,
+        phi_rule=args.phi_rule,
     )
 
 

@@ -14,7 +14,14 @@ BASELINES: tuple[str, ...] = ("fewer-steps", "uniform", "teacache")
 #: full = + error rectification (the whole method). Each in open- and closed-loop calibration.
 ERTA_STAGES: dict[str, tuple[bool, bool]] = {"policy": (False, False), "time": (True, False), "full": (True, True)}
 ERTA_METHODS: tuple[str, ...] = tuple(f"erta-{loop}-{stage}" for loop in ("open", "closed") for stage in ERTA_STAGES)
-BUILTIN_METHODS: tuple[str, ...] = BASELINES + ERTA_METHODS
+#: the residual predictor of the cached step (ertacache.profile.predictor): code -> (kind, order). The
+#: plain "erta-..." names are the paper's reuse; "erta-t2-..." a Taylor (Lagrange) order-2 prediction
+#: from the last 3 full residuals; "erta-f2-..." the ridge fit shrunk toward it.
+PREDICTOR_CODES: dict[str, tuple[str, int]] = {"t1": ("taylor", 1), "t2": ("taylor", 2), "f1": ("fitted", 1),
+                                               "f2": ("fitted", 2)}
+PREDICTOR_METHODS: tuple[str, ...] = tuple(f"erta-{code}-{loop}-{stage}" for code in PREDICTOR_CODES
+                                           for loop in ("open", "closed") for stage in ERTA_STAGES)
+BUILTIN_METHODS: tuple[str, ...] = BASELINES + ERTA_METHODS + PREDICTOR_METHODS
 #: real peer libraries (ertacache.eval.peers): method -> (the module it imports, what it runs)
 PEERS: dict[str, tuple[str, str]] = {
     "diffusers-taylorseer-o1": ("diffusers", "TaylorSeer o1"),
@@ -28,13 +35,16 @@ PEERS: dict[str, tuple[str, str]] = {
 PEER_METHODS: tuple[str, ...] = tuple(PEERS)
 ALL_METHODS: tuple[str, ...] = BUILTIN_METHODS + PEER_METHODS
 METHOD_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_METHODS, "builtin": BUILTIN_METHODS, "baselines": BASELINES,
-                                             "erta": ERTA_METHODS, "peers": PEER_METHODS}
+                                             "erta": ERTA_METHODS, "predictors": PREDICTOR_METHODS,
+                                             "peers": PEER_METHODS}
 #: what implements each built-in method, for the tables (peers are labelled with their library's version)
 BUILTIN_LABELS: dict[str, str] = {
     "fewer-steps": "ertacache (hand-written) fewer-step Euler",
     "uniform": "ertacache (hand-written) uniform reuse, FORA-style",
     "teacache": "ertacache (hand-written) TeaCache-style",
     **{m: f"ertacache ERTACache {m.split('-')[1]}-loop {m.split('-')[2]}" for m in ERTA_METHODS},
+    **{m: f"ertacache ERTACache {m.split('-')[2]}-loop {m.split('-')[3]}, {PREDICTOR_CODES[m.split('-')[1]][0]} "
+          f"order-{PREDICTOR_CODES[m.split('-')[1]][1]} predictor" for m in PREDICTOR_METHODS},
 }
 
 
@@ -57,10 +67,16 @@ def parse_methods(spec: str) -> tuple[str, ...]:
 
 
 def erta_flags(method: str) -> tuple[str, bool, bool]:
-    """'erta-closed-time' -> (loop, time_adjust, rectify)."""
-    _, loop, stage = method.split("-")
+    """'erta-closed-time' or 'erta-t2-closed-time' -> (loop, time_adjust, rectify)."""
+    loop, stage = method.split("-")[-2:]
     time_adjust, rectify = ERTA_STAGES[stage]
     return loop, time_adjust, rectify
+
+
+def erta_predictor(method: str) -> tuple[str, int]:
+    """'erta-t2-open-full' -> ("taylor", 2); the plain 'erta-...' names -> ("reuse", 0)."""
+    parts = method.split("-")
+    return PREDICTOR_CODES[parts[1]] if len(parts) == 4 else ("reuse", 0)
 
 
 def method_label(method: str) -> str:
@@ -165,6 +181,7 @@ class EvalConfig:
     batch_size: int = 16
     calibration_batch_size: int = 16
     warmup_steps: int = 1
+    phi_rule: str = "paper"
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
     peers: PeerConfig = field(default_factory=PeerConfig)
 

@@ -13,11 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from ertacache.eval.config import ERTA_METHODS, PEER_METHODS, erta_flags
+from ertacache.eval.config import ERTA_METHODS, PEER_METHODS, PREDICTOR_METHODS, erta_flags, erta_predictor
 from ertacache.eval.plans import Plan, StaticPlan, fewer_steps_plan, reuse_plan, uniform_mask
 from ertacache.eval.teacache import solve_teacache
 from ertacache.profile.calibrate import calibrate
 from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.predictor import PredictorConfig
 from ertacache.profile.schedule import mask_from_error_matrix, solve_lambda
 from ertacache.sampling.steps import StepTables
 
@@ -75,8 +76,12 @@ def _teacache(ctx, method, speedup) -> Candidate:
 def erta_config(ctx, method: str, speedup: float | None = None, lam: float | None = None) -> CalibrationConfig:
     """The CalibrationConfig an ERTACache method name stands for (the same flags as ertacache-profile)."""
     loop, time_adjust, rectify = erta_flags(method)
+    kind, order = erta_predictor(method)
+    predictor = PredictorConfig(kind=kind, order=order)
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
-                             warmup_steps=ctx.config.warmup_steps, time_adjust=time_adjust, rectify=rectify,
+                             warmup_steps=max(ctx.config.warmup_steps, predictor.history), time_adjust=time_adjust,
+                             rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,
+                             phi_max=1.5 if ctx.config.phi_rule == "lsq" else 1.0,
                              batch_size=ctx.config.calibration_batch_size)
 
 
@@ -104,14 +109,15 @@ def erta_candidate(ctx, cal, config: CalibrationConfig) -> Candidate:
     lam_hi = closed_loop_start(ctx, config) if config.loop == "closed" else 1.0
     outcome = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors, lam_hi=lam_hi)
     res = outcome.result
-    plan = StaticPlan(res.mask, StepTables(res.sigmas, res.corr_a, res.corr_b))
+    plan = StaticPlan(res.mask, StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b))
     reused = ~np.asarray(res.mask)
     info = {"lambda": float(outcome.lam), "phi_min": float(res.phi[reused].min()) if reused.any() else 1.0,
-            "calibration_prompts": cal.prompts}
+            "phi_max": float(res.phi[reused].max()) if reused.any() else 1.0, "phi_at_bound": res.phi_at_bound,
+            "calibration_prompts": cal.prompts, "uncached_passes": round(outcome.uncached_passes, 2)}
     return Candidate(plan, info)
 
 
-@register(*ERTA_METHODS)
+@register(*ERTA_METHODS, *PREDICTOR_METHODS)
 def _erta(ctx, method, speedup) -> Candidate:
     return erta_candidate(ctx, ctx.calibration, erta_config(ctx, method, speedup))
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
 from ertacache.limits import MAX_STEPS
+from ertacache.profile.predictor import MAX_HISTORY
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
@@ -66,8 +67,6 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 MAX_PROFILE_JSON_BYTES = 64 << 20
 #: correction coefficients a, b beyond this are not a fit of a bounded error (a corrupt or hostile table)
 MAX_CORRECTION = 1e4
-#: the most full-step residuals a predictor may read (each is a buffer of the cached step)
-MAX_HISTORY = 4
 
 
 def is_profile_folder(path: Path) -> bool:
@@ -272,7 +271,7 @@ def _validate_fields(path: Path, meta: dict[str, Any]) -> None:
     need((meta["n_branches"] == 2) == (g > 1.0), f"n_branches {meta['n_branches']} disagrees with guidance_scale {g} "
                                                  "(CFG, two branches, exactly when guidance > 1)")
     for key in ("phi",):
-        need(all(_finite(p) and 0.0 <= p <= 1.0 for p in meta[key]), f"{key!r} must be numbers in [0, 1]")
+        need(all(_finite(p) and 0.0 <= p <= 1.5 for p in meta[key]), f"{key!r} must be numbers in [0, 1.5]")
     for key in ("nominal_sigmas", "sigmas"):
         need(all(_finite(x) for x in meta[key]), f"{key!r} must be finite numbers")
     target = meta.get("speedup_target")

@@ -39,6 +39,7 @@ from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
+from ertacache.profile.predictor import PredictorConfig, RidgeAccumulator, lagrange_weights
 from ertacache.profile.schedule import (
     bisection_probes,
     fill_budget,
@@ -53,6 +54,7 @@ from ertacache.sampling.steps import (
     expand_branches,
     full_velocity,
     model_timestep,
+    predict_residual,
     rectify,
 )
 
@@ -75,8 +77,18 @@ class CalibrationSet:
     n_branches: int = 2
     store: HostStore = field(init=False, repr=False)
 
+    #: block-stack evaluations (prompt-steps) the passes over this set have made: the calibration cost
+    block_evals: int = field(default=0, init=False)
+    #: the uncached trajectories' residuals, kept by :func:`residual_bank` for open-loop predictor schedules
+    bank: "ResidualBank | None" = field(default=None, init=False, repr=False)
+
     def __post_init__(self):
         self.store = HostStore(self.device)
+
+    @property
+    def uncached_passes(self) -> float:
+        """The calibration cost so far in uncached passes over the set (``block_evals / (P * T)``)."""
+        return self.block_evals / max(1, self.prompts * self.steps)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +128,9 @@ class PassResult:
     residual_change: np.ndarray  # rel. L1 of r_i vs r_{i-1}, true residuals (0 at step 0)
     velocity_error: np.ndarray  # mean |v_used - v_true| of the guided velocity
     velocity_change: np.ndarray  # mean |v_true_i - v_true_{i-1}|
+    pred_w: torch.Tensor | None = None  # (T, K, Dw) the predictor's weights (reuse when None)
+    pred_b: torch.Tensor | None = None  # (T, Db)
+    phi_at_bound: int = 0  # reused steps whose raw phi hit phi_min or phi_max
     extra: dict = field(default_factory=dict)
 
     @property
@@ -181,6 +196,7 @@ def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np
         for i in range(cal.steps):
             x_in = expand_branches(x, cal.n_branches).to(text.dtype)
             v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
+            cal.block_evals += sl.stop - sl.start
             _check_finite(v, i, sl)
             if observe is not None:
                 observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
@@ -189,6 +205,72 @@ def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np
             store.put(("r", i), r)
             x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
     store.clear()
+
+
+class ResidualBank:
+    """Every block-stack residual of the uncached trajectories, on the host: (slice, step) -> (nb*b, N, D).
+
+    What an open-loop schedule for a predictor needs: the error of predicting step i from any set
+    of earlier full steps is arithmetic on these, with no model call. Host memory is
+    P * T * (nb * N * D) elements (the testbeds: tens of MB; Wan2.1-1.3B at 480p with 20 prompts
+    and 50 steps: about 28 GB in bf16, so keep the prompt count modest there). Errors are memoised
+    per (full steps, step), so a bisection's probes share what they have in common.
+    """
+
+    def __init__(self, slices: list[slice], n_branches: int, steps: int, device: torch.device):
+        self.slices, self.n_branches, self.steps, self.device = slices, n_branches, steps, device
+        self.residuals: dict[tuple[int, int], torch.Tensor] = {}
+        self._memo: dict[tuple[tuple[int, ...], int], float] = {}
+        self.prompts = sum(sl.stop - sl.start for sl in slices)
+
+    def error(self, newest_first: tuple[int, ...], step: int) -> float:
+        """Mean over prompts of the rel. L1 error of the Lagrange prediction of ``step`` from those full steps."""
+        key = (newest_first, step)
+        if key not in self._memo:
+            w = torch.as_tensor(lagrange_weights(newest_first, step), dtype=torch.float32)
+            total = 0.0
+            for k in range(len(self.slices)):
+                slots = [self.residuals[k, j].to(self.device) for j in newest_first]
+                r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), torch.zeros(1, device=self.device))
+                total += rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
+                                           self.n_branches).sum().item()
+            self._memo[key] = total / self.prompts
+        return self._memo[key]
+
+    def walk(self, lam: float, history: int, forced: np.ndarray) -> tuple[tuple[bool, ...], np.ndarray]:
+        """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
+        mask, positions, errs = [], [], np.zeros(self.steps)
+        for i in range(self.steps):
+            full = bool(forced[i]) or len(positions) < history
+            if not full:
+                errs[i] = self.error(tuple(positions[::-1][:history]), i)
+                full = not errs[i] < lam
+            mask.append(full)
+            if full:
+                positions.append(i)
+        return tuple(mask), errs
+
+
+def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool = True) -> ResidualBank:
+    """The uncached trajectories' residuals of ``cal`` (one uncached pass, made once per set)."""
+    if cal.bank is not None:
+        return cal.bank
+    slices = cal.micro_batches(config.batch_size)
+    bank = ResidualBank(slices, cal.n_branches, cal.steps, cal.device)
+    sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.device)
+    with torch.no_grad():
+        for k, sl in enumerate(tqdm(slices, desc="open-loop residuals", disable=not progress)):
+            x = cal.latent_rows(sl)
+            text = cal.text_rows(sl)
+            for i in range(cal.steps):
+                x_in = expand_branches(x, cal.n_branches).to(text.dtype)
+                v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
+                cal.block_evals += sl.stop - sl.start
+                _check_finite(v, i, sl)
+                bank.residuals[k, i] = r.to("cpu")
+                x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+    cal.bank = bank
+    return bank
 
 
 class _Trajectories:
@@ -216,6 +298,27 @@ class _Trajectories:
         self.store.put((k, name), t)
 
 
+def _step_weights(pred: PredictorConfig, positions: list[int], step: int,
+                  ridge: RidgeAccumulator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w (K, Dw), b (Db,)) of the predictor at ``step``, given the full steps so far (oldest first)."""
+    newest_first = positions[::-1][: pred.history]
+    prior = lagrange_weights(newest_first, step) if pred.kind != "reuse" else np.ones(1)
+    if pred.kind == "fitted" and ridge is not None and ridge.count:
+        return ridge.solve(prior, pred.ridge)
+    return torch.as_tensor(prior, dtype=torch.float32).reshape(-1, 1), torch.zeros(1)
+
+
+def _put_table(table: torch.Tensor | None, step: int, value: torch.Tensor, steps: int, tail: tuple[int, ...]):
+    """Write ``value`` into row ``step`` of a (T, *tail) table, widening a 1-wide last axis to the value's."""
+    if table is None or table.shape[-1] < value.shape[-1]:
+        wider = torch.zeros(steps, *tail[:-1], value.shape[-1])
+        if table is not None:
+            wider[:] = table  # broadcast the narrow rows written so far
+        table = wider
+    table[step] = value
+    return table
+
+
 def cached_pass(
     cal: CalibrationSet,
     config: CalibrationConfig,
@@ -226,6 +329,12 @@ def cached_pass(
 ) -> PassResult | None:
     """Follow the cached trajectory, deciding (``lam``) or following (``mask``) the schedule.
 
+    At a step that may be cached, the predictor's weights come from the full steps so far
+    (:func:`_step_weights`; a ``fitted`` predictor is solved from this step's running sums over
+    every prompt, i.e. where the cached sampler actually is), the predicted residual is compared
+    with the true one (the schedule's error), and, if the step is cached, the cached velocity
+    from the prediction feeds the rectification fit and the trajectory.
+
     With ``max_full``, the pass gives up (returns None) as soon as the mask is
     sure to exceed that many full steps: a bisection probe only needs to know
     it is over budget, and small lambdas would otherwise cost a whole pass.
@@ -233,6 +342,12 @@ def cached_pass(
     if (lam is None) == (mask is None):
         raise ValueError("give exactly one of lam and mask")
     steps, nb = cal.steps, cal.n_branches
+    pred = config.predictor
+    history = pred.history
+    if mask is not None:
+        from ertacache.sampling.sampler import validate_mask
+
+        mask = validate_mask(mask, steps, history)
     forced = forced_full(steps, config.warmup_steps, config.final_steps)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
     device = cal.device
@@ -244,56 +359,84 @@ def cached_pass(
     sigmas = nominal.copy()
     corr_a = torch.zeros(steps, nb, channels)
     corr_b = torch.zeros(steps, nb, channels)
+    pred_w: torch.Tensor | None = None  # (T, K, Dw), filled per cached step
+    pred_b: torch.Tensor | None = None  # (T, Db)
+    positions: list[int] = []  # the full steps so far, oldest first
     out_mask: list[bool] = []
     stats = {k: np.zeros(steps) for k in ("residual_error", "residual_change", "velocity_error", "velocity_change")}
+    phi_bound = 0
 
     for i in tqdm(range(steps), desc="closed-loop calibration", disable=not progress, leave=False):
         sig_i = torch.tensor(sigmas[i], dtype=torch.float32, device=device)
-        res_err_sum, res_change_sum = 0.0, 0.0
-        # the correction's sufficient statistics, gathered in case the step turns out reused
-        acc = OLSAccumulator(nb, channels) if config.rectify else None
-        # (1) the true step for every micro-batch, and the cached one where a cache exists
+        # a step may be cached unless it is forced (or the given mask computes it)
+        may_cache = not forced[i] and (mask is None or not mask[i]) and len(positions) >= history
+        res_change_sum = 0.0
+        ridge = None
+        # (1) the true step for every micro-batch; the fitted predictor's sums where it may be cached
         with torch.no_grad():
             for k, sl in traj:
                 text = cal.text_rows(sl)
                 x_in = expand_branches(traj.get(k, "x"), nb).to(text.dtype)  # (nb*b, C, F, H, W)
-                t_rows = model_timestep(sig_i, x_in.shape[0])
-                v_true, r_true = full_velocity(cal.adapter, x_in, t_rows, text)
+                v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0]), text)
+                cal.block_evals += sl.stop - sl.start
                 _check_finite(v_true, i, sl)
-                residual = None if forced[i] else traj.get(k, "residual")
-                v_cached = None
-                if residual is not None:
-                    v_cached = cached_velocity(cal.adapter, x_in, t_rows, residual)
-                    res_err_sum += rel_l1_per_sample(residual, r_true, nb).sum().item()
-                    if acc is not None:
-                        acc.update(v_cached, v_cached - v_true)
+                if may_cache and pred.kind == "fitted":
+                    if ridge is None:
+                        ridge = RidgeAccumulator(history, r_true.shape[-1], pred.per_channel, pred.bias)
+                    ridge.update([traj.get(k, ("h", j)) for j in range(history)], r_true)
                 prev_r = traj.get(k, "prev_r")
                 if prev_r is not None:
                     res_change_sum += rel_l1_per_sample(prev_r, r_true, nb).sum().item()
                 traj.put(k, "r", r_true)
                 traj.put(k, "v_true", v_true)
-                traj.put(k, "v_cached", v_cached)
-                del x_in, v_true, r_true, residual, v_cached, prev_r
-        res_err = res_err_sum / cal.prompts
+                del x_in, v_true, r_true, prev_r
         stats["residual_change"][i] = res_change_sum / cal.prompts
 
-        # (2) the decision, a mean over every prompt
+        # (2) the predictor's weights for this step and the error of its prediction, over every prompt
+        res_err = float("inf")
+        if may_cache:
+            w_i, b_i = _step_weights(pred, positions, i, ridge)
+            res_err_sum = 0.0
+            with torch.no_grad():
+                for k, _ in traj:
+                    slots = [traj.get(k, ("h", j)) for j in range(history)]
+                    r_hat = predict_residual(slots, w_i.to(device), b_i.to(device))
+                    res_err_sum += rel_l1_per_sample(r_hat, traj.get(k, "r"), nb).sum().item()
+                    traj.put(k, "r_hat", r_hat)
+                    del slots, r_hat
+            res_err = res_err_sum / cal.prompts
+
+        # (3) the decision, a mean over every prompt
         if mask is not None:
-            full = bool(mask[i]) or forced[i]
+            full = bool(mask[i]) or bool(forced[i])
         else:
-            full = bool(forced[i]) or not res_err < lam
+            full = not may_cache or not res_err < lam
         out_mask.append(full)
         if max_full is not None and sum(out_mask) + int(forced[i + 1:].sum()) > max_full:
             traj.store.clear()
             return None
 
+        # (4) a cached step: the table rows, the cached velocity and the rectification fit
+        acc = OLSAccumulator(nb, channels) if config.rectify and not full else None
         if not full:
             stats["residual_error"][i] = res_err
+            pred_w = _put_table(pred_w, i, w_i, steps, (history, 1))
+            pred_b = _put_table(pred_b, i, b_i, steps, (1,))
+            with torch.no_grad():
+                for k, _ in traj:
+                    x_in = expand_branches(traj.get(k, "x"), nb).to(cal.text_embeds.dtype)
+                    v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0]),
+                                               traj.get(k, "r_hat"))
+                    if acc is not None:
+                        acc.update(v_cached, v_cached - traj.get(k, "v_true"))
+                    traj.put(k, "v_cached", v_cached)
+                    del x_in, v_cached
             if acc is not None:
                 corr_a[i], corr_b[i] = acc.solve()
 
-        # (3) the velocity each trajectory uses, and the statistics phi needs
+        # (5) the velocity each trajectory uses, and the statistics phi needs
         err_sum, change_sum, scale_sum, count = 0.0, 0.0, 0.0, 0
+        dot_sum, sq_sum = 0.0, 0.0
         for k, _ in traj:
             g_true = combine_cfg(traj.get(k, "v_true"), g, nb)  # (b, C, F, H, W)
             if full:
@@ -301,11 +444,14 @@ def cached_pass(
             else:
                 v_fixed = rectify(traj.get(k, "v_cached"), corr_a[i].to(device), corr_b[i].to(device))
                 g_used = combine_cfg(v_fixed, g, nb)
-            err_sum += (g_used - g_true).abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
-            scale_sum += g_true.abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
+            dims = tuple(range(1, g_true.ndim))
+            err_sum += (g_used - g_true).abs().mean(dim=dims).sum().item()
+            scale_sum += g_true.abs().mean(dim=dims).sum().item()
+            dot_sum += (g_used * g_true).sum().item()
+            sq_sum += (g_used * g_used).sum().item()
             v_prev = traj.get(k, "v_prev")
             if v_prev is not None:
-                change_sum += (g_true - v_prev).abs().mean(dim=tuple(range(1, g_true.ndim))).sum().item()
+                change_sum += (g_true - v_prev).abs().mean(dim=dims).sum().item()
             count += g_true.shape[0]
             traj.put(k, "g_used", g_used)
             traj.put(k, "g_true", g_true)
@@ -313,30 +459,47 @@ def cached_pass(
         stats["velocity_change"][i] = change_sum / count if i > 0 else 0.0
 
         if not full and config.time_adjust:
-            phi[i] = phi_value(
-                stats["velocity_error"][i], stats["velocity_change"][i], scale_sum / count,
-                config.phi_min, config.phi_eps,
-            )
+            if config.phi_rule == "lsq":
+                raw = dot_sum / max(sq_sum, 1e-30)  # the scale of the used update that best matches the true one
+            else:
+                raw = phi_value(stats["velocity_error"][i], stats["velocity_change"][i], scale_sum / count,
+                                0.0, config.phi_eps)
+            phi[i] = float(np.clip(raw, config.phi_min, config.phi_max))
+            phi_bound += int(not config.phi_min < raw < config.phi_max)
             sigmas = adjusted_sigmas(nominal, phi)
 
-        # (4) the Euler update along the (possibly adjusted) sigma table; state moves one step on
+        # (6) the Euler update along the (possibly adjusted) sigma table; state moves one step on
         sig_next = torch.tensor(sigmas[i + 1], dtype=torch.float32, device=device)
         for k, _ in traj:
             traj.put(k, "x", traj.get(k, "x") + (sig_next - sig_i) * traj.get(k, "g_used"))
             traj.store.alias((k, "v_prev"), (k, "g_true"))
             traj.store.alias((k, "prev_r"), (k, "r"))
-            if full:
-                traj.store.alias((k, "residual"), (k, "r"))
-            for name in ("r", "v_true", "v_cached", "g_used", "g_true"):
+            if full:  # the history moves one slot older; the new residual is the newest
+                for j in range(history - 1, 0, -1):
+                    if traj.get(k, ("h", j - 1)) is not None:
+                        traj.store.alias((k, ("h", j)), (k, ("h", j - 1)))
+                traj.store.alias((k, ("h", 0)), (k, "r"))
+            for name in ("r", "r_hat", "v_true", "v_cached", "g_used", "g_true"):
                 traj.put(k, name, None)
+        if full:
+            positions.append(i)
 
     traj.store.clear()
+    pred_w = torch.ones(steps, history, 1) * torch.tensor([1.0] + [0.0] * (history - 1)).reshape(1, -1, 1) \
+        if pred_w is None else pred_w
+    for i, full in enumerate(out_mask):  # full rows: "newest slot" (never read by a cached step)
+        if full:
+            pred_w[i] = 0.0
+            pred_w[i, 0] = 1.0
     return PassResult(
         mask=tuple(out_mask),
         phi=phi,
         sigmas=sigmas,
         corr_a=corr_a,
         corr_b=corr_b,
+        pred_w=pred_w,
+        pred_b=torch.zeros(steps, 1) if pred_b is None else pred_b,
+        phi_at_bound=phi_bound,
         **stats,
     )
 
@@ -346,6 +509,8 @@ class CalibrationOutcome:
     lam: float
     result: PassResult
     error_matrix: np.ndarray | None
+    #: block-stack evaluations of this calibration, in uncached passes over the set (set by calibrate)
+    uncached_passes: float = float("nan")
 
 
 def calibrate(
@@ -368,6 +533,36 @@ def calibrate(
     """
     steps = cal.steps
     target = config.target_full_steps(steps) if config.speedup is not None else None
+    evals_before = cal.block_evals
+    # an open-loop pass shared with an earlier profile of the same set (the residual bank, or a given
+    # error matrix) is still part of this profile's cost: it counts as one uncached pass
+    if config.loop != "open":
+        shared = False
+    elif config.predictor.kind != "reuse":
+        shared = cal.bank is not None
+    else:
+        shared = errors is not None
+    outcome = _calibrate(cal, config, progress, log, errors, lam_hi, steps, target)
+    outcome.uncached_passes = (cal.block_evals - evals_before) / (cal.prompts * steps) + (1.0 if shared else 0.0)
+    return outcome
+
+
+def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "CalibrationOutcome":
+
+    if config.loop == "open" and config.predictor.kind != "reuse":
+        bank = residual_bank(cal, config, progress)
+        forced = forced_full(steps, config.warmup_steps, config.final_steps)
+
+        def bank_probe(lam):
+            return sum(bank.walk(lam, config.predictor.history, forced)[0]), lam
+
+        lam = config.lam if target is None else solve_lambda(bank_probe, target)[0]
+        mask, step_err = bank.walk(lam, config.predictor.history, forced)
+        if target is not None:
+            mask = fill_budget(mask, step_err, target)
+        log(f"open-loop predictor mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")
+        result = cached_pass(cal, config, mask=mask, progress=progress)
+        return CalibrationOutcome(lam=lam, result=result, error_matrix=None)
 
     if config.loop == "open":
         if errors is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from ertacache.errors import UserError
+from ertacache.profile.predictor import PredictorConfig
 
 Loop = Literal["open", "closed"]
+PhiRule = Literal["paper", "lsq"]
 
 
 @dataclass
@@ -22,12 +24,17 @@ class CalibrationConfig:
         (accurate, one calibration pass per bisection probe); "open" compares
         residuals of the uncached trajectory pairwise (cheap: one pass, then
         any lambda is free), then fits phi and the correction along the mask.
-    warmup_steps: leading steps that always compute (>= 1: step 0 has no cache).
+    warmup_steps: leading steps that always compute (>= 1: step 0 has no cache; >= K so the
+        predictor's K residual slots are filled before the first cached step). None: K.
     final_steps: trailing steps that always compute (>= 1: the last step
         lands the trajectory at sigma 0 with the true velocity).
     time_adjust: component (b), the trajectory-aware sigma table.
     rectify: component (c), the per-channel least-squares correction.
-    phi_min: lower clip of phi; keeps one bad estimate from stalling the clock.
+    predictor: what the cached step predicts the residual with (:mod:`ertacache.profile.predictor`).
+    phi_rule: "paper": phi = 1 - |v^ - v| / |v_i - v_(i-1)| (the paper's eq.); "lsq": the scale
+        of the used update that best matches the true one in least squares,
+        <g_used, g_true> / <g_used, g_used> over every calibration element.
+    phi_min, phi_max: clip of phi; keeps one bad estimate from stalling or racing the clock.
     phi_eps: relative guard on phi's denominator: where the step-to-step
         velocity change is below ``phi_eps * mean|v|`` the ratio carries no
         information and phi is left at 1 instead of being driven to phi_min.
@@ -37,11 +44,14 @@ class CalibrationConfig:
     lam: float | None = None
     speedup: float | None = None
     loop: Loop = "closed"
-    warmup_steps: int = 1
+    warmup_steps: int | None = None
     final_steps: int = 1
     time_adjust: bool = True
     rectify: bool = True
+    predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(kind="reuse", order=0))
+    phi_rule: PhiRule = "paper"
     phi_min: float = 0.5
+    phi_max: float = 1.0
     phi_eps: float = 1e-3
     batch_size: int = 8
 
@@ -54,10 +64,21 @@ class CalibrationConfig:
             raise UserError(f"--speedup must be >= 1.0 (1.0 means no caching), got {self.speedup}")
         if self.loop not in ("open", "closed"):
             raise UserError(f"loop must be 'open' or 'closed', got {self.loop!r}")
+        if isinstance(self.predictor, dict):  # from a profile's JSON
+            self.predictor = PredictorConfig(**self.predictor)
+        if self.warmup_steps is None:
+            self.warmup_steps = self.predictor.history
         if self.warmup_steps < 1 or self.final_steps < 1:
             raise UserError("warmup_steps and final_steps must be >= 1: the first and last steps always compute")
-        if not 0.0 < self.phi_min <= 1.0:
-            raise UserError(f"phi_min must be in (0, 1], got {self.phi_min}")
+        if self.warmup_steps < self.predictor.history:
+            raise UserError(f"--warmup-steps {self.warmup_steps} is below the {self.predictor.history} full-step "
+                            f"residuals the order-{self.predictor.order} predictor reads before its first cached "
+                            f"step; raise it to {self.predictor.history} or lower --predictor-order")
+        if self.phi_rule not in ("paper", "lsq"):
+            raise UserError(f"phi rule must be 'paper' or 'lsq', got {self.phi_rule!r}")
+        if not 0.0 < self.phi_min <= 1.0 <= self.phi_max <= 1.5:
+            raise UserError(f"phi bounds must satisfy 0 < phi_min <= 1 <= phi_max <= 1.5, got "
+                            f"[{self.phi_min}, {self.phi_max}]")
         if self.phi_eps <= 0:
             raise UserError(f"phi_eps must be > 0, got {self.phi_eps}")
         if self.batch_size < 1:

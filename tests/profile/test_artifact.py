@@ -204,7 +204,7 @@ def _rehash_correction(path, edit_tables):
          r"correction table 'b' holds NaN or Inf \(first at step 5\)"),
         (lambda p: _rehash_correction(p, lambda t: t["a"].mul_(1e9)), r"beyond \+-10000"),
         (lambda p: _edit(p, lambda m: m.update(phi="0.9")), "field 'phi' has the wrong type"),
-        (lambda p: _edit(p, lambda m: m.update(phi=[2.0] * 8)), r"'phi' must be numbers in \[0, 1\]"),
+        (lambda p: _edit(p, lambda m: m.update(phi=[2.0] * 8)), r"'phi' must be numbers in \[0, 1.5\]"),
         (lambda p: _edit(p, lambda m: m.update(stats=[1, 2])), "'stats' must map names to lists"),
         (lambda p: _edit(p, lambda m: m.update(latent_shape=[])), "latent_shape must be 4 positive integers"),
         (lambda p: _edit(p, lambda m: m.update(calibration={"negative_prompt": 3})),

@@ -1,0 +1,155 @@
+"""The residual predictor: Lagrange weights, the ridge fit, and the calibration passes that use them."""
+
+import numpy as np
+import pytest
+import torch
+
+from ertacache.errors import UserError
+from ertacache.models.adapter import adapter_for
+from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate, residual_bank
+from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
+                                         taylor_weights)
+from ertacache.sampling import CachedSampler, StepTables, initial_latents, nominal_sigmas
+from ertacache.sampling.steps import predict_residual
+from tests.conftest import tiny_wan
+
+STEPS = 12
+SHAPE = (4, 2, 8, 8)
+
+
+def test_lagrange_weights_match_a_hand_computation():
+    # full steps 4, 2, 0 (newest first), predict step 5: the quadratic through them, half a gap ahead
+    # w0 = (5-2)(5-0)/((4-2)(4-0)) = 15/8, w1 = (5-4)(5-0)/((2-4)(2-0)) = -5/4, w2 = (5-4)(5-2)/((0-4)(0-2)) = 3/8
+    np.testing.assert_allclose(lagrange_weights([4, 2, 0], 5), [1.875, -1.25, 0.375])
+    np.testing.assert_allclose(lagrange_weights([3, 2], 4), [2.0, -1.0])  # linear, one step ahead
+    np.testing.assert_allclose(lagrange_weights([7], 9), [1.0])  # order 0 is reuse
+    # the weights reproduce any quadratic exactly
+    f = lambda t: 0.3 * t * t - 2.0 * t + 1.5  # noqa: E731
+    pos = [9, 6, 5]
+    assert np.dot(lagrange_weights(pos, 11), [f(p) for p in pos]) == pytest.approx(f(11))
+
+
+def test_taylor_tables_follow_the_mask():
+    mask = [True, True, True, False, True, False, False, True]
+    w = taylor_weights(mask, 3)  # (T, K, 1)
+    assert w.shape == (8, 3, 1)
+    assert last_full_steps(mask, 5, 3) == [4, 2, 1]
+    np.testing.assert_allclose(w[5, :, 0], lagrange_weights([4, 2, 1], 5))
+    np.testing.assert_allclose(w[3, :, 0], lagrange_weights([2, 1, 0], 3))
+    np.testing.assert_array_equal(w[4, :, 0], [1, 0, 0])  # full steps: the newest slot (never read)
+    with pytest.raises(UserError, match="only 1 full step"):
+        taylor_weights([True, False, True], 2)
+
+
+def test_k1_reuse_predicts_the_last_residual_bit_for_bit():
+    r = torch.randn(4, 6, 8, dtype=torch.bfloat16)
+    out = predict_residual([r], torch.ones(1, 1), torch.zeros(1))
+    assert out.dtype == r.dtype and torch.equal(out, r)
+    assert StepTables(nominal_sigmas(4, 3.0), n_branches=2, channels=4).plain_reuse()
+
+
+@pytest.mark.parametrize("per_channel, bias", [(True, True), (False, True), (True, False)])
+def test_ridge_fit_equals_numpy_lstsq_without_ridge(per_channel, bias):
+    gen = torch.Generator().manual_seed(0)
+    acc = RidgeAccumulator(history=3, channels=5, per_channel=per_channel, bias=bias)
+    xs, ys = [], []
+    for _ in range(3):  # three micro-batches: the sums must add up to one fit
+        slots = [torch.randn(2, 7, 5, generator=gen) for _ in range(3)]
+        y = 1.7 * slots[0] - 0.6 * slots[1] + 0.1 * slots[2] + 0.3 + 0.05 * torch.randn(2, 7, 5, generator=gen)
+        acc.update(slots, y)
+        xs.append(torch.stack([s.reshape(-1, 5) for s in slots]))  # (K, M, D)
+        ys.append(y.reshape(-1, 5))
+    x = torch.cat(xs, 1).double().numpy()  # (K, M, D)
+    y = torch.cat(ys, 0).double().numpy()  # (M, D)
+    w, b = acc.solve(prior=[1.0, 0.0, 0.0], ridge=0.0)
+    cols = lambda d: [x[k, :, d] for k in range(3)] + ([np.ones(x.shape[1])] if bias else [])  # noqa: E731
+    if per_channel:
+        for d in range(5):
+            sol = np.linalg.lstsq(np.stack(cols(d), 1), y[:, d], rcond=None)[0]
+            np.testing.assert_allclose(w[:, d].numpy(), sol[:3], rtol=1e-4, atol=1e-5)
+            if bias:
+                assert b[d].item() == pytest.approx(sol[3], abs=1e-5)
+    else:
+        design = np.concatenate([np.stack(cols(d), 1) for d in range(5)], 0)
+        sol = np.linalg.lstsq(design, y.T.reshape(-1), rcond=None)[0]
+        np.testing.assert_allclose(w[:, 0].numpy(), sol[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_a_strong_ridge_returns_the_prior():
+    acc = RidgeAccumulator(history=2, channels=3)
+    acc.update([torch.randn(2, 4, 3), torch.randn(2, 4, 3)], torch.randn(2, 4, 3))
+    w, b = acc.solve(prior=[2.0, -1.0], ridge=1e9)
+    np.testing.assert_allclose(w.numpy(), [[2.0] * 3, [-1.0] * 3], atol=1e-5)
+    np.testing.assert_allclose(b.numpy(), 0.0, atol=1e-5)
+
+
+def test_predictor_settings_are_checked():
+    with pytest.raises(UserError, match="unknown predictor"):
+        PredictorConfig(kind="magic")
+    with pytest.raises(UserError, match="predictor-order"):
+        PredictorConfig(kind="taylor", order=7)
+    with pytest.raises(UserError, match="below the 3 full-step residuals"):
+        CalibrationConfig(speedup=2.0, warmup_steps=1, predictor=PredictorConfig("taylor", 2))
+    assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2)).warmup_steps == 3
+    assert PredictorConfig(kind="reuse", order=2).history == 1
+
+
+@pytest.fixture(scope="module")
+def cal():
+    adapter = adapter_for(tiny_wan(seed=3))
+    torch.manual_seed(0)
+    return CalibrationSet(adapter, initial_latents(SHAPE, range(3)), torch.randn(6, 5, 16), 4.0,
+                          nominal_sigmas(STEPS, 3.0))
+
+
+MASK = (True, True, True, False, True, False, False, True, False, True, False, True)
+
+
+def test_a_taylor_pass_bakes_the_lagrange_weights_of_its_mask(cal):
+    config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("taylor", 2), rectify=False, time_adjust=False)
+    res = cached_pass(cal, config, mask=MASK, progress=False)
+    assert res.pred_w.shape == (STEPS, 3, 1) and res.mask == MASK
+    np.testing.assert_allclose(res.pred_w.numpy(), taylor_weights(MASK, 3), rtol=1e-6)
+
+
+def test_the_reuse_predictor_pass_is_todays_pass(cal):
+    """K = 1 with weight 1 through the generalised pass gives exactly the reuse tables."""
+    mask = (True, False, False, True, False, True, False, False, True, False, True, True)
+    res = cached_pass(cal, CalibrationConfig(lam=0.1), mask=mask, progress=False)
+    assert res.pred_w.shape == (STEPS, 1, 1) and torch.all(res.pred_w == 1) and torch.all(res.pred_b == 0)
+    assert StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b).plain_reuse()
+
+
+def test_the_closed_pass_and_the_open_bank_agree_where_the_trajectories_coincide(cal):
+    """Up to the first cached step the cached trajectory is the uncached one: both ways of computing
+    the prediction error (the closed pass, the open-loop residual bank) must give the same number."""
+    config = CalibrationConfig(lam=0.1, rectify=False, time_adjust=False, predictor=PredictorConfig("taylor", 2),
+                               batch_size=2)
+    closed = cached_pass(cal, config, mask=MASK, progress=False)
+    bank = residual_bank(cal, config, progress=False)
+    assert closed.residual_error[3] == pytest.approx(bank.error((2, 1, 0), 3), rel=1e-5)
+    assert closed.residual_error[3] > 0
+
+
+def test_fitted_weights_drive_the_sampler_and_stay_near_the_prior(cal):
+    config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("fitted", 2, ridge=1.0), rectify=True)
+    res = cached_pass(cal, config, mask=MASK, progress=False)
+    assert res.pred_w.shape[:2] == (STEPS, 3) and res.pred_b.shape[0] == STEPS
+    tables = StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b)
+    text = torch.cat([cal.text_embeds[0:1], cal.text_embeds[3:4]])
+    out = CachedSampler(cal.adapter, tables, res.mask)(cal.latents[:1], text, cal.guidance_scale)
+    assert torch.isfinite(out.latents).all() and out.full_steps == sum(MASK)
+
+
+@pytest.mark.parametrize("loop", ["open", "closed"])
+def test_a_predictor_profile_meets_the_budget_and_reports_its_cost(cal, loop):
+    config = CalibrationConfig(speedup=2.0, loop=loop, predictor=PredictorConfig("taylor", 1), batch_size=2)
+    out = calibrate(cal, config, progress=False, log=lambda s: None)
+    assert out.result.full_steps == STEPS // 2 and all(out.result.mask[:2])
+    if loop == "open":  # one uncached pass for the residual bank, one closed pass along the mask
+        assert out.uncached_passes == pytest.approx(2.0)
+    else:
+        assert out.uncached_passes >= 1.0
+    again = calibrate(cal, config, progress=False, log=lambda s: None)  # the bank is shared, still counted
+    assert again.uncached_passes == pytest.approx(out.uncached_passes) and again.result.mask == out.result.mask
