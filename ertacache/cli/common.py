@@ -90,6 +90,55 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="transformer precision (default: the recipe's)")
 
 
+#: the product's calibration defaults (docs/results.md has the ablation behind them); spelled here, not
+#: imported, so that --help answers without loading torch
+DEFAULT_LOOP = "closed"
+DEFAULT_PREDICTOR = "taylor"
+DEFAULT_PREDICTOR_ORDER = 2
+DEFAULT_PHI_RULE = "auto"
+
+
+def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True) -> None:
+    """How a profile is fitted: loop, predictor, and (``ablations``) the switches of each component."""
+    parser.add_argument("--loop", choices=["closed", "open"], default=DEFAULT_LOOP,
+                        help="closed: schedule from errors along the cached trajectory; open: from the uncached "
+                             f"one (one pass cheaper) (default: {DEFAULT_LOOP})")
+    parser.add_argument("--predictor", choices=["reuse", "taylor", "fitted"], default=DEFAULT_PREDICTOR,
+                        help="how a cached step predicts the block residual: reuse = the paper's (last residual); "
+                             "taylor = Lagrange extrapolation of the last K = order + 1 full residuals; fitted = "
+                             f"ridge least squares shrunk toward taylor (default: {DEFAULT_PREDICTOR})")
+    parser.add_argument("--predictor-order", type=int, default=DEFAULT_PREDICTOR_ORDER,
+                        help=f"order of taylor / prior of fitted, 0-3 (default: {DEFAULT_PREDICTOR_ORDER})")
+    if not ablations:
+        return
+    parser.add_argument("--predictor-ridge", type=float, default=0.1, help="fitted: shrinkage toward taylor")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="leading steps that always compute (default: the predictor's K = order + 1)")
+    parser.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default=DEFAULT_PHI_RULE,
+                        help="step scale phi: the paper's ratio, or the least-squares scale of the update; auto = "
+                             "paper with --predictor reuse (the paper's method), lsq otherwise")
+    parser.add_argument("--no-time-adjust", action="store_true", help="ablation: keep the nominal sigma table")
+    parser.add_argument("--no-rectify", action="store_true", help="ablation: no velocity correction")
+
+
+def calibration_config(args, lam: float | None, speedup: float | None, batch_size: int):
+    """The :class:`~ertacache.profile.config.CalibrationConfig` of ``add_calibration_args``' flags."""
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.profile.predictor import PredictorConfig
+
+    predictor = PredictorConfig(kind=args.predictor, order=0 if args.predictor == "reuse" else args.predictor_order,
+                                ridge=getattr(args, "predictor_ridge", 0.1))
+    rule = getattr(args, "phi_rule", DEFAULT_PHI_RULE)
+    if rule == "auto":
+        rule = "paper" if predictor.kind == "reuse" else "lsq"
+    return CalibrationConfig(
+        lam=lam, speedup=None if lam is not None else speedup, loop=args.loop,
+        warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor, phi_rule=rule,
+        phi_max=1.5 if rule == "lsq" else 1.0, time_adjust=not getattr(args, "no_time_adjust", False),
+        rectify=not getattr(args, "no_rectify", False), batch_size=batch_size,
+    )
+
+
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (default: recipe)")
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: recipe)")

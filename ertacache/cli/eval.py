@@ -21,14 +21,14 @@ DEFAULT_HELD_OUT = 16
 #: they agree), spelled here because importing those loads torch, and --help should answer at once
 _STAGES = ("policy", "time", "full")
 _ERTA = tuple(f"erta-{loop}-{stage}" for loop in ("open", "closed") for stage in _STAGES)
-_PREDICTORS = tuple(f"erta-{code}-{loop}-{stage}" for code in ("t1", "t2", "f1", "f2") for loop in ("open", "closed")
+_PREDICTORS = tuple(f"erta-{code}-{loop}-{stage}" for code in ("t1", "t2", "t3", "f1", "f2") for loop in ("open", "closed")
                     for stage in _STAGES)
 ALL_METHODS = ("fewer-steps", "uniform", "teacache", *_ERTA, *_PREDICTORS, "diffusers-taylorseer-o1",
                "diffusers-taylorseer-o2", "diffusers-taylorseer-lite", "diffusers-fbcache", "diffusers-magcache",
                "cachedit-dbcache", "cachedit-dbcache-taylorseer")
 METHOD_GROUPS = ("all", "builtin", "baselines", "erta", "predictors", "peers")
 _METHODS_HELP = ("fewer-steps, uniform, teacache; ERTACache erta-{open,closed}-{policy,time,full} (the paper's reuse) "
-                 "and erta-{t1,t2,f1,f2}-{open,closed}-{policy,time,full} (Taylor order 1/2 or fitted K=2/3 "
+                 "and erta-{t1,t2,t3,f1,f2}-{open,closed}-{policy,time,full} (Taylor order 1/2/3 or fitted K=2/3 "
                  "predictor); the real peers diffusers-taylorseer-{o1,o2,lite}, diffusers-fbcache, diffusers-magcache, "
                  "cachedit-dbcache, cachedit-dbcache-taylorseer")
 STUDIES = ("cal-size", "lambda", "transfer", "batch")
@@ -79,11 +79,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="held-out samples per model call")
     p.add_argument("--warmup-steps", type=int, default=1,
                    help="leading full steps of every ERTACache method (raised to a predictor's K where lower)")
-    p.add_argument("--phi-rule", choices=["paper", "lsq"], default="paper",
-                   help="ERTACache's step scale phi: the paper's ratio or the least-squares scale")
+    p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
+                   help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
+                        "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")
     p.add_argument("--studies", default="",
                    help=f"comma list of {', '.join(STUDIES)} (default: none)")
-    p.add_argument("--study-method", default="erta-closed-full", help="ERTACache variant the studies use")
+    p.add_argument("--study-method", default="erta-t2-closed-full",
+                   help="ERTACache variant the studies and --wallclock use (default: the product's)")
     p.add_argument("--study-speedup", type=float, default=2.0, help="speedup the studies use")
     p.add_argument("--cal-sizes", default="1,4,16,64", help="calibration-set sizes of the cal-size study")
     p.add_argument("--wallclock", action="store_true",
@@ -137,15 +139,16 @@ def build_config(args, bundle):
 
 
 def _check_study_args(args) -> list[str]:
-    from ertacache.eval.config import ERTA_METHODS
+    from ertacache.eval.config import ERTA_METHODS, PREDICTOR_METHODS
     from ertacache.eval.studies import STUDIES
 
     names = [s.strip() for s in args.studies.split(",") if s.strip()]
     unknown = [s for s in names if s not in STUDIES]
     if unknown:
         raise UserError(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
-    if (names or args.wallclock) and args.study_method not in ERTA_METHODS:
-        raise UserError(f"--study-method must be an ERTACache variant ({', '.join(ERTA_METHODS)})")
+    if (names or args.wallclock) and args.study_method not in ERTA_METHODS + PREDICTOR_METHODS:
+        raise UserError(f"--study-method must be an ERTACache variant (erta-{{open,closed}}-{{policy,time,full}} or "
+                        f"erta-{{t1,t2,t3,f1,f2}}-{{open,closed}}-{{policy,time,full}}), got {args.study_method!r}")
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
     return names

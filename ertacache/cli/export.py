@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from ertacache.cli.common import (
-    DEFAULT_EXPORT_TARGETS, EXPORT_TARGETS, add_model_args, add_shape_args, apply_threads, new_parser, pick_device,
-    run_cli,
+    DEFAULT_EXPORT_TARGETS, EXPORT_TARGETS, add_calibration_args, add_model_args, add_shape_args, apply_threads,
+    calibration_config, new_parser, pick_device, run_cli,
 )
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.errors import UserError
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
                         "else build engines on the target with ertacache-build)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
-    p.add_argument("--loop", choices=["closed", "open"], default="closed", help="calibration loop (see ertacache-profile)")
+    add_calibration_args(p, ablations=False)
     p.add_argument("--no-decode-graph", action="store_true", help="skip the vae_decode graph")
     p.add_argument("--no-trt-op-check", action="store_true",
                    help="accept ONNX ops TensorRT's parser does not support (ONNX Runtime only)")
@@ -63,7 +63,6 @@ def _check_profile_flags(args, profile) -> None:
 
 def _calibrate(args, bundle):
     from ertacache.profile.build import build_profile, read_prompts_file
-    from ertacache.profile.config import CalibrationConfig
     from ertacache.sampling.settings import SampleSettings
 
     recipe = bundle.recipe
@@ -71,10 +70,8 @@ def _calibrate(args, bundle):
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     )
-    config = CalibrationConfig(
-        lam=args.lam, speedup=None if args.lam is not None else (args.speedup or recipe.defaults.speedup),
-        loop=args.loop, batch_size=recipe.defaults.calibration_batch_size,
-    )
+    config = calibration_config(args, args.lam, args.speedup or recipe.defaults.speedup,
+                                recipe.defaults.calibration_batch_size)
     prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
     print(f"[calibrate] {bundle.model_id} on {len(prompts)} prompts, {settings.steps} steps, "
           f"{settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")

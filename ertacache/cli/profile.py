@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
+from ertacache.cli.common import (add_calibration_args, add_model_args, add_shape_args, apply_threads,
+                                  calibration_config, new_parser, pick_device, run_cli)
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
 
 
@@ -21,11 +22,7 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--lambda", dest="lam", type=float, default=None, help="reuse threshold lambda (>= 0)")
     p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
     add_shape_args(p)
-    p.add_argument("--loop", choices=["closed", "open"], default="closed",
-                   help="closed: errors along the cached trajectory (accurate); open: pairwise on the uncached one")
-    p.add_argument("--warmup-steps", type=int, default=1, help="leading steps that always compute")
-    p.add_argument("--no-time-adjust", action="store_true", help="ablation: keep the nominal sigma table")
-    p.add_argument("--no-rectify", action="store_true", help="ablation: no residual correction")
+    add_calibration_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="calibration prompts per model call")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed (prompt k uses seed + k)")
     p.add_argument("--out", default=None,
@@ -45,7 +42,6 @@ def _main(argv: list[str] | None) -> int:
     apply_threads(args.threads)
     from ertacache.models.loading import load_bundle
     from ertacache.profile.build import build_profile, read_prompts_file
-    from ertacache.profile.config import CalibrationConfig
     from ertacache.profile.schedule import mask_summary
     from ertacache.sampling.settings import SampleSettings
 
@@ -58,23 +54,17 @@ def _main(argv: list[str] | None) -> int:
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     )
     speedup = args.speedup if args.lam is not None or args.speedup is not None else recipe.defaults.speedup
-    config = CalibrationConfig(
-        lam=args.lam,
-        speedup=None if args.lam is not None else speedup,
-        loop=args.loop,
-        warmup_steps=args.warmup_steps,
-        time_adjust=not args.no_time_adjust,
-        rectify=not args.no_rectify,
-        batch_size=args.batch_size or recipe.defaults.calibration_batch_size,
-    )
+    config = calibration_config(args, args.lam, speedup, args.batch_size or recipe.defaults.calibration_batch_size)
     prompts = prompts or list(recipe.calibration_prompts)
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
-          f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
+          f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop, "
+          f"{config.predictor.kind} predictor (order {config.predictor.order})")
     profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)
     out = profile.save(args.out, force=args.force)
     print(f"mask   {mask_summary(profile.mask)}")
     print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "
-          f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s")
+          f"lambda {profile.lam:.5g}, calibration {profile.calibration['wall_s']:.1f} s "
+          f"({profile.predictor['uncached_passes']:g} uncached passes of model calls)")
     print(f"profile written to {out}")
     model = f"--model {args.model}" + (f" --model-path {args.model_path}" if args.model_path else "")
     print(f"next: ertacache-generate {model} --profile {out} --prompt \"...\" --out video.gif\n"

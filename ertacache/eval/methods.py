@@ -78,10 +78,10 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
     loop, time_adjust, rectify = erta_flags(method)
     kind, order = erta_predictor(method)
     predictor = PredictorConfig(kind=kind, order=order)
+    rule = ctx.config.phi_rule if ctx.config.phi_rule != "auto" else ("paper" if kind == "reuse" else "lsq")
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
                              warmup_steps=max(ctx.config.warmup_steps, predictor.history), time_adjust=time_adjust,
-                             rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,
-                             phi_max=1.5 if ctx.config.phi_rule == "lsq" else 1.0,
+                             rectify=rectify, predictor=predictor, phi_rule=rule, phi_max=1.5 if rule == "lsq" else 1.0,
                              batch_size=ctx.config.calibration_batch_size)
 
 

@@ -131,6 +131,8 @@ class PassResult:
     pred_w: torch.Tensor | None = None  # (T, K, Dw) the predictor's weights (reuse when None)
     pred_b: torch.Tensor | None = None  # (T, Db)
     phi_at_bound: int = 0  # reused steps whose raw phi hit phi_min or phi_max
+    #: (T,) the prediction's rel. L1 error at every step that could have been cached (full ones too; 0 if forced)
+    prediction_error: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -251,6 +253,18 @@ class ResidualBank:
         return tuple(mask), errs
 
 
+def fit_to_budget(mask: Sequence[bool], errors: np.ndarray, target: int, forced: np.ndarray) -> tuple[bool, ...]:
+    """Exactly ``target`` full steps: cache the full steps whose prediction erred least, or compute the
+    cached steps that erred most (forced steps stay full)."""
+    mask = list(mask)
+    if sum(mask) < target:
+        return fill_budget(tuple(mask), errors, target)
+    optional = [i for i, m in enumerate(mask) if m and not forced[i]]
+    for i in sorted(optional, key=lambda i: errors[i])[: max(0, sum(mask) - target)]:
+        mask[i] = False
+    return tuple(mask)
+
+
 def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool = True) -> ResidualBank:
     """The uncached trajectories' residuals of ``cal`` (one uncached pass, made once per set)."""
     if cal.bank is not None:
@@ -364,6 +378,7 @@ def cached_pass(
     positions: list[int] = []  # the full steps so far, oldest first
     out_mask: list[bool] = []
     stats = {k: np.zeros(steps) for k in ("residual_error", "residual_change", "velocity_error", "velocity_change")}
+    prediction_error = np.zeros(steps)  # the predictor's error at every step that could be cached, full or not
     phi_bound = 0
 
     for i in tqdm(range(steps), desc="closed-loop calibration", disable=not progress, leave=False):
@@ -405,6 +420,7 @@ def cached_pass(
                     traj.put(k, "r_hat", r_hat)
                     del slots, r_hat
             res_err = res_err_sum / cal.prompts
+            prediction_error[i] = res_err
 
         # (3) the decision, a mean over every prompt
         if mask is not None:
@@ -500,8 +516,29 @@ def cached_pass(
         pred_w=pred_w,
         pred_b=torch.zeros(steps, 1) if pred_b is None else pred_b,
         phi_at_bound=phi_bound,
+        prediction_error=prediction_error,
         **stats,
     )
+
+
+def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, progress: bool,
+                             log: Callable[[str], None], target: int) -> "CalibrationOutcome":
+    """A predictor profile for a full-step budget in three passes' worth of model calls, no bisection.
+
+    1. the open-loop residual bank (one uncached pass) gives lambda for the budget for free;
+    2. one closed-loop pass decides greedily with that lambda along the cached trajectory and
+       measures the prediction error at every step (full steps included);
+    3. the mask is brought to the budget by those closed-loop errors (:func:`fit_to_budget`) and
+       one last closed-loop pass fits phi, the correction (and fitted weights) along it.
+    """
+    bank = residual_bank(cal, config, progress)
+    forced = forced_full(cal.steps, config.warmup_steps, config.final_steps)
+    lam = solve_lambda(lambda x: (sum(bank.walk(x, config.predictor.history, forced)[0]), x), target)[0]
+    probe = cached_pass(cal, config, lam=lam, progress=progress)
+    mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
+    log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
+    result = cached_pass(cal, config, mask=mask, progress=progress)
+    return CalibrationOutcome(lam=lam, result=result, error_matrix=None)
 
 
 @dataclass
@@ -536,10 +573,10 @@ def calibrate(
     evals_before = cal.block_evals
     # an open-loop pass shared with an earlier profile of the same set (the residual bank, or a given
     # error matrix) is still part of this profile's cost: it counts as one uncached pass
-    if config.loop != "open":
+    if config.predictor.kind != "reuse" and (config.loop == "open" or target is not None):
+        shared = cal.bank is not None  # both predictor schedules start from the residual bank
+    elif config.loop != "open":
         shared = False
-    elif config.predictor.kind != "reuse":
-        shared = cal.bank is not None
     else:
         shared = errors is not None
     outcome = _calibrate(cal, config, progress, log, errors, lam_hi, steps, target)
@@ -548,6 +585,9 @@ def calibrate(
 
 
 def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "CalibrationOutcome":
+
+    if config.loop == "closed" and config.predictor.kind != "reuse" and target is not None:
+        return _closed_predictor_budget(cal, config, progress, log, target)
 
     if config.loop == "open" and config.predictor.kind != "reuse":
         bank = residual_bank(cal, config, progress)

@@ -149,7 +149,19 @@ def test_a_predictor_profile_meets_the_budget_and_reports_its_cost(cal, loop):
     assert out.result.full_steps == STEPS // 2 and all(out.result.mask[:2])
     if loop == "open":  # one uncached pass for the residual bank, one closed pass along the mask
         assert out.uncached_passes == pytest.approx(2.0)
-    else:
-        assert out.uncached_passes >= 1.0
+    else:  # the bank, one greedy closed pass, one closed pass along the budget's mask: no bisection
+        assert out.uncached_passes == pytest.approx(3.0)
     again = calibrate(cal, config, progress=False, log=lambda s: None)  # the bank is shared, still counted
     assert again.uncached_passes == pytest.approx(out.uncached_passes) and again.result.mask == out.result.mask
+
+
+def test_fit_to_budget_trims_the_least_erring_full_steps_and_fills_the_worst_cached_ones():
+    from ertacache.profile.calibrate import fit_to_budget
+    from ertacache.profile.schedule import forced_full
+
+    forced = forced_full(8, 2, 1)
+    mask = (True, True, True, True, False, True, False, True)
+    errors = np.array([0, 0, 0.5, 0.1, 0.3, 0.2, 0.9, 0])
+    assert fit_to_budget(mask, errors, 4, forced) == (True, True, True, False, False, False, False, True)
+    assert fit_to_budget(mask, errors, 7, forced) == (True, True, True, True, False, True, True, True)
+    assert sum(fit_to_budget(mask, errors, 6, forced)) == 6
