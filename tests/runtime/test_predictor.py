@@ -248,3 +248,4 @@ def test_verify_follows_k(onnx_export_k3, tiny_k3, request_inputs):
     with Runtime(onnx_export_k3.out, "onnxruntime") as rt:
         report = verify_runtime(rt, tiny_k3.adapter, tiny_k3.profile, noise, text)
     assert report.ok and report.rel_l2 <= 1e-4 and report.full_steps == sum(K3_MASK)
+    assert (report.history, report.predictor) == (3, "lagrange") and report.to_json()["history"] == 3
