@@ -249,3 +249,11 @@ def test_verify_follows_k(onnx_export_k3, tiny_k3, request_inputs):
         report = verify_runtime(rt, tiny_k3.adapter, tiny_k3.profile, noise, text)
     assert report.ok and report.rel_l2 <= 1e-4 and report.full_steps == sum(K3_MASK)
     assert (report.history, report.predictor) == (3, "lagrange") and report.to_json()["history"] == 3
+
+
+def test_export_summary_names_the_predictor_and_slots(onnx_export_k3, capsys):
+    from ertacache.cli.export import print_summary
+
+    print_summary(onnx_export_k3)
+    assert ("predictor lagrange over the last 3 full-step residual(s), cached_step slots residual, residual_1, "
+            "residual_2") in capsys.readouterr().out
