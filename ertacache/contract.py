@@ -4,7 +4,7 @@ Export writes a folder; engines, the runtime, Triton serving and outside tools r
 they must agree on lives here, and only here:
 
     graph names        FULL_STEP, CACHED_STEP, VAE_DECODE
-    tensor names       STEP_INPUTS, FULL_OUTPUTS, CACHED_INPUTS, ... (the runtime binds by name)
+    tensor names       STEP_INPUTS, FULL_OUTPUTS, cached_inputs(K), ... (the runtime binds by name)
     tensor specs       TensorSpec / GraphSpec (static shape + dtype name of each graph input/output)
     dtype tables       TENSOR_DTYPES (manifest names -> torch), MODEL_DTYPES (fp32/fp16/bf16 -> torch)
     the loop           LOOP: ``for i in range(steps): full_step if mask[i] else cached_step``
@@ -27,8 +27,20 @@ which checks, before anything uses a value:
 3. every file in the folder is listed in ``files`` (so any file a backend reads is hashed),
    every graph file a target names is one of them, and (``verify_files``) each one's size and
    sha256 match;
-4. the schedule is self-consistent (steps, mask, sigma table, phi) and the step graphs have the
-   contract's I/O.
+4. the schedule is self-consistent (steps, mask, sigma table, phi, the predictor's history K with
+   K full steps before the first cached one) and the step graphs have the contract's I/O for that
+   K (every residual slot of cached_step has the spec of full_step's residual_out).
+
+The cached step reads K residual slots (K = ``profile.history`` in the manifest, 1 for the
+paper's reuse), the newest first:
+
+    cached_step(latents, step, text_embeds, guidance_scale, residual, residual_1, ..., residual_{K-1})
+
+``residual`` is ``residual_out`` of the last full step and ``residual_k`` the one k full steps
+before it (:func:`residual_slots`). With K = 1 the names are exactly those of schema 1.
+
+Schema history: 2 added the predictor (``profile.history``, ``profile.predictor``, the K slots).
+A schema-1 folder cannot be migrated (its graphs are baked); it is refused with the fix: re-export.
 
 :func:`folder_digest` is the sha256 of ``manifest.json`` itself; since the manifest holds the
 sha256 of every other file and every file must be listed, this one value pins the whole folder
@@ -56,7 +68,7 @@ import torch
 
 from ertacache.errors import UserError
 from ertacache.io import sha256_file
-from ertacache.limits import MAX_STEPS
+from ertacache.limits import MAX_HISTORY, MAX_STEPS
 
 FULL_STEP = "full_step"
 CACHED_STEP = "cached_step"
@@ -66,11 +78,37 @@ GRAPHS = (FULL_STEP, CACHED_STEP, VAE_DECODE)
 
 STEP_INPUTS = ("latents", "step", "text_embeds", "guidance_scale")
 FULL_OUTPUTS = ("latents_out", "residual_out")
-CACHED_INPUTS = STEP_INPUTS + ("residual",)
+RESIDUAL = "residual"
 CACHED_OUTPUTS = ("latents_out",)
 DECODE_INPUTS = ("latents",)
 DECODE_OUTPUTS = ("frames",)
-#: graph -> (input names in call order, output names in return order)
+
+
+def residual_slots(history: int = 1) -> tuple[str, ...]:
+    """The cached step's K residual inputs, newest first: ``residual``, ``residual_1``, ..., ``residual_{K-1}``.
+
+    ``residual_k`` is ``residual_out`` of the full step k full steps before the newest one.
+    """
+    if isinstance(history, bool) or not isinstance(history, int) or not 1 <= history <= MAX_HISTORY:
+        raise ValueError(f"history (K) must be an integer in [1, {MAX_HISTORY}], got {history!r}")
+    return (RESIDUAL,) + tuple(f"{RESIDUAL}_{k}" for k in range(1, history))
+
+
+def cached_inputs(history: int = 1) -> tuple[str, ...]:
+    """cached_step's input names in call order for a predictor over K residuals."""
+    return STEP_INPUTS + residual_slots(history)
+
+
+def io_names(graph: str, history: int = 1) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names in call order, output names in return order) of ``graph`` for history K."""
+    if graph == CACHED_STEP:
+        return cached_inputs(history), CACHED_OUTPUTS
+    return IO_NAMES[graph]
+
+
+#: cached_step's inputs with the paper's reuse (K = 1): the schema-1 names, unchanged
+CACHED_INPUTS = cached_inputs(1)
+#: graph -> (input names in call order, output names in return order), for K = 1 (see :func:`io_names`)
 IO_NAMES = {FULL_STEP: (STEP_INPUTS, FULL_OUTPUTS), CACHED_STEP: (CACHED_INPUTS, CACHED_OUTPUTS),
             VAE_DECODE: (DECODE_INPUTS, DECODE_OUTPUTS)}
 
@@ -85,7 +123,10 @@ MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 MANIFEST = "manifest.json"
 FORMAT = "ertacache-export"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: what each older schema lacks, for the refusal (graphs are baked: no migration, a re-export)
+_OLD_SCHEMAS = {1: "before the multi-residual predictor: its cached_step reads one residual slot and the manifest "
+                   "records no predictor"}
 #: the largest manifest.json read (a manifest is kilobytes; this refuses a substituted huge file early)
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -238,10 +279,18 @@ class Schedule:
     sigmas: tuple[float, ...]
     nominal_sigmas: tuple[float, ...]
     phi: tuple[float, ...]
+    #: K: the full-step residuals the cached step reads (its residual slots), newest first
+    history: int = 1
+    #: the profile's predictor as recorded (e.g. {"kind": "lagrange", "order": 2, "history": 3})
+    predictor: Mapping[str, Any] = field(default_factory=lambda: {"kind": "reuse", "history": 1})
 
     @property
     def full_steps(self) -> int:
         return sum(self.mask)
+
+    @property
+    def residual_slots(self) -> tuple[str, ...]:
+        return residual_slots(self.history)
 
 
 @dataclass(frozen=True)
@@ -347,6 +396,10 @@ class ExportManifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise fail(f"{MANIFEST} is not an {FORMAT} manifest")
         version = data.get("schema_version")
+        if type(version) is int and version in _OLD_SCHEMAS:
+            raise fail(f"it was written by an older ertacache (manifest schema_version {version}, "
+                       f"{_OLD_SCHEMAS[version]}; this version reads schema {SCHEMA_VERSION}). Its graphs are baked, "
+                       "so it cannot be migrated: re-export it with this ertacache version (same flags as before)")
         if type(version) is not int or version != SCHEMA_VERSION:
             raise fail(f"schema_version {_short(version)} is not {SCHEMA_VERSION} (written by another ertacache "
                        "version)")
@@ -397,6 +450,12 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
     nominal = tuple(r.list(p.get("nominal_sigmas", list(sigmas)), "profile.nominal_sigmas", r.num))
     phi = tuple(r.list(p.get("phi", [1.0] * steps), "profile.phi", r.num))
     nb = r.int(r.get(p, "n_branches", "profile"), "profile.n_branches", 1, 2)
+    history = r.int(r.get(p, "history", "profile"), "profile.history", 1, MAX_HISTORY)
+    predictor = r.obj(p.get("predictor", {"kind": "reuse", "history": history}), "profile.predictor")
+    kind = r.str(r.get(predictor, "kind", "profile.predictor"), "profile.predictor.kind")
+    if predictor.get("history", history) != history:
+        raise r.fail(f"profile.predictor.history {_short(predictor.get('history'))} differs from profile.history "
+                     f"{history}")
     folder = p.get("folder", "profile")
     try:
         folder = safe_relpath(folder, "profile.folder")
@@ -405,10 +464,14 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
     s = Schedule(folder, steps, r.num(r.get(p, "shift", "profile"), "profile.shift"),
                  r.num(p.get("lambda", 0.0), "profile.lambda"),
                  r.num(r.get(p, "guidance_scale", "profile"), "profile.guidance_scale"), nb, mask, sigmas, nominal,
-                 phi)
+                 phi, history, dict(predictor))
     if not (len(mask) == steps == len(sigmas) - 1 == len(nominal) - 1 == len(phi)) or not mask[0]:
         raise r.fail(f"the schedule is inconsistent ({len(mask)} mask entries, {steps} steps, {len(sigmas)} sigmas, "
                      f"{len(phi)} phi, first step {'full' if mask and mask[0] else 'cached'})")
+    first_cached = mask.index(False) if False in mask else steps
+    if history > first_cached:
+        raise r.fail(f"its {kind} predictor reads the last {history} full-step residuals but only {first_cached} full "
+                     f"step(s) precede the first cached step (step {first_cached})")
     if (nb == 2) != (s.guidance_scale > 1.0):
         raise r.fail(f"profile.guidance_scale {s.guidance_scale} and n_branches {nb} disagree (CFG is on exactly "
                      "when guidance > 1)")
@@ -479,10 +542,11 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
     for name, spec in m.graphs.items():
         if name not in IO_NAMES:
             raise fail(f"unknown graph {_short(name)} (known: {list(IO_NAMES)})")
-        ins, outs = IO_NAMES[name]
+        ins, outs = io_names(name, m.schedule.history)
         if tuple(spec.input_names) != ins or tuple(spec.output_names) != outs:
             raise fail(f"graph {name!r} has I/O {spec.input_names} -> {spec.output_names}, this runtime expects "
-                       f"{list(ins)} -> {list(outs)}")
+                       f"{list(ins)} -> {list(outs)}"
+                       + (f" (profile.history is {m.schedule.history})" if name == CACHED_STEP else ""))
     full = m.graphs[FULL_STEP]
     if m.shapes.latents[:1] != (m.shapes.batch_size,):
         raise fail(f"shapes.batch_size {m.shapes.batch_size} is not the latents' batch {list(m.shapes.latents)[:1]}")
@@ -502,8 +566,12 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
     for name in STEP_INPUTS:
         if cached.tensor(name) != full.tensor(name):
             raise fail(f"{name} differs between full_step and cached_step")
-    if cached.tensor("residual").shape != full.tensor("residual_out").shape:
-        raise fail("cached_step's residual and full_step's residual_out differ in shape")
+    out = full.tensor("residual_out")
+    for name in m.schedule.residual_slots:  # every slot holds some full step's residual_out
+        slot = cached.tensor(name)
+        if (slot.shape, slot.dtype) != (out.shape, out.dtype):
+            raise fail(f"cached_step's {name} ({list(slot.shape)} {slot.dtype}) and full_step's residual_out "
+                       f"({list(out.shape)} {out.dtype}) differ")
     for target in _TARGET_TABLES:
         if target not in m.targets:
             continue

@@ -13,6 +13,8 @@ MAX_STEPS = 10_000
 MAX_SEED = 2**63 - 1
 #: the longest prompt (characters); far above any text encoder's token limit
 MAX_PROMPT_CHARS = 10_000
+#: the most full-step residuals a cached step reads (K; each is a residual buffer of the runtime)
+MAX_HISTORY = 4
 
 
 def check_prompt(prompt: object, flag: str = "--prompt") -> str:

@@ -53,7 +53,10 @@ MALFORMED = [
     (lambda m: m["files"].pop("onnx/cached_step.onnx"), r"onnx/cached_step.onnx \(onnx cached_step\) is not listed in "
                                                         "files"),
     (lambda m: m["profile"].update(folder="/tmp"), r"profile.folder '/tmp' is absolute"),
-    (lambda m: m.update(schema_version=True), r"schema_version True is not 1"),
+    (lambda m: m.update(schema_version=True), r"schema_version True is not 2"),
+    (lambda m: m["profile"].pop("history"), r"profile lacks the field 'history'"),
+    (lambda m: m["profile"].update(history=0), r"profile.history is 0, outside \[1, 4\]"),
+    (lambda m: m["profile"].update(history=2), r"profile.predictor.history 1 differs from profile.history 2"),
 ]
 
 
@@ -168,3 +171,30 @@ def test_manifest_never_holds_non_json_numbers(onnx_export):
     text = (onnx_export.out / "manifest.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in manifest.json"))
     assert sha256_file(onnx_export.out / "manifest.json") == onnx_export.digest[7:]
+
+
+def test_cached_step_names_for_k_residual_slots():
+    from ertacache.contract import CACHED_INPUTS, IO_NAMES, cached_inputs, io_names, residual_slots
+
+    # K = 1 is the schema-1 contract, name for name
+    assert CACHED_INPUTS == cached_inputs(1) == ("latents", "step", "text_embeds", "guidance_scale", "residual")
+    assert io_names("cached_step") == IO_NAMES["cached_step"]
+    assert residual_slots(3) == ("residual", "residual_1", "residual_2")
+    assert cached_inputs(3)[-3:] == residual_slots(3) and io_names("full_step", 3) == IO_NAMES["full_step"]
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ValueError, match=r"history \(K\) must be an integer in \[1, 4\]"):
+            residual_slots(bad)
+
+
+def test_schema_1_folder_is_refused_with_the_fix(onnx_export, tmp_path):
+    """A folder of the old schema cannot be migrated (its graphs are baked): the refusal says so and names the fix."""
+    folder = copy_folder(onnx_export.out, tmp_path / "f")
+    edit_manifest(folder, lambda m: (m.update(schema_version=1), m["profile"].pop("history"),
+                                     m["profile"].pop("predictor")))
+    with pytest.raises(ManifestError) as err:
+        Runtime(folder, "onnxruntime")
+    text = str(err.value)
+    assert "written by an older ertacache (manifest schema_version 1" in text
+    assert "this version reads schema 2" in text and "cannot be migrated" in text
+    assert f"re-export it with ertacache-export --out {folder} --force" in text
+    assert "Traceback" not in text

@@ -172,7 +172,7 @@ def _manifest_only_folder(folder: Path, adapter, profile: Profile, identity, tex
     Used for the 1.3B case without --wan13b-onnx: its ONNX export takes ~4 minutes and 12 GB here.
     It follows the contract (ertacache.contract): every file listed and hashed, schedule = profile/.
     """
-    from ertacache.contract import CACHED_INPUTS, FORMAT, FULL_OUTPUTS, LOOP, SCHEMA_VERSION, STEP_INPUTS, TensorSpec
+    from ertacache.contract import FORMAT, FULL_OUTPUTS, LOOP, SCHEMA_VERSION, STEP_INPUTS, TensorSpec, residual_slots
     from ertacache.export.graphs import example_step_inputs
     from ertacache.export.manifest import file_entries, write_manifest
     from ertacache.sampling.steps import FullStep
@@ -191,14 +191,16 @@ def _manifest_only_folder(folder: Path, adapter, profile: Profile, identity, tex
         "profile": {"folder": "profile", "steps": profile.steps, "shift": profile.shift, "lambda": profile.lam,
                     "mask": list(profile.mask), "sigmas": list(profile.sigmas),
                     "nominal_sigmas": list(profile.nominal_sigmas), "phi": list(profile.phi),
-                    "guidance_scale": profile.guidance_scale, "n_branches": profile.n_branches},
+                    "guidance_scale": profile.guidance_scale, "n_branches": profile.n_branches,
+                    "history": profile.history, "predictor": dict(profile.predictor)},
         "shapes": {"batch_size": 1, "height": profile.height, "width": profile.width, "frames": profile.frames,
                    "latents": full_in[0]["shape"], "text_embeds": full_in[2]["shape"],
                    "residual": full_out[1]["shape"]},
         "dtype": "fp32", "opset": None, "targets": {}, "files": file_entries(folder), "versions": package_versions(),
         "runtime": {"loop": LOOP},
         "graphs": {"full_step": {"inputs": full_in, "outputs": full_out},
-                   "cached_step": {"inputs": full_in + [dict(full_out[1], name=CACHED_INPUTS[-1])],
+                   "cached_step": {"inputs": full_in + [dict(full_out[1], name=n)
+                                                        for n in residual_slots(profile.history)],
                                    "outputs": [full_out[0]]}},
     })
 

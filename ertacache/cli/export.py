@@ -96,6 +96,9 @@ def print_summary(report) -> None:
     for rel, size in sorted(report.files.items()):
         print(f"  {rel:40s} {_size(size):>10s}")
     print(f"schedule  {mask_summary(prof['mask'])}  ({prof['full_steps']}/{prof['steps']} full steps)")
+    slots = [i["name"] for i in m["graphs"]["cached_step"]["inputs"] if i["name"].startswith("residual")]
+    print(f"predictor {prof.get('predictor', {}).get('kind', 'reuse')} over the last {prof.get('history', 1)} "
+          f"full-step residual(s), cached_step slots {', '.join(slots)}")
     if report.validation:
         print(f"validation (final latents vs eager, {m['dtype']}, whole schedule):")
         print(f"  {'target':8s} {'rel L2':>10s} {'max |diff|':>11s} {'decode':>7s}")

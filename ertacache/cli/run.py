@@ -82,7 +82,8 @@ def _main(argv: list[str] | None) -> int:
         out = save_video(frames[0].cpu().numpy() if frames.shape[0] == 1 else frames.cpu().numpy(), args.out,
                          overwrite=args.force)
     n_full, n_cached = len(times.full_s), len(times.cached_s)
-    print(f"{args.backend}: {rt.steps} steps ({n_full} full, {n_cached} cached), open + bind {open_s:.2f} s")
+    print(f"{args.backend}: {rt.steps} steps ({n_full} full, {n_cached} cached), predictor "
+          f"{rt.manifest.schedule.predictor.get('kind', 'reuse')} (K = {rt.history}), open + bind {open_s:.2f} s")
     print(f"  full step   {times.full_median_s * 1e3:9.2f} ms (median of {n_full})")
     if n_cached:
         c = times.cached_median_s / times.full_median_s

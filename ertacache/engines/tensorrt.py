@@ -257,7 +257,9 @@ class TensorRTEngine(Engine):
         self._require_active()
         ctx = self.contexts[graph]
         addresses = []
-        for name, is_input, shape in self._io(graph):  # by name: the parser may have dropped an unused input
+        # by name, generic over the contract's names (K residual slots ``residual``, ``residual_1``, ...): the
+        # parser may have dropped an unused input
+        for name, is_input, shape in self._io(graph):
             t = (inputs if is_input else outputs).get(name)
             if t is None:
                 raise EngineMismatchError(f"TensorRT engine {graph!r} has tensor {name!r}, which the manifest's "
@@ -269,8 +271,9 @@ class TensorRTEngine(Engine):
         device = self.device
 
         def call() -> None:
-            # the context is shared by the even/odd bindings of a graph: set this binding's addresses, then
-            # enqueue on the current stream (under capture, the capture stream; the addresses are baked in)
+            # the context is shared by every binding of a graph (latent parity x residual-ring rotation: 2K
+            # of them): set this binding's addresses, then enqueue on the current stream (under capture, the
+            # capture stream; the addresses are baked in)
             for name, ptr in addresses:
                 ctx.set_tensor_address(name, ptr)
             if not ctx.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):

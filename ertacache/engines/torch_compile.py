@@ -4,7 +4,8 @@ Unlike the file backends it needs the model: :class:`StepModulesFromManifest`
 loads it through :func:`ertacache.models.loading.load_bundle` with the
 manifest's model id and path, refuses weights whose fingerprint differs from
 the manifest's, and rebuilds ``FullStep`` / ``CachedStep`` with the tables of
-the folder's ``profile/`` (the same modules the export baked). On CUDA each
+the folder's ``profile/`` (the same modules the export baked; the cached step's
+forward takes the profile's K residual slots, in the contract's order). On CUDA each
 bound call is captured into a CUDA graph (:class:`CudaGraphCall`); on the CPU a
 call returns fresh outputs that are copied into the runtime's buffers.
 """
@@ -20,13 +21,19 @@ from torch import nn
 from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
 from ertacache.engines.cuda_graph import CudaGraphCall
 from ertacache.engines.errors import EngineMismatchError
-from ertacache.contract import CACHED_STEP, FULL_STEP, IO_NAMES, VAE_DECODE, ExportManifest
+from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, io_names
 from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep
 
-#: the input order of each module's forward (the graphs' contract)
-INPUT_ORDER = {graph: io[0] for graph, io in IO_NAMES.items()}
+def input_order(graph: str, history: int = 1) -> tuple[str, ...]:
+    """The input names of ``graph``'s forward in call order; the cached step takes K residual slots."""
+    return io_names(graph, history)[0]
+
+
+def module_history(modules: Mapping[str, nn.Module]) -> int:
+    """K of the cached-step module (the residual slots its forward takes)."""
+    return int(modules[CACHED_STEP].tables.history)
 
 
 def step_modules(adapter: ModelAdapter, profile: Profile, device: torch.device | str = "cpu",
@@ -62,6 +69,10 @@ class StepModulesFromManifest:
                 f"{bundle.path} has weights {bundle.fingerprint}; pass --model-path to the folder's weights or "
                 "re-export with these")
         profile = load_profile(self.manifest.profile_dir)
+        if profile.history != self.manifest.schedule.history:  # open_folder checks it too; a loader stands alone
+            raise EngineMismatchError(f"the export folder {self.folder} records a predictor over "
+                                      f"{self.manifest.schedule.history} residuals, its profile/ one over "
+                                      f"{profile.history}; re-export the folder")
         return step_modules(bundle.adapter, profile, self.device, bundle.decoder)
 
 
@@ -87,6 +98,7 @@ class TorchCompileEngine(Engine):
         self.modules: dict[str, nn.Module] = {}
         self.compiled: dict[str, Callable] = {}
         self._pool = None
+        self.history: int | None = module_history(modules) if isinstance(modules, Mapping) else None
 
     def _activate(self) -> None:
         modules = self._source() if callable(self._source) else self._source
@@ -94,6 +106,7 @@ class TorchCompileEngine(Engine):
         for name in (FULL_STEP, CACHED_STEP):
             if name not in self.modules:
                 raise EngineMismatchError(f"the torch backend needs a {name!r} module")
+        self.history = module_history(self.modules)  # the cached step's forward takes K residual slots
         self.compiled = {}
         for name, module in self.modules.items():
             module.to(self.device)
@@ -121,11 +134,17 @@ class TorchCompileEngine(Engine):
         return tuple(self.compiled or (self._source if isinstance(self._source, Mapping) else (FULL_STEP, CACHED_STEP)))
 
     def input_names(self, graph: str) -> tuple[str, ...]:
-        return INPUT_ORDER[graph]
+        """The forward's inputs in call order (K residual slots for the cached step once K is known)."""
+        return input_order(graph, self.history or 1)
 
     def bind(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> BoundCall:
         self._require_active()
-        args = tuple(inputs[n] for n in INPUT_ORDER[graph])
+        order = self.input_names(graph)
+        missing = [n for n in order if n not in inputs]
+        if missing:
+            raise EngineMismatchError(f"the torch backend's {graph} takes {list(order)}; the bind lacks {missing} "
+                                      "(the export folder's K differs from the profile the modules were built from)")
+        args = tuple(inputs[n] for n in order)
         call = copy_outputs_call(self.compiled[graph], args, tuple(outputs.values()))
         if self.cuda_graphs and graph != VAE_DECODE:
             return CudaGraphCall(call, self.device, pool=self._pool)

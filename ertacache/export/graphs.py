@@ -4,8 +4,9 @@
 adapter, a profile and the shapes of one request, ``BakeStepGraphs(...)(adapter,
 profile)`` returns :class:`StepGraphs`:
 
-1. The profile's step tables (the adjusted sigma table (T+1,) and the
-   correction tables a, b (T, nb, C)) become buffers of
+1. The profile's step tables (the adjusted sigma table (T+1,), the
+   correction tables a, b (T, nb, C) and the predictor's weights (T, K, Dw)
+   and bias (T, Db)) become buffers of
    :class:`~ertacache.sampling.steps.StepTables`, i.e. constants of the graphs.
    The reuse mask is *not* baked: it is data for the runtime's loop and goes
    to the manifest.
@@ -16,7 +17,7 @@ profile)`` returns :class:`StepGraphs`:
    repository and outside tools bind by them):
 
        full_step(latents, step, text_embeds, guidance_scale) -> latents_out, residual_out
-       cached_step(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+       cached_step(latents, step, text_embeds, guidance_scale, residual[, residual_1, ...]) -> latents_out
 
        latents      (B, C, F', H', W')  float32   the state of the Euler loop
        step         ()                  int64     indexes the baked tables
@@ -24,6 +25,13 @@ profile)`` returns :class:`StepGraphs`:
        guidance_scale ()                float32
        residual     (nb*B, N, D)        model dtype  block-stack residual per CFG branch
                                                   (``residual_out`` of the last full step)
+       residual_k   (nb*B, N, D)        model dtype  ``residual_out`` of the full step k full
+                                                  steps before the last (k = 1 .. K-1)
+
+   K is the profile's predictor history (``Profile.history``; names from
+   :func:`ertacache.contract.residual_slots`). K = 1 with the reuse predictor
+   gives exactly the schema-1 cached step (one ``residual`` input, no
+   prediction arithmetic in the graph).
 
    ``cached_step`` keeps its (unused) ``text_embeds`` input so both graphs bind
    the same feeds; exporters keep it (TensorRT's parser may drop it).
@@ -49,13 +57,14 @@ from torch import nn
 
 from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECODE_INPUTS, DECODE_OUTPUTS,
                                  DTYPE_NAMES, FULL_OUTPUTS, FULL_STEP, STEP_GRAPHS, STEP_INPUTS, VAE_DECODE, GraphSpec,
-                                 TensorSpec)
+                                 TensorSpec, cached_inputs)
 from ertacache.errors import UserError
 from ertacache.export.attention import export_attention
 from ertacache.export.errors import GraphExportError, failing_op
 from ertacache.models.adapter import ModelAdapter
 from ertacache.models.components import LatentDecoder
 from ertacache.profile.artifact import Profile
+from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep, StepTables
 
 
@@ -77,6 +86,11 @@ class StepGraphs:
     @property
     def names(self) -> list[str]:
         return list(self.programs)
+
+    @property
+    def history(self) -> int:
+        """K: the residual slots of the cached step."""
+        return self.tables.history
 
 
 def example_step_inputs(
@@ -115,10 +129,15 @@ class BakeStepGraphs:
         if profile.corr_a.shape[-1] != adapter.in_channels:
             raise UserError(f"the profile's correction tables have {profile.corr_a.shape[-1]} channels, the model "
                             f"{adapter.in_channels}; re-profile this model")
+        if profile.predictor.get("history") != profile.history:
+            raise UserError(f"the profile's predictor {profile.predictor} says history "
+                            f"{profile.predictor.get('history')} but its weight table pred_w reads {profile.history} "
+                            "residuals; re-profile (the profile is inconsistent)")
+        validate_mask(profile.mask, profile.steps, profile.history)  # K full steps before the first cached one
 
     def __call__(self, adapter: ModelAdapter, profile: Profile) -> StepGraphs:
         self._check(adapter, profile)
-        tables = profile.tables()  # sigmas (T+1,), corr_a/corr_b (T, nb, C): baked as buffers
+        tables = profile.tables()  # sigmas (T+1,), corr_a/b (T, nb, C), pred_w (T, K, Dw), pred_b (T, Db): buffers
         nb = tables.n_branches
         modules: dict[str, nn.Module] = {
             FULL_STEP: FullStep(adapter, tables).eval(),
@@ -129,12 +148,20 @@ class BakeStepGraphs:
         step_in = example_step_inputs(profile.latent_shape, self.batch_size, nb, self.text_shape, self.dtype,
                                       device=device)
         with torch.no_grad():
-            latents_out, residual = modules[FULL_STEP](*step_in)
-        examples = {FULL_STEP: step_in, CACHED_STEP: (*step_in, residual)}
+            latents_out, residual = modules[FULL_STEP](*step_in)  # residual (nb*B, N, D)
+        for key, table in (("pred_w", tables.pred_w), ("pred_b", tables.pred_b)):
+            if table.shape[-1] not in (1, residual.shape[-1]):
+                raise UserError(f"the profile's predictor table {key} has {table.shape[-1]} channels, the model's "
+                                f"residual {residual.shape[-1]} (or 1: shared); re-profile this model")
+        # K residual slots, newest first: the full step's residual and scaled copies (distinct values, so no
+        # exporter can mistake one slot for another; only shapes and dtypes are baked)
+        slots = tuple(residual * (1.0 - 0.25 * k) for k in range(tables.history))
+        examples = {FULL_STEP: step_in, CACHED_STEP: (*step_in, *slots)}
         specs = {
             FULL_STEP: GraphSpec(FULL_STEP, tuple(map(TensorSpec.of, STEP_INPUTS, step_in)),
                                  tuple(map(TensorSpec.of, FULL_OUTPUTS, (latents_out, residual)))),
-            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, CACHED_INPUTS, examples[CACHED_STEP])),
+            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, cached_inputs(tables.history),
+                                                          examples[CACHED_STEP])),
                                    (TensorSpec.of("latents_out", latents_out),)),
         }
         if self.decoder is not None:
@@ -162,4 +189,4 @@ class BakeStepGraphs:
 #: the contract's names and specs live in ertacache.contract; re-exported here for the pass's callers
 __all__ = ["BakeStepGraphs", "StepGraphs", "GraphSpec", "TensorSpec", "DecodeGraph", "example_step_inputs",
            "FULL_STEP", "CACHED_STEP", "VAE_DECODE", "STEP_GRAPHS", "STEP_INPUTS", "FULL_OUTPUTS", "CACHED_INPUTS",
-           "CACHED_OUTPUTS", "DECODE_INPUTS", "DECODE_OUTPUTS", "DTYPE_NAMES", "failing_op"]
+           "cached_inputs", "CACHED_OUTPUTS", "DECODE_INPUTS", "DECODE_OUTPUTS", "DTYPE_NAMES", "failing_op"]

@@ -233,7 +233,7 @@ class ExportPackage:
         for target, target_paths in paths.items():
             runner = runners[target] = self._runner(target, target_paths, graphs)
             with torch.no_grad():
-                got = run_schedule(runner, graphs.mask, latents, text, guidance_scale)
+                got = run_schedule(runner, graphs.mask, latents, text, guidance_scale, graphs.history)
             row = {"rel_l2": relative_l2(got, ref), "max_abs": float((got - ref).abs().max())}
             if VAE_DECODE in target_paths:
                 frames = runner.decode(ref)
@@ -261,7 +261,8 @@ class ExportPackage:
         for target, runner in timed.items():
             with torch.no_grad():
                 _, residual = runner.full(*full_in)
-                t = time_steps(runner, full_in, (*full_in, residual), repeats=cfg.timing_repeats)
+                slots = (residual,) * graphs.history  # K residual slots (values do not change the cost)
+                t = time_steps(runner, full_in, (*full_in, *slots), repeats=cfg.timing_repeats)
             t["speedup_bound"] = speedup_bound(graphs.mask, t["c"])
             out[{"onnx": "onnxruntime"}.get(target, target)] = {k: round(v, 6) for k, v in t.items()}
         return out
@@ -314,7 +315,8 @@ class ExportPackage:
                         "guidance_scale": profile.guidance_scale, "n_branches": profile.n_branches,
                         "mask": [bool(m) for m in profile.mask], "sigmas": [float(s) for s in profile.sigmas],
                         "nominal_sigmas": [float(s) for s in profile.nominal_sigmas],
-                        "phi": [float(p) for p in profile.phi]},
+                        "phi": [float(p) for p in profile.phi],
+                        "history": graphs.history, "predictor": dict(profile.predictor)},
             "shapes": {"batch_size": cfg.batch_size, "height": profile.height, "width": profile.width,
                        "frames": profile.frames, "latents": list(specs[FULL_STEP].inputs[0].shape),
                        "text_embeds": list(specs[FULL_STEP].inputs[2].shape),
@@ -334,7 +336,9 @@ class ExportPackage:
             "files": file_entries(tmp),
             "versions": package_versions(),
             "runtime": {"loop": LOOP,
-                        "state": "latents (float32) and residual (residual_out of the last full step)",
+                        "state": "latents (float32) and K = profile.history residual slots: a full step writes "
+                                 "residual_out into the oldest slot, which becomes the newest; cached_step reads "
+                                 "them newest first (residual, residual_1, ...)",
                         "bind": "by name; cached_step's text_embeds is unused and may be dropped by TensorRT",
                         "decode": "vae_decode(latents_out of the last step) -> frames uint8 (B, F, H, W, 3)"},
         }

@@ -8,11 +8,13 @@ allocation-free loop is :class:`ertacache.runtime.Runtime`.
 A runner exposes the two step functions with the graphs' contract:
 
     full(latents, step, text_embeds, guidance_scale) -> (latents_out, residual_out)
-    cached(latents, step, text_embeds, guidance_scale, residual) -> latents_out
+    cached(latents, step, text_embeds, guidance_scale, residual, *older) -> latents_out
     decode(latents) -> frames            (when the vae_decode graph exists)
 
+``cached`` takes the K residual slots newest first (``residual``, ``residual_1``, ...).
 :func:`run_schedule` is the runtime's loop in its plainest form (``full if
-mask[i] else cached``); validation and timing both use it.
+mask[i] else cached``, keeping the last K full-step residuals like the eager
+sampler); validation and timing both use it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ertacache.timing import ideal_speedup, interleaved_medians
 class StepRunner(Protocol):
     def full(self, latents, step, text_embeds, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def cached(self, latents, step, text_embeds, guidance_scale, residual) -> torch.Tensor: ...
+    def cached(self, latents, step, text_embeds, guidance_scale, residual, *older) -> torch.Tensor: ...
 
 
 class EagerRunner:
@@ -127,20 +129,28 @@ def _single(out):
 
 
 def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor, text_embeds: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-    """``for i in range(T): full if mask[i] else cached``; returns the final latents (B, C, F', H', W')."""
+                 guidance_scale: float, history: int = 1) -> torch.Tensor:
+    """``for i in range(T): full if mask[i] else cached``; returns the final latents (B, C, F', H', W').
+
+    history: K, the residual slots the cached step reads; the loop keeps the last K full-step
+    residuals, newest first, exactly as :class:`ertacache.sampling.CachedSampler` does.
+    """
     if not mask or not mask[0]:
         raise ValueError("the first step must be a full step")
+    first_cached = list(mask).index(False) if False in mask else len(mask)
+    if history > first_cached:
+        raise ValueError(f"the cached step reads {history} residuals but only {first_cached} full step(s) come first")
     device = latents.device
     g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
     steps = torch.arange(len(mask), dtype=torch.int64, device=device)  # made once: no host->device copy per step
-    x, residual = latents.float(), None
+    x, residuals = latents.float(), []  # the last K full-step residuals, newest first
     for i, full in enumerate(mask):
         step = steps[i]
         if full:
             x, residual = runner.full(x, step, text_embeds, g)
+            residuals = [residual, *residuals[: history - 1]]
         else:
-            x = runner.cached(x, step, text_embeds, g, residual)
+            x = runner.cached(x, step, text_embeds, g, *residuals)
         if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
             raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
     return x

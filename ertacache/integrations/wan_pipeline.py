@@ -5,8 +5,9 @@ Two pieces, both through public diffusers extension points:
 * the transformer gets a stateful ``ModelHook`` (diffusers' hook registry, as
   its own FirstBlockCache and MagCache use) that, per cache context ("cond",
   "uncond") and ``step_index`` supplied by the pipeline, either computes the
-  block stack and stores the residual, or reuses it with the profile's
-  correction; the model class and its forward are untouched;
+  block stack and stores the residual, or predicts it from the last K stored
+  residuals with the profile's predictor (K = 1: reuse) and applies the
+  profile's correction; the model class and its forward are untouched;
 * the scheduler becomes flow-matching Euler over the profile's adjusted sigma
   table, so the model sees the adjusted timesteps and the update integrates
   over the adjusted intervals.
@@ -27,7 +28,8 @@ from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
 from ertacache.models.loading import fingerprint_module
 from ertacache.profile.artifact import Profile
-from ertacache.sampling.steps import cached_velocity, full_velocity, rectify
+from ertacache.sampling.sampler import validate_mask
+from ertacache.sampling.steps import cached_velocity, full_velocity, predict_residual, rectify
 
 HOOK_NAME = "ertacache"
 _BRANCH = {"cond": 0, "uncond": 1}
@@ -52,13 +54,13 @@ class ProfileSigmaScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 class _BranchState(BaseState):
-    """Per CFG branch: the residual of the last full step."""
+    """Per CFG branch: the residuals of the last K full steps, newest first."""
 
     def __init__(self):
-        self.residual = None
+        self.history: list = []
 
     def reset(self):
-        self.residual = None
+        self.history = []
 
 
 class ERTACacheHook(ModelHook):
@@ -68,8 +70,11 @@ class ERTACacheHook(ModelHook):
 
     def __init__(self, profile: Profile):
         super().__init__()
-        self.mask = tuple(profile.mask)
+        self.mask = validate_mask(profile.mask, profile.steps, profile.history)
         self.corr_a, self.corr_b = profile.corr_a, profile.corr_b
+        tables = profile.tables()
+        self.k, self.reuse = tables.history, tables.plain_reuse()
+        self.pred_w, self.pred_b = tables.pred_w, tables.pred_b  # (T, K, Dw), (T, Db)
         self.state_manager = StateManager(_BranchState)
 
     def initialize_hook(self, module):
@@ -86,11 +91,15 @@ class ERTACacheHook(ModelHook):
             raise RuntimeError("ERTACache needs the pipeline's cache_context('cond'|'uncond', step_index=i)")
         state, i, branch = self.state_manager.get_state(), ctx.step_index, _BRANCH[ctx.name]
         if self.mask[i]:
-            v, state.residual = full_velocity(self.adapter, hidden_states, timestep, encoder_hidden_states)
+            v, residual = full_velocity(self.adapter, hidden_states, timestep, encoder_hidden_states)
+            state.history = [residual, *state.history[: self.k - 1]]
         else:
-            if state.residual is None:
-                raise RuntimeError(f"step {i} reuses a residual but no full step ran before it")
-            v = cached_velocity(self.adapter, hidden_states, timestep, state.residual)
+            if len(state.history) < self.k:
+                raise RuntimeError(f"step {i} predicts from {self.k} residual(s) but {len(state.history)} full "
+                                  "step(s) ran before it")
+            residual = state.history[0] if self.reuse else predict_residual(
+                state.history, self.pred_w[i].to(hidden_states.device), self.pred_b[i].to(hidden_states.device))
+            v = cached_velocity(self.adapter, hidden_states, timestep, residual)
             a = self.corr_a[i, branch : branch + 1].to(v.device)  # (1, C)
             b = self.corr_b[i, branch : branch + 1].to(v.device)
             v = rectify(v, a, b)

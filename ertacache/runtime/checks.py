@@ -32,7 +32,7 @@ def _close(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def check_against_profile(manifest: ExportManifest) -> None:
-    """What the runtime uses from the manifest (mask, sigmas, phi, steps, CFG, guidance, shapes) equals ``profile/``.
+    """What the runtime uses from the manifest (mask, sigmas, phi, steps, CFG, guidance, shapes, K) equals ``profile/``.
 
     The manifest's schedule is what the loop runs; ``profile/`` is what the graphs' tables were
     fitted for (its correction file is hashed in its profile.json, and both are hashed in the
@@ -53,6 +53,8 @@ def check_against_profile(manifest: ExportManifest) -> None:
         ("guidance_scale", s.guidance_scale, profile.guidance_scale),
         ("shift", s.shift, profile.shift),
         ("mask", list(s.mask), [bool(m) for m in profile.mask]),
+        ("predictor history K", s.history, profile.history),
+        ("predictor kind", s.predictor.get("kind"), profile.predictor.get("kind")),
         ("latent shape", list(sh.latents[1:]), list(profile.latent_shape)),
         ("height x width x frames", (sh.height, sh.width, sh.frames), (profile.height, profile.width, profile.frames)),
     ]

@@ -6,11 +6,18 @@
 
 On entry the folder is checked (:func:`ertacache.runtime.checks.open_folder`),
 the engine activated, every buffer allocated once (:class:`RuntimeState`) and
-every call bound: the full and cached step once for each of the two latent
-buffers the loop ping-pongs between, and the decoder. The loop then does, per
-step, one in-place copy of the step index into the bound ``step`` buffer and
-one bound call: no allocation, no host synchronisation (the step indices are
-on the device before the loop). Non-finite values are looked for once after
+every call bound, and the decoder. The cached step reads K residual slots
+(K = the manifest's ``profile.history``, 1 for the paper's reuse); the K
+residual buffers form a ring: the f-th full step (counting from 0) writes its
+``residual_out`` into buffer ``f % K`` (the oldest, which becomes the newest),
+and a cached step after it binds buffers ``f % K, (f-1) % K, ...`` to
+``residual, residual_1, ...``. So each step is one of 2K full-step calls and
+2K cached-step calls (latent parity x ring rotation), all bound once here;
+:meth:`Runtime.plan` picks, from the mask known before the loop, which bound
+call runs at step i. The loop then does, per step, one in-place copy of the
+step index into the bound ``step`` buffer and one bound call: no copy of a
+residual, no allocation, no host synchronisation (the step indices are on the
+device before the loop). Non-finite values are looked for once after
 the loop; when there are some, the schedule is replayed step by step from the
 saved noise to name the first step and graph that produced them.
 """
@@ -25,8 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, TensorSpec
+from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, TensorSpec, residual_slots
 from ertacache.engines.base import BoundCall, Engine, backend_info
+from ertacache.engines.errors import EngineMismatchError
 from ertacache.errors import NumericalError, UserError
 from ertacache.runtime.checks import check_inputs, open_folder
 from ertacache.timing import StepClock, interleaved_medians
@@ -52,7 +60,9 @@ class RuntimeState:
 
     latents: two (B, C, F', H', W') float32 buffers; step i reads ``latents[i % 2]`` and writes
         ``latents[(i + 1) % 2]``, so the final latents are in ``latents[T % 2]``.
-    residual: (nb*B, N, D), written by full steps (``residual_out``), read by cached steps.
+    residuals: K (nb*B, N, D) buffers, a ring: the f-th full step writes ``residual_out`` into
+        ``residuals[f % K]``; cached steps read them newest first (see the module docstring).
+        ``residual`` is ``residuals[0]`` (the only one with K = 1).
     text_embeds (nb*B, L, D_text), guidance_scale (), step () int64: the other step inputs.
     steps: (T,) int64 step indices on the device; ``step_views[i]`` is ``steps[i]``, made once.
     noise: a copy of the initial latents, for the NaN diagnosis replay.
@@ -64,7 +74,8 @@ class RuntimeState:
         lat = manifest.spec(FULL_STEP, "latents")
         self.latents = (_empty(lat, device), _empty(lat, device))
         self.noise = _empty(lat, device)
-        self.residual = _empty(manifest.spec(FULL_STEP, "residual_out"), device)
+        res = manifest.spec(FULL_STEP, "residual_out")
+        self.residuals = tuple(_empty(res, device) for _ in range(manifest.schedule.history))
         self.text_embeds = _empty(manifest.spec(FULL_STEP, "text_embeds"), device)
         self.guidance_scale = _empty(manifest.spec(FULL_STEP, "guidance_scale"), device)
         self.step = _empty(manifest.spec(FULL_STEP, "step"), device)
@@ -73,10 +84,18 @@ class RuntimeState:
         self.frames = _empty(manifest.spec(VAE_DECODE, "frames"), device) if with_decode else None
         self.final = self.latents[steps % 2]
 
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.residuals[0]
+
+    @property
+    def history(self) -> int:
+        return len(self.residuals)
+
     def buffers(self) -> dict[str, torch.Tensor]:
         out = {"latents_0": self.latents[0], "latents_1": self.latents[1], "noise": self.noise,
-               "residual": self.residual, "text_embeds": self.text_embeds, "guidance_scale": self.guidance_scale,
-               "step": self.step}
+               **{f"residual_slot_{j}": r for j, r in enumerate(self.residuals)},
+               "text_embeds": self.text_embeds, "guidance_scale": self.guidance_scale, "step": self.step}
         if self.frames is not None:
             out["frames"] = self.frames
         return out
@@ -102,13 +121,34 @@ class StepTimes:
         return statistics.median(self.cached_s) if self.cached_s else float("nan")
 
 
-def validate_mask(mask: Sequence[bool], steps: int) -> tuple[bool, ...]:
+def validate_mask(mask: Sequence[bool], steps: int, history: int = 1) -> tuple[bool, ...]:
+    """The mask as bools; refuses another length, and a cached step before ``history`` (K) full steps."""
     mask = tuple(bool(m) for m in mask)
     if len(mask) != steps:
         raise UserError(f"the mask has {len(mask)} entries, the folder's schedule {steps} steps")
     if not mask[0]:
         raise UserError("the first step must be a full step (there is no residual to reuse yet)")
+    first_cached = mask.index(False) if False in mask else steps
+    if history > first_cached:
+        raise UserError(f"the cached step reads the last {history} full-step residuals but only {first_cached} full "
+                        f"step(s) precede the first cached step (step {first_cached}); re-profile with the first "
+                        f"{history} steps full, or with a lower predictor order")
     return mask
+
+
+def ring_rotations(mask: Sequence[bool], history: int) -> list[int]:
+    """Per step, the ring rotation r of its bound call (see the module docstring).
+
+    A full step writes ``residual_out`` into buffer r (the f-th full step: r = f % K); a cached
+    step reads buffers r, r-1, ... (mod K) as ``residual``, ``residual_1``, ... with r the buffer
+    the last full step wrote. Plain Python over the mask, computed before the loop.
+    """
+    out, written = [], -1  # written: index of the last full step (in full steps), -1 before the first
+    for full in mask:
+        if full:
+            written += 1
+        out.append(written % history)
+    return out
 
 
 def make_engine(folder: Path, manifest: ExportManifest, backend: str, device: torch.device | None = None,
@@ -174,9 +214,11 @@ class Runtime:
         self.engine = engine or make_engine(self.folder, self.manifest, backend, dev, providers, model_path,
                                             compile_backend, cuda_graphs, intra_op_threads)
         self.device = self.engine.device
-        self.mask = validate_mask(self.manifest.schedule.mask, self.manifest.schedule.steps)
+        self.history = self.manifest.schedule.history
+        self.mask = validate_mask(self.manifest.schedule.mask, self.manifest.schedule.steps, self.history)
         self.state: RuntimeState | None = None
-        self._calls: dict[tuple[str, int], BoundCall] = {}
+        #: (graph, latent parity, ring rotation) -> bound call: 2K full-step and 2K cached-step calls
+        self._calls: dict[tuple[str, int, int], BoundCall] = {}
         self._decode: BoundCall | None = None
 
     # ---- lifetime --------------------------------------------------------------------------------
@@ -202,17 +244,36 @@ class Runtime:
     def has_decode(self) -> bool:
         return VAE_DECODE in self.engine.graphs() and self.manifest.has_decode
 
+    def _check_engine_inputs(self) -> None:
+        """The engine's cached step reads exactly the folder's K residual slots and nothing the contract lacks.
+
+        (An engine may drop an unused input such as text_embeds, never a residual slot: a torch engine
+        built from a profile of another K would otherwise run silently with the wrong history.)
+        """
+        want = self.manifest.graphs[CACHED_STEP].input_names
+        have = self.engine.input_names(CACHED_STEP)
+        extra = [n for n in have if n not in want]
+        missing = [n for n in residual_slots(self.history) if n not in have]
+        if extra or missing:
+            raise EngineMismatchError(f"the {self.backend} engine's cached_step reads {list(have)}, export folder "
+                                      f"{self.folder}'s reads {list(want)} (K = {self.history} residual slots); "
+                                      "build the engine from this folder's profile")
+
     def _allocate_and_bind(self) -> None:
+        self._check_engine_inputs()
         st = self.state = RuntimeState(self.manifest, self.device, self.has_decode)
         st.guidance_scale.fill_(self.manifest.schedule.guidance_scale)
+        k, slots = self.history, residual_slots(self.history)
         for parity in (0, 1):
             x_in, x_out = st.latents[parity], st.latents[1 - parity]
             common = {"latents": x_in, "step": st.step, "text_embeds": st.text_embeds,
                       "guidance_scale": st.guidance_scale}
-            self._calls[FULL_STEP, parity] = self.engine.bind(
-                FULL_STEP, common, {"latents_out": x_out, "residual_out": st.residual})
-            self._calls[CACHED_STEP, parity] = self.engine.bind(
-                CACHED_STEP, {**common, "residual": st.residual}, {"latents_out": x_out})
+            for r in range(k):  # ring rotation: buffer r is the newest residual
+                self._calls[FULL_STEP, parity, r] = self.engine.bind(
+                    FULL_STEP, common, {"latents_out": x_out, "residual_out": st.residuals[r]})
+                ring = {name: st.residuals[(r - j) % k] for j, name in enumerate(slots)}  # newest first
+                self._calls[CACHED_STEP, parity, r] = self.engine.bind(
+                    CACHED_STEP, {**common, **ring}, {"latents_out": x_out})
         if st.frames is not None:
             self._decode = self.engine.bind(VAE_DECODE, {"latents": st.final}, {"frames": st.frames})
         st.reset()  # binding may have run the graphs once (checks, CUDA graph warm-up)
@@ -239,7 +300,8 @@ class Runtime:
 
     def _plan(self, mask: Sequence[bool]) -> list[tuple[torch.Tensor, BoundCall]]:
         st = self._require()
-        return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2])
+        rotations = ring_rotations(mask, self.history)
+        return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2, rotations[i]])
                 for i, full in enumerate(mask)]
 
     def load_inputs(self, latents: torch.Tensor, text_embeds: torch.Tensor,
@@ -315,12 +377,14 @@ class Runtime:
         """Replay from the saved noise, checking after every step; raise naming the first bad step."""
         st = self._require()
         st.latents[0].copy_(st.noise)
+        rotations = ring_rotations(mask, self.history)
         for i, ((index, call), full) in enumerate(zip(plan, mask)):
             st.step.copy_(index)
             call()
             graph = FULL_STEP if full else CACHED_STEP
             out = st.latents[(i + 1) % 2]
-            bad = [name for name, t in (("latents_out", out), ("residual_out", st.residual if full else None))
+            written = st.residuals[rotations[i]] if full else None  # the ring buffer this full step wrote
+            bad = [name for name, t in (("latents_out", out), ("residual_out", written))
                    if t is not None and not torch.isfinite(t).all()]
             if bad:
                 raise NumericalError(
@@ -350,4 +414,4 @@ class Runtime:
         """Median seconds of one bound call of each graph, interleaved (c is a ratio of one run)."""
         st = self._require()
         st.step.fill_(1)
-        return interleaved_medians({g: self._calls[g, 0] for g in graphs}, repeats, warmup, self.device)
+        return interleaved_medians({g: self._calls[g, 0, 0] for g in graphs}, repeats, warmup, self.device)

@@ -1,4 +1,8 @@
-"""The runtime against eager PyTorch on the same inputs: agreement, and fidelity against uncached sampling."""
+"""The runtime against eager PyTorch on the same inputs: agreement, and fidelity against uncached sampling.
+
+The eager reference is :class:`ertacache.sampling.CachedSampler` with the profile's tables, so it
+runs the profile's predictor over the same K full-step residuals the runtime's ring holds.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ class VerifyReport:
     eager_psnr_vs_uncached: float | None  # eager cached vs eager uncached (what caching itself costs)
     full_steps: int
     steps: int
+    history: int = 1  # K: the full-step residuals the cached step read
+    predictor: str = "reuse"  # the profile's predictor kind
 
     @property
     def ok(self) -> bool:
@@ -62,4 +68,4 @@ def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: 
         p_eager = psnr(uncached, decoder.decode(ref).cpu().numpy())
     tol = tolerance if tolerance is not None else TOLERANCES[m.dtype]
     return VerifyReport(rt.backend, m.dtype, row["rel_l2"], row["max_abs"], tol, p_rt, p_eager,
-                        sum(profile.mask), profile.steps)
+                        sum(profile.mask), profile.steps, profile.history, str(profile.predictor.get("kind")))

@@ -10,7 +10,8 @@ drive without a server:
                                   on_step=lambda done: True)   # False stops (cancelled request)
 
 State per instance (allocated once, reused by every request): the runtime's two latent
-buffers, the residual of the last full step, text embeddings, step indices and frames
+buffers, the K residual buffers of the last full steps (K = 1 for reuse; the runtime's ring),
+text embeddings, step indices and frames
 (:class:`ertacache.runtime.RuntimeState`). State per request: the parsed inputs and the output
 copies; nothing of a request outlives :meth:`ModelInstance.handle`, cancelled or not.
 """

@@ -9,8 +9,8 @@
           engines/            a verified copy of the export folder (both step graphs, decode, profile)
           text_encoder/       the prompt encoder (tokenizer/, text_encoder/) when the model has one
 
-One model owns both engines, the residual buffer and the shared scratch memory: the residual
-(100-800 MB for Wan2.1) never crosses a model boundary between steps. The folder is copied
+One model owns both engines, the residual buffers (K, the predictor's history) and the shared
+scratch memory: a residual (100-800 MB for Wan2.1) never crosses a model boundary between steps. The folder is copied
 into the version folder so the repository is self-contained (what an object store or a
 container mount needs); the entry is written in a temporary folder and renamed into place, so a
 failed write leaves the repository as it was. Other models in ``repo`` are not touched.

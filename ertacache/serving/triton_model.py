@@ -3,7 +3,7 @@
 ertacache-triton copies this file into a model repository as ``NAME/1/model.py``; it runs inside
 Triton's Python-backend stub, one process per model instance, where
 ``triton_python_backend_utils`` exists. It is glue only: the runtime (both engines, the
-residual buffer and every other buffer, allocated once per instance), the text encoder and
+K residual buffers and every other buffer, allocated once per instance), the text encoder and
 the request checks live in :class:`ertacache.serving.instance.ModelInstance`, so ertacache must
 be installed in the Python environment the stub runs (see docs/triton.md).
 

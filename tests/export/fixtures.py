@@ -7,6 +7,8 @@ CLI export of the tiny diffusers-format Wan2.1 folder (``wan_folder_export``, wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,9 +60,74 @@ class Tiny:
             self.adapter, self.profile, self.identity, TEXT, self.decoder)
 
 
+#: the K = 3 test schedule: three full steps before the first cached one, and a wrap of the residual ring
+#: (full steps 0, 1, 2, 5, 7 write ring buffers 0, 1, 2, 0, 1; step 6 reads buffers 0, 2, 1)
+K3_MASK = [True, True, True, False, False, True, False, True]
+
+
+def lagrange_weights(at: float, nodes) -> list[float]:
+    """Weights w_k with p(at) = sum_k w_k p(nodes[k]) for every polynomial p of degree < len(nodes)."""
+    out = []
+    for k, xk in enumerate(nodes):
+        w = 1.0
+        for m, xm in enumerate(nodes):
+            if m != k:
+                w *= (at - xm) / (xk - xm)
+        out.append(w)
+    return out
+
+
+def k3_profile(profile: Profile, residual_dim: int, mask=K3_MASK, seed: int = 3) -> Profile:
+    """``profile`` with an order-2 Lagrange predictor over the last 3 full steps (in step index) and a small bias.
+
+    pred_w (T, 3, 1): at a cached step i, the extrapolation weights from the last three full steps
+    j1 > j2 > j3 (newest first) to i; at a full step, (1, 0, 0) (unused). pred_b (T, D) small random.
+    """
+    steps = profile.steps
+    pred_w = torch.zeros(steps, 3, 1)
+    full: list[int] = []
+    for i, m in enumerate(mask):
+        if m:
+            full.insert(0, i)
+            pred_w[i, 0, 0] = 1.0
+        else:
+            pred_w[i, :, 0] = torch.tensor(lagrange_weights(float(i), full[:3]))
+    pred_b = 0.01 * torch.randn(steps, residual_dim, generator=torch.Generator().manual_seed(seed))
+    return dataclasses.replace(profile, mask=list(mask), pred_w=pred_w, pred_b=pred_b,
+                               predictor={"kind": "lagrange", "order": 2, "history": 3})
+
+
+class TinyK3(Tiny):
+    """The same model as ``Tiny`` with a K = 3 predictor profile (:func:`k3_profile`)."""
+
+    def __init__(self, base: Tiny):
+        self.model, self.adapter, self.identity, self.decoder = base.model, base.adapter, base.identity, base.decoder
+        cfg = base.model.config
+        self.profile = k3_profile(base.profile, cfg.num_attention_heads * cfg.attention_head_dim)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return Tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_k3(tiny):
+    return TinyK3(tiny)
+
+
+@pytest.fixture(scope="session")
+def onnx_export_k3(tiny_k3, tmp_path_factory):
+    """An ONNX export of the K = 3 profile (validated over the whole schedule against the eager sampler)."""
+    out = tmp_path_factory.mktemp("onnx-export-k3") / "out"
+    return tiny_k3.export(out, targets="onnx", timing_repeats=0)
+
+
+@pytest.fixture(scope="session")
+def aoti_export_k3(tiny_k3, tmp_path_factory):
+    """The K = 3 profile as AOTInductor packages (no decoder: two graphs, ~15 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("aoti-export-k3") / "out"
+    return tiny_k3.export(out, targets="aoti", timing_repeats=0, decode_graph=False)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from ertacache.sampling import steps as steps_module
 
 def test_manifest_schema(onnx_export, tiny):
     m = json.loads((onnx_export.out / "manifest.json").read_text())
-    assert set(REQUIRED_FIELDS) <= set(m) and m["schema_version"] == 1
+    assert set(REQUIRED_FIELDS) <= set(m) and m["schema_version"] == 2
+    assert m["profile"]["history"] == 1 and m["profile"]["predictor"]["kind"] == "reuse"
     assert m["model"]["fingerprint"] == tiny.profile.model_fingerprint
     assert m["profile"]["mask"] == [bool(x) for x in tiny.profile.mask]
     assert m["profile"]["sigmas"] == pytest.approx(tiny.profile.sigmas)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -49,6 +51,30 @@ def test_enable_ertacache_on_wan_pipeline_equals_our_cached_sampler(wan_model, w
     plain = pipe(num_inference_steps=STEPS, latents=noise.clone(), **kwargs).frames
     assert (plain - got).abs().max() > 1e-4  # caching changed something, and disabling removed it
     assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+
+
+def test_the_hook_follows_a_k3_predictor(wan_model, wan_adapter):
+    """A K = 3 Lagrange predictor profile: the pipeline hook keeps three residuals per branch, as the sampler does."""
+    from tests.export.fixtures import k3_profile
+
+    base = make_profile(wan_model, wan_adapter)
+    mask = [True, True, True, False, False, True, False, True, False, True]
+    profile = k3_profile(base, wan_model.config.num_attention_heads * wan_model.config.attention_head_dim, mask)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=wan_model, vae=tiny_vae(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_latents(LATENT, [7])
+    cond, uncond = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    enable_ertacache(pipe, profile)
+    got = pipe(num_inference_steps=STEPS, latents=noise.clone(), prompt_embeds=cond, negative_prompt_embeds=uncond,
+               height=64, width=64, num_frames=5, guidance_scale=4.0, output_type="latent").frames
+    ours = CachedSampler(wan_adapter, profile.tables(), profile.mask)(noise, torch.cat([cond, uncond]), 4.0).latents
+    torch.testing.assert_close(got, ours, rtol=0, atol=5e-6)
+    reuse = CachedSampler(wan_adapter, base.tables(), mask)(noise, torch.cat([cond, uncond]), 4.0).latents
+    assert (reuse - got).abs().max() > 1e-4  # the predictor changed the result: the test compares something
+    early = dataclasses.replace(profile, mask=[True, True, False] + [True] * (STEPS - 3))
+    with pytest.raises(UserError, match="only 2 full step"):
+        enable_ertacache(pipe, early)
 
 
 def test_profile_for_other_weights_is_refused(wan_model, wan_adapter):

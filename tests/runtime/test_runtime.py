@@ -62,8 +62,9 @@ def test_onnxruntime_loop_allocates_nothing_per_step(onnx_export, request_inputs
         rt.sample(noise, text)
         assert {k: v.data_ptr() for k, v in st.buffers().items()} == ptrs
         # the IOBinding writes where the runtime allocated: the same pointers, every step
-        binding = rt._calls[FULL_STEP, 0].binding
+        binding = rt._calls[FULL_STEP, 0, 0].binding
         assert [o.data_ptr() for o in binding.get_outputs()] == [st.latents[1].data_ptr(), st.residual.data_ptr()]
+        assert len(st.residuals) == 1 and len(rt._calls) == 4  # K = 1: the two parities of each step graph
 
 
 def test_reset_and_use_outside_the_context(onnx_export, request_inputs):
@@ -95,8 +96,8 @@ def test_missing_file_is_refused(onnx_export, tmp_path):
 
 def test_other_schema_version_is_refused(onnx_export, tmp_path):
     folder = copy_folder(onnx_export.out, tmp_path / "f")
-    edit_manifest(folder, lambda m: m.update(schema_version=2))
-    with pytest.raises(UserError, match="schema_version 2 is not 1"):
+    edit_manifest(folder, lambda m: m.update(schema_version=3))
+    with pytest.raises(UserError, match="schema_version 3 is not 2"):
         Runtime(folder, "onnxruntime")
 
 

@@ -122,3 +122,24 @@ def test_the_instance_refuses_a_swapped_export_folder(served_repo, onnx_export, 
     config = json.loads(json.dumps(report.model_config))
     with pytest.raises(UserError, match="not the pinned"):
         ModelInstance(version, config).__enter__()
+
+
+def test_a_k3_predictor_folder_serves_what_the_runtime_returns(onnx_export_k3, tmp_path):
+    """The served model follows K through the runtime: same bytes as the direct runtime, same served I/O as K = 1."""
+    import torch
+
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for
+    from ertacache.serving import RepositoryConfig, write_repository
+
+    report = write_repository(RepositoryConfig(engines=onnx_export_k3.out, repo=tmp_path / "repo", name="k3",
+                                               latents=True))
+    assert not [t.name for t in (*report.io.inputs, *report.io.outputs) if "residual" in t.name]
+    text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    with Runtime(onnx_export_k3.out, "onnxruntime") as rt:
+        assert len(rt.state.residuals) == 3
+        want = rt.sample(noise_for(rt.manifest, 7), text).numpy().copy()
+    with ModelInstance(report.model_dir / "1", report.model_config) as inst:
+        assert len(inst.runtime.state.residuals) == 3
+        got = inst.handle({"seed": np.array([7]), "text_embeds": text.numpy()})
+    assert got["latents"].tobytes() == want.tobytes()
