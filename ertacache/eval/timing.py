@@ -29,8 +29,9 @@ def sampler_step_costs(sampler: CachedSampler, bundle, settings, prompt: str, re
     step = torch.tensor(1, device=bundle.device)
     with torch.no_grad():
         _, residual = sampler.full_step(x, torch.tensor(0, device=bundle.device), text, g)
+        slots = (residual,) * sampler.tables.history  # the cached step reads K residual slots
         med = interleaved_medians({"full": lambda: sampler.full_step(x, step, text, g),
-                                   "cached": lambda: sampler.cached_step(x, step, text, g, residual)},
+                                   "cached": lambda: sampler.cached_step(x, step, text, g, *slots)},
                                   repeats * 5, warmup=2, device=bundle.device)
     return med["full"], med["cached"]
 

@@ -29,8 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
-from ertacache.limits import MAX_STEPS
-from ertacache.profile.predictor import MAX_HISTORY
+from ertacache.limits import MAX_HISTORY, MAX_STEPS
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 

@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 from ertacache.errors import UserError
+from ertacache.limits import MAX_HISTORY  # the most full-step residuals a predictor reads (one buffer each)
 
 PredictorKind = Literal["reuse", "taylor", "fitted"]
 PREDICTOR_KINDS: tuple[str, ...] = ("reuse", "taylor", "fitted")
-#: the most full-step residuals a predictor reads (each is one more buffer of the cached step)
-MAX_HISTORY = 4
 
 
 @dataclass(frozen=True)
