@@ -14,8 +14,10 @@ backend through ertacache.runtime.Runtime and measure, as medians after warm-up:
     alloc: Python bytes/step, torch allocations/step, C-heap growth/step (ertacache.runtime.alloc)
 
 Backends: eager (the step modules, uncompiled), torch (torch.compile, Inductor), onnxruntime (CPU), aoti.
+Each case runs once per cached-step predictor (--predictors: the paper's reuse, K = 1, and the Taylor
+order-2 prediction from K = 3 residual slots), so c and measured/ideal of the two come from one run.
 Speed numbers from random weights are valid (cost does not depend on values); the mask is synthetic
-(alternating full/cached, T / N_full = 2) because calibrating random weights says nothing.
+(three warm-up full steps, then alternating) because calibrating random weights says nothing.
 """
 
 from __future__ import annotations
@@ -52,13 +54,30 @@ WAN_MID = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=6
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=256)
 
 
-def synthetic_profile(model, model_id: str, latent_shape, steps: int, guidance: float = 5.0) -> Profile:
+#: the cached step's predictors compared in one run: name -> Taylor order (0 = the paper's reuse, K = 1)
+PREDICTORS = {"reuse": 0, "taylor2": 2}
+
+
+def synthetic_mask(steps: int) -> list[bool]:
+    """FFF then .F.F.: three warm-up steps (an order-2 predictor's K), then alternating; the same for every
+    predictor so their ideal speedups are equal and c is the only difference."""
+    return [i < 3 or i % 2 == 0 for i in range(steps)]
+
+
+def synthetic_profile(model, model_id: str, latent_shape, steps: int, guidance: float = 5.0,
+                      order: int = 0) -> Profile:
     c = latent_shape[0]
-    mask = [i % 2 == 0 for i in range(steps)]  # F.F.F.: T / N_full = 2
+    mask = synthetic_mask(steps)
     sig = nominal_sigmas(steps, 3.0)
-    return Profile(model_id, fingerprint_module(model), steps, 3.0, latent_shape[2] * 8, latent_shape[3] * 8,
+    prof = Profile(model_id, fingerprint_module(model), steps, 3.0, latent_shape[2] * 8, latent_shape[3] * 8,
                    (latent_shape[1] - 1) * 4 + 1, list(latent_shape), guidance, 2, 0.0, mask, list(sig), list(sig),
                    [1.0] * steps, torch.zeros(steps, 2, c), torch.zeros(steps, 2, c), {"synthetic": True}, {})
+    if order:
+        from ertacache.profile.predictor import taylor_weights
+
+        prof.pred_w = torch.as_tensor(taylor_weights(mask, order + 1), dtype=torch.float32)  # (T, K, 1)
+        prof.predictor = {"kind": "taylor", "order": order, "history": order + 1}
+    return prof
 
 
 def random_wan(config: dict, seed: int = 0):
@@ -120,9 +139,9 @@ def bench_backend(rt: Runtime, noise, text, repeats: int, e2e_repeats: int) -> d
             "speedup": unc / cac, "ideal": ideal, "measured_over_ideal": unc / cac / ideal, "alloc": alloc.to_json()}
 
 
-def run_case(name, model, latent, text_shape, steps, targets, args, out: dict) -> None:
+def run_case(name, model, latent, text_shape, steps, targets, args, out: dict, order: int = 0) -> None:
     adapter = adapter_for(model)
-    profile = synthetic_profile(model, "bench", latent, steps)
+    profile = synthetic_profile(model, "bench", latent, steps, order=order)
     identity = ModelIdentity("bench", profile.model_fingerprint, type(model).__name__,
                              text_encoder={"kind": "random", "embed_shape": list(text_shape)})
     rows = {}
@@ -238,15 +257,27 @@ def main(argv=None) -> int:
     p.add_argument("--wan13b", action="store_true", help="also the Wan2.1-1.3B architecture (random, ~6 GB, minutes)")
     p.add_argument("--wan13b-steps", type=int, default=4, help="schedule length of the 1.3B case")
     p.add_argument("--wan13b-onnx", action="store_true", help="also ONNX Runtime for 1.3B (export: ~4 min, 12 GB)")
+    p.add_argument("--predictors", default=",".join(PREDICTORS),
+                   help=f"cached-step predictors to export and time per case, of {list(PREDICTORS)} (the ratios "
+                        "of one run compare them)")
     args = p.parse_args(argv)
+    predictors = [x.strip() for x in args.predictors.split(",") if x.strip()]
+    unknown = [x for x in predictors if x not in PREDICTORS]
+    if unknown or not predictors:
+        print(f"error: --predictors takes a comma list of {list(PREDICTORS)}, got {args.predictors!r}",
+              file=sys.stderr)
+        return 2
     results: dict = {}
     start = time.perf_counter()
     for name, model, latent, text, steps, targets, note in model_cases(args):
         if model is None:
             results[name] = {"skipped": note}
             continue
-        run_case(name, model, latent, text, steps, targets, args, results)
-        results[name]["note"] = note
+        for pred in predictors:
+            case = name if pred == "reuse" else f"{name} / {pred}"
+            run_case(case, model, latent, text, steps, targets, args, results, order=PREDICTORS[pred])
+            results[case]["note"] = note
+            results[case]["predictor"] = pred
     report = {"machine": machine(), "versions": package_versions(), "bench_s": time.perf_counter() - start,
               "method": __doc__.split("\n\n")[2], "results": results}
     Path(args.json).write_text(json.dumps(report, indent=1))

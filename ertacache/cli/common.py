@@ -100,14 +100,14 @@ DEFAULT_PHI_RULE = "auto"
 
 def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True) -> None:
     """How a profile is fitted: loop, predictor, and (``ablations``) the switches of each component."""
-    parser.add_argument("--loop", choices=["closed", "open"], default=DEFAULT_LOOP,
+    parser.add_argument("--loop", choices=["closed", "open"], default=None,
                         help="closed: schedule from errors along the cached trajectory; open: from the uncached "
                              f"one (one pass cheaper) (default: {DEFAULT_LOOP})")
-    parser.add_argument("--predictor", choices=["reuse", "taylor", "fitted"], default=DEFAULT_PREDICTOR,
+    parser.add_argument("--predictor", choices=["reuse", "taylor", "fitted"], default=None,
                         help="how a cached step predicts the block residual: reuse = the paper's (last residual); "
                              "taylor = Lagrange extrapolation of the last K = order + 1 full residuals; fitted = "
                              f"ridge least squares shrunk toward taylor (default: {DEFAULT_PREDICTOR})")
-    parser.add_argument("--predictor-order", type=int, default=DEFAULT_PREDICTOR_ORDER,
+    parser.add_argument("--predictor-order", type=int, default=None,
                         help=f"order of taylor / prior of fitted, 0-3 (default: {DEFAULT_PREDICTOR_ORDER})")
     if not ablations:
         return
@@ -126,17 +126,37 @@ def calibration_config(args, lam: float | None, speedup: float | None, batch_siz
     from ertacache.profile.config import CalibrationConfig
     from ertacache.profile.predictor import PredictorConfig
 
-    predictor = PredictorConfig(kind=args.predictor, order=0 if args.predictor == "reuse" else args.predictor_order,
+    kind = args.predictor or DEFAULT_PREDICTOR
+    order = DEFAULT_PREDICTOR_ORDER if args.predictor_order is None else args.predictor_order
+    predictor = PredictorConfig(kind=kind, order=0 if kind == "reuse" else order,
                                 ridge=getattr(args, "predictor_ridge", 0.1))
     rule = getattr(args, "phi_rule", DEFAULT_PHI_RULE)
     if rule == "auto":
         rule = "paper" if predictor.kind == "reuse" else "lsq"
     return CalibrationConfig(
-        lam=lam, speedup=None if lam is not None else speedup, loop=args.loop,
+        lam=lam, speedup=None if lam is not None else speedup, loop=args.loop or DEFAULT_LOOP,
         warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor, phi_rule=rule,
         phi_max=1.5 if rule == "lsq" else 1.0, time_adjust=not getattr(args, "no_time_adjust", False),
         rectify=not getattr(args, "no_rectify", False), batch_size=batch_size,
     )
+
+
+def check_calibration_flags_against(args, profile, where: str) -> None:
+    """Refuse calibration flags given with a finished profile when they ask for something else.
+
+    The profile's predictor, order and loop were fixed when it was fitted (its weights and schedule
+    belong to them); a flag that differs would be silently ignored otherwise.
+    """
+    from ertacache.errors import UserError
+
+    pred = profile.predictor
+    asked = [("--predictor", args.predictor, pred.get("kind")),
+             ("--predictor-order", args.predictor_order, pred.get("order")),
+             ("--loop", args.loop, profile.config.get("loop"))]
+    for flag, value, have in asked:
+        if value is not None and have is not None and value != have:
+            raise UserError(f"{flag} {value} differs from {where}, which was fitted with {flag} {have}; drop the "
+                            f"flag to use the profile as it is, or re-profile with {flag} {value}")
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:

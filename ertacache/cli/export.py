@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ertacache.cli.common import (
     DEFAULT_EXPORT_TARGETS, EXPORT_TARGETS, add_calibration_args, add_model_args, add_shape_args, apply_threads,
-    calibration_config, new_parser, pick_device, run_cli,
+    calibration_config, check_calibration_flags_against, new_parser, pick_device, run_cli,
 )
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
 from ertacache.errors import UserError
@@ -53,6 +53,7 @@ def _check_profile_flags(args, profile) -> None:
         if value is not None and value != have:
             raise UserError(f"{flag} {value} differs from the profile {args.profile} ({flag} {have}); drop the flag, "
                             "or make a profile for the new setting (ertacache-profile, or drop --profile here)")
+    check_calibration_flags_against(args, profile, f"the profile {args.profile}")
     if profile.model != args.model:
         raise UserError(f"the profile {args.profile} was made for --model {profile.model}, not {args.model}; pass "
                         f"--model {profile.model} or drop --profile to calibrate {args.model} now")

@@ -8,7 +8,7 @@ import pytest
 from ertacache.cli import export as export_cli
 from ertacache.export import load_manifest
 
-SHAPE = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "6"]
+SHAPE = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "10"]  # 2x: 5 full, K = 3 warm-up
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def cli_export(tiny_wan_folder, prompts_file, tmp_path_factory):
 
 def test_cli_calibrates_exports_and_validates(cli_export, capsys):
     m = load_manifest(cli_export)
-    assert m["model"]["id"] == "wan2.1" and m["profile"]["steps"] == 6 and sum(m["profile"]["mask"]) == 3
+    assert m["model"]["id"] == "wan2.1" and m["profile"]["steps"] == 10 and sum(m["profile"]["mask"]) == 5
     assert m["text_encoder"]["kind"] == "UMT5PromptEncoder" and m["text_encoder"]["embed_shape"] == [512, 16]
     assert set(m["graphs"]) == {"full_step", "cached_step", "vae_decode"}  # the real Wan VAE exports statically
     assert m["validation"]["results"]["onnx"]["rel_l2"] <= 1e-4
@@ -65,6 +65,11 @@ def test_cli_refuses_profile_of_other_steps_and_existing_folder(cli_export, tiny
     assert rc == 2 and "--height 64 differs" in err
     rc, err = run_err([*base, "--out", str(cli_export)], capsys)
     assert rc == 2 and "already exists; pass --force" in err
+    # the profile's predictor is baked into its weights and schedule: another one is refused, not ignored
+    kind = (cli_export / "profile" / "profile.json").read_text()
+    other = "reuse" if '"kind": "taylor"' in kind else "taylor"
+    rc, err = run_err([*base, "--predictor", other, "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and f"--predictor {other} differs from the profile" in err and "re-profile" in err
     assert not (tmp_path / "o").exists()
 
 
