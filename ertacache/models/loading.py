@@ -113,7 +113,7 @@ def _fix_hint(recipe: Recipe, source: str) -> str:
     """How to get a complete folder back, for a folder from ``source`` ("path", "package" or "hub")."""
     if source == "package":
         if recipe.train_command:
-            return (f"train it with `{recipe.train_command}` in a source checkout of ertacache (it writes "
+            return (f"run `{recipe.train_command}` in a source checkout of ertacache (it trains and writes "
                     f"ertacache/{recipe.package_path}), or pass --model-path to a trained {recipe.model} folder")
         return f"reinstall ertacache, or pass --model-path to a complete {recipe.model} folder"
     if source == "hub" and recipe.hub_id:
