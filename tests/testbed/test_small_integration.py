@@ -249,3 +249,30 @@ def test_scene_judge_is_right_on_rendered_training_clips():
     for k, col in enumerate(JUDGES["scenes"].columns):
         same = float((truth[:, k] == other[:, k]).mean())  # chance agreement of the shuffled prompts
         assert wrong[col] <= same + 0.1, f"{col} accepts other prompts' {col[:-4]}s"
+
+
+# ----------------------------------------------------------------------------- diffusers-native API
+
+@pytest.mark.slow  # ~15 s on the shared 2-core VM, mostly importing and building WanPipeline
+def test_the_small_testbed_as_a_wan_pipeline_matches_the_reference_sampler(small_folder):
+    """load_testbed_pipeline(model="wan2.1-small"): diffusers' WanPipeline and the testbed sampler agree (RGB frames)."""
+    from ertacache.integrations import encode_testbed_prompts, load_testbed_pipeline, pipeline_num_frames
+    from ertacache.sampling import initial_latents
+    from ertacache.testbed.model import sample_latents
+
+    steps, g, prompt = 3, 5.0, "yellow cross moving up on temple"
+    latent = (48, 2, 8, 8)  # 2 frames of 32x32
+    pipe = load_testbed_pipeline(small_folder, model=SMALL_MODEL_ID)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = encode_testbed_prompts([prompt, ""], small_folder, model=SMALL_MODEL_ID)  # (2, L, D)
+    noise = initial_latents(latent, [4])
+    kwargs = dict(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=steps,
+                  height=32, width=32, num_frames=pipeline_num_frames(2), guidance_scale=g)
+    got = pipe(latents=noise.clone(), output_type="latent", **kwargs).frames
+    tb = load_testbed(small_folder)
+    ours = sample_latents(tb.transformer, tb.text_encoder, [prompt], [4], latent, steps=steps, shift=3.0,
+                          guidance_scale=g)
+    torch.testing.assert_close(got, ours, rtol=0, atol=5e-5)
+    video = pipe(latents=noise.clone(), output_type="np", **kwargs).frames  # (1, F, H, W, 3) in [0, 1]
+    assert video.shape == (1, 2, 32, 32, 3)
+    assert np.abs(video * 255 - tb.vae.decode(ours).numpy().astype(np.float32)).max() <= 1.0
