@@ -255,7 +255,7 @@ def test_scene_judge_is_right_on_rendered_training_clips():
 
 @pytest.mark.slow  # ~15 s on the shared 2-core VM, mostly importing and building WanPipeline
 def test_the_small_testbed_as_a_wan_pipeline_matches_the_reference_sampler(small_folder):
-    """load_testbed_pipeline(model="wan2.1-small"): diffusers' WanPipeline and the testbed sampler agree (RGB frames)."""
+    """load_testbed_pipeline(model="wan2.1-small"): WanPipeline and the testbed sampler agree (RGB frames)."""
     from ertacache.integrations import encode_testbed_prompts, load_testbed_pipeline, pipeline_num_frames
     from ertacache.sampling import initial_latents
     from ertacache.testbed.model import sample_latents
