@@ -178,6 +178,16 @@ def test_truncated_file_in_the_package_folder_points_at_the_training_command(sma
     assert str(weights) in str(err.value) and TRAIN_COMMAND in str(err.value)
 
 
+def test_an_unreadable_config_in_the_package_folder_is_one_line(small_folder, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "broken"
+    shutil.copytree(small_folder, copy)
+    (copy / "transformer" / "config.json").write_text("{ not json")
+    monkeypatch.setattr(loading, "package_folder", lambda r: copy)
+    rc = gen_cli.main(_cli_argv("generate", tmp_path, ["--model", SMALL_MODEL_ID]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "from the package's assets/wan2.1-small folder" in err and "Traceback" not in err
+
+
 def test_unknown_words_list_the_vocabulary(small_folder, tmp_path, capsys):
     bundle = load_bundle(SMALL_MODEL_ID, small_folder)
     with pytest.raises(PromptError) as err:
@@ -210,6 +220,20 @@ def test_profile_then_generate_on_a_reduced_shape(small_folder, tmp_path, capsys
     assert rc == 0, capsys.readouterr().err
     assert "4/8 full steps" in capsys.readouterr().out
     assert (tmp_path / "v.gif").stat().st_size > 0
+
+
+def test_eval_default_held_out_prompts_are_unseen_and_balanced():
+    """16 held-out prompts from the scene grammar, none a calibration prompt, each attribute value equally often."""
+    import argparse
+
+    recipe = load_recipe(SMALL_MODEL_ID)
+    calibration = list(recipe.calibration_prompts)
+    prompts, seeds = eval_cli.held_out_set(argparse.Namespace(seeds=None, prompts=None), None, calibration)
+    assert len(prompts) == len(seeds) == eval_cli.DEFAULT_HELD_OUT and seeds[0] == 1000
+    assert not set(prompts) & set(calibration) and len(set(prompts)) == len(prompts)
+    parsed = [sd.parse_prompt(p) for p in prompts]
+    for k in range(4):
+        assert len(set(Counter(p[k] for p in parsed).values())) == 1, f"attribute {k} unbalanced"
 
 
 @pytest.mark.slow
