@@ -22,6 +22,10 @@ class ModelNotFoundError(UserError):
     """Model weights that are neither local nor in the hub cache."""
 
 
+class ModelFilesError(ModelNotFoundError):
+    """A model folder with a weights file missing, truncated or unreadable (an interrupted copy or download)."""
+
+
 class NumericalError(ErtaCacheError):
     """NaN or Inf appeared in a model output; the message names the step."""
 

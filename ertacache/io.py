@@ -270,3 +270,37 @@ def copy_tree_no_links(src: str | os.PathLike, dest: str | os.PathLike, ignore_h
         return [n for n in names if n.startswith(".")] if ignore_hidden else []
 
     shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a ``.safetensors`` file (missing, truncated, not safetensors), or None if it looks whole.
+
+    Reads only the header. A safetensors file is an 8-byte little-endian header length N, N bytes
+    of JSON naming every tensor's byte range, then the data, which the format requires to end at
+    the largest range end: so a file cut short (an interrupted copy or download, a disk that filled
+    up) has a size below 8 + N + end and is caught here, before a loader fails somewhere inside.
+    """
+    import json
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path} is truncated ({size} bytes, not even a safetensors header)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            return f"{path} is truncated ({size} bytes; its header alone says {8 + n}) or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{path} is not a readable safetensors file (its header is not valid JSON with data_offsets)"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"{path} is truncated ({size} bytes where its header describes {expected})"
+    if size > expected:
+        return f"{path} is corrupt ({size} bytes where its header describes {expected})"
+    return None

@@ -143,3 +143,30 @@ def test_a_killed_single_file_write_is_cleaned_by_the_next(tmp_path):
     fresh.write_bytes(b"in progress")  # a writer at work right now: left alone
     atomic_write_bytes(tmp_path / "v.gif", b"GIF89a")
     assert not stale.exists() and fresh.exists()
+
+
+def test_safetensors_problem_names_missing_truncated_and_foreign_files(tmp_path):
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ertacache.io import safetensors_problem
+
+    good = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(10.0), "b": torch.ones(3, 4)}, str(good))
+    assert safetensors_problem(good) is None
+    data = good.read_bytes()
+    cases = {
+        "cut.safetensors": (data[:-1], "is truncated"),  # one byte short of the data
+        "headless.safetensors": (data[:20], "its header alone says"),  # cut inside the header
+        "stub.safetensors": (b"\x01\x02", "not even a safetensors header"),
+        "longer.safetensors": (data + b"\x00" * 7, "is corrupt"),
+        "foreign.safetensors": (struct.pack("<Q", 5) + b"hello" + b"\x00" * 16, "not a readable safetensors"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        problem = safetensors_problem(path)
+        assert problem is not None and match in problem and str(path) in problem, (name, problem)
+    assert "is missing" in safetensors_problem(tmp_path / "absent.safetensors")

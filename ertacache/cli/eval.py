@@ -99,18 +99,17 @@ def parser() -> argparse.ArgumentParser:
 
 def held_out_set(args, bundle, calibration: list[str]) -> tuple[list[str], list[int]]:
     """Held-out prompts and seeds: --prompts cycled to --seeds, or testbed prompts unseen in calibration."""
-    from ertacache.eval.fidelity import judge_targets
+    from ertacache.eval.fidelity import prompt_judge
     from ertacache.profile.build import read_prompts_file
 
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else None
+    judge = prompt_judge(calibration)
     if args.prompts:
         prompts = read_prompts_file(args.prompts)
         seeds = seeds or list(range(1000, 1000 + len(prompts)))
-    elif judge_targets(calibration) is not None:
-        from ertacache.testbed.data import held_out_prompts
-
+    elif judge is not None:
         seeds = seeds or list(range(1000, 1000 + DEFAULT_HELD_OUT))
-        pool = list(dict.fromkeys(held_out_prompts(40)))  # the 40 testbed prompts in held-out order
+        pool = list(dict.fromkeys(judge.held_out_prompts(40)))  # 40 testbed prompts in held-out order
         prompts = [q for q in pool if q not in set(calibration)] or pool
     else:
         raise UserError(f"no default held-out prompts for {bundle.model_id}: pass --prompts FILE")

@@ -184,6 +184,17 @@ def check_folder_arg(path: Any, flag: str, create_with: str) -> Path:
     return path
 
 
+def _model_source(model: str) -> str:
+    """Where a model id loads from without --model-path: the folder inside the package, or the hub cache."""
+    from ertacache.models.recipes import load_recipe
+
+    try:
+        recipe = load_recipe(model)
+    except UserError:
+        return "the hub cache"
+    return f"the package's {recipe.package_path} folder" if recipe.package_path else "the hub cache"
+
+
 @contextlib.contextmanager
 def loading_model(model: str, model_path: str | None):
     """Around a model load: a folder diffusers/transformers cannot read becomes one error line, not a traceback.
@@ -196,7 +207,7 @@ def loading_model(model: str, model_path: str | None):
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
-        where = f"--model-path {model_path}" if model_path else f"--model {model} (from the hub cache)"
+        where = f"--model-path {model_path}" if model_path else f"--model {model} (from {_model_source(model)})"
         raise UserError(f"{where} cannot be loaded ({type(e).__name__}: {brief(str(e), 200)}); check that the folder "
                         "is a complete diffusers-format download (re-download it), or pass another --model-path") \
             from None

@@ -17,7 +17,8 @@ number of full transformer evaluations):
                 and tuned to the budget by counting block executions
     methods     registry: method name -> plan for a target speedup
     fidelity    PSNR / SSIM against the uncached sample of the same seed,
-                testbed judge (digit and motion accuracy)
+                the testbed's judge (wan2.1-tiny: digit and motion accuracy;
+                wan2.1-small: one accuracy per prompt attribute)
     harness     the (method x speedup) loop; studies and timing build on it
     plots       PSNR vs speedup, per-step errors with every schedule, GIF strip
 

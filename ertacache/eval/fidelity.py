@@ -1,9 +1,11 @@
 """Scores of a batch of generated videos against the uncached samples of the same seeds.
 
 PSNR and SSIM come from scikit-image (:mod:`ertacache.metrics`), averaged per
-video as the paper does. Prompt adherence comes from the testbed judge (digit
-recognised per frame, motion direction per video) and is only defined for
-testbed prompts ("digit 3 moving left"); other prompts get None.
+video as the paper does. Prompt adherence comes from the judge of the testbed
+whose prompts these are (:func:`ertacache.testbed.judges.judge_for`): digit per
+frame and motion per video for ``wan2.1-tiny`` ("digit 3 moving left"), one
+column per attribute for ``wan2.1-small`` ("red circle moving left on flower").
+Prompts no testbed judge reads (a real model's) get no adherence columns.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ LPIPS_NOTE = ("LPIPS not measured: it needs pretrained AlexNet/VGG weights (the 
 
 
 def judge_targets(prompts: Sequence[str]) -> tuple[list[int], list[str]] | None:
-    """(digits, directions) if every prompt is a testbed prompt, else None."""
+    """(digits, directions) if every prompt is a ``wan2.1-tiny`` prompt, else None."""
     from ertacache.testbed.data import parse_prompt
 
     try:
@@ -32,15 +34,17 @@ def judge_targets(prompts: Sequence[str]) -> tuple[list[int], list[str]] | None:
     return [d for d, _ in parsed], [r for _, r in parsed]
 
 
-def adherence(frames: np.ndarray, prompts: Sequence[str]) -> dict[str, float | None]:
-    """Digit accuracy (fraction of frames) and motion accuracy (fraction of videos) from the judge."""
-    targets = judge_targets(prompts)
-    if targets is None:
-        return {"digit_acc": None, "motion_acc": None}
-    from ertacache.testbed.judge import frame_digit_accuracy, motion_accuracy
+def prompt_judge(prompts: Sequence[str]):
+    """The testbed judge (:class:`ertacache.testbed.judges.PromptJudge`) that reads ``prompts``, or None."""
+    from ertacache.testbed.judges import judge_for
 
-    digits, directions = targets
-    return {"digit_acc": frame_digit_accuracy(frames, digits), "motion_acc": motion_accuracy(frames, directions)}
+    return judge_for(list(prompts))
+
+
+def adherence(frames: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+    """The applicable judge's accuracy columns (e.g. digit_acc, motion_acc; colour_acc, shape_acc, ...), or {}."""
+    judge = prompt_judge(prompts)
+    return {} if judge is None else judge.score(frames, list(prompts))
 
 
 def pooled_psnr(reference: np.ndarray, frames: np.ndarray) -> float:

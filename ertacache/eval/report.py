@@ -93,20 +93,31 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _adherence_columns(rows: Sequence[dict]) -> list[str]:
+    """The judge columns the rows carry (digit/motion for wan2.1-tiny, one per attribute for wan2.1-small)."""
+    from ertacache.testbed.judges import adherence_columns
+
+    return [c for c in adherence_columns() if any(c in r for r in rows)]
+
+
 def summary_table(rows: Sequence[dict]) -> str:
     """A fixed-width console table: mean PSNR/SSIM beside the worst sample and the PSNR of the pooled MSE.
 
     ``full`` is the mean number of block-stack executions per sample (held-out); ``blocks`` the block
-    equivalents where a method also runs probe blocks on cached steps (measured for the peers).
+    equivalents where a method also runs probe blocks on cached steps (measured for the peers). Then one
+    column per accuracy of the testbed's judge (none for prompts no judge reads).
     """
+    judged = _adherence_columns(rows)
+    names = [c.removesuffix("_acc") for c in judged]
     head = (f"{'method':28s} {'x':>4s} {'full':>6s} {'blocks':>6s} {'PSNR':>6s} {'worst':>6s} {'pooled':>6s} "
-            f"{'SSIM':>6s} {'worst':>6s} {'digit':>6s} {'motion':>6s} {'wall_s':>7s}  implementation")
+            f"{'SSIM':>6s} {'worst':>6s} " + "".join(f"{n:>{max(6, len(n))}s} " for n in names)
+            + f"{'wall_s':>7s}  implementation")
     lines = [head, "-" * len(head)]
     for r in rows:
         blocks = r.get("block_equivalents")
+        acc = "".join(f"{_fmt(r.get(c)):>{max(6, len(n))}s} " for c, n in zip(judged, names))
         lines.append(f"{r['method']:28s} {r['speedup_target']:4.3g} {r['full_steps']:6.2f} "
                      f"{_fmt(blocks, 2):>6s} {_fmt(r['psnr'], 2):>6s} {_fmt(r.get('psnr_worst'), 2):>6s} "
                      f"{_fmt(r.get('psnr_pooled'), 2):>6s} {_fmt(r['ssim']):>6s} {_fmt(r.get('ssim_worst')):>6s} "
-                     f"{_fmt(r['digit_acc']):>6s} {_fmt(r['motion_acc']):>6s} {r['wall_s']:7.2f}  "
-                     f"{r.get('implementation', '')}")
+                     f"{acc}{r['wall_s']:7.2f}  {r.get('implementation', '')}")
     return "\n".join(lines)

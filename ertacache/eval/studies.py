@@ -36,13 +36,12 @@ def _metrics(ctx: EvalContext, plan, samples=None, reference=None) -> dict:
 
 def study_prompts(ctx: EvalContext, n: int) -> list[str]:
     """n calibration prompts, nested across sizes (the first n of one list)."""
-    from ertacache.eval.fidelity import judge_targets
+    from ertacache.eval.fidelity import prompt_judge
 
     base = list(ctx.config.calibration_prompts)
-    if judge_targets(base) is not None:
-        from ertacache.testbed.data import calibration_prompts
-
-        return calibration_prompts(n)
+    judge = prompt_judge(base)
+    if judge is not None:  # a testbed: its own balanced calibration list
+        return judge.calibration_prompts(n)
     return (base * (n // len(base) + 1))[:n]
 
 
@@ -93,7 +92,7 @@ def transfer(ctx: EvalContext, method: str, speedup: float) -> list[dict]:
             ref = ctx.reference_for(samples)
         m = _metrics(ctx, plan, samples, ref)
         rows.append({"set": name, "samples": n, "unseen_prompts": sum(p not in seen for p in prompts),
-                     "digit_acc_uncached": adherence(ref.frames, prompts)["digit_acc"], **m})
+                     **{f"{k}_uncached": v for k, v in adherence(ref.frames, prompts).items()}, **m})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The shipped testbed ``wan2.1-tiny`` as a diffusers ``WanPipeline``, to try the diffusers-native API offline.
+"""A shipped testbed (``wan2.1-tiny``, or ``model="wan2.1-small"``) as a diffusers ``WanPipeline``, offline.
 
 The testbed's transformer is diffusers' own ``WanTransformer3DModel``; its text encoder and "VAE"
 are small classes of this package (``ertacache.testbed``), so the folder has no ``model_index.json``
@@ -16,7 +16,8 @@ from the shipped components instead:
 Frames: WanPipeline counts ``num_frames`` as Wan does, ``4 * (latent_frames - 1) + 1``, and the
 pixel VAE decodes one frame per latent frame; so ``num_frames=13`` gives the testbed's 4 frames
 (:data:`TESTBED_NUM_FRAMES`). The pipeline and ertacache's own sampler then run the same model
-on the same inputs (tests/integrations checks they agree).
+on the same inputs (tests/integrations checks they agree). For another testbed or frame count,
+:func:`pipeline_num_frames` gives the ``num_frames`` to pass.
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ from ertacache.models.recipes import load_recipe
 TESTBED = "wan2.1-tiny"
 #: WanPipeline's temporal factor for the testbed (Wan's 4, so 4k + 1 frames need no rounding)
 PIPELINE_TEMPORAL_FACTOR = 4
+
+
+def pipeline_num_frames(frames: int) -> int:
+    """WanPipeline's ``num_frames`` for ``frames`` testbed frames (one per latent frame through the pixel VAE)."""
+    return PIPELINE_TEMPORAL_FACTOR * (frames - 1) + 1
+
+
 #: num_frames that gives the recipe's 4 latent frames (= 4 video frames through the pixel VAE)
-TESTBED_NUM_FRAMES = PIPELINE_TEMPORAL_FACTOR * (load_recipe(TESTBED).defaults.frames - 1) + 1
+TESTBED_NUM_FRAMES = pipeline_num_frames(load_recipe(TESTBED).defaults.frames)
 
 
 class PixelVAEForWanPipeline(ModelMixin, ConfigMixin):
@@ -66,11 +74,11 @@ class PixelVAEForWanPipeline(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=x) if return_dict else (x,)
 
 
-def load_testbed_pipeline(model_path: str | os.PathLike | None = None) -> WanPipeline:
-    """A diffusers ``WanPipeline`` of the shipped testbed (or a copy of its folder at ``model_path``)."""
+def load_testbed_pipeline(model_path: str | os.PathLike | None = None, model: str = TESTBED) -> WanPipeline:
+    """A diffusers ``WanPipeline`` of the shipped testbed ``model`` (or a copy of its folder at ``model_path``)."""
     from ertacache.testbed.pixel_vae import PixelVAE
 
-    recipe = load_recipe(TESTBED)
+    recipe = load_recipe(model)
     path = resolve_model_path(recipe, model_path)
     transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer").eval()
     vae = PixelVAEForWanPipeline.from_pixel_vae(PixelVAE.from_pretrained(path, subfolder="vae")).eval()
@@ -78,11 +86,12 @@ def load_testbed_pipeline(model_path: str | os.PathLike | None = None) -> WanPip
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=recipe.defaults.shift))
 
 
-def encode_testbed_prompts(prompts: list[str], model_path: str | os.PathLike | None = None) -> torch.Tensor:
+def encode_testbed_prompts(prompts: list[str], model_path: str | os.PathLike | None = None,
+                           model: str = TESTBED) -> torch.Tensor:
     """(B, L, D) embeddings of ``prompts`` by the testbed's text encoder ("" is the unconditional prompt)."""
     from ertacache.testbed.text_encoder import TinyTextEncoder
 
-    path = resolve_model_path(load_recipe(TESTBED), model_path)
+    path = resolve_model_path(load_recipe(model), model_path)
     encoder = TinyTextEncoder.from_pretrained(path, subfolder="text_encoder").eval()
     with torch.no_grad():
         return encoder.encode(list(prompts))

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ertacache.errors import ModelNotFoundError, UserError
+from ertacache.errors import ModelFilesError, ModelNotFoundError, UserError
+from ertacache.io import safetensors_problem
 from ertacache.models.adapter import ModelAdapter, adapter_for
 from ertacache.models.components import (
     LatentDecoder,
@@ -68,12 +69,20 @@ def _load_pixel_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
 
 @dataclass(frozen=True)
 class Family:
-    """How to load each component of one model family (the folder layout it expects)."""
+    """How to load each component of one model family (the folder layout it expects).
+
+    ``weight_folders``: subfolders whose ``*.safetensors`` files are checked (header and size)
+    before loading, so a truncated file is named instead of failing inside diffusers;
+    ``require_safetensors``: each of them must hold at least one (the testbeds are always
+    written that way; real downloads may carry ``.bin`` files).
+    """
 
     transformer: Callable[[Path, torch.dtype], nn.Module]
     prompt_encoder: Callable[[Path, torch.dtype], PromptEncoder]
     decoder: Callable[[Path, torch.dtype], LatentDecoder]
     required_files: tuple[str, ...]
+    weight_folders: tuple[str, ...] = ("transformer", "text_encoder", "vae")
+    require_safetensors: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -88,6 +97,7 @@ FAMILIES: dict[str, Family] = {
         prompt_encoder=_load_tiny_text,
         decoder=_load_pixel_vae,
         required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json"),
+        require_safetensors=True,
     ),
 }
 
@@ -99,14 +109,50 @@ def _download_hint(recipe: Recipe) -> str:
     )
 
 
-def _check_folder(path: Path, recipe: Recipe) -> Path:
-    missing = [f for f in FAMILIES[recipe.family].required_files if not (path / f).exists()]
+def _fix_hint(recipe: Recipe, source: str) -> str:
+    """How to get a complete folder back, for a folder from ``source`` ("path", "package" or "hub")."""
+    if source == "package":
+        if recipe.train_command:
+            return (f"run `{recipe.train_command}` in a source checkout of ertacache (it trains and writes "
+                    f"ertacache/{recipe.package_path}), or pass --model-path to a trained {recipe.model} folder")
+        return f"reinstall ertacache, or pass --model-path to a complete {recipe.model} folder"
+    if source == "hub" and recipe.hub_id:
+        return _download_hint(recipe) + " (delete the broken copy first)"
+    return f"copy or download the {recipe.model} folder again, or pass another --model-path"
+
+
+def _check_folder(path: Path, recipe: Recipe, source: str = "path") -> Path:
+    """``path`` if it holds every file the family loads, each safetensors file whole; else one clear error."""
+    family = FAMILIES[recipe.family]
+    if source == "package" and not path.is_dir():
+        raise ModelNotFoundError(f"the {recipe.model} weights are not in this installation ({path} does not exist); "
+                                 + _fix_hint(recipe, source))
+    missing = [f for f in family.required_files if not (path / f).exists()]
     if missing:
+        if source == "package":
+            hint = _fix_hint(recipe, source)
+        else:
+            hint = _download_hint(recipe) if recipe.hub_id else ""
         raise ModelNotFoundError(
             f"{path} is not a diffusers-format {recipe.model} folder (missing {', '.join(missing)})"
-            + (f"; {_download_hint(recipe)}" if recipe.hub_id else "")
+            + (f"; {hint}" if hint else "")
         )
+    for sub in family.weight_folders:
+        files = sorted((path / sub).glob("*.safetensors"))
+        if not files and family.require_safetensors:
+            raise ModelFilesError(f"{path / sub} has no *.safetensors weights file; {_fix_hint(recipe, source)}")
+        for f in files:
+            problem = safetensors_problem(f)
+            if problem:
+                raise ModelFilesError(f"{problem}; {_fix_hint(recipe, source)}")
     return path
+
+
+def package_folder(recipe: Recipe) -> Path:
+    """Where a model shipped inside this package lives (it may be absent, e.g. weights not trained yet)."""
+    if recipe.package_path is None:
+        raise ValueError(f"{recipe.model} is not shipped in the package (it comes from {recipe.hub_id})")
+    return Path(str(resources.files("ertacache") / recipe.package_path))
 
 
 def resolve_model_path(recipe: Recipe, model_path: str | os.PathLike | None = None) -> Path:
@@ -117,19 +163,21 @@ def resolve_model_path(recipe: Recipe, model_path: str | os.PathLike | None = No
             raise ModelNotFoundError(f"--model-path {path} does not exist or is not a folder")
         return _check_folder(path, recipe)
     if recipe.package_path is not None:
-        return _check_folder(Path(str(resources.files("ertacache") / recipe.package_path)), recipe)
+        return _check_folder(package_folder(recipe), recipe, source="package")
 
     from huggingface_hub import snapshot_download
 
     try:
-        return _check_folder(Path(snapshot_download(recipe.hub_id, local_files_only=True)), recipe)
+        return _check_folder(Path(snapshot_download(recipe.hub_id, local_files_only=True)), recipe, source="hub")
+    except ModelFilesError:  # in the cache but broken: say which file, do not download over it silently
+        raise
     except Exception:  # not in the cache: try the network once, fail fast with the fix
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelNotFoundError(f"{recipe.hub_id} is not in the hub cache and HF_HUB_OFFLINE is set; "
                                  + _download_hint(recipe))
     try:
-        return _check_folder(Path(snapshot_download(recipe.hub_id)), recipe)
+        return _check_folder(Path(snapshot_download(recipe.hub_id)), recipe, source="hub")
     except ModelNotFoundError:
         raise
     except Exception as e:

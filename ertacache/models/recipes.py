@@ -39,7 +39,9 @@ class Recipe:
 
     Exactly one of ``hub_id`` (a diffusers-format repository, loaded from a
     local folder or the hub cache) and ``package_path`` (a folder shipped
-    inside this package, relative to it) is set.
+    inside this package, relative to it) is set. ``train_command`` says how a
+    package folder is made (run from a source checkout); the loader quotes it
+    when the folder is missing, e.g. before a testbed's weights are trained.
     """
 
     model: str
@@ -48,11 +50,14 @@ class Recipe:
     description: str = ""
     hub_id: str | None = None
     package_path: str | None = None
+    train_command: str | None = None
     calibration_prompts: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if (self.hub_id is None) == (self.package_path is None):
             raise ValueError(f"recipe {self.model!r}: set exactly one of hub_id and package_path")
+        if self.train_command is not None and self.package_path is None:
+            raise ValueError(f"recipe {self.model!r}: train_command only applies to a package_path model")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

@@ -67,6 +67,31 @@ class Testbed:
                 self.facts["height"] // s, self.facts["width"] // s)
 
 
+#: what writes each testbed folder (quoted when one is missing or broken)
+TRAINING_SCRIPTS = "tools/train_testbed.py (wan2.1-tiny) or tools/train_small_testbed.py (wan2.1-small)"
+
+
+def check_testbed_folder(folder: str | Path) -> Path:
+    """``folder`` if it has testbed.json and a whole safetensors file per component; else one clear error.
+
+    A truncated file (an interrupted copy) is named here instead of failing inside diffusers.
+    """
+    from ertacache.errors import ModelFilesError, ModelNotFoundError
+    from ertacache.io import safetensors_problem
+
+    folder = Path(folder)
+    if not (folder / "testbed.json").is_file():
+        raise ModelNotFoundError(f"{folder} is not a trained testbed folder (no testbed.json); "
+                                 f"one is written by {TRAINING_SCRIPTS}")
+    for sub in ("transformer", "text_encoder", "vae"):
+        files = sorted((folder / sub).glob("*.safetensors"))
+        problems = ([p for p in map(safetensors_problem, files) if p] if files
+                    else [f"{folder / sub} has no *.safetensors weights file"])
+        if problems:
+            raise ModelFilesError(f"{problems[0]}; write the folder again with {TRAINING_SCRIPTS}")
+    return folder
+
+
 def load_testbed(folder: str | Path = ASSET_DIR, device: str | torch.device = "cpu") -> Testbed:
     """Load through ``from_pretrained``: the same path a real model folder takes."""
     from diffusers import WanTransformer3DModel
@@ -74,7 +99,7 @@ def load_testbed(folder: str | Path = ASSET_DIR, device: str | torch.device = "c
     from ertacache.testbed.pixel_vae import PixelVAE
     from ertacache.testbed.text_encoder import TinyTextEncoder
 
-    folder = Path(folder)
+    folder = check_testbed_folder(folder)
     transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer").to(device).eval()
     text_encoder = TinyTextEncoder.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
     vae = PixelVAE.from_pretrained(folder, subfolder="vae").to(device).eval()
