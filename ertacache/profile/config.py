@@ -93,10 +93,14 @@ class CalibrationConfig:
         if self.speedup is None:
             raise ValueError("no target speedup set")
         limit = self.max_speedup(steps)
-        if self.speedup > limit + 1e-9:
+        forced = min(steps, self.warmup_steps + self.final_steps)
+        if round(steps / self.speedup) < forced:  # the budget cannot hold the steps that always compute
             raise UserError(
                 f"--speedup {self.speedup} is above what {steps} steps allow ({limit:.2f}: the first "
-                f"{self.warmup_steps} and last {self.final_steps} steps always compute); lower it or add steps"
+                f"{self.warmup_steps} and last {self.final_steps} steps always compute"
+                + (f", the first {self.predictor.history} because the order-{self.predictor.order} predictor reads "
+                   f"{self.predictor.history} full residuals" if self.predictor.history > 1 else "")
+                + "); lower it or add steps" + (", or lower --predictor-order" if self.predictor.history > 1 else "")
             )
         return max(self.warmup_steps + self.final_steps, round(steps / self.speedup))
 

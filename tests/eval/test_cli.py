@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ertacache.cli import eval as eval_cli
-from ertacache.eval.config import BUILTIN_METHODS
+from ertacache.eval.config import BASELINES, ERTA_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -19,19 +19,21 @@ def cal_file(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_cli_smoke(cal_file, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "6", "--speedups", "2", "--methods",
-                        "builtin,diffusers-taylorseer-o1",
+    rc = eval_cli.main(["--model", "wan2.1-tiny", "--steps", "8", "--speedups", "2", "--methods",
+                        "baselines,erta,erta-t2-closed-full,diffusers-taylorseer-o1",
                         "--seeds", "1000-1001", "--calibration-prompts", str(cal_file), "--studies", "transfer",
                         "--wallclock", "--repeats", "1", "--json", str(tmp_path / "e.json"), "--out", str(out),
                         "--quiet"])
     assert rc == 0
     doc = json.loads((tmp_path / "e.json").read_text())
     rows = doc["rows"]
-    assert [r["method"] for r in rows] == ["uncached", *BUILTIN_METHODS, "diffusers-taylorseer-o1"]
-    assert all(r["full_steps"] == 3 for r in rows[1:] if r["method"] != "teacache")
+    assert [r["method"] for r in rows] == ["uncached", *BASELINES, *ERTA_METHODS, "erta-t2-closed-full",
+                                           "diffusers-taylorseer-o1"]
+    assert all(r["full_steps"] == 4 for r in rows[1:] if r["method"] != "teacache")
     assert not set(doc["config"]["held_out_prompts"]) & set(doc["config"]["calibration_prompts"])
     assert doc["command"].startswith("ertacache-eval --model wan2.1-tiny") and doc["machine"]["cores"] >= 1
-    assert doc["wallclock"]["rows"][0]["full_steps"] == 3 and len(doc["studies"]["transfer"]) == 3
+    assert doc["wallclock"]["rows"][0]["full_steps"] == 4 and len(doc["studies"]["transfer"]) == 3
+    assert doc["wallclock"]["method"] == "erta-t2-closed-full"  # the studies use the product's default
     for name in ("psnr_vs_speedup.png", "schedules_2x.png", "strip.gif", "strip.png"):
         assert (out / name).stat().st_size > 1000
     out_text = capsys.readouterr().out

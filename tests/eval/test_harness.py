@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ertacache.eval import report
-from ertacache.eval.config import BUILTIN_METHODS
+from ertacache.eval.config import BASELINES, ERTA_METHODS
 from ertacache.eval.harness import run_eval
 from ertacache.eval.studies import run_studies
 from ertacache.eval.timing import ideal_speedup, wallclock_table
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def evaluated():
-    ctx = make_ctx(methods=("builtin",), speedups=(2.0, 3.0))  # the peers: tests/eval/test_peers.py
+    # the peers: tests/eval/test_peers.py; of the predictors the one whose K = 2 warm-up fits 3x of 8 steps
+    ctx = make_ctx(methods=("baselines", "erta", "erta-t1-closed-full"), speedups=(2.0, 3.0))
     return ctx, run_eval(ctx)
 
 
@@ -28,8 +29,9 @@ def test_every_method_runs_at_the_full_step_budget(evaluated):
     ctx, result = evaluated
     rows = {(r["method"], r["speedup_target"]): r for r in result.rows}
     assert rows[("uncached", 1.0)]["full_steps"] == STEPS
+    assert set(ctx.config.methods) == {*BASELINES, *ERTA_METHODS, "erta-t1-closed-full"}
     for s, budget in ((2.0, 4), (3.0, 3)):
-        for m in BUILTIN_METHODS:
+        for m in ctx.config.methods:
             r = rows[(m, s)]
             assert r["budget"] == budget
             if m == "teacache":  # per-sample rule: solved on calibration, reported as the held-out mean
@@ -41,6 +43,7 @@ def test_every_method_runs_at_the_full_step_budget(evaluated):
             assert r["ssim_worst"] <= r["ssim"] and r["psnr_pooled"] > 0 and r["implementation"].startswith("ertacache")
             assert r["digit_acc"] is not None and r["lpips"] is None
     assert rows[("erta-closed-full", 2.0)]["info"]["lambda"] > 0
+    assert rows[("erta-t1-closed-full", 3.0)]["info"]["uncached_passes"] == pytest.approx(3.0)
 
 
 def test_ablation_flags_reach_the_tables(evaluated):
@@ -74,6 +77,7 @@ def test_report_json_figures_and_markdown(evaluated, tmp_path):
     spec = importlib.util.spec_from_file_location("make_results", ROOT / "tools" / "make_results.py")
     make_results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_results)
+    make_results.PRODUCT = "erta-t1-closed-full"  # the default's K = 3 warm-up does not fit 3x of 8 steps
     md = make_results.render(loaded, tmp_path, tmp_path / "results.md")
     for needle in ("## The 2x table", "erta-closed-full", "## Goals", "Wall clock", "Calibration-set size",
                    "LPIPS not measured", "psnr_vs_speedup.png", "| PSNR mean | PSNR worst | PSNR pooled |",

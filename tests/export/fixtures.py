@@ -153,7 +153,7 @@ def wan_folder_export(tiny_wan_folder, tmp_path_factory):
     prompts.write_text("a cat walks on the grass\na dog runs\n")
     out = root / "engine"
     rc = export_cli.main(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), "--height", "32", "--width", "32",
-                          "--frames", "5", "--steps", "6", "--speedup", "2", "--loop", "open", "--prompts", str(prompts),
+                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--prompts", str(prompts),
                           "--dtype", "fp32", "--targets", "onnx", "--timing-repeats", "0", "--out", str(out), "--quiet"])
     assert rc == 0
     return out

@@ -66,6 +66,8 @@ def test_bad_config_names_the_fix(kwargs, match):
 
 
 def test_speedup_above_what_the_steps_allow_is_refused():
+    # the budget is round(T / speedup) full steps (the equal-compute rule); refused below the forced steps
     with pytest.raises(UserError, match="above what 10 steps allow"):
-        CalibrationConfig(speedup=6.0).target_full_steps(10)
+        CalibrationConfig(speedup=9.0).target_full_steps(10)
     assert CalibrationConfig(speedup=5.0).target_full_steps(10) == 2
+    assert CalibrationConfig(speedup=6.0).target_full_steps(10) == 2  # round(1.67): the nearest budget

@@ -22,7 +22,7 @@ def test_run_writes_the_video_and_prints_step_times(wan_folder_export, tiny_wan_
     printed = capsys.readouterr().out
     assert rc == 0 and out.stat().st_size > 0
     assert "full step" in printed and "cached step" in printed and "c = " in printed
-    assert "6 steps (3 full, 3 cached)" in printed
+    assert "8 steps (4 full, 4 cached)" in printed
 
 
 def test_verify_passes_and_reports_fidelity(wan_folder_export, tiny_wan_folder, tmp_path, capsys):
