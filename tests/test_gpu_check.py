@@ -51,7 +51,7 @@ def test_dry_run_writes_every_section(dry_run):
         assert row["final_finite"] and 0 < row["c"] < 1 and row["host_syncs_per_step"] is None  # no syncs on a CPU
     assert sections["runtime aoti"]["rel_l2_vs_eager"] < 0.1  # bf16 graphs vs bf16 eager, same schedule
     cal = sections["calibration"]
-    assert set(cal["prompts"]) == {"1", "2"} and cal["mask"].count("F") == 4  # 2x of 8 steps
+    assert set(cal["prompts"]) == {"1", "2"} and cal["mask"].count("F") == 6  # 2x of 12 steps
     # per-prompt state is in the host store: the working set does not grow from 1 to 2 prompts
     assert cal["peak_ratio_last_over_first"] <= 1.05
     prec = sections["precision"]

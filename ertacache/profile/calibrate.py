@@ -271,19 +271,23 @@ def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool
         return cal.bank
     slices = cal.micro_batches(config.batch_size)
     bank = ResidualBank(slices, cal.n_branches, cal.steps, cal.device)
+    cal.bank = bank  # attached while it fills, so memory accounting sees it as the set's host state
     sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.device)
-    with torch.no_grad():
-        for k, sl in enumerate(tqdm(slices, desc="open-loop residuals", disable=not progress)):
-            x = cal.latent_rows(sl)
-            text = cal.text_rows(sl)
-            for i in range(cal.steps):
-                x_in = expand_branches(x, cal.n_branches).to(text.dtype)
-                v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
-                cal.block_evals += sl.stop - sl.start
-                _check_finite(v, i, sl)
-                bank.residuals[k, i] = r.to("cpu")
-                x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
-    cal.bank = bank
+    try:
+        with torch.no_grad():
+            for k, sl in enumerate(tqdm(slices, desc="open-loop residuals", disable=not progress)):
+                x = cal.latent_rows(sl)
+                text = cal.text_rows(sl)
+                for i in range(cal.steps):
+                    x_in = expand_branches(x, cal.n_branches).to(text.dtype)
+                    v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
+                    cal.block_evals += sl.stop - sl.start
+                    _check_finite(v, i, sl)
+                    bank.residuals[k, i] = r.to("cpu")
+                    x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+    except BaseException:
+        cal.bank = None  # a half-filled bank must not be reused
+        raise
     return bank
 
 
