@@ -6,19 +6,9 @@ from ertacache.errors import NumericalError
 from ertacache.models.adapter import adapter_for
 from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate, error_matrix
 from ertacache.profile.config import CalibrationConfig
-from ertacache.sampling import CachedSampler, StepTables, initial_latents, nominal_sigmas
+from ertacache.sampling import CachedSampler, StepTables
 from tests.conftest import tiny_wan
-
-STEPS = 12
-SHAPE = (4, 2, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def cal():
-    adapter = adapter_for(tiny_wan(seed=3))
-    torch.manual_seed(0)
-    return CalibrationSet(adapter, initial_latents(SHAPE, range(3)), torch.randn(6, 5, 16), 4.0,
-                          nominal_sigmas(STEPS, 3.0))
+from tests.profile.conftest import STEPS
 
 
 @pytest.mark.parametrize("loop", ["open", "closed"])

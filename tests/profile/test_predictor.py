@@ -5,17 +5,13 @@ import pytest
 import torch
 
 from ertacache.errors import UserError
-from ertacache.models.adapter import adapter_for
-from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate, residual_bank
+from ertacache.profile.calibrate import cached_pass, calibrate, residual_bank
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
                                          taylor_weights)
-from ertacache.sampling import CachedSampler, StepTables, initial_latents, nominal_sigmas
+from ertacache.sampling import CachedSampler, StepTables, nominal_sigmas
 from ertacache.sampling.steps import predict_residual
-from tests.conftest import tiny_wan
-
-STEPS = 12
-SHAPE = (4, 2, 8, 8)
+from tests.profile.conftest import STEPS
 
 
 def test_lagrange_weights_match_a_hand_computation():
@@ -93,14 +89,6 @@ def test_predictor_settings_are_checked():
         CalibrationConfig(speedup=2.0, warmup_steps=1, predictor=PredictorConfig("taylor", 2))
     assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2)).warmup_steps == 3
     assert PredictorConfig(kind="reuse", order=2).history == 1
-
-
-@pytest.fixture(scope="module")
-def cal():
-    adapter = adapter_for(tiny_wan(seed=3))
-    torch.manual_seed(0)
-    return CalibrationSet(adapter, initial_latents(SHAPE, range(3)), torch.randn(6, 5, 16), 4.0,
-                          nominal_sigmas(STEPS, 3.0))
 
 
 MASK = (True, True, True, False, True, False, False, True, False, True, False, True)

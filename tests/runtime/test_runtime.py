@@ -11,7 +11,7 @@ from ertacache.contract import load_manifest
 from ertacache.errors import NumericalError, UserError
 from ertacache.export import CACHED_STEP, FULL_STEP
 from ertacache.export.runners import relative_l2
-from ertacache.runtime import Runtime, StepTimes, measure_allocations
+from ertacache.runtime import Runtime, StepTimes
 from tests.runtime.conftest import copy_folder, edit_manifest
 
 
@@ -48,20 +48,15 @@ def test_torch_backend_matches_eager_over_the_schedule(onnx_export, tiny, reques
         assert relative_l2(rt.sample(noise, text), eager_latents) <= 1e-4
 
 
-def test_onnxruntime_loop_allocates_nothing_per_step(onnx_export, request_inputs):
+def test_onnxruntime_binds_the_runtime_buffers(onnx_export, request_inputs):
+    """The IOBinding writes where the runtime allocated (allocation and syncs per step:
+    tests/runtime/test_predictor.py, for K = 1 and K = 3)."""
     noise, text = request_inputs
     with Runtime(onnx_export.out, "onnxruntime") as rt:
         st = rt.state
         ptrs = {k: v.data_ptr() for k, v in st.buffers().items()}
-        rt.load_inputs(noise, text)
-        plan = rt.plan()
-        report = measure_allocations(lambda n: rt.run_plan(plan[:n]), short=2, long=len(plan))
-        # torch: not one allocation; Python: less than one object per step (tracemalloc sees GC noise, never a tensor)
-        assert report.torch_allocs_per_step == 0 and report.torch_bytes_per_step == 0, report
-        assert abs(report.python_bytes_per_step) < 16, report
         rt.sample(noise, text)
         assert {k: v.data_ptr() for k, v in st.buffers().items()} == ptrs
-        # the IOBinding writes where the runtime allocated: the same pointers, every step
         binding = rt._calls[FULL_STEP, 0, 0].binding
         assert [o.data_ptr() for o in binding.get_outputs()] == [st.latents[1].data_ptr(), st.residual.data_ptr()]
         assert len(st.residuals) == 1 and len(rt._calls) == 4  # K = 1: the two parities of each step graph
