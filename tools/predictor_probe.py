@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ertacache.profile.predictor import lagrange_weights as lagrange_at  # noqa: E402
 from ertacache.models.loading import load_bundle  # noqa: E402
 from ertacache.sampling.sampler import initial_latents  # noqa: E402
 from ertacache.sampling.settings import SampleSettings  # noqa: E402
@@ -92,13 +93,7 @@ class Probe:
 
 def lagrange_weights(i: int, steps: Sequence[int], coord: Callable[[int], float]) -> np.ndarray:
     """Weights of the polynomial through (coord(j), r_j) evaluated at coord(i) (extrapolation)."""
-    xs, xi = [coord(j) for j in steps], coord(i)
-    w = np.ones(len(steps))
-    for a in range(len(steps)):
-        for b in range(len(steps)):
-            if b != a:
-                w[a] *= (xi - xs[b]) / (xs[a] - xs[b])
-    return w
+    return lagrange_at([coord(j) for j in steps], coord(i))
 
 
 def lagrange(order: int, coord: Callable[[int], float]) -> Predictor:
