@@ -48,7 +48,8 @@ def test_dry_run_writes_every_section(dry_run):
     for backend in ("eager", "torch.compile", "aoti"):
         row = sections[f"runtime {backend}"]
         assert RUNTIME_KEYS <= set(row), RUNTIME_KEYS - set(row)
-        assert row["final_finite"] and 0 < row["c"] < 1 and row["host_syncs_per_step"] is None  # no syncs on a CPU
+        # c is a timing: only that it was measured (a busy CI machine can put one run's c above 1)
+        assert row["final_finite"] and row["c"] > 0 and row["host_syncs_per_step"] is None  # no syncs on a CPU
     assert sections["runtime aoti"]["rel_l2_vs_eager"] < 0.1  # bf16 graphs vs bf16 eager, same schedule
     cal = sections["calibration"]
     assert set(cal["prompts"]) == {"1", "2"} and cal["mask"].count("F") == 6  # 2x of 12 steps
