@@ -217,8 +217,7 @@ def section_calibration(s: Setup, prompts: list[int]) -> dict:
                              (torch.randn((2 * n, *s.text_shape), generator=gen) * 0.5).to(s.dtype),
                              s.settings.guidance_scale, nominal_sigmas(s.steps, s.settings.shift))
         # the product's predictor (Taylor order 2, K = 3 residual slots), open loop: 2 uncached passes
-        config = CalibrationConfig(speedup=2.0, loop="open", predictor=PredictorConfig("taylor", 2), phi_rule="lsq",
-                                   phi_max=1.5, batch_size=1)
+        config = CalibrationConfig(speedup=2.0, loop="open", predictor=PredictorConfig("taylor", 2), batch_size=1)
         # on the CPU the host store and the residual bank are the same memory as the "device": not counted
         held = (lambda c=cal: c.store.tensors() + (list(c.bank.residuals.values()) if c.bank else [])) \
             if s.device.type == "cpu" else None

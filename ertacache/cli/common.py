@@ -130,13 +130,10 @@ def calibration_config(args, lam: float | None, speedup: float | None, batch_siz
     order = DEFAULT_PREDICTOR_ORDER if args.predictor_order is None else args.predictor_order
     predictor = PredictorConfig(kind=kind, order=0 if kind == "reuse" else order,
                                 ridge=getattr(args, "predictor_ridge", 0.1))
-    rule = getattr(args, "phi_rule", DEFAULT_PHI_RULE)
-    if rule == "auto":
-        rule = "paper" if predictor.kind == "reuse" else "lsq"
     return CalibrationConfig(
         lam=lam, speedup=None if lam is not None else speedup, loop=args.loop or DEFAULT_LOOP,
-        warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor, phi_rule=rule,
-        phi_max=1.5 if rule == "lsq" else 1.0, time_adjust=not getattr(args, "no_time_adjust", False),
+        warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor,
+        phi_rule=getattr(args, "phi_rule", DEFAULT_PHI_RULE), time_adjust=not getattr(args, "no_time_adjust", False),
         rectify=not getattr(args, "no_rectify", False), batch_size=batch_size,
     )
 

@@ -9,7 +9,7 @@ from ertacache.errors import UserError
 from ertacache.profile.predictor import PredictorConfig
 
 Loop = Literal["open", "closed"]
-PhiRule = Literal["paper", "lsq"]
+PhiRule = Literal["auto", "paper", "lsq"]
 
 
 @dataclass
@@ -33,8 +33,10 @@ class CalibrationConfig:
     predictor: what the cached step predicts the residual with (:mod:`ertacache.profile.predictor`).
     phi_rule: "paper": phi = 1 - |v^ - v| / |v_i - v_(i-1)| (the paper's eq.); "lsq": the scale
         of the used update that best matches the true one in least squares,
-        <g_used, g_true> / <g_used, g_used> over every calibration element.
+        <g_used, g_true> / <g_used, g_used> over every calibration element; "auto": the paper's with
+        the reuse predictor (the paper's method), lsq with any other.
     phi_min, phi_max: clip of phi; keeps one bad estimate from stalling or racing the clock.
+        phi_max None: 1 for the paper's rule (it only shrinks a step), 1.5 for lsq.
     phi_eps: relative guard on phi's denominator: where the step-to-step
         velocity change is below ``phi_eps * mean|v|`` the ratio carries no
         information and phi is left at 1 instead of being driven to phi_min.
@@ -49,9 +51,9 @@ class CalibrationConfig:
     time_adjust: bool = True
     rectify: bool = True
     predictor: PredictorConfig = field(default_factory=lambda: PredictorConfig(kind="reuse", order=0))
-    phi_rule: PhiRule = "paper"
+    phi_rule: PhiRule = "auto"
     phi_min: float = 0.5
-    phi_max: float = 1.0
+    phi_max: float | None = None
     phi_eps: float = 1e-3
     batch_size: int = 8
 
@@ -74,8 +76,12 @@ class CalibrationConfig:
             raise UserError(f"--warmup-steps {self.warmup_steps} is below the {self.predictor.history} full-step "
                             f"residuals the order-{self.predictor.order} predictor reads before its first cached "
                             f"step; raise it to {self.predictor.history} or lower --predictor-order")
-        if self.phi_rule not in ("paper", "lsq"):
-            raise UserError(f"phi rule must be 'paper' or 'lsq', got {self.phi_rule!r}")
+        if self.phi_rule not in ("auto", "paper", "lsq"):
+            raise UserError(f"phi rule must be 'auto', 'paper' or 'lsq', got {self.phi_rule!r}")
+        if self.phi_rule == "auto":
+            self.phi_rule = "paper" if self.predictor.kind == "reuse" else "lsq"
+        if self.phi_max is None:
+            self.phi_max = 1.5 if self.phi_rule == "lsq" else 1.0
         if not 0.0 < self.phi_min <= 1.0 <= self.phi_max <= 1.5:
             raise UserError(f"phi bounds must satisfy 0 < phi_min <= 1 <= phi_max <= 1.5, got "
                             f"[{self.phi_min}, {self.phi_max}]")
