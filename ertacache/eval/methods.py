@@ -20,7 +20,6 @@ from ertacache.profile.calibrate import calibrate
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.predictor import PredictorConfig
 from ertacache.profile.schedule import mask_from_error_matrix, solve_lambda
-from ertacache.sampling.steps import StepTables
 
 
 @dataclass
@@ -78,10 +77,9 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
     loop, time_adjust, rectify = erta_flags(method)
     kind, order = erta_predictor(method)
     predictor = PredictorConfig(kind=kind, order=order)
-    rule = ctx.config.phi_rule if ctx.config.phi_rule != "auto" else ("paper" if kind == "reuse" else "lsq")
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
                              warmup_steps=max(ctx.config.warmup_steps, predictor.history), time_adjust=time_adjust,
-                             rectify=rectify, predictor=predictor, phi_rule=rule, phi_max=1.5 if rule == "lsq" else 1.0,
+                             rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,
                              batch_size=ctx.config.calibration_batch_size)
 
 
@@ -109,7 +107,7 @@ def erta_candidate(ctx, cal, config: CalibrationConfig) -> Candidate:
     lam_hi = closed_loop_start(ctx, config) if config.loop == "closed" else 1.0
     outcome = calibrate(cal, config, progress=False, log=lambda s: None, errors=errors, lam_hi=lam_hi)
     res = outcome.result
-    plan = StaticPlan(res.mask, StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b))
+    plan = StaticPlan(res.mask, res.tables())
     reused = ~np.asarray(res.mask)
     info = {"lambda": float(outcome.lam), "phi_min": float(res.phi[reused].min()) if reused.any() else 1.0,
             "phi_max": float(res.phi[reused].max()) if reused.any() else 1.0, "phi_at_bound": res.phi_at_bound,

@@ -139,5 +139,5 @@ def profile_from_outcome(
         pred_w=res.pred_w,
         pred_b=res.pred_b,
         predictor={**config.predictor.describe(), "phi_rule": config.phi_rule, "phi_at_bound": res.phi_at_bound,
-                   "block_evals": cal.block_evals, "uncached_passes": round(cal.uncached_passes, 3)},
+                   "uncached_passes": round(outcome.uncached_passes, 3)},
     )

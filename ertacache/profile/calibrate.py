@@ -49,6 +49,7 @@ from ertacache.profile.schedule import (
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
 from ertacache.sampling.steps import (
+    StepTables,
     cached_velocity,
     combine_cfg,
     expand_branches,
@@ -84,11 +85,6 @@ class CalibrationSet:
 
     def __post_init__(self):
         self.store = HostStore(self.device)
-
-    @property
-    def uncached_passes(self) -> float:
-        """The calibration cost so far in uncached passes over the set (``block_evals / (P * T)``)."""
-        return self.block_evals / max(1, self.prompts * self.steps)
 
     @property
     def device(self) -> torch.device:
@@ -139,6 +135,10 @@ class PassResult:
     def full_steps(self) -> int:
         return int(sum(self.mask))
 
+    def tables(self) -> StepTables:
+        """The step tables this pass fitted (sigmas, correction, predictor), as the samplers take them."""
+        return StepTables(self.sigmas, self.corr_a, self.corr_b, pred_w=self.pred_w, pred_b=self.pred_b)
+
 
 def _check_finite(v: torch.Tensor, step: int, sl: slice) -> None:
     # Calibration is allowed a host sync per step; the samplers are not.
@@ -183,6 +183,24 @@ def error_matrix(
     return sums / cal.prompts
 
 
+def _uncached_steps(cal: CalibrationSet, sl: slice, sig: torch.Tensor):
+    """Yield (i, x_in, timestep, text, v, r) along the uncached trajectory of prompts ``sl``.
+
+    The one loop both open-loop passes (the error matrix, the residual bank) run: the model call,
+    its count in ``cal.block_evals``, the NaN check and the Euler step. Call under ``torch.no_grad``.
+    """
+    x = cal.latent_rows(sl)
+    text = cal.text_rows(sl)
+    for i in range(cal.steps):
+        x_in = expand_branches(x, cal.n_branches).to(text.dtype)
+        t = model_timestep(sig[i], x_in.shape[0])
+        v, r = full_velocity(cal.adapter, x_in, t, text)
+        cal.block_evals += sl.stop - sl.start
+        _check_finite(v, i, sl)
+        yield i, x_in, t, text, v, r
+        x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+
+
 def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np.ndarray,
                      observe: StepObserver | None) -> None:
     """One micro-batch's uncached trajectory, adding its pairwise residual errors into ``sums``.
@@ -192,20 +210,13 @@ def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np
     """
     store = cal.store
     store.clear()
-    x = cal.latent_rows(sl)
-    text = cal.text_rows(sl)
     with torch.no_grad():
-        for i in range(cal.steps):
-            x_in = expand_branches(x, cal.n_branches).to(text.dtype)
-            v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
-            cal.block_evals += sl.stop - sl.start
-            _check_finite(v, i, sl)
+        for i, x_in, t, text, v, r in _uncached_steps(cal, sl, sig):
             if observe is not None:
-                observe(i, sl, x_in, model_timestep(sig[i], x_in.shape[0]), text, v, r)
+                observe(i, sl, x_in, t, text, v, r)
             for j in range(i):
                 sums[j, i] += rel_l1_per_sample(store.get(("r", j)), r, cal.n_branches).sum().item()
             store.put(("r", i), r)
-            x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
     store.clear()
 
 
@@ -238,6 +249,10 @@ class ResidualBank:
                                            self.n_branches).sum().item()
             self._memo[key] = total / self.prompts
         return self._memo[key]
+
+    def solve_lambda(self, target: int, history: int, forced: np.ndarray) -> float:
+        """Lambda whose greedy mask comes closest to ``target`` full steps from below (no model call)."""
+        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced)[0]), lam), target)[0]
 
     def walk(self, lam: float, history: int, forced: np.ndarray) -> tuple[tuple[bool, ...], np.ndarray]:
         """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
@@ -276,15 +291,8 @@ def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool
     try:
         with torch.no_grad():
             for k, sl in enumerate(tqdm(slices, desc="open-loop residuals", disable=not progress)):
-                x = cal.latent_rows(sl)
-                text = cal.text_rows(sl)
-                for i in range(cal.steps):
-                    x_in = expand_branches(x, cal.n_branches).to(text.dtype)
-                    v, r = full_velocity(cal.adapter, x_in, model_timestep(sig[i], x_in.shape[0]), text)
-                    cal.block_evals += sl.stop - sl.start
-                    _check_finite(v, i, sl)
+                for i, _, _, _, _, r in _uncached_steps(cal, sl, sig):
                     bank.residuals[k, i] = r.to("cpu")
-                    x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
     except BaseException:
         cal.bank = None  # a half-filled bank must not be reused
         raise
@@ -496,7 +504,7 @@ def cached_pass(
             traj.store.alias((k, "prev_r"), (k, "r"))
             if full:  # the history moves one slot older; the new residual is the newest
                 for j in range(history - 1, 0, -1):
-                    if traj.get(k, ("h", j - 1)) is not None:
+                    if (k, ("h", j - 1)) in traj.store:
                         traj.store.alias((k, ("h", j)), (k, ("h", j - 1)))
                 traj.store.alias((k, ("h", 0)), (k, "r"))
             for name in ("r", "r_hat", "v_true", "v_cached", "g_used", "g_true"):
@@ -505,8 +513,7 @@ def cached_pass(
             positions.append(i)
 
     traj.store.clear()
-    pred_w = torch.ones(steps, history, 1) * torch.tensor([1.0] + [0.0] * (history - 1)).reshape(1, -1, 1) \
-        if pred_w is None else pred_w
+    pred_w = torch.zeros(steps, history, 1) if pred_w is None else pred_w
     for i, full in enumerate(out_mask):  # full rows: "newest slot" (never read by a cached step)
         if full:
             pred_w[i] = 0.0
@@ -537,7 +544,7 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     """
     bank = residual_bank(cal, config, progress)
     forced = forced_full(cal.steps, config.warmup_steps, config.final_steps)
-    lam = solve_lambda(lambda x: (sum(bank.walk(x, config.predictor.history, forced)[0]), x), target)[0]
+    lam = bank.solve_lambda(target, config.predictor.history, forced)
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
     log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
@@ -596,11 +603,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
     if config.loop == "open" and config.predictor.kind != "reuse":
         bank = residual_bank(cal, config, progress)
         forced = forced_full(steps, config.warmup_steps, config.final_steps)
-
-        def bank_probe(lam):
-            return sum(bank.walk(lam, config.predictor.history, forced)[0]), lam
-
-        lam = config.lam if target is None else solve_lambda(bank_probe, target)[0]
+        lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced)
         mask, step_err = bank.walk(lam, config.predictor.history, forced)
         if target is not None:
             mask = fill_budget(mask, step_err, target)

@@ -57,6 +57,10 @@ class HostStore:
         t = self._held.get(key)
         return None if t is None else t.to(self.device, non_blocking=self.pin)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` holds a tensor (without copying it to the device as :meth:`get` would)."""
+        return key in self._held
+
     def alias(self, dst: Hashable, src: Hashable) -> None:
         """Make ``dst`` name the same host tensor as ``src`` (no copy)."""
         self._held[dst] = self._held[src]

@@ -6,7 +6,7 @@ from ertacache.errors import NumericalError
 from ertacache.models.adapter import adapter_for
 from ertacache.profile.calibrate import CalibrationSet, cached_pass, calibrate, error_matrix
 from ertacache.profile.config import CalibrationConfig
-from ertacache.sampling import CachedSampler, StepTables
+from ertacache.sampling import CachedSampler
 from tests.conftest import tiny_wan
 from tests.profile.conftest import STEPS
 
@@ -51,7 +51,7 @@ def test_batch_size_does_not_change_the_fit(cal):
 def test_calibrated_tables_drive_the_sampler_like_the_calibration_pass(cal):
     """The sampler with the fitted tables retraces the calibration trajectory of prompt 0."""
     res = cached_pass(cal, CalibrationConfig(lam=0.1), lam=0.1, progress=False)
-    tables = StepTables(res.sigmas, res.corr_a, res.corr_b)
+    tables = res.tables()
     text = torch.cat([cal.text_embeds[0:1], cal.text_embeds[3:4]])
     out = CachedSampler(cal.adapter, tables, res.mask)(cal.latents[:1], text, cal.guidance_scale)
     assert torch.isfinite(out.latents).all()

@@ -106,7 +106,7 @@ def test_the_reuse_predictor_pass_is_todays_pass(cal):
     mask = (True, False, False, True, False, True, False, False, True, False, True, True)
     res = cached_pass(cal, CalibrationConfig(lam=0.1), mask=mask, progress=False)
     assert res.pred_w.shape == (STEPS, 1, 1) and torch.all(res.pred_w == 1) and torch.all(res.pred_b == 0)
-    assert StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b).plain_reuse()
+    assert res.tables().plain_reuse()
 
 
 def test_the_closed_pass_and_the_open_bank_agree_where_the_trajectories_coincide(cal):
@@ -124,7 +124,7 @@ def test_fitted_weights_drive_the_sampler_and_stay_near_the_prior(cal):
     config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("fitted", 2, ridge=1.0), rectify=True)
     res = cached_pass(cal, config, mask=MASK, progress=False)
     assert res.pred_w.shape[:2] == (STEPS, 3) and res.pred_b.shape[0] == STEPS
-    tables = StepTables(res.sigmas, res.corr_a, res.corr_b, pred_w=res.pred_w, pred_b=res.pred_b)
+    tables = res.tables()
     text = torch.cat([cal.text_embeds[0:1], cal.text_embeds[3:4]])
     out = CachedSampler(cal.adapter, tables, res.mask)(cal.latents[:1], text, cal.guidance_scale)
     assert torch.isfinite(out.latents).all() and out.full_steps == sum(MASK)
