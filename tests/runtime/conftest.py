@@ -39,3 +39,22 @@ def edit_manifest(folder, edit, rehash: tuple[str, ...] = ()):
         m["files"][rel] = {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
     path.write_text(json.dumps(m, indent=1))
     return m
+
+
+def poison_cached_table(folder, dims: tuple[int, ...], step: int) -> int:
+    """NaN in row ``step`` of the first baked table of shape ``dims`` in onnx/cached_step.onnx, re-hashed
+    (as a broken export would be, not a tampered one). Returns how many tables had that shape."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = folder / "onnx" / "cached_step.onnx"
+    model = onnx.load(str(path))
+    tables = [t for t in model.graph.initializer if tuple(t.dims) == tuple(dims)]
+    assert tables, f"no baked {dims} table in cached_step.onnx"
+    arr = numpy_helper.to_array(tables[0]).copy()
+    arr[step] = np.nan
+    tables[0].CopyFrom(numpy_helper.from_array(arr, tables[0].name))
+    onnx.save(model, str(path))
+    edit_manifest(folder, lambda m: None, rehash=("onnx/cached_step.onnx",))
+    return len(tables)

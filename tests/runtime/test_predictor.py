@@ -20,7 +20,7 @@ from ertacache.runtime import Runtime, measure_allocations
 from ertacache.runtime.runtime import ring_rotations, validate_mask
 from ertacache.sampling import CachedSampler
 from tests.export.conftest import K3_MASK
-from tests.runtime.conftest import copy_folder, edit_manifest
+from tests.runtime.conftest import copy_folder, edit_manifest, poison_cached_table
 
 
 @pytest.fixture(scope="session")
@@ -183,19 +183,8 @@ def test_the_loop_allocates_nothing_and_never_syncs(export, request, request_inp
 
 def test_nan_diagnosis_replays_the_ring(onnx_export_k3, tmp_path, request_inputs):
     """NaN in the predictor bias at step 6 (after the ring wrapped): the replay names that step and graph."""
-    import numpy as np
-    from onnx import numpy_helper
-
     folder = copy_folder(onnx_export_k3.out, tmp_path / "f")
-    path = folder / "onnx" / "cached_step.onnx"
-    model = onnx.load(str(path))
-    tables = [t for t in model.graph.initializer if tuple(t.dims) == (8, 24)]  # pred_b (T, D)
-    assert len(tables) == 1, "no baked (T, D) predictor bias in cached_step.onnx"
-    arr = numpy_helper.to_array(tables[0]).copy()
-    arr[6] = np.nan
-    tables[0].CopyFrom(numpy_helper.from_array(arr, tables[0].name))
-    onnx.save(model, str(path))
-    edit_manifest(folder, lambda m: None, rehash=("onnx/cached_step.onnx",))
+    assert poison_cached_table(folder, (8, 24), 6) == 1  # pred_b (T, D): exactly one such table
     noise, text = request_inputs
     with Runtime(folder, "onnxruntime") as rt:
         with pytest.raises(NumericalError, match=rf"NaN/Inf in latents_out of graph '{CACHED_STEP}' at step 6 "):

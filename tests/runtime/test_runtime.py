@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from ertacache.errors import NumericalError, UserError
 from ertacache.export import CACHED_STEP, FULL_STEP
 from ertacache.export.runners import relative_l2
 from ertacache.runtime import Runtime, StepTimes
-from tests.runtime.conftest import copy_folder, edit_manifest
+from tests.runtime.conftest import copy_folder, edit_manifest, poison_cached_table
 
 
 def torch_engine(tiny, backend="eager"):
@@ -158,20 +157,9 @@ def test_nan_text_embeds_are_refused_before_the_loop(onnx_export, request_inputs
 
 def test_nan_in_the_loop_names_the_step_and_graph(onnx_export, tiny, tmp_path, request_inputs):
     """A baked correction table with NaN at one reused step (re-hashed, as a broken export would be)."""
-    import onnx
-    from onnx import numpy_helper
-
     folder = copy_folder(onnx_export.out, tmp_path / "f")
-    path = folder / "onnx" / "cached_step.onnx"
-    model = onnx.load(str(path))
     steps, bad_step = tiny.profile.steps, next(i for i, m in enumerate(tiny.profile.mask) if not m)
-    tables = [t for t in model.graph.initializer if tuple(t.dims) == (steps, 2, 4)]  # corr_a / corr_b (T, nb, C)
-    assert tables, "no baked (T, nb, C) correction table in cached_step.onnx"
-    arr = numpy_helper.to_array(tables[0]).copy()
-    arr[bad_step] = np.nan
-    tables[0].CopyFrom(numpy_helper.from_array(arr, tables[0].name))
-    onnx.save(model, str(path))
-    edit_manifest(folder, lambda m: None, rehash=("onnx/cached_step.onnx",))
+    assert poison_cached_table(folder, (steps, 2, 4), bad_step) >= 1  # corr_a / corr_b (T, nb, C)
     noise, text = request_inputs
     with Runtime(folder, "onnxruntime") as rt:
         with pytest.raises(NumericalError, match=rf"NaN/Inf in latents_out of graph '{CACHED_STEP}' at step {bad_step} "):
