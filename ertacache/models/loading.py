@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,84 +22,31 @@ from torch import nn
 from ertacache.errors import ModelFilesError, ModelNotFoundError, UserError
 from ertacache.io import safetensors_problem
 from ertacache.models.adapter import ModelAdapter, adapter_for
-from ertacache.models.components import (
-    LatentDecoder,
-    PixelLatentDecoder,
-    PromptEncoder,
-    UMT5PromptEncoder,
-    WanLatentDecoder,
-)
+from ertacache.models.components import LatentDecoder, PromptEncoder
+from ertacache.models.family import LatentLayout, ModelFamily, family_named, known_families
 from ertacache.models.recipes import Recipe, load_recipe
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _load_wan_transformer(path: Path, dtype: torch.dtype) -> nn.Module:
-    from diffusers import WanTransformer3DModel
+class _FamilyTable(Mapping):
+    """Read-only ``name -> ModelFamily`` view of the family registry (the name older callers used)."""
 
-    return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    def __getitem__(self, name: str) -> ModelFamily:
+        try:
+            return family_named(name)
+        except UserError:
+            raise KeyError(name) from None
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(known_families())
 
-def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype).eval()
-    return UMT5PromptEncoder(tokenizer, encoder)
-
-
-def _load_wan_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
-    from diffusers import AutoencoderKLWan
-
-    # WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
-    return WanLatentDecoder(AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval())
+    def __len__(self) -> int:
+        return len(known_families())
 
 
-def _load_tiny_text(path: Path, dtype: torch.dtype) -> PromptEncoder:
-    from ertacache.testbed.text_encoder import TinyTextEncoder
-
-    return TinyTextEncoder.from_pretrained(path, subfolder="text_encoder").eval()
-
-
-def _load_pixel_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
-    from ertacache.testbed.pixel_vae import PixelVAE
-
-    return PixelLatentDecoder(PixelVAE.from_pretrained(path, subfolder="vae").eval())
-
-
-@dataclass(frozen=True)
-class Family:
-    """How to load each component of one model family (the folder layout it expects).
-
-    ``weight_folders``: subfolders whose ``*.safetensors`` files are checked (header and size)
-    before loading, so a truncated file is named instead of failing inside diffusers;
-    ``require_safetensors``: each of them must hold at least one (the testbeds are always
-    written that way; real downloads may carry ``.bin`` files).
-    """
-
-    transformer: Callable[[Path, torch.dtype], nn.Module]
-    prompt_encoder: Callable[[Path, torch.dtype], PromptEncoder]
-    decoder: Callable[[Path, torch.dtype], LatentDecoder]
-    required_files: tuple[str, ...]
-    weight_folders: tuple[str, ...] = ("transformer", "text_encoder", "vae")
-    require_safetensors: bool = False
-
-
-FAMILIES: dict[str, Family] = {
-    "wan": Family(
-        transformer=_load_wan_transformer,
-        prompt_encoder=_load_umt5,
-        decoder=_load_wan_vae,
-        required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
-    ),
-    "testbed": Family(
-        transformer=_load_wan_transformer,
-        prompt_encoder=_load_tiny_text,
-        decoder=_load_pixel_vae,
-        required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json"),
-        require_safetensors=True,
-    ),
-}
+#: every model family by name (prefer :func:`ertacache.models.family.family_named`, which explains a miss)
+FAMILIES: Mapping[str, ModelFamily] = _FamilyTable()
 
 
 def _download_hint(recipe: Recipe) -> str:
@@ -123,7 +70,7 @@ def _fix_hint(recipe: Recipe, source: str) -> str:
 
 def _check_folder(path: Path, recipe: Recipe, source: str = "path") -> Path:
     """``path`` if it holds every file the family loads, each safetensors file whole; else one clear error."""
-    family = FAMILIES[recipe.family]
+    family = family_named(recipe.family)
     if source == "package" and not path.is_dir():
         raise ModelNotFoundError(f"the {recipe.model} weights are not in this installation ({path} does not exist); "
                                  + _fix_hint(recipe, source))
@@ -240,23 +187,24 @@ class ModelBundle:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(C, F', H', W') for a video of ``frames`` x ``height`` x ``width``; refuses shapes that don't fit."""
-        dec = self.decoder
-        patch_t, patch_h, patch_w = self.adapter.patch_size
-        sf, tf = dec.spatial_factor, dec.temporal_factor
-        if height % (sf * patch_h) or width % (sf * patch_w) or height <= 0 or width <= 0:
-            raise UserError(
-                f"height {height} and width {width} must be positive multiples of {sf * patch_h} "
-                f"(VAE factor {sf} x patch {patch_h}) for {self.model_id}; e.g. "
-                f"--height {max(1, height // (sf * patch_h)) * sf * patch_h}"
-            )
-        if frames < 1 or (frames - 1) % tf:
-            raise UserError(f"frames must be {tf}*k + 1 for {self.model_id} (VAE temporal factor {tf}); got {frames}")
-        latent_frames = (frames - 1) // tf + 1
-        if latent_frames % patch_t:
-            raise UserError(f"{latent_frames} latent frames are not a multiple of the temporal patch {patch_t}")
-        return (dec.latent_channels, latent_frames, height // sf, width // sf)
+    @property
+    def family(self) -> ModelFamily:
+        """The recipe's model family (what every stage asks instead of assuming Wan)."""
+        return family_named(self.recipe.family)
+
+    @property
+    def layout(self) -> LatentLayout:
+        """This model's latent layout: the family's kind, the decoder's factors, the transformer's patch."""
+        return self.family.layout(self.decoder, self.adapter.patch_size, self.model_id)
+
+    def latent_shape(self, frames: int | None, height: int, width: int) -> tuple[int, ...]:
+        """(C, F', H', W') for a video of ``frames`` x ``height`` x ``width`` ((C, H', W') for an image
+        family, ``frames`` None); refuses shapes that don't fit (:meth:`LatentLayout.check`)."""
+        return self.layout.latent_shape(1, height, width, frames)[1:]
+
+    def nominal_sigmas(self, steps: int, shift: float, height: int, width: int, frames: int | None):
+        """The family's nominal sigma table for a request of this size (float64, ``steps + 1`` values)."""
+        return self.family.sigmas(steps, shift, self.layout.tokens(height, width, frames))
 
     def encode(self, prompts: list[str], negative_prompt: str, n_branches: int) -> torch.Tensor:
         """(nb*B, L, D) text embeddings: the prompts' rows, then (CFG) the negative prompt's."""
@@ -280,8 +228,8 @@ def load_bundle(
     if dtype_name not in TORCH_DTYPES:
         raise UserError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype_name!r}")
     torch_dtype = TORCH_DTYPES[dtype_name]
+    family = family_named(recipe.family)  # an unknown family is refused before any file is touched
     path = resolve_model_path(recipe, model_path)
-    family = FAMILIES[recipe.family]
     transformer = family.transformer(path, torch_dtype).to(device).eval()
     encoder = family.prompt_encoder(path, torch_dtype)
     if isinstance(encoder, nn.Module):

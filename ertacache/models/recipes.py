@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any
 
 from ertacache.errors import UserError
+from ertacache.models.family import is_known_family, known_families
 
 #: the embedded default every CLI uses when --model is not given
 DEFAULT_MODEL = "wan2.1-tiny"
@@ -45,7 +46,7 @@ class Recipe:
     """
 
     model: str
-    family: str
+    family: str  # a ModelFamily name (ertacache.models.family): what every stage asks about the model
     defaults: Defaults
     description: str = ""
     hub_id: str | None = None
@@ -58,6 +59,9 @@ class Recipe:
             raise ValueError(f"recipe {self.model!r}: set exactly one of hub_id and package_path")
         if self.train_command is not None and self.package_path is None:
             raise ValueError(f"recipe {self.model!r}: train_command only applies to a package_path model")
+        if not is_known_family(self.family):
+            raise UserError(f"recipe {self.model!r} names an unknown model family {self.family!r}; set \"family\" "
+                            f"to one of {known_families()} (a new family is added as in docs/families.md)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

@@ -1,0 +1,498 @@
+"""The model family: everything a stage needs to know about a kind of model, as data.
+
+An adapter (:mod:`ertacache.models.adapter`) splits one transformer's forward into
+pre / blocks / head. Everything else that differs between model families lives in
+one :class:`ModelFamily` entry, so that no stage outside ``ertacache.models``
+branches on the model (DESIGN.md, "One model-family object"):
+
+* the latent layout (:class:`LatentLayout`: video or image, channel axis, VAE and
+  patch/packing factors, the latent shape of a request and the refusal of one that
+  does not fit);
+* the conditioning inputs besides the latents (named tensors, e.g. Wan's
+  ``text_embeds``; FLUX's prompt embeddings, pooled embeddings and position ids);
+* the timestep scale (the model embeds ``sigma * timestep_scale``);
+* the sigma schedule (:class:`SigmaSchedule`: a static shift, as Wan, or FLUX's
+  resolution-dependent dynamic shift);
+* the guidance mode (``cfg``: batched cond/uncond branches; ``embedded``: a
+  distilled guidance embedding, one branch; ``none``);
+* the export-time rewrites (names the export stage looks up, e.g. Wan's rope rewrite);
+* how the transformer, the text encoder(s) and the decoder are loaded from a
+  diffusers-format folder (loader callables and the files they need).
+
+Entries are registered with :func:`register_family` and found by name
+(:func:`family_named`, what a recipe's ``family`` field names) or by the
+transformer's class (:func:`family_for_model`, keyed like the adapter registry).
+A *variant* (``variant_of``) is a family that loads other components (e.g. the
+testbed: Wan's transformer class with a tiny text encoder and a pixel VAE) but
+must agree with its base on everything the stages use, so a lookup by class
+(which cannot tell the two apart) answers the base and is still right.
+
+This module imports no torch: reading a recipe and its family stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ertacache.errors import UserError
+
+VIDEO, IMAGE = "video", "image"
+LATENT_KINDS = (VIDEO, IMAGE)
+
+#: guidance modes: batched classifier-free guidance branches, a distilled guidance embedding (one branch), none
+CFG, EMBEDDED, NO_GUIDANCE = "cfg", "embedded", "none"
+GUIDANCE_MODES = (CFG, EMBEDDED, NO_GUIDANCE)
+
+#: how many rows a conditioning tensor has: one per CFG branch and sample, one per sample, or no batch axis
+ROWS_PER_BRANCH, ROWS_PER_SAMPLE, ROWS_SHARED = "branch", "sample", "shared"
+ROW_RULES = (ROWS_PER_BRANCH, ROWS_PER_SAMPLE, ROWS_SHARED)
+
+#: graph input names the step graphs own; a conditioning input may not take one of them
+RESERVED_INPUTS = ("latents", "step", "guidance_scale", "residual")
+
+
+# ---------------------------------------------------------------------------------------------- latent layout
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """Shape rules of one loaded model's latents: what the noise and every graph's ``latents`` look like.
+
+    kind: ``"video"`` -> latents (B, C, F', H', W'); ``"image"`` -> (B, C, H', W'). The channel
+        axis is :attr:`channel_axis` (1) in both, which is what the per-channel correction tables index.
+    channels: C, the latent channels (the decoder's).
+    spatial_factor: the VAE's downsampling of height and width (pixels per latent pixel).
+    patch: the transformer's patch over the latent axes after C: (pt, ph, pw) for video, (ph, pw) for images.
+    temporal_factor: video only, the VAE's downsampling of time: frames = temporal_factor * (F' - 1) + 1.
+    packing: latent pixels packed into one token along each spatial side before the patch
+        embedding (FLUX packs 2 x 2 latent pixels into a token; 1 for Wan).
+    model: the model id that error messages name.
+    """
+
+    kind: str
+    channels: int
+    spatial_factor: int
+    patch: tuple[int, ...]
+    temporal_factor: int = 1
+    packing: int = 1
+    model: str = "this model"
+
+    channel_axis = 1  # not a field: every layout keeps channels at axis 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch", tuple(int(p) for p in self.patch))
+        if self.kind not in LATENT_KINDS:
+            raise ValueError(f"LatentLayout.kind must be one of {LATENT_KINDS}, got {self.kind!r}")
+        want = 3 if self.kind == VIDEO else 2
+        if len(self.patch) != want:
+            raise ValueError(f"a {self.kind} layout needs a patch of {want} factors "
+                             f"({'(pt, ph, pw)' if want == 3 else '(ph, pw)'}), got {self.patch}")
+        for name in ("channels", "spatial_factor", "temporal_factor", "packing"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"LatentLayout.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.patch) < 1:
+            raise ValueError(f"LatentLayout.patch factors must be >= 1, got {self.patch}")
+        if self.kind == IMAGE and self.temporal_factor != 1:
+            raise ValueError("an image layout has no time axis: temporal_factor must be 1")
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind == VIDEO
+
+    @property
+    def rank(self) -> int:
+        """Axes of one sample's latent (C, F', H', W') or (C, H', W'): 4 for video, 3 for images."""
+        return 4 if self.is_video else 3
+
+    def pixel_multiples(self) -> tuple[int, int]:
+        """(height, width) multiples a request must have: VAE factor x packing x patch on each side."""
+        ph, pw = self.patch[-2:]
+        return self.spatial_factor * self.packing * ph, self.spatial_factor * self.packing * pw
+
+    def check(self, height: int, width: int, frames: int | None = None) -> None:
+        """Refuse, with the fix, a request whose size the VAE and the patch embedding cannot take."""
+        mh, mw = self.pixel_multiples()
+        if height <= 0 or width <= 0 or height % mh or width % mw:
+            sf, ph = self.spatial_factor, self.patch[-2]
+            how = f"VAE factor {sf} x patch {ph}" if self.packing == 1 else \
+                f"VAE factor {sf} x packing {self.packing} x patch {ph}"
+            size = f"multiples of {mh}" if mh == mw else f"multiples of {mh} (height) and {mw} (width)"
+            raise UserError(
+                f"height {height} and width {width} must be positive {size} ({how}) for {self.model}; e.g. "
+                f"--height {max(1, height // mh) * mh} --width {max(1, width // mw) * mw}"
+            )
+        if not self.is_video:
+            if frames is not None:
+                raise UserError(f"{self.model} generates images: --frames applies to video models only; drop it")
+            return
+        if frames is None:
+            raise UserError(f"{self.model} generates video: give the number of frames (--frames)")
+        tf = self.temporal_factor
+        if frames < 1 or (frames - 1) % tf:
+            raise UserError(f"frames must be {tf}*k + 1 for {self.model} (VAE temporal factor {tf}); got {frames}"
+                            + (f", e.g. --frames {((max(frames, 1) - 1) // tf) * tf + 1}" if tf > 1 else ""))
+        latent_frames = (frames - 1) // tf + 1
+        if latent_frames % self.patch[0]:
+            raise UserError(f"{latent_frames} latent frames are not a multiple of the temporal patch {self.patch[0]} "
+                            f"for {self.model}; use --frames {tf * self.patch[0] * math.ceil(latent_frames / self.patch[0]) - tf + 1}")
+
+    def latent_shape(self, batch: int, height: int, width: int, frames: int | None = None) -> tuple[int, ...]:
+        """(B, C, F', H', W') for video, (B, C, H', W') for images; refuses sizes that do not fit (:meth:`check`)."""
+        self.check(height, width, frames)
+        spatial = (height // self.spatial_factor, width // self.spatial_factor)
+        if self.is_video:
+            return (batch, self.channels, (frames - 1) // self.temporal_factor + 1, *spatial)
+        return (batch, self.channels, *spatial)
+
+    def tokens(self, height: int, width: int, frames: int | None = None) -> int:
+        """Tokens the transformer sees per sample (the sequence length a dynamic shift depends on)."""
+        shape = self.latent_shape(1, height, width, frames)[2:]  # (F', H', W') or (H', W')
+        grid = [shape[-2] // (self.packing * self.patch[-2]), shape[-1] // (self.packing * self.patch[-1])]
+        if self.is_video:
+            grid.append(shape[0] // self.patch[0])
+        return math.prod(grid)
+
+
+# ---------------------------------------------------------------------------------------------- sigma schedule
+
+
+def static_shift(sigma, shift: float):
+    """Wan's (SD3's) time shift: pushes sigmas toward 1 (more steps at high noise) for shift > 1."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def exponential_shift(sigma, mu: float):
+    """FLUX's resolution-dependent shift: e^mu / (e^mu + (1/sigma - 1)) (diffusers' ``time_shift_type="exponential"``)."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
+
+
+STATIC, DYNAMIC = "static", "dynamic"
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """How a family's flow-matching sigma table is made (diffusers' ``FlowMatchEulerDiscreteScheduler``).
+
+    ``static``: the shift is a setting (the recipe's ``shift``, Wan's 3.0 or 5.0). The table equals
+    ``FlowMatchEulerDiscreteScheduler(shift=S).set_timesteps(T)``: diffusers shifts twice on that
+    path (once in the constructor, to find ``sigma_min``; again in ``set_timesteps``), reproduced here.
+
+    ``dynamic``: the shift depends on the resolution (FLUX; ``use_dynamic_shifting=True``). The
+    pipeline's ramp ``linspace(1, 1/T, T)`` is shifted by the exponential time shift with
+    ``mu = m * seq_len + b``, the line through (base_seq_len, base_shift) and (max_seq_len, max_shift),
+    with seq_len the image tokens (FluxPipeline's ``calculate_shift``). The recipe's ``shift`` is not used.
+
+    Both tables have ``steps + 1`` float64 entries ending exactly at 0.
+    """
+
+    kind: str = STATIC
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.kind not in (STATIC, DYNAMIC):
+            raise ValueError(f"SigmaSchedule.kind must be {STATIC!r} or {DYNAMIC!r}, got {self.kind!r}")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        if self.kind == DYNAMIC:
+            if not (0 < self.base_seq_len < self.max_seq_len):
+                raise ValueError(f"a dynamic shift needs 0 < base_seq_len < max_seq_len, got "
+                                 f"{self.base_seq_len} and {self.max_seq_len}")
+            if not all(map(math.isfinite, (self.base_shift, self.max_shift))):
+                raise ValueError("base_shift and max_shift must be finite")
+
+    @property
+    def uses_shift(self) -> bool:
+        """Whether the ``shift`` setting changes the table (static) or is ignored (dynamic)."""
+        return self.kind == STATIC
+
+    def mu(self, seq_len: int) -> float:
+        """The dynamic shift's exponent for ``seq_len`` tokens (linear in the sequence length)."""
+        m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return seq_len * m + (self.base_shift - m * self.base_seq_len)
+
+    def table(self, steps: int, shift: float | None = None, seq_len: int | None = None) -> np.ndarray:
+        """The nominal sigma table: ``steps + 1`` values from ~1 down to exactly 0 (float64)."""
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        n = self.num_train_timesteps
+        if self.kind == STATIC:
+            if shift is None or not shift > 0:
+                raise UserError(f"shift must be > 0, got {shift}")
+            # The scheduler builds sigma_min from its float32 training table, then shifts it.
+            sigma_min = float(np.float32(static_shift(np.float32(1.0 / n), np.float32(shift))))
+            ramp = np.linspace(1.0 * n, sigma_min * n, steps) / n  # shift(1) == 1: sigma_max is 1
+            sigmas = static_shift(ramp, shift)
+        else:
+            if seq_len is None or seq_len < 1:
+                raise UserError(f"a dynamic sigma shift needs the image's token count, got {seq_len}")
+            # FluxPipeline's ramp; the scheduler takes it as float32 and shifts in float32.
+            ramp = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+            sigmas = exponential_shift(ramp, self.mu(seq_len)).astype(np.float32).astype(np.float64)
+        return np.append(sigmas, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- the family
+
+
+@dataclass(frozen=True)
+class ConditioningInput:
+    """One named conditioning tensor the step graphs take besides the latents.
+
+    rows: ``"branch"`` (nb*B rows: the cond rows, then with CFG the uncond rows), ``"sample"``
+    (B rows) or ``"shared"`` (no batch axis, e.g. position ids). ``doc``: its shape and meaning.
+    """
+
+    name: str
+    rows: str = ROWS_PER_BRANCH
+    doc: str = ""
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise ValueError(f"conditioning input name {self.name!r} must be an identifier (it names a graph input)")
+        if any(self.name == r or self.name.startswith(r + "_") for r in RESERVED_INPUTS):
+            raise ValueError(f"conditioning input {self.name!r} collides with the step graphs' own inputs "
+                             f"{RESERVED_INPUTS}; choose another name")
+        if self.rows not in ROW_RULES:
+            raise ValueError(f"conditioning input {self.name!r}: rows must be one of {ROW_RULES}, got {self.rows!r}")
+
+
+Loader = Callable[[Path, Any], Any]  # (model folder, torch dtype) -> component
+
+
+#: the fields every stage reads; a variant must agree with its base family on all of them
+STAGE_FIELDS = ("transformer_class", "latent_kind", "packing", "conditioning", "timestep_scale", "sigma_schedule",
+                "guidance", "export_rewrites")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family, as data and small functions (see the module docstring).
+
+    name: what a recipe's ``family`` names.
+    transformer_class: the diffusers class of its transformer (:func:`family_for_model` keys on it,
+        as :func:`~ertacache.models.adapter.adapter_for` does).
+    latent_kind: ``"video"`` or ``"image"``; :meth:`layout` turns it into a :class:`LatentLayout`
+        once the decoder and the transformer's patch are known.
+    packing: latent pixels per token side packed before the patch embedding (FLUX 2, Wan 1).
+    conditioning: the conditioning tensors, in graph-input order.
+    timestep_scale: the model's timestep input is ``sigma * timestep_scale``.
+    sigma_schedule: how the nominal sigma table is made.
+    guidance: ``"cfg"``, ``"embedded"`` or ``"none"``.
+    export_rewrites: names of graph rewrites the export stage applies while exporting
+        (looked up in ``ertacache.export``; e.g. ``"wan_stack_rope"``).
+    transformer, prompt_encoder, decoder: loaders ``(folder, torch dtype) -> component`` (the
+        prompt encoder and decoder behind :mod:`ertacache.models.components`' interfaces).
+    required_files: paths a model folder must have; ``weight_folders``: subfolders whose
+        ``*.safetensors`` are checked before loading; ``require_safetensors``: each must hold one.
+    variant_of: the base family this one only loads differently (see the module docstring).
+    """
+
+    name: str
+    transformer_class: str
+    latent_kind: str
+    conditioning: tuple[ConditioningInput, ...]
+    timestep_scale: float
+    sigma_schedule: SigmaSchedule
+    guidance: str
+    transformer: Loader
+    prompt_encoder: Loader
+    decoder: Loader
+    required_files: tuple[str, ...]
+    export_rewrites: tuple[str, ...] = ()
+    packing: int = 1
+    weight_folders: tuple[str, ...] = ("transformer", "text_encoder", "vae")
+    require_safetensors: bool = False
+    variant_of: str | None = None
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "conditioning", tuple(self.conditioning))
+        object.__setattr__(self, "export_rewrites", tuple(self.export_rewrites))
+        object.__setattr__(self, "required_files", tuple(self.required_files))
+        object.__setattr__(self, "weight_folders", tuple(self.weight_folders))
+        where = f"model family {self.name!r}"
+        if not self.name or not all(c.isalnum() or c in "._-" for c in self.name):
+            raise ValueError(f"{where}: a family name is a short id of letters, digits, '.', '_' or '-'")
+        if not self.transformer_class.isidentifier():
+            raise ValueError(f"{where}: transformer_class must be a class name, got {self.transformer_class!r}")
+        if self.latent_kind not in LATENT_KINDS:
+            raise ValueError(f"{where}: latent_kind must be one of {LATENT_KINDS}, got {self.latent_kind!r}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"{where}: guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+        if not (self.timestep_scale > 0 and math.isfinite(self.timestep_scale)):
+            raise ValueError(f"{where}: timestep_scale must be a positive number, got {self.timestep_scale}")
+        if not isinstance(self.sigma_schedule, SigmaSchedule):
+            raise ValueError(f"{where}: sigma_schedule must be a SigmaSchedule")
+        if int(self.packing) < 1:
+            raise ValueError(f"{where}: packing must be >= 1, got {self.packing}")
+        if not self.conditioning or not all(isinstance(c, ConditioningInput) for c in self.conditioning):
+            raise ValueError(f"{where}: conditioning must be one or more ConditioningInput entries")
+        names = [c.name for c in self.conditioning]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: conditioning input names repeat: {names}")
+        for r in self.export_rewrites:
+            if not r.isidentifier():
+                raise ValueError(f"{where}: export rewrite names are identifiers, got {r!r}")
+        for name in ("transformer", "prompt_encoder", "decoder"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"{where}: {name} must be a loader callable (folder, torch dtype) -> component")
+        if not self.required_files:
+            raise ValueError(f"{where}: required_files must list what a model folder holds (e.g. transformer/config.json)")
+        if self.variant_of == self.name:
+            raise ValueError(f"{where}: a family cannot be a variant of itself")
+
+    # -- what the stages ask
+
+    @property
+    def is_video(self) -> bool:
+        return self.latent_kind == VIDEO
+
+    @property
+    def latent_rank(self) -> int:
+        """Axes of one sample's latent: 4 (C, F', H', W') for video, 3 (C, H', W') for images."""
+        return 4 if self.is_video else 3
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The conditioning tensors' names, in graph-input order."""
+        return tuple(c.name for c in self.conditioning)
+
+    def layout(self, decoder, patch_size, model: str | None = None) -> LatentLayout:
+        """The :class:`LatentLayout` of one loaded model: this family's kind, the decoder's factors, the patch."""
+        patch = tuple(int(p) for p in patch_size)
+        if not self.is_video and len(patch) == 3 and patch[0] == 1:
+            patch = patch[1:]  # an image model with a video-style (1, ph, pw) patch
+        return LatentLayout(
+            kind=self.latent_kind,
+            channels=int(decoder.latent_channels),
+            spatial_factor=int(decoder.spatial_factor),
+            temporal_factor=int(getattr(decoder, "temporal_factor", 1)) if self.is_video else 1,
+            patch=patch,
+            packing=int(self.packing),
+            model=model or f"the {self.name} family",
+        )
+
+    def sigmas(self, steps: int, shift: float | None = None, seq_len: int | None = None) -> np.ndarray:
+        """The nominal sigma table (``steps + 1`` float64 values ending at 0): see :class:`SigmaSchedule`."""
+        return self.sigma_schedule.table(steps, shift, seq_len)
+
+    def n_branches(self, guidance_scale: float) -> int:
+        """Rows per sample the transformer sees: 2 with CFG above scale 1, else 1 (embedded or no guidance)."""
+        return 2 if self.guidance == CFG and guidance_scale > 1.0 else 1
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Refuse a guidance scale this family has no use for (a guidance-free model asked to guide)."""
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+        if self.guidance == NO_GUIDANCE and guidance_scale > 1.0:
+            raise UserError(f"the {self.name} family takes no guidance (no CFG, no guidance embedding); "
+                            f"drop --guidance-scale (got {guidance_scale:g})")
+
+    def variant(self, name: str, **changes) -> "ModelFamily":
+        """A family loading other components (``transformer``, ``prompt_encoder``, ``decoder``, files)."""
+        bad = sorted(set(changes) & set(STAGE_FIELDS))
+        if bad:
+            raise ValueError(f"a variant of {self.name!r} loads other components; it cannot change {bad}")
+        return replace(self, name=name, variant_of=self.name, **changes)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_BY_CLASS: dict[str, str] = {}
+
+#: where each known family is defined: name -> the module whose import registers it. Imported on
+#: demand, like an entry point: reading a recipe imports no torch, and ``ertacache.models`` never imports
+#: a package above it (the testbed registers itself), so the package import graph stays acyclic.
+FAMILY_MODULES = {
+    "wan": "ertacache.models.wan",
+    "testbed": "ertacache.testbed.family",
+}
+
+#: the modules of ertacache.models itself; a lookup by transformer class imports these first
+BUILTIN_FAMILY_MODULES = tuple(m for m in FAMILY_MODULES.values() if m.startswith("ertacache.models."))
+
+_loaded_builtins = False
+
+
+def _load_builtins() -> None:
+    global _loaded_builtins
+    if not _loaded_builtins:
+        _loaded_builtins = True
+        for module in BUILTIN_FAMILY_MODULES:
+            import_module(module)
+
+
+def is_known_family(name: str) -> bool:
+    """Whether ``name`` names a family, without importing any family module (so without torch)."""
+    return name in _FAMILIES or name in FAMILY_MODULES
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add ``family`` to the registry (by name; a base family also by its transformer class). Returns it.
+
+    Registering the same name again replaces the entry (a module reload). A second base family for a
+    transformer class that already has one is refused: make it a variant (:meth:`ModelFamily.variant`).
+    """
+    if not isinstance(family, ModelFamily):
+        raise TypeError(f"register_family takes a ModelFamily, got {type(family).__name__}")
+    if family.variant_of is None:
+        owner = _BY_CLASS.get(family.transformer_class)
+        if owner is not None and owner != family.name:
+            raise ValueError(f"{family.transformer_class} already belongs to family {owner!r}; register "
+                             f"{family.name!r} as a variant of it (family.variant(...)) or use another class")
+        _BY_CLASS[family.transformer_class] = family.name
+    else:
+        base = _FAMILIES.get(family.variant_of)
+        if base is None:
+            base = family_named(family.variant_of)
+        differ = [f for f in STAGE_FIELDS if getattr(base, f) != getattr(family, f)]
+        if differ:
+            raise ValueError(f"family {family.name!r} is a variant of {base.name!r} but differs in {differ}; "
+                             "a variant may change only how components load")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def known_families() -> list[str]:
+    """Every family name a recipe may use (imports no family module)."""
+    return sorted(set(_FAMILIES) | set(FAMILY_MODULES))
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family a recipe's ``family`` field names; a clear :class:`UserError` for an unknown one."""
+    if name not in _FAMILIES and name in FAMILY_MODULES:
+        import_module(FAMILY_MODULES[name])
+    if name not in _FAMILIES:
+        raise UserError(f"unknown model family {name!r}; known families: {known_families()}. A recipe's "
+                        "\"family\" must name one of them (a new family is registered with register_family, "
+                        "see docs/families.md)")
+    return _FAMILIES[name]
+
+
+def find_family(model) -> ModelFamily | None:
+    """The base family of ``model``'s class, or None when no family claims that class."""
+    _load_builtins()
+    name = _BY_CLASS.get(type(model).__name__)
+    return None if name is None else _FAMILIES[name]
+
+
+def family_for_model(model) -> ModelFamily:
+    """The (base) family of a transformer, by its class name; a clear :class:`UserError` for an unknown class."""
+    family = find_family(model)
+    if family is None:
+        name = type(model).__name__
+        raise UserError(f"no ERTACache model family for model class {name!r}; supported classes: "
+                        f"{sorted(_BY_CLASS)}. Add one with register_family(ModelFamily(transformer_class={name!r}, "
+                        "...)) next to its adapter (docs/families.md)")
+    return family
