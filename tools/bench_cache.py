@@ -27,7 +27,7 @@ from ertacache.profile.artifact import load_profile
 from ertacache.profile.build import build_profile
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.schedule import mask_summary
-from ertacache.sampling.generate import generate, sampler_for
+from ertacache.generation import generate, sampler_for
 from ertacache.sampling.settings import SampleSettings
 
 

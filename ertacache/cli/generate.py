@@ -53,7 +53,7 @@ def _main(argv: list[str] | None) -> int:
     apply_threads(args.threads)
     from ertacache.models.loading import load_bundle
     from ertacache.profile.artifact import load_profile
-    from ertacache.sampling.generate import generate
+    from ertacache.generation import generate
     from ertacache.video import save_video
 
     profile = load_profile(args.profile) if args.profile else None

@@ -1,4 +1,4 @@
-"""Model knowledge as data: adapters (the pre/blocks/head split), recipes and loading.
+"""Model knowledge as data: families (ertacache.models.family), adapters (the pre/blocks/head split), recipes and loading.
 
 The names below load on first use (PEP 562), so that reading a recipe (what the CLIs do to
 write their --help) does not import torch.
@@ -11,6 +11,12 @@ _EXPORTS = {
     "PreOutput": "ertacache.models.adapter",
     "adapter_for": "ertacache.models.adapter",
     "register_adapter": "ertacache.models.adapter",
+    "LatentLayout": "ertacache.models.family",
+    "ModelFamily": "ertacache.models.family",
+    "SigmaSchedule": "ertacache.models.family",
+    "family_for_model": "ertacache.models.family",
+    "family_named": "ertacache.models.family",
+    "register_family": "ertacache.models.family",
     "Recipe": "ertacache.models.recipes",
     "available_models": "ertacache.models.recipes",
     "load_recipe": "ertacache.models.recipes",

@@ -1,4 +1,9 @@
-"""Prompt(s) in, video out: encode, sample (cached or not), decode."""
+"""Prompt(s) in, video out: encode, sample (cached or not), decode.
+
+The convenience layer over the sampler: it needs a loaded model and, optionally, a
+profile, so it sits above both ``ertacache.sampling`` and ``ertacache.profile`` (it
+used to live in sampling, which made sampling and profile import each other).
+"""
 
 from __future__ import annotations
 
