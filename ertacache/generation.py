@@ -17,14 +17,13 @@ from ertacache.models.loading import ModelBundle
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import CachedSampler, initial_latents
 from ertacache.sampling.settings import SampleSettings
-from ertacache.sampling.sigmas import nominal_sigmas
 from ertacache.sampling.steps import StepTables
 
 
 @dataclass
 class GenerationResult:
-    latents: torch.Tensor  # (B, C, F', H', W') float32
-    frames: torch.Tensor | None  # (B, F, H, W, 3) uint8, None when decode=False
+    latents: torch.Tensor  # (B, C, F', H', W') float32 (video family) or (B, C, H', W') (image family)
+    frames: torch.Tensor | None  # (B, F, H, W, 3) uint8 (the decoder's output), None when decode=False
     sample_s: float  # wall time of the denoising loop alone
     full_steps: int
     steps: int
@@ -34,7 +33,8 @@ def sampler_for(bundle: ModelBundle, settings: SampleSettings, profile: Profile 
     """The cached sampler of ``profile``, or plain Euler (all steps full, nominal sigmas) without one."""
     if profile is None:
         c = bundle.latent_shape(settings.frames, settings.height, settings.width)[0]
-        tables = StepTables(nominal_sigmas(settings.steps, settings.shift), n_branches=settings.n_branches, channels=c)
+        sigmas = bundle.nominal_sigmas(settings.steps, settings.shift, settings.height, settings.width, settings.frames)
+        tables = StepTables(sigmas, n_branches=settings.n_branches, channels=c)
         mask = [True] * settings.steps
     else:
         profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, steps=settings.steps,

@@ -57,6 +57,22 @@ ROW_RULES = (ROWS_PER_BRANCH, ROWS_PER_SAMPLE, ROWS_SHARED)
 RESERVED_INPUTS = ("latents", "step", "guidance_scale", "residual")
 
 
+def guidance_branches(mode: str, guidance_scale: float) -> int:
+    """Rows per sample the transformer sees: 2 with CFG above scale 1, else 1 (embedded or no guidance)."""
+    return 2 if mode == CFG and guidance_scale > 1.0 else 1
+
+
+def check_guidance(mode: str, guidance_scale: float, family: str = "this") -> None:
+    """Refuse a guidance scale that is not a number, or one a guidance-free family would ignore."""
+    if mode not in GUIDANCE_MODES:
+        raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+    if mode == NO_GUIDANCE and guidance_scale > 1.0:
+        raise UserError(f"the {family} family takes no guidance (no CFG, no guidance embedding); "
+                        f"drop --guidance-scale (got {guidance_scale:g})")
+
+
 # ---------------------------------------------------------------------------------------------- latent layout
 
 
@@ -388,15 +404,11 @@ class ModelFamily:
 
     def n_branches(self, guidance_scale: float) -> int:
         """Rows per sample the transformer sees: 2 with CFG above scale 1, else 1 (embedded or no guidance)."""
-        return 2 if self.guidance == CFG and guidance_scale > 1.0 else 1
+        return guidance_branches(self.guidance, guidance_scale)
 
     def check_guidance(self, guidance_scale: float) -> None:
         """Refuse a guidance scale this family has no use for (a guidance-free model asked to guide)."""
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
-        if self.guidance == NO_GUIDANCE and guidance_scale > 1.0:
-            raise UserError(f"the {self.name} family takes no guidance (no CFG, no guidance embedding); "
-                            f"drop --guidance-scale (got {guidance_scale:g})")
+        check_guidance(self.guidance, guidance_scale, self.name)
 
     def variant(self, name: str, **changes) -> "ModelFamily":
         """A family loading other components (``transformer``, ``prompt_encoder``, ``decoder``, files)."""

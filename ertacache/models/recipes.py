@@ -20,7 +20,7 @@ _DTYPES = ("fp32", "fp16", "bf16")
 class Defaults:
     height: int
     width: int
-    frames: int
+    frames: int | None  # None (or absent from the JSON) for an image family
     steps: int
     shift: float
     guidance_scale: float
@@ -66,7 +66,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
         d = dict(d)
-        d["defaults"] = Defaults(**d["defaults"])
+        d["defaults"] = Defaults(**{"frames": None, **d["defaults"]})
         d["calibration_prompts"] = tuple(d.get("calibration_prompts", ()))
         return cls(**d)
 

@@ -15,7 +15,6 @@ from ertacache.profile.calibrate import CalibrationOutcome, CalibrationSet, cali
 from ertacache.profile.config import CalibrationConfig
 from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.settings import SampleSettings
-from ertacache.sampling.sigmas import nominal_sigmas
 
 
 #: a calibration prompts file is a few kilobytes; anything past this is not one
@@ -61,7 +60,8 @@ def calibration_set(
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
         text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb).cpu(),
         guidance_scale=settings.guidance_scale,
-        nominal_sigmas=nominal_sigmas(settings.steps, settings.shift),
+        nominal_sigmas=bundle.nominal_sigmas(settings.steps, settings.shift, settings.height, settings.width,
+                                             settings.frames),
         n_branches=nb,
     )
 

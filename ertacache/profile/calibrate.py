@@ -57,6 +57,7 @@ from ertacache.sampling.steps import (
     model_timestep,
     predict_residual,
     rectify,
+    timestep_scale,
 )
 
 
@@ -191,9 +192,10 @@ def _uncached_steps(cal: CalibrationSet, sl: slice, sig: torch.Tensor):
     """
     x = cal.latent_rows(sl)
     text = cal.text_rows(sl)
+    scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     for i in range(cal.steps):
         x_in = expand_branches(x, cal.n_branches).to(text.dtype)
-        t = model_timestep(sig[i], x_in.shape[0])
+        t = model_timestep(sig[i], x_in.shape[0], scale)
         v, r = full_velocity(cal.adapter, x_in, t, text)
         cal.block_evals += sl.stop - sl.start
         _check_finite(v, i, sl)
@@ -378,6 +380,7 @@ def cached_pass(
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
     device = cal.device
     g = torch.tensor(float(cal.guidance_scale), device=device)
+    scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     traj = _Trajectories(cal, config.batch_size)
     channels = cal.latents.shape[1]
 
@@ -404,7 +407,7 @@ def cached_pass(
             for k, sl in traj:
                 text = cal.text_rows(sl)
                 x_in = expand_branches(traj.get(k, "x"), nb).to(text.dtype)  # (nb*b, C, F, H, W)
-                v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0]), text)
+                v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), text)
                 cal.block_evals += sl.stop - sl.start
                 _check_finite(v_true, i, sl)
                 if may_cache and pred.kind == "fitted":
@@ -453,7 +456,7 @@ def cached_pass(
             with torch.no_grad():
                 for k, _ in traj:
                     x_in = expand_branches(traj.get(k, "x"), nb).to(cal.text_embeds.dtype)
-                    v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0]),
+                    v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale),
                                                traj.get(k, "r_hat"))
                     if acc is not None:
                         acc.update(v_cached, v_cached - traj.get(k, "v_true"))

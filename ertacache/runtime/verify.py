@@ -16,7 +16,6 @@ from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
 from ertacache.runtime.runtime import Runtime
 from ertacache.sampling.sampler import CachedSampler
-from ertacache.sampling.sigmas import nominal_sigmas
 from ertacache.sampling.steps import StepTables
 
 
@@ -59,7 +58,8 @@ def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: 
     p_rt = p_eager = None
     if decoder is not None:
         channels = profile.latent_shape[0]
-        plain = CachedSampler(adapter, StepTables(nominal_sigmas(profile.steps, profile.shift),
+        # the profile's own nominal table: the family's schedule at the profiled size
+        plain = CachedSampler(adapter, StepTables(profile.nominal_sigmas,
                                                   n_branches=profile.n_branches, channels=channels).to(device),
                               [True] * profile.steps)
         uncached = decoder.decode(plain(noise_d, text_d, profile.guidance_scale).latents).cpu().numpy()

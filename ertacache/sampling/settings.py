@@ -6,40 +6,52 @@ import math
 from dataclasses import dataclass, replace
 
 from ertacache.errors import UserError
+from ertacache.models.family import CFG, check_guidance, family_named, guidance_branches
 from ertacache.models.recipes import Recipe
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """One video's sampling settings.
+    """One request's sampling settings.
 
-    guidance_scale > 1 turns on classifier-free guidance (both branches in one
-    batch); at 1 or below there is a single, conditional branch.
+    guidance: the model family's guidance mode (:mod:`ertacache.models.family`). With ``"cfg"``
+    (Wan), guidance_scale > 1 turns on classifier-free guidance (both branches in one batch); at
+    1 or below there is a single, conditional branch. ``"embedded"`` feeds the scale to the model's
+    guidance embedding (one branch); ``"none"`` refuses a scale above 1.
+    frames: None for an image family (the layout refuses frames there, and demands them for video).
     """
 
     height: int
     width: int
-    frames: int
+    frames: int | None
     steps: int
     shift: float
     guidance_scale: float
     negative_prompt: str = ""
+    guidance: str = CFG
 
     def __post_init__(self):
         if self.steps < 2:
             raise UserError(f"--steps must be >= 2, got {self.steps}")
         if not (self.shift > 0 and math.isfinite(self.shift)):
             raise UserError(f"shift must be a positive number, got {self.shift}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be a finite number >= 0, got {self.guidance_scale}")
+        check_guidance(self.guidance, self.guidance_scale)
 
     @property
     def n_branches(self) -> int:
-        return 2 if self.guidance_scale > 1.0 else 1
+        """Rows per sample the transformer sees (2: cond and uncond with CFG)."""
+        return guidance_branches(self.guidance, self.guidance_scale)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides) -> "SampleSettings":
-        """Recipe defaults, with every override that is not None applied."""
+        """Recipe defaults, with every override that is not None applied; the guidance mode is the family's.
+
+        ``frames`` given for an image family is refused here, before any model loads.
+        """
+        family = family_named(recipe.family)
+        if not family.is_video and overrides.get("frames") is not None:
+            raise UserError(f"{recipe.model} generates images: --frames applies to video models only; drop it")
         d = recipe.defaults
-        base = cls(d.height, d.width, d.frames, d.steps, d.shift, d.guidance_scale, d.negative_prompt)
+        base = cls(d.height, d.width, d.frames if family.is_video else None, d.steps, d.shift, d.guidance_scale,
+                   d.negative_prompt, guidance=family.guidance)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

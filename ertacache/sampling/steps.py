@@ -32,7 +32,8 @@ from torch import nn
 
 from ertacache.models.adapter import ModelAdapter
 
-#: flow-matching timesteps are sigma scaled to the training range (diffusers' convention)
+#: flow-matching timesteps are sigma scaled to the training range (diffusers' convention); the default
+#: of :func:`model_timestep`. The step modules use their model family's ``timestep_scale`` instead.
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -106,14 +107,20 @@ def at_step(table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, step.reshape(1)).squeeze(0)
 
 
-def model_timestep(sigma: torch.Tensor, rows: int) -> torch.Tensor:
-    """Sigma (0-d) -> the float timestep vector (rows,) the transformer embeds."""
-    return (sigma * NUM_TRAIN_TIMESTEPS).reshape(1).expand(rows)
+def model_timestep(sigma: torch.Tensor, rows: int, scale: float = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """Sigma (0-d) -> the float timestep vector (rows,) the transformer embeds: sigma * the family's scale."""
+    return (sigma * scale).reshape(1).expand(rows)
+
+
+def timestep_scale(adapter: ModelAdapter) -> float:
+    """The model family's timestep scale (Wan: 1000, the scheduler's training range)."""
+    scale = float(adapter.family.timestep_scale)
+    return int(scale) if scale.is_integer() else scale  # an int constant, as before, in exported graphs
 
 
 def expand_branches(latents: torch.Tensor, n_branches: int) -> torch.Tensor:
-    """(B, C, F, H, W) -> (nb*B, C, F, H, W): the same latents for every CFG branch."""
-    return latents.repeat(n_branches, 1, 1, 1, 1)
+    """(B, C, *S) -> (nb*B, C, *S): the same latents for every CFG branch (S: (F, H, W) or (H, W))."""
+    return latents.repeat(n_branches, *([1] * (latents.ndim - 1)))
 
 
 def combine_cfg(v: torch.Tensor, guidance_scale: torch.Tensor, n_branches: int) -> torch.Tensor:
@@ -125,12 +132,13 @@ def combine_cfg(v: torch.Tensor, guidance_scale: torch.Tensor, n_branches: int) 
 
 
 def rectify(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """v^ = v~ - (a * v~ + b), per branch and channel. v: (nb*B, C, F, H, W); a, b: (nb, C)."""
+    """v^ = v~ - (a * v~ + b), per branch and channel. v: (nb*B, C, *S) (S: (F, H, W) or (H, W)); a, b: (nb, C)."""
     nb, c = a.shape
-    v_nb = v.unflatten(0, (nb, -1))  # (nb, B, C, F, H, W)
-    a = a.reshape(nb, 1, c, 1, 1, 1)
-    b = b.reshape(nb, 1, c, 1, 1, 1)
-    return (v_nb - (a * v_nb + b)).flatten(0, 1)  # (nb*B, C, F, H, W)
+    v_nb = v.unflatten(0, (nb, -1))  # (nb, B, C, *S)
+    ones = [1] * (v.ndim - 2)  # broadcast over the spatial (and time) axes
+    a = a.reshape(nb, 1, c, *ones)
+    b = b.reshape(nb, 1, c, *ones)
+    return (v_nb - (a * v_nb + b)).flatten(0, 1)  # (nb*B, C, *S)
 
 
 def euler(latents: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -171,6 +179,7 @@ class _Step(nn.Module):
         self.adapter = adapter
         self.transformer = adapter.model  # registered so .to() and torch.export see the weights
         self.tables = tables
+        self.timestep_scale = timestep_scale(adapter)  # a Python constant of the family, baked into graphs
 
     def _setup(self, latents, step, text_embeds):
         n_branches = self.tables.n_branches
@@ -178,7 +187,7 @@ class _Step(nn.Module):
         sigma = at_step(self.tables.sigmas, step)
         sigma_next = at_step(self.tables.sigmas, step + 1)
         x_in = expand_branches(latents, n_branches).to(dtype)  # (nb*B, C, F, H, W)
-        timestep = model_timestep(sigma, x_in.shape[0])
+        timestep = model_timestep(sigma, x_in.shape[0], self.timestep_scale)
         return n_branches, sigma, sigma_next, x_in, timestep
 
 
