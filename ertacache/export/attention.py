@@ -13,6 +13,11 @@ Installed only for the duration of an export through the model's public
 eager model the validation compares against keeps diffusers' own processor.
 Swap-and-restore instead of a deep copy: a copy would double the memory of a
 14B transformer during export.
+
+It is the Wan family's export-time rewrite (``"wan_stack_rope"`` in
+:data:`ertacache.models.wan.WAN_T2V`'s ``export_rewrites``): it is applied only to a
+model whose family declares it (:func:`family_rewrites`), never to another diffusers
+model, whose attention modules this processor does not know.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ertacache.models.family import find_family
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,14 +84,24 @@ class StackRopeWanAttnProcessor:
         return attn.to_out[1](out)
 
 
+#: the rewrite's name in a family's ``export_rewrites``
+WAN_STACK_ROPE = "wan_stack_rope"
+
+
+def _declares(model: nn.Module, rewrite: str) -> bool:
+    family = find_family(model)
+    return family is not None and rewrite in family.export_rewrites
+
+
 @contextlib.contextmanager
 def export_attention(model: nn.Module) -> Iterator[nn.Module]:
     """Install :class:`StackRopeWanAttnProcessor` on every attention of ``model``, restore on exit.
 
-    Models without ``set_attn_processor`` (not a diffusers attention model) are
-    yielded unchanged.
+    Only for a model whose family declares the ``"wan_stack_rope"`` rewrite (the Wan family);
+    any other model, diffusers or not, is yielded unchanged.
     """
-    if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
+    if not _declares(model, WAN_STACK_ROPE) or not hasattr(model, "set_attn_processor") \
+            or not hasattr(model, "attn_processors"):
         yield model
         return
     original = dict(model.attn_processors)
@@ -93,3 +110,26 @@ def export_attention(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.set_attn_processor(original)
+
+
+#: export-time rewrites by the name a family declares: each a context manager over the model
+EXPORT_REWRITES = {WAN_STACK_ROPE: export_attention}
+
+
+@contextlib.contextmanager
+def family_rewrites(model: nn.Module) -> Iterator[tuple[str, ...]]:
+    """Apply, for the duration of an export, every rewrite ``model``'s family declares; yield their names.
+
+    A model without a family, or whose family declares none, is exported as it is (yields ``()``).
+    """
+    family = find_family(model)
+    names = family.export_rewrites if family is not None else ()
+    unknown = [n for n in names if n not in EXPORT_REWRITES]
+    if unknown:
+        raise ValueError(f"model family {family.name!r} declares export rewrites {unknown} that "
+                         f"ertacache.export does not have (known: {sorted(EXPORT_REWRITES)}); add them to "
+                         "EXPORT_REWRITES in ertacache/export/attention.py")
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(EXPORT_REWRITES[name](model))
+        yield names

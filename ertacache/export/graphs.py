@@ -37,12 +37,15 @@ profile)`` returns :class:`StepGraphs`:
    the same feeds; exporters keep it (TensorRT's parser may drop it).
 3. With a decoder, a third graph ``vae_decode(latents) -> frames`` (uint8,
    (B, F, H, W, 3)) is exported the same way.
-4. While exporting, diffusers' Wan attention processor is swapped for
+4. While exporting, the export-time rewrites the model's family declares are
+   applied and undone afterwards (:func:`~ertacache.export.attention.family_rewrites`):
+   for the Wan family, diffusers' attention processor is swapped for
    :class:`~ertacache.export.attention.StackRopeWanAttnProcessor` (identical
-   numbers, no ScatterND in ONNX) and restored afterwards.
+   numbers, no ScatterND in ONNX). Other families get only their own rewrites.
 
 Preconditions, checked up front: the adapter's model is in eval mode and
-already in ``dtype`` (load it so); the profile's latent shape is (C, F', H', W')
+already in ``dtype`` (load it so); the profile's latent shape is one sample's
+latent in the family's layout ((C, F', H', W') for video, (C, H', W') for images)
 with C the model's input channels; ``batch_size`` >= 1.
 """
 
@@ -59,7 +62,7 @@ from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECO
                                  DTYPE_NAMES, FULL_OUTPUTS, FULL_STEP, STEP_GRAPHS, STEP_INPUTS, VAE_DECODE, GraphSpec,
                                  TensorSpec, cached_inputs)
 from ertacache.errors import UserError
-from ertacache.export.attention import export_attention
+from ertacache.export.attention import WAN_STACK_ROPE, family_rewrites
 from ertacache.export.errors import GraphExportError, failing_op
 from ertacache.models.adapter import ModelAdapter
 from ertacache.models.components import LatentDecoder
@@ -80,7 +83,8 @@ class StepGraphs:
     mask: list[bool]
     dtype: torch.dtype
     batch_size: int
-    attention_swapped: bool = False
+    attention_swapped: bool = False  # the Wan rope rewrite was applied (recorded in the manifest)
+    rewrites: tuple[str, ...] = ()  # every export-time rewrite of the model's family that was applied
     export_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -110,6 +114,8 @@ class BakeStepGraphs:
 
     def __init__(self, batch_size: int, dtype: torch.dtype, text_shape: tuple[int, int],
                  decoder: LatentDecoder | None = None, swap_attention: bool = True, strict: bool = False):
+        # swap_attention: apply the export-time rewrites of the model's family (Wan: the rope rewrite); False
+        # exports the model as it is
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -123,7 +129,7 @@ class BakeStepGraphs:
         model = adapter.model
         if model.training:
             raise ValueError("export needs the model in eval mode (call .eval())")
-        if len(profile.latent_shape) != 4 or profile.latent_shape[0] != adapter.in_channels:
+        if len(profile.latent_shape) != adapter.family.latent_rank or profile.latent_shape[0] != adapter.in_channels:
             raise UserError(f"the profile's latent shape {profile.latent_shape} does not fit a model with "
                             f"{adapter.in_channels} input channels; re-profile this model")
         if profile.corr_a.shape[-1] != adapter.in_channels:
@@ -173,8 +179,8 @@ class BakeStepGraphs:
                                           (TensorSpec.of("frames", frames),))
 
         programs, times = {}, {}
-        swap = export_attention(adapter.model) if self.swap_attention else contextlib.nullcontext(adapter.model)
-        with swap, torch.no_grad():
+        rewrites = family_rewrites(adapter.model) if self.swap_attention else contextlib.nullcontext(())
+        with rewrites as applied, torch.no_grad():
             for name, module in modules.items():
                 start = time.perf_counter()
                 try:
@@ -183,7 +189,8 @@ class BakeStepGraphs:
                     raise GraphExportError(name, "torch.export", e) from e
                 times[name] = time.perf_counter() - start
         return StepGraphs(modules, programs, examples, specs, tables, list(profile.mask), self.dtype,
-                          self.batch_size, attention_swapped=self.swap_attention, export_s=times)
+                          self.batch_size, attention_swapped=WAN_STACK_ROPE in applied, rewrites=tuple(applied),
+                          export_s=times)
 
 
 #: the contract's names and specs live in ertacache.contract; re-exported here for the pass's callers

@@ -1,6 +1,6 @@
 import torch
 
-from ertacache.export.attention import StackRopeWanAttnProcessor, export_attention, rotate_interleaved
+from ertacache.export.attention import StackRopeWanAttnProcessor, export_attention, family_rewrites, rotate_interleaved
 from tests.conftest import tiny_wan
 
 
@@ -28,4 +28,37 @@ def test_swapped_processor_gives_identical_model_output_and_is_restored():
             assert all(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
             got = model(x, t, text, return_dict=False)[0]
     assert (got - ref).abs().max() <= 1e-6
+    assert not any(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
+
+
+def tiny_flux():
+    """A random diffusers FluxTransformer2DModel: a diffusers attention model of another family."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def test_the_wan_rewrite_leaves_a_model_of_another_diffusers_class_untouched():
+    from ertacache.models.family import find_family
+
+    model = tiny_flux()
+    assert hasattr(model, "set_attn_processor") and find_family(model) is None
+    before = {name: type(p) for name, p in model.attn_processors.items()}
+    with export_attention(model) as same:
+        assert same is model
+        assert {name: type(p) for name, p in model.attn_processors.items()} == before
+        assert not any(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
+    with family_rewrites(model) as applied:
+        assert applied == ()
+        assert {name: type(p) for name, p in model.attn_processors.items()} == before
+
+
+def test_family_rewrites_apply_what_the_wan_family_declares_and_undo_it():
+    model = tiny_wan("3x4h")
+    with family_rewrites(model) as applied:
+        assert applied == ("wan_stack_rope",)
+        assert all(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
     assert not any(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
