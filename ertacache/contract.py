@@ -69,6 +69,7 @@ import torch
 from ertacache.errors import UserError
 from ertacache.io import sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
+from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
 
 FULL_STEP = "full_step"
 CACHED_STEP = "cached_step"
@@ -283,6 +284,8 @@ class Schedule:
     history: int = 1
     #: the profile's predictor as recorded (e.g. {"kind": "lagrange", "order": 2, "history": 3})
     predictor: Mapping[str, Any] = field(default_factory=lambda: {"kind": "reuse", "history": 1})
+    #: the model family's guidance mode (absent from folders exported before it was recorded: all CFG)
+    guidance: str = CFG
 
     @property
     def full_steps(self) -> int:
@@ -298,7 +301,7 @@ class Shapes:
     batch_size: int
     height: int
     width: int
-    frames: int
+    frames: int | None  # None for an image family
     latents: tuple[int, ...]
     text_embeds: tuple[int, ...]
     residual: tuple[int, ...]
@@ -464,7 +467,9 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
     s = Schedule(folder, steps, r.num(r.get(p, "shift", "profile"), "profile.shift"),
                  r.num(p.get("lambda", 0.0), "profile.lambda"),
                  r.num(r.get(p, "guidance_scale", "profile"), "profile.guidance_scale"), nb, mask, sigmas, nominal,
-                 phi, history, dict(predictor))
+                 phi, history, dict(predictor), r.str(p.get("guidance", CFG), "profile.guidance"))
+    if s.guidance not in GUIDANCE_MODES:
+        raise r.fail(f"profile.guidance {_short(s.guidance)} is not one of {list(GUIDANCE_MODES)}")
     if not (len(mask) == steps == len(sigmas) - 1 == len(nominal) - 1 == len(phi)) or not mask[0]:
         raise r.fail(f"the schedule is inconsistent ({len(mask)} mask entries, {steps} steps, {len(sigmas)} sigmas, "
                      f"{len(phi)} phi, first step {'full' if mask and mask[0] else 'cached'})")
@@ -472,9 +477,9 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
     if history > first_cached:
         raise r.fail(f"its {kind} predictor reads the last {history} full-step residuals but only {first_cached} full "
                      f"step(s) precede the first cached step (step {first_cached})")
-    if (nb == 2) != (s.guidance_scale > 1.0):
+    if nb != guidance_branches(s.guidance, s.guidance_scale):
         raise r.fail(f"profile.guidance_scale {s.guidance_scale} and n_branches {nb} disagree (CFG is on exactly "
-                     "when guidance > 1)")
+                     f"when guidance > 1; guidance {s.guidance!r})")
     return s
 
 
@@ -482,7 +487,8 @@ def _shapes(r: _Reader, s: dict) -> Shapes:
     return Shapes(r.int(r.get(s, "batch_size", "shapes"), "shapes.batch_size", 1, 1 << 16),
                   r.int(r.get(s, "height", "shapes"), "shapes.height", 1, 1 << 20),
                   r.int(r.get(s, "width", "shapes"), "shapes.width", 1, 1 << 20),
-                  r.int(r.get(s, "frames", "shapes"), "shapes.frames", 1, 1 << 20),
+                  None if r.get(s, "frames", "shapes") is None  # null: an image family
+                  else r.int(s["frames"], "shapes.frames", 1, 1 << 20),
                   r.shape(r.get(s, "latents", "shapes"), "shapes.latents"),
                   r.shape(r.get(s, "text_embeds", "shapes"), "shapes.text_embeds"),
                   r.shape(r.get(s, "residual", "shapes"), "shapes.residual"))

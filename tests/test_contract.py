@@ -57,6 +57,8 @@ MALFORMED = [
     (lambda m: m["profile"].pop("history"), r"profile lacks the field 'history'"),
     (lambda m: m["profile"].update(history=0), r"profile.history is 0, outside \[1, 4\]"),
     (lambda m: m["profile"].update(history=2), r"profile.predictor.history 1 differs from profile.history 2"),
+    (lambda m: m["profile"].update(guidance="cfg++"), r"profile.guidance 'cfg\+\+' is not one of"),
+    (lambda m: m["profile"].update(guidance="embedded"), r"n_branches 2 disagree .*guidance 'embedded'"),
 ]
 
 
@@ -198,3 +200,10 @@ def test_schema_1_folder_is_refused_with_the_fix(onnx_export, tmp_path):
     assert "this version reads schema 2" in text and "cannot be migrated" in text
     assert f"re-export it with ertacache-export --out {folder} --force" in text
     assert "Traceback" not in text
+
+
+def test_a_folder_exported_before_the_guidance_mode_was_recorded_opens_as_cfg(onnx_export, tmp_path):
+    folder = copy_folder(onnx_export.out, tmp_path / "f")
+    assert json.loads((folder / "manifest.json").read_text())["profile"]["guidance"] == "cfg"
+    edit_manifest(folder, lambda m: m["profile"].pop("guidance"))
+    assert Runtime(folder, "onnxruntime").manifest.schedule.guidance == "cfg"

@@ -20,8 +20,9 @@ ROOT = Path(ertacache.__file__).parent
 STAGES = [
     ("errors",),
     ("<root>", "io", "limits", "metrics", "timing", "memory"),
-    ("video", "contract"),
+    ("video",),
     ("models",),
+    ("contract",),
     ("sampling",),
     ("profile",),
     ("generation",),

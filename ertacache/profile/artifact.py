@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
+from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
@@ -49,7 +50,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "shift": (int, float),
     "height": int,
     "width": int,
-    "frames": int,
+    "frames": (int, type(None)),  # null for an image family
     "latent_shape": list,
     "guidance_scale": (int, float),
     "n_branches": int,
@@ -62,6 +63,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "calibration": dict,
     "correction": dict,
 }
+#: one sample's latent axes, by whether the model makes video
+AXES = {True: "C, F', H', W'", False: "C, H', W'"}
 #: the largest profile.json read (a profile is kilobytes; this refuses a substituted huge file early)
 MAX_PROFILE_JSON_BYTES = 64 << 20
 #: correction coefficients a, b beyond this are not a fit of a bounded error (a corrupt or hostile table)
@@ -83,8 +86,8 @@ class Profile:
     shift: float
     height: int
     width: int
-    frames: int
-    latent_shape: list[int]  # (C, F', H', W') of one sample's latents
+    frames: int | None  # None for an image family
+    latent_shape: list[int]  # one sample's latents in the family's layout: (C, F', H', W') video, (C, H', W') image
     guidance_scale: float
     n_branches: int
     lam: float
@@ -101,6 +104,8 @@ class Profile:
     pred_w: torch.Tensor | None = None  # (T, K, Dw); None: reuse (T, 1, 1) ones
     pred_b: torch.Tensor | None = None  # (T, Db); None: zeros
     predictor: dict[str, Any] = field(default_factory=lambda: {"kind": "reuse", "order": 0, "history": 1})
+    #: the model family's guidance mode (ertacache.models.family): "cfg" (profiles before it was recorded), ...
+    guidance: str = CFG
 
     def __post_init__(self):
         if self.pred_w is None:
@@ -190,6 +195,7 @@ class Profile:
                            "shape": list(self.corr_a.shape), "keys": ["a", "b", "pred_w", "pred_b"],
                            "pred_w_shape": list(self.pred_w.shape), "pred_b_shape": list(self.pred_b.shape)},
             "predictor": self.predictor,
+            "guidance": self.guidance,
         }
         return d
 
@@ -257,18 +263,24 @@ def _validate_fields(path: Path, meta: dict[str, Any]) -> None:
             raise _fail(path, problem)
 
     need(1 <= meta["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}], got {meta['steps']}")
-    for key in ("height", "width", "frames"):
+    for key in ("height", "width"):
         need(meta[key] >= 1, f"{key} must be >= 1, got {meta[key]}")
-    shape = meta["latent_shape"]
-    need(len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape),
-         f"latent_shape must be 4 positive integers (C, F', H', W'), got {brief(shape, 60)}")
+    video = meta["frames"] is not None  # frames is null for an image family
+    need(not video or (not isinstance(meta["frames"], bool) and meta["frames"] >= 1),
+         f"frames must be >= 1 (or null for an image model), got {meta['frames']}")
+    shape, rank = meta["latent_shape"], (4 if video else 3)
+    need(len(shape) == rank and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape),
+         f"latent_shape must be {rank} positive integers ({AXES[video]}), got {brief(shape, 60)}")
     need(_finite(meta["shift"]) and meta["shift"] > 0, f"shift must be a finite number > 0, got {meta['shift']}")
     need(_finite(meta["lambda"]) and meta["lambda"] >= 0, f"lambda must be a finite number >= 0, got {meta['lambda']}")
     g = meta["guidance_scale"]
     need(_finite(g) and g >= 0, f"guidance_scale must be a finite number >= 0, got {g}")
     need(meta["n_branches"] in (1, 2), f"n_branches must be 1 or 2, got {meta['n_branches']}")
-    need((meta["n_branches"] == 2) == (g > 1.0), f"n_branches {meta['n_branches']} disagrees with guidance_scale {g} "
-                                                 "(CFG, two branches, exactly when guidance > 1)")
+    mode = meta.get("guidance", CFG)  # absent before the family recorded it: those profiles are all CFG
+    need(mode in GUIDANCE_MODES, f"guidance must be one of {GUIDANCE_MODES}, got {brief(mode, 40)}")
+    need(meta["n_branches"] == guidance_branches(mode, g),
+         f"n_branches {meta['n_branches']} disagrees with guidance_scale {g} and guidance {mode!r} "
+         "(two branches exactly with CFG above guidance 1)")
     for key in ("phi",):
         need(all(_finite(p) and 0.0 <= p <= 1.5 for p in meta[key]), f"{key!r} must be numbers in [0, 1.5]")
     for key in ("nominal_sigmas", "sigmas"):
@@ -397,5 +409,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
         pred_w=pred_w,
         pred_b=pred_b,
         predictor=dict(meta["predictor"]),
+        guidance=meta.get("guidance", CFG),
     )
 

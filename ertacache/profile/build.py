@@ -140,4 +140,5 @@ def profile_from_outcome(
         pred_b=res.pred_b,
         predictor={**config.predictor.describe(), "phi_rule": config.phi_rule, "phi_at_bound": res.phi_at_bound,
                    "uncached_passes": round(outcome.uncached_passes, 3)},
+        guidance=settings.guidance,
     )

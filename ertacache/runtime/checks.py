@@ -51,6 +51,7 @@ def check_against_profile(manifest: ExportManifest) -> None:
         ("steps", s.steps, profile.steps),
         ("n_branches (CFG)", s.n_branches, profile.n_branches),
         ("guidance_scale", s.guidance_scale, profile.guidance_scale),
+        ("guidance mode", s.guidance, profile.guidance),
         ("shift", s.shift, profile.shift),
         ("mask", list(s.mask), [bool(m) for m in profile.mask]),
         ("predictor history K", s.history, profile.history),

@@ -245,3 +245,35 @@ def test_force_never_replaces_something_that_is_not_a_profile(tmp_path):
     with pytest.raises(UserError, match="is a folder but not a profile folder"):
         make_profile().save(tmp_path / "data", force=True, plot=False)
     assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "data").is_dir()
+
+
+def test_a_profile_written_before_the_guidance_mode_was_recorded_loads_as_cfg(tmp_path):
+    make_profile().save(tmp_path / "p", plot=False)
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["guidance"] == "cfg"
+    _edit(tmp_path / "p", lambda m: m.pop("guidance"))
+    assert load_profile(tmp_path / "p").guidance == "cfg"
+
+
+def test_an_image_family_profile_has_no_frames_and_a_3_axis_latent(tmp_path):
+    prof = make_profile()
+    prof.frames, prof.latent_shape = None, [16, 8, 8]
+    prof.guidance, prof.guidance_scale, prof.n_branches = "embedded", 3.5, 1  # distilled guidance: one branch
+    prof.corr_a, prof.corr_b = prof.corr_a[:, :1], prof.corr_b[:, :1]
+    prof.save(tmp_path / "p", plot=False)
+    back = load_profile(tmp_path / "p")
+    assert (back.frames, back.latent_shape, back.guidance, back.n_branches) == (None, [16, 8, 8], "embedded", 1)
+    _edit(tmp_path / "p", lambda m: m.update(latent_shape=[16, 1, 8, 8]))
+    with pytest.raises(ProfileError, match=r"latent_shape must be 3 positive integers \(C, H', W'\)"):
+        load_profile(tmp_path / "p")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(guidance="cfg++"), "guidance must be one of"),
+    (dict(guidance="embedded"), "n_branches 2 disagrees with guidance_scale 4.0 and guidance 'embedded'"),
+    (dict(frames=True), "frames must be >= 1"),
+])
+def test_the_guidance_mode_and_frames_are_checked_on_load(tmp_path, change, match):
+    make_profile().save(tmp_path / "p", plot=False)
+    _edit(tmp_path / "p", lambda m: m.update(change))
+    with pytest.raises(ProfileError, match=match):
+        load_profile(tmp_path / "p")
