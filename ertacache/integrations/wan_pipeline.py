@@ -26,6 +26,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
+from ertacache.models.family import family_for_model
 from ertacache.models.loading import fingerprint_module
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import validate_mask
@@ -114,6 +115,12 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
     profile's height/width/frames; guidance_scale > 1 must match the profile's CFG.
     """
     transformer = pipe.transformer
+    family = family_for_model(transformer)  # refuses a transformer class no family knows
+    if profile.guidance != family.guidance or len(profile.latent_shape) != family.latent_rank:
+        raise UserError(f"the profile ({profile.model}: {profile.guidance} guidance, {len(profile.latent_shape)}-axis "
+                        f"latents) was made for another model family than this pipeline's "
+                        f"{type(transformer).__name__} ({family.name}: {family.guidance} guidance, "
+                        f"{family.latent_rank}-axis latents); profile this model first")
     if check_fingerprint:
         have = fingerprint_module(transformer)
         if have != profile.model_fingerprint:

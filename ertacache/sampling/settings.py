@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ertacache.errors import UserError
 from ertacache.models.family import CFG, check_guidance, family_named, guidance_branches
@@ -52,6 +52,8 @@ class SampleSettings:
         if not family.is_video and overrides.get("frames") is not None:
             raise UserError(f"{recipe.model} generates images: --frames applies to video models only; drop it")
         d = recipe.defaults
-        base = cls(d.height, d.width, d.frames if family.is_video else None, d.steps, d.shift, d.guidance_scale,
-                   d.negative_prompt, guidance=family.guidance)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        values = dict(height=d.height, width=d.width, frames=d.frames if family.is_video else None, steps=d.steps,
+                      shift=d.shift, guidance_scale=d.guidance_scale, negative_prompt=d.negative_prompt,
+                      guidance=family.guidance)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # validated once, with the overrides in place

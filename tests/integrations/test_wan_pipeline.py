@@ -85,3 +85,14 @@ def test_profile_for_other_weights_is_refused(wan_model, wan_adapter):
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     with pytest.raises(UserError, match="profile this model first"):
         enable_ertacache(other, profile)
+
+
+def test_a_profile_of_another_family_is_refused(wan_model, wan_adapter):
+    """An image family's profile (embedded guidance, 3-axis latents) on a Wan pipeline: refused before any hook."""
+    profile = dataclasses.replace(make_profile(wan_model, wan_adapter), guidance="embedded", n_branches=1,
+                                  frames=None, latent_shape=[4, 8, 8])
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=wan_model, vae=tiny_vae(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    with pytest.raises(UserError, match="another model family than this pipeline's WanTransformer3DModel"):
+        enable_ertacache(pipe, profile)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and not hasattr(pipe, "_ertacache_original_scheduler")
