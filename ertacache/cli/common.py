@@ -159,7 +159,7 @@ def check_calibration_flags_against(args, profile, where: str) -> None:
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (default: recipe)")
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: recipe)")
-    parser.add_argument("--frames", type=int, default=None, help="number of video frames (default: recipe)")
+    parser.add_argument("--frames", type=int, default=None, help="number of video frames, video models only (default: recipe)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; <= 1 disables CFG")
     parser.add_argument("--shift", type=float, default=None, help="flow-matching sigma shift (default: recipe)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: recipe)")

@@ -47,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check_profile_flags(args, profile) -> None:
+    from ertacache.models.family import guidance_branches
+    from ertacache.models.recipes import load_recipe
+    from ertacache.sampling.settings import check_frames_flag
+
+    check_frames_flag(load_recipe(args.model), args.frames)  # an image model takes no --frames
     for flag, value, have in (("--steps", args.steps, profile.steps), ("--height", args.height, profile.height),
                               ("--width", args.width, profile.width), ("--frames", args.frames, profile.frames),
                               ("--shift", args.shift, profile.shift)):
@@ -57,7 +62,7 @@ def _check_profile_flags(args, profile) -> None:
     if profile.model != args.model:
         raise UserError(f"the profile {args.profile} was made for --model {profile.model}, not {args.model}; pass "
                         f"--model {profile.model} or drop --profile to calibrate {args.model} now")
-    if args.guidance_scale is not None and (args.guidance_scale > 1.0) != (profile.n_branches == 2):
+    if args.guidance_scale is not None and guidance_branches(profile.guidance, args.guidance_scale) != profile.n_branches:
         raise UserError(f"--guidance-scale {args.guidance_scale} turns CFG {'on' if args.guidance_scale > 1 else 'off'}"
                         f" but the profile was calibrated with it {'on' if profile.n_branches == 2 else 'off'}")
 
@@ -75,7 +80,7 @@ def _calibrate(args, bundle):
                                 recipe.defaults.calibration_batch_size)
     prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
     print(f"[calibrate] {bundle.model_id} on {len(prompts)} prompts, {settings.steps} steps, "
-          f"{settings.frames}x{settings.height}x{settings.width}, {config.loop} loop")
+          f"{settings.size}, {config.loop} loop")
     profile = build_profile(bundle, config, settings, prompts, progress=not args.quiet)
     return profile, settings.negative_prompt
 

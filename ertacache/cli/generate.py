@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _settings(args, bundle, profile):
-    from ertacache.sampling.settings import SampleSettings
+    from ertacache.sampling.settings import SampleSettings, check_frames_flag
+
+    check_frames_flag(bundle.recipe, args.frames)  # an image model takes no --frames
 
     if profile is None:
         return SampleSettings.from_recipe(
@@ -44,6 +46,7 @@ def _settings(args, bundle, profile):
         profile.height, profile.width, profile.frames, profile.steps, profile.shift,
         args.guidance_scale if args.guidance_scale is not None else profile.guidance_scale,
         args.negative_prompt if args.negative_prompt is not None else profile.calibration.get("negative_prompt", ""),
+        guidance=profile.guidance,
     )
 
 

@@ -57,7 +57,7 @@ def _main(argv: list[str] | None) -> int:
     config = calibration_config(args, args.lam, speedup, args.batch_size or recipe.defaults.calibration_batch_size)
     prompts = prompts or list(recipe.calibration_prompts)
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
-          f"{settings.steps} steps, {settings.frames}x{settings.height}x{settings.width}, {config.loop} loop, "
+          f"{settings.steps} steps, {settings.size}, {config.loop} loop, "
           f"{config.predictor.kind} predictor (order {config.predictor.order})")
     profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)
     out = profile.save(args.out, force=args.force)

@@ -135,9 +135,10 @@ def check_inputs(manifest: ExportManifest, latents: torch.Tensor | None, text_em
                         f"{list(shapes.text_embeds)} ({nb} x batch {shapes.batch_size} rows: {rows}; L x D_text of "
                         f"the text encoder); encode with the folder's text encoder or re-export for this shape")
     if latents is not None and tuple(latents.shape) != shapes.latents:
+        axes = "latent frames, latent height, latent width" if len(shapes.latents) == 5 else \
+            "latent height, latent width"  # the family's layout: video or image latents
         raise UserError(f"latents have shape {list(latents.shape)} but this export folder takes "
-                        f"{list(shapes.latents)} (batch, channels, latent frames, height/8, width/8); re-export for "
-                        "this shape")
+                        f"{list(shapes.latents)} (batch, channels, {axes}); re-export for this shape")
     for name, t in (("text_embeds", text_embeds), ("latents", latents)):
         if t is not None and not torch.isfinite(t).all():
             raise UserError(f"{name} contain NaN or Inf; check the text encoder / the noise you pass")

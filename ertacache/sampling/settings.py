@@ -38,6 +38,11 @@ class SampleSettings:
         check_guidance(self.guidance, self.guidance_scale)
 
     @property
+    def size(self) -> str:
+        """The request's size for messages: frames x height x width (video) or height x width (image)."""
+        return f"{self.height}x{self.width}" if self.frames is None else f"{self.frames}x{self.height}x{self.width}"
+
+    @property
     def n_branches(self) -> int:
         """Rows per sample the transformer sees (2: cond and uncond with CFG)."""
         return guidance_branches(self.guidance, self.guidance_scale)
@@ -48,12 +53,18 @@ class SampleSettings:
 
         ``frames`` given for an image family is refused here, before any model loads.
         """
-        family = family_named(recipe.family)
-        if not family.is_video and overrides.get("frames") is not None:
-            raise UserError(f"{recipe.model} generates images: --frames applies to video models only; drop it")
+        family = check_frames_flag(recipe, overrides.get("frames"))
         d = recipe.defaults
         values = dict(height=d.height, width=d.width, frames=d.frames if family.is_video else None, steps=d.steps,
                       shift=d.shift, guidance_scale=d.guidance_scale, negative_prompt=d.negative_prompt,
                       guidance=family.guidance)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # validated once, with the overrides in place
+
+
+def check_frames_flag(recipe: Recipe, frames: int | None):
+    """Refuse ``--frames`` for a model whose family makes images, before any model loads; returns the family."""
+    family = family_named(recipe.family)
+    if not family.is_video and frames is not None:
+        raise UserError(f"{recipe.model} generates images: --frames applies to video models only; drop it")
+    return family
