@@ -17,6 +17,7 @@ from ertacache.models.loading import ModelBundle
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import CachedSampler, initial_latents
 from ertacache.sampling.settings import SampleSettings
+from ertacache.sampling.sigmas import request_sigmas
 from ertacache.sampling.steps import StepTables
 
 
@@ -33,8 +34,7 @@ def sampler_for(bundle: ModelBundle, settings: SampleSettings, profile: Profile 
     """The cached sampler of ``profile``, or plain Euler (all steps full, nominal sigmas) without one."""
     if profile is None:
         c = bundle.latent_shape(settings.frames, settings.height, settings.width)[0]
-        sigmas = bundle.nominal_sigmas(settings.steps, settings.shift, settings.height, settings.width, settings.frames)
-        tables = StepTables(sigmas, n_branches=settings.n_branches, channels=c)
+        tables = StepTables(request_sigmas(bundle, settings), n_branches=settings.n_branches, channels=c)
         mask = [True] * settings.steps
     else:
         profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, steps=settings.steps,

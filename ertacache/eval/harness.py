@@ -27,8 +27,8 @@ from ertacache.profile.build import calibration_set
 from ertacache.profile.calibrate import CalibrationSet
 from ertacache.profile.schedule import mask_summary
 from ertacache.sampling.sampler import initial_latents
+from ertacache.sampling.sigmas import request_sigmas
 from ertacache.sampling.settings import SampleSettings
-from ertacache.sampling.sigmas import nominal_sigmas
 
 
 @dataclass
@@ -116,7 +116,7 @@ class EvalContext:
         return self.samples(self.config.held_out_prompts, self.config.held_out_seeds)
 
     def uncached_plan(self) -> StaticPlan:
-        sig = nominal_sigmas(self.steps, self.settings.shift)
+        sig = request_sigmas(self.bundle, self.settings)  # the family's table at this size
         return StaticPlan(tuple([True] * self.steps), plain_tables(sig, self.settings.n_branches, self.channels))
 
     @cached_property

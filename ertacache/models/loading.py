@@ -202,10 +202,6 @@ class ModelBundle:
         family, ``frames`` None); refuses shapes that don't fit (:meth:`LatentLayout.check`)."""
         return self.layout.latent_shape(1, height, width, frames)[1:]
 
-    def nominal_sigmas(self, steps: int, shift: float, height: int, width: int, frames: int | None):
-        """The family's nominal sigma table for a request of this size (float64, ``steps + 1`` values)."""
-        return self.family.sigmas(steps, shift, self.layout.tokens(height, width, frames))
-
     def encode(self, prompts: list[str], negative_prompt: str, n_branches: int) -> torch.Tensor:
         """(nb*B, L, D) text embeddings: the prompts' rows, then (CFG) the negative prompt's."""
         for p in prompts:

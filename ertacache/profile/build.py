@@ -15,6 +15,7 @@ from ertacache.profile.calibrate import CalibrationOutcome, CalibrationSet, cali
 from ertacache.profile.config import CalibrationConfig
 from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.settings import SampleSettings
+from ertacache.sampling.sigmas import request_sigmas
 
 
 #: a calibration prompts file is a few kilobytes; anything past this is not one
@@ -60,8 +61,7 @@ def calibration_set(
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
         text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb).cpu(),
         guidance_scale=settings.guidance_scale,
-        nominal_sigmas=bundle.nominal_sigmas(settings.steps, settings.shift, settings.height, settings.width,
-                                             settings.frames),
+        nominal_sigmas=request_sigmas(bundle, settings),
         n_branches=nb,
     )
 
