@@ -20,6 +20,7 @@ from ertacache.profile.calibrate import calibrate
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.predictor import PredictorConfig
 from ertacache.profile.schedule import mask_from_error_matrix, solve_lambda
+from ertacache.sampling.sigmas import request_sigmas
 
 
 @dataclass
@@ -55,7 +56,8 @@ def build_candidate(ctx, method: str, speedup: float) -> Candidate:
 @register("fewer-steps")
 def _fewer_steps(ctx, method, speedup) -> Candidate:
     n = ctx.budget(speedup)
-    plan = fewer_steps_plan(ctx.steps, n, ctx.settings.shift, ctx.settings.n_branches, ctx.channels)
+    plan = fewer_steps_plan(ctx.steps, n, ctx.settings.shift, ctx.settings.n_branches, ctx.channels,
+                            table=lambda k: request_sigmas(ctx.bundle, ctx.settings, steps=k))
     return Candidate(plan, {"sampling_steps": n})
 
 

@@ -52,7 +52,7 @@ from torch import nn
 from ertacache.errors import UserError
 from ertacache.eval.config import PEER_METHODS, PEERS
 from ertacache.eval.plans import PlanOutput
-from ertacache.sampling.steps import combine_cfg, euler, expand_branches, model_timestep
+from ertacache.sampling.steps import combine_cfg, euler, expand_branches, model_timestep, timestep_scale
 
 EXTRA_HINT = "pip install 'ertacache[peers]'"
 #: the versions the [peers] extra pins; others run but are labelled with what is installed
@@ -329,6 +329,7 @@ class PeerPlan:
         computed = np.zeros((batch, steps), dtype=bool)
         blocks = np.zeros(batch)
         outs = []
+        scale = timestep_scale(adapter)  # the family's: the model embeds sigma * scale
         with quiet_libraries(), BlockCounter(model) as counter:
             self.peer.attach(model, steps)
             try:
@@ -341,7 +342,7 @@ class PeerPlan:
                         x_in = expand_branches(x, nb).to(txt.dtype)  # (nb*b, C, F, H, W)
                         before = counter.stack_runs
                         with model.cache_context(_CONTEXT):
-                            v = model_velocity(model, x_in, model_timestep(sig[i], x_in.shape[0]), txt).float()
+                            v = model_velocity(model, x_in, model_timestep(sig[i], x_in.shape[0], scale), txt).float()
                         computed[sl, i] = counter.stack_runs > before  # one call serves every sample of the group
                         x = euler(x, combine_cfg(v, g, nb), sig[i], sig[i + 1])
                     blocks[sl] = counter.block_equivalents - start_blocks

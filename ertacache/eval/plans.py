@@ -12,7 +12,7 @@ decides at run time, per sample, and has its own loop
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -89,13 +89,16 @@ def uniform_mask(steps: int, full_steps: int) -> tuple[bool, ...]:
     return tuple(bool(m) for m in mask)
 
 
-def fewer_steps_plan(steps: int, full_steps: int, shift: float, n_branches: int, channels: int) -> StaticPlan:
+def fewer_steps_plan(steps: int, full_steps: int, shift: float, n_branches: int, channels: int,
+                     table: Callable[[int], np.ndarray] | None = None) -> StaticPlan:
     """Plain sampling with ``full_steps`` steps (no cache): the baseline every cache must beat.
 
-    Its schedule is drawn on the ``steps`` grid at the nominal steps nearest in sigma.
+    Its schedule is drawn on the ``steps`` grid at the nominal steps nearest in sigma. ``table(n)``
+    gives the nominal sigma table of n steps (the model family's; default: the static ``shift``).
     """
-    own = nominal_sigmas(full_steps, shift)
-    grid = nominal_sigmas(steps, shift)[:-1]
+    table = table or (lambda n: nominal_sigmas(n, shift))
+    own = table(full_steps)
+    grid = table(steps)[:-1]
     near = np.abs(grid[None, :] - own[:-1, None]).argmin(axis=1)  # (full_steps,) grid index per own step
     grid_mask = np.zeros(steps, dtype=bool)
     grid_mask[near] = True

@@ -32,7 +32,7 @@ from ertacache.eval.record import CalibrationRecord
 from ertacache.profile.calibrate import CalibrationSet, rel_l1_per_sample
 from ertacache.profile.schedule import forced_full
 from ertacache.sampling.steps import (
-    StepTables, cached_velocity, combine_cfg, euler, expand_branches, full_velocity, model_timestep,
+    StepTables, cached_velocity, combine_cfg, euler, expand_branches, full_velocity, model_timestep, timestep_scale,
 )
 
 
@@ -104,10 +104,11 @@ class TeaCachePlan:
         forced = forced_full(steps, self.warmup_steps, self.final_steps)
         g = torch.tensor(float(guidance_scale), device=noise.device)
         x, residual, prev_mod = noise.float(), None, None
+        scale = timestep_scale(adapter)  # the family's: the model embeds sigma * scale
         acc, computed = np.zeros(batch), np.zeros((batch, steps), dtype=bool)
         for i in range(steps):
             x_in = expand_branches(x, nb).to(text.dtype)  # (nb*B, C, F, H, W)
-            t = model_timestep(sig[i], x_in.shape[0])
+            t = model_timestep(sig[i], x_in.shape[0], scale)
             mod = adapter.modulated_input(adapter.pre(x_in, t, text))  # (nb*B, N, D)
             change = None if prev_mod is None else rel_l1_per_sample(mod, prev_mod, nb).cpu().numpy()
             prev_mod = mod

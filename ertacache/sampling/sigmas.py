@@ -24,18 +24,18 @@ def nominal_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) ->
     return SigmaSchedule(STATIC, num_train_timesteps=num_train_timesteps).table(steps, shift)
 
 
-def request_sigmas(bundle, settings) -> np.ndarray:
+def request_sigmas(bundle, settings, steps: int | None = None) -> np.ndarray:
     """The nominal sigma table of one request: its model family's schedule at the request's size.
 
     ``bundle``: a loaded model (:class:`~ertacache.models.loading.ModelBundle`: its ``adapter``, and its
     ``layout`` when the family's shift depends on the token count); ``settings``: a
     :class:`~ertacache.sampling.settings.SampleSettings`. Wan's static shift gives
-    ``nominal_sigmas(settings.steps, settings.shift)`` exactly.
+    ``nominal_sigmas(settings.steps, settings.shift)`` exactly. ``steps`` overrides ``settings.steps``.
     """
     family = bundle.adapter.family
     seq_len = None if family.sigma_schedule.uses_shift else \
         bundle.layout.tokens(settings.height, settings.width, settings.frames)
-    return family.sigmas(settings.steps, settings.shift, seq_len)
+    return family.sigmas(settings.steps if steps is None else steps, settings.shift, seq_len)
 
 
 def validate_sigma_table(sigmas: np.ndarray | list[float], steps: int, what: str = "sigma table") -> None:
