@@ -37,7 +37,8 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
 
     Loads only the text encoder of the folder's model (recipe id and path from the manifest).
     """
-    from ertacache.models.loading import FAMILIES, resolve_model_path
+    from ertacache.models.family import family_named
+    from ertacache.models.loading import resolve_model_path
     from ertacache.models.recipes import load_recipe
 
     check_prompt(prompt)
@@ -48,7 +49,7 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
         raise UserError(f"the export folder's model {brief(model_id, 40)} has no recipe, so its text encoder cannot "
                         "be loaded; pass --text-embeds FILE.npy instead of --prompt") from None
     path = resolve_model_path(recipe, model_path or manifest.model.path)
-    encoder = FAMILIES[recipe.family].prompt_encoder(path, manifest.torch_dtype)
+    encoder = family_named(recipe.family).prompt_encoder(path, manifest.torch_dtype)
     return encode_prompt(encoder, prompt, manifest)
 
 

@@ -64,7 +64,7 @@ class ModelParameters:
     verify_files: check every file's sha256 when the instance loads (seconds per GB); a
         tampered or truncated file then fails the load, naming it.
     text_encoder: folder of the bundled text encoder, relative to the version folder ("" none).
-    text_encoder_family: how to load it (a family of :data:`ertacache.models.loading.FAMILIES`).
+    text_encoder_family: how to load it (a model family name, :func:`ertacache.models.family.family_named`).
     digest: the export folder's digest when the model was written (``sha256:...`` of its
         manifest.json); the instance refuses a folder that has been swapped or rebuilt since.
     """
@@ -292,7 +292,7 @@ class ModelInstance:
         return self
 
     def _load_encoder(self, manifest):
-        from ertacache.models.loading import FAMILIES
+        from ertacache.models.family import family_named, is_known_family, known_families
 
         if not self.params.text_encoder:
             raise UserError("config.pbtxt declares a 'prompt' input but names no text_encoder folder; remove the "
@@ -300,10 +300,10 @@ class ModelInstance:
         path = self.version_dir / self.params.text_encoder
         if not path.is_dir():
             raise UserError(f"text encoder folder {path} is missing; regenerate the model with ertacache-triton")
-        if self.params.text_encoder_family not in FAMILIES:
+        if not is_known_family(self.params.text_encoder_family):
             raise UserError(f"config.pbtxt parameter 'text_encoder_family' is {self.params.text_encoder_family!r}; "
-                            f"give one of {sorted(FAMILIES)}")
-        return FAMILIES[self.params.text_encoder_family].prompt_encoder(path, manifest.torch_dtype)
+                            f"give one of {known_families()}")
+        return family_named(self.params.text_encoder_family).prompt_encoder(path, manifest.torch_dtype)
 
     def __exit__(self, *exc) -> None:
         if self.runtime is not None:
