@@ -126,3 +126,19 @@ def test_imports_point_down_the_stage_order():
 def test_the_checker_sees_a_cycle():
     assert find_cycle({("a", "b"): set(), ("b", "c"): set(), ("c", "a"): set()}) == ["a", "b", "c", "a"]
     assert find_cycle({("a", "b"): set(), ("a", "c"): set(), ("b", "c"): set()}) is None
+
+
+def test_models_imports_neither_the_testbed_nor_torch_to_read_a_recipe_and_finds_the_testbed_on_demand():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from ertacache.models.recipes import load_recipe\n"
+            "from ertacache.models.family import known_families\n"
+            "r = load_recipe('wan2.1-tiny'); assert 'testbed' in known_families()\n"
+            "assert not [m for m in sys.modules if m.startswith('ertacache.testbed') or m == 'torch'], 'eager import'\n"
+            "from ertacache.models.family import family_named\n"
+            "assert family_named(r.family).variant_of == 'wan'\n"
+            "assert 'ertacache.testbed.family' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

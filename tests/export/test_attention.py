@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ertacache.export.attention import StackRopeWanAttnProcessor, export_attention, family_rewrites, rotate_interleaved
@@ -61,4 +62,19 @@ def test_family_rewrites_apply_what_the_wan_family_declares_and_undo_it():
     with family_rewrites(model) as applied:
         assert applied == ("wan_stack_rope",)
         assert all(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
+    assert not any(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
+
+
+def test_a_family_declaring_an_unknown_rewrite_is_named(monkeypatch):
+    import dataclasses
+
+    import ertacache.models.family as family_mod
+    from ertacache.models.wan import WAN_T2V
+
+    monkeypatch.setattr(family_mod, "_FAMILIES", dict(family_mod._FAMILIES))
+    monkeypatch.setitem(family_mod._FAMILIES, "wan", dataclasses.replace(WAN_T2V, export_rewrites=("fuse_everything",)))
+    model = tiny_wan("3x4h")
+    with pytest.raises(ValueError, match="declares export rewrites \\['fuse_everything'\\].*EXPORT_REWRITES"):
+        with family_rewrites(model):
+            pass
     assert not any(isinstance(p, StackRopeWanAttnProcessor) for p in model.attn_processors.values())
