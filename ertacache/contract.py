@@ -62,7 +62,7 @@ import posixpath
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -77,7 +77,20 @@ VAE_DECODE = "vae_decode"
 STEP_GRAPHS = (FULL_STEP, CACHED_STEP)
 GRAPHS = (FULL_STEP, CACHED_STEP, VAE_DECODE)
 
-STEP_INPUTS = ("latents", "step", "text_embeds", "guidance_scale")
+TEXT_EMBEDS = "text_embeds"
+#: the conditioning inputs of a folder that does not record them (every folder before the model family
+#: did): Wan's one text tensor. A family's own list is ``ModelFamily.input_names`` (ertacache.models.family).
+DEFAULT_CONDITIONING = (TEXT_EMBEDS,)
+#: the step graphs' own inputs around the conditioning tensors
+LATENTS, STEP, GUIDANCE_SCALE = "latents", "step", "guidance_scale"
+
+
+def step_inputs(conditioning: Sequence[str] = DEFAULT_CONDITIONING) -> tuple[str, ...]:
+    """full_step's input names in call order: latents, step, the family's conditioning tensors, guidance_scale."""
+    return (LATENTS, STEP, *conditioning, GUIDANCE_SCALE)
+
+
+STEP_INPUTS = step_inputs()
 FULL_OUTPUTS = ("latents_out", "residual_out")
 RESIDUAL = "residual"
 CACHED_OUTPUTS = ("latents_out",)
@@ -95,15 +108,19 @@ def residual_slots(history: int = 1) -> tuple[str, ...]:
     return (RESIDUAL,) + tuple(f"{RESIDUAL}_{k}" for k in range(1, history))
 
 
-def cached_inputs(history: int = 1) -> tuple[str, ...]:
+def cached_inputs(history: int = 1, conditioning: Sequence[str] = DEFAULT_CONDITIONING) -> tuple[str, ...]:
     """cached_step's input names in call order for a predictor over K residuals."""
-    return STEP_INPUTS + residual_slots(history)
+    return step_inputs(conditioning) + residual_slots(history)
 
 
-def io_names(graph: str, history: int = 1) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input names in call order, output names in return order) of ``graph`` for history K."""
+def io_names(graph: str, history: int = 1,
+             conditioning: Sequence[str] = DEFAULT_CONDITIONING) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names in call order, output names in return order) of ``graph`` for history K and the
+    model family's conditioning inputs."""
     if graph == CACHED_STEP:
-        return cached_inputs(history), CACHED_OUTPUTS
+        return cached_inputs(history, conditioning), CACHED_OUTPUTS
+    if graph == FULL_STEP:
+        return step_inputs(conditioning), FULL_OUTPUTS
     return IO_NAMES[graph]
 
 
@@ -337,6 +354,8 @@ class ExportManifest:
     graphs: Mapping[str, GraphSpec]
     files: Mapping[str, FileEntry]
     versions: Mapping[str, str | None]
+    #: the model family's conditioning inputs, in graph-input order (absent from older folders: Wan's text_embeds)
+    conditioning: tuple[str, ...] = DEFAULT_CONDITIONING
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -430,7 +449,7 @@ class ExportManifest:
         r.obj(r.get(data, "runtime", "manifest"), "runtime")
         backends = tuple(r.list(data.get("backends", []), "backends", r.str))
         out = cls(root, data, digest, version, model, enc, negative, schedule, shapes, dtype, opset, backends,
-                  targets, graphs, files, versions)
+                  targets, graphs, files, versions, _conditioning(r, data))
         _check_contract(out, fail)
         return out
 
@@ -481,6 +500,17 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
         raise r.fail(f"profile.guidance_scale {s.guidance_scale} and n_branches {nb} disagree (CFG is on exactly "
                      f"when guidance > 1; guidance {s.guidance!r})")
     return s
+
+
+def _conditioning(r: _Reader, data: dict) -> tuple[str, ...]:
+    """The folder's conditioning input names (a list of graph-input names; absent: Wan's text_embeds)."""
+    names = tuple(r.list(data.get("conditioning", list(DEFAULT_CONDITIONING)), "conditioning", r.str))
+    own = (LATENTS, STEP, GUIDANCE_SCALE, RESIDUAL)
+    bad = [n for n in names if not n.isidentifier() or n in own or n.startswith(RESIDUAL + "_")]
+    if not names or bad or len(set(names)) != len(names):
+        raise r.fail(f"conditioning must list distinct graph-input names other than {list(own)}, got "
+                     f"{_short(list(names))}")
+    return names
 
 
 def _shapes(r: _Reader, s: dict) -> Shapes:
@@ -548,7 +578,7 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
     for name, spec in m.graphs.items():
         if name not in IO_NAMES:
             raise fail(f"unknown graph {_short(name)} (known: {list(IO_NAMES)})")
-        ins, outs = io_names(name, m.schedule.history)
+        ins, outs = io_names(name, m.schedule.history, m.conditioning)
         if tuple(spec.input_names) != ins or tuple(spec.output_names) != outs:
             raise fail(f"graph {name!r} has I/O {spec.input_names} -> {spec.output_names}, this runtime expects "
                        f"{list(ins)} -> {list(outs)}"
@@ -563,13 +593,13 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
         if getattr(m.shapes, key) != full.tensor(name).shape:
             raise fail(f"shapes.{key} is {list(getattr(m.shapes, key))} but the full_step graph's {name} is "
                        f"{list(full.tensor(name).shape)}")
-    for name in (STEP_INPUTS[1], STEP_INPUTS[3]):  # step, guidance_scale: scalars
+    for name in (STEP, GUIDANCE_SCALE):  # scalars
         if full.tensor(name).shape != ():
             raise fail(f"the full_step graph's {name} must be a scalar, got {list(full.tensor(name).shape)}")
     if full.tensor("step").dtype != "int64":
         raise fail("the full_step graph's step must be int64")
     cached = m.graphs[CACHED_STEP]
-    for name in STEP_INPUTS:
+    for name in step_inputs(m.conditioning):
         if cached.tensor(name) != full.tensor(name):
             raise fail(f"{name} differs between full_step and cached_step")
     out = full.tensor("residual_out")

@@ -59,6 +59,10 @@ MALFORMED = [
     (lambda m: m["profile"].update(history=2), r"profile.predictor.history 1 differs from profile.history 2"),
     (lambda m: m["profile"].update(guidance="cfg++"), r"profile.guidance 'cfg\+\+' is not one of"),
     (lambda m: m["profile"].update(guidance="embedded"), r"n_branches 2 disagree .*guidance 'embedded'"),
+    (lambda m: m.update(conditioning=["latents"]), r"conditioning must list distinct graph-input names"),
+    (lambda m: m.update(conditioning=["text_embeds", "text_embeds"]), r"conditioning must list distinct"),
+    (lambda m: m.update(conditioning=["prompt_embeds"]), r"graph 'full_step' has I/O .*this runtime expects "
+                                                        r"\['latents', 'step', 'prompt_embeds', 'guidance_scale'\]"),
 ]
 
 
@@ -183,6 +187,9 @@ def test_cached_step_names_for_k_residual_slots():
     assert io_names("cached_step") == IO_NAMES["cached_step"]
     assert residual_slots(3) == ("residual", "residual_1", "residual_2")
     assert cached_inputs(3)[-3:] == residual_slots(3) and io_names("full_step", 3) == IO_NAMES["full_step"]
+    two = ("prompt_embeds", "img_ids")  # a family's conditioning tensors sit between step and guidance_scale
+    assert io_names("full_step", 1, two)[0] == ("latents", "step", *two, "guidance_scale")
+    assert io_names("cached_step", 2, two)[0] == ("latents", "step", *two, "guidance_scale", "residual", "residual_1")
     for bad in (0, 5, True, 2.0):
         with pytest.raises(ValueError, match=r"history \(K\) must be an integer in \[1, 4\]"):
             residual_slots(bad)
@@ -202,8 +209,11 @@ def test_schema_1_folder_is_refused_with_the_fix(onnx_export, tmp_path):
     assert "Traceback" not in text
 
 
-def test_a_folder_exported_before_the_guidance_mode_was_recorded_opens_as_cfg(onnx_export, tmp_path):
+def test_a_folder_exported_before_the_family_was_recorded_opens_as_wan(onnx_export, tmp_path):
+    """Older folders have no profile.guidance and no conditioning list: they read as CFG and text_embeds."""
     folder = copy_folder(onnx_export.out, tmp_path / "f")
-    assert json.loads((folder / "manifest.json").read_text())["profile"]["guidance"] == "cfg"
-    edit_manifest(folder, lambda m: m["profile"].pop("guidance"))
-    assert Runtime(folder, "onnxruntime").manifest.schedule.guidance == "cfg"
+    data = json.loads((folder / "manifest.json").read_text())
+    assert data["profile"]["guidance"] == "cfg" and data["conditioning"] == ["text_embeds"]
+    edit_manifest(folder, lambda m: (m["profile"].pop("guidance"), m.pop("conditioning")))
+    manifest = Runtime(folder, "onnxruntime").manifest
+    assert manifest.schedule.guidance == "cfg" and manifest.conditioning == ("text_embeds",)

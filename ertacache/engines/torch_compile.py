@@ -21,14 +21,23 @@ from torch import nn
 from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
 from ertacache.engines.cuda_graph import CudaGraphCall
 from ertacache.engines.errors import EngineMismatchError
-from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, io_names
+from ertacache.contract import (CACHED_STEP, DEFAULT_CONDITIONING, FULL_STEP, VAE_DECODE, ExportManifest,
+                                 io_names)
 from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep
 
-def input_order(graph: str, history: int = 1) -> tuple[str, ...]:
+def input_order(graph: str, history: int = 1,
+                conditioning: tuple[str, ...] = DEFAULT_CONDITIONING) -> tuple[str, ...]:
     """The input names of ``graph``'s forward in call order; the cached step takes K residual slots."""
-    return io_names(graph, history)[0]
+    return io_names(graph, history, conditioning)[0]
+
+
+def module_conditioning(modules: Mapping[str, nn.Module]) -> tuple[str, ...]:
+    """The conditioning inputs the step modules' forward takes: their model family's (a module without an
+    adapter: the default, Wan's text_embeds)."""
+    adapter = getattr(modules.get(FULL_STEP), "adapter", None)
+    return DEFAULT_CONDITIONING if adapter is None else tuple(adapter.family.input_names)
 
 
 def module_history(modules: Mapping[str, nn.Module]) -> int:
@@ -99,6 +108,7 @@ class TorchCompileEngine(Engine):
         self.compiled: dict[str, Callable] = {}
         self._pool = None
         self.history: int | None = module_history(modules) if isinstance(modules, Mapping) else None
+        self.conditioning = module_conditioning(modules) if isinstance(modules, Mapping) else DEFAULT_CONDITIONING
 
     def _activate(self) -> None:
         modules = self._source() if callable(self._source) else self._source
@@ -107,6 +117,7 @@ class TorchCompileEngine(Engine):
             if name not in self.modules:
                 raise EngineMismatchError(f"the torch backend needs a {name!r} module")
         self.history = module_history(self.modules)  # the cached step's forward takes K residual slots
+        self.conditioning = module_conditioning(self.modules)  # and the family's conditioning tensors
         self.compiled = {}
         for name, module in self.modules.items():
             module.to(self.device)
@@ -135,7 +146,7 @@ class TorchCompileEngine(Engine):
 
     def input_names(self, graph: str) -> tuple[str, ...]:
         """The forward's inputs in call order (K residual slots for the cached step once K is known)."""
-        return input_order(graph, self.history or 1)
+        return input_order(graph, self.history or 1, self.conditioning)
 
     def bind(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> BoundCall:
         self._require_active()

@@ -60,7 +60,7 @@ from torch import nn
 
 from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECODE_INPUTS, DECODE_OUTPUTS,
                                  DTYPE_NAMES, FULL_OUTPUTS, FULL_STEP, STEP_GRAPHS, STEP_INPUTS, VAE_DECODE, GraphSpec,
-                                 TensorSpec, cached_inputs)
+                                 TensorSpec, cached_inputs, step_inputs)
 from ertacache.errors import UserError
 from ertacache.export.attention import WAN_STACK_ROPE, family_rewrites
 from ertacache.export.errors import GraphExportError, failing_op
@@ -85,6 +85,7 @@ class StepGraphs:
     batch_size: int
     attention_swapped: bool = False  # the Wan rope rewrite was applied (recorded in the manifest)
     rewrites: tuple[str, ...] = ()  # every export-time rewrite of the model's family that was applied
+    conditioning: tuple[str, ...] = ("text_embeds",)  # the family's conditioning inputs (graph-input names)
     export_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -143,6 +144,13 @@ class BakeStepGraphs:
 
     def __call__(self, adapter: ModelAdapter, profile: Profile) -> StepGraphs:
         self._check(adapter, profile)
+        conditioning = adapter.family.input_names  # the graph-input names of the family's conditioning tensors
+        if len(conditioning) != 1:
+            # The step modules take one conditioning tensor today (Wan's text_embeds); a family with several
+            # (FLUX: prompt_embeds, pooled_prompt_embeds, txt_ids, img_ids) needs them generalised first.
+            raise NotImplementedError(f"the {adapter.family.name} family has {len(conditioning)} conditioning inputs "
+                                      f"{list(conditioning)}; the step graphs take exactly one so far "
+                                      "(docs/families.md, the FLUX checklist)")
         tables = profile.tables()  # sigmas (T+1,), corr_a/b (T, nb, C), pred_w (T, K, Dw), pred_b (T, Db): buffers
         nb = tables.n_branches
         modules: dict[str, nn.Module] = {
@@ -164,9 +172,9 @@ class BakeStepGraphs:
         slots = tuple(residual * (1.0 - 0.25 * k) for k in range(tables.history))
         examples = {FULL_STEP: step_in, CACHED_STEP: (*step_in, *slots)}
         specs = {
-            FULL_STEP: GraphSpec(FULL_STEP, tuple(map(TensorSpec.of, STEP_INPUTS, step_in)),
+            FULL_STEP: GraphSpec(FULL_STEP, tuple(map(TensorSpec.of, step_inputs(conditioning), step_in)),
                                  tuple(map(TensorSpec.of, FULL_OUTPUTS, (latents_out, residual)))),
-            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, cached_inputs(tables.history),
+            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, cached_inputs(tables.history, conditioning),
                                                           examples[CACHED_STEP])),
                                    (TensorSpec.of("latents_out", latents_out),)),
         }
@@ -190,7 +198,7 @@ class BakeStepGraphs:
                 times[name] = time.perf_counter() - start
         return StepGraphs(modules, programs, examples, specs, tables, list(profile.mask), self.dtype,
                           self.batch_size, attention_swapped=WAN_STACK_ROPE in applied, rewrites=tuple(applied),
-                          export_s=times)
+                          conditioning=tuple(conditioning), export_s=times)
 
 
 #: the contract's names and specs live in ertacache.contract; re-exported here for the pass's callers

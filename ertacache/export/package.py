@@ -318,6 +318,7 @@ class ExportPackage:
                         "phi": [float(p) for p in profile.phi],
                         "history": graphs.history, "predictor": dict(profile.predictor),
                         "guidance": profile.guidance},
+            "conditioning": list(graphs.conditioning),
             "shapes": {"batch_size": cfg.batch_size, "height": profile.height, "width": profile.width,
                        "frames": profile.frames, "latents": list(specs[FULL_STEP].inputs[0].shape),
                        "text_embeds": list(specs[FULL_STEP].inputs[2].shape),
