@@ -2,6 +2,6 @@
 
 This folder is installed as ``ertacache.recipes`` (see pyproject.toml), so the
 CLIs find the recipes in a wheel install as well as in a source checkout.
-Adding a model means adding a JSON file here (and, for a new architecture,
-an adapter in ertacache/models/adapter.py).
+Adding a model means adding a JSON file here (and, for a new model family,
+a family entry and an adapter in ertacache/models/: docs/families.md).
 """
