@@ -244,7 +244,7 @@ class ResidualBank:
             total = 0.0
             for k in range(len(self.slices)):
                 slots = [self.residuals[k, j].to(self.device) for j in newest_first]
-                r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), torch.zeros(1, device=self.device))
+                r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), None)
                 total += rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
                                            self.n_branches).sum().item()
             self._memo[key] = total / self.prompts
