@@ -103,12 +103,13 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
     parser.add_argument("--loop", choices=["closed", "open"], default=None,
                         help="closed: schedule from errors along the cached trajectory; open: from the uncached "
                              f"one (one pass cheaper) (default: {DEFAULT_LOOP})")
-    parser.add_argument("--predictor", choices=["reuse", "taylor", "fitted"], default=None,
+    parser.add_argument("--predictor", choices=["reuse", "taylor", "adaptive", "fitted"], default=None,
                         help="how a cached step predicts the block residual: reuse = the paper's (last residual); "
-                             "taylor = Lagrange extrapolation of the last K = order + 1 full residuals; fitted = "
+                             "taylor = Lagrange extrapolation of the last K = order + 1 full residuals; adaptive = per step the "
+                             "order <= --predictor-order whose extrapolation erred least in calibration; fitted = "
                              f"ridge least squares shrunk toward taylor (default: {DEFAULT_PREDICTOR})")
     parser.add_argument("--predictor-order", type=int, default=None,
-                        help=f"order of taylor / prior of fitted, 0-3 (default: {DEFAULT_PREDICTOR_ORDER})")
+                        help=f"order of taylor, highest order of adaptive, prior of fitted, 0-3 (default: {DEFAULT_PREDICTOR_ORDER})")
     if not ablations:
         return
     parser.add_argument("--predictor-ridge", type=float, default=0.1, help="fitted: shrinkage toward taylor")

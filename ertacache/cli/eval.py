@@ -28,7 +28,8 @@ ALL_METHODS = ("fewer-steps", "uniform", "teacache", *_ERTA, *_PREDICTORS, "diff
                "cachedit-dbcache", "cachedit-dbcache-taylorseer")
 METHOD_GROUPS = ("all", "builtin", "baselines", "erta", "predictors", "peers")
 _METHODS_HELP = ("fewer-steps, uniform, teacache; ERTACache erta-{open,closed}-{policy,time,full} (the paper's reuse) "
-                 "and erta-{t1,t2,t3,f1,f2}-{open,closed}-{policy,time,full} (Taylor order 1/2/3 or fitted K=2/3 "
+                 "and erta-{t1,t2,t3,a2,f1,f2}-{open,closed}-{policy,time,full} (Taylor order 1/2/3, adaptive order <= 2 "
+                 "or fitted K=2/3 "
                  "predictor); the real peers diffusers-taylorseer-{o1,o2,lite}, diffusers-fbcache, diffusers-magcache, "
                  "cachedit-dbcache, cachedit-dbcache-taylorseer")
 STUDIES = ("cal-size", "lambda", "transfer", "batch")
@@ -147,7 +148,7 @@ def _check_study_args(args) -> list[str]:
         raise UserError(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
     if (names or args.wallclock) and args.study_method not in ERTA_METHODS + PREDICTOR_METHODS:
         raise UserError(f"--study-method must be an ERTACache variant (erta-{{open,closed}}-{{policy,time,full}} or "
-                        f"erta-{{t1,t2,t3,f1,f2}}-{{open,closed}}-{{policy,time,full}}), got {args.study_method!r}")
+                        f"erta-{{t1,t2,t3,a2,f1,f2}}-{{open,closed}}-{{policy,time,full}}), got {args.study_method!r}")
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
     return names

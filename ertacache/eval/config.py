@@ -18,7 +18,7 @@ ERTA_METHODS: tuple[str, ...] = tuple(f"erta-{loop}-{stage}" for loop in ("open"
 #: plain "erta-..." names are the paper's reuse; "erta-t2-..." a Taylor (Lagrange) order-2 prediction
 #: from the last 3 full residuals; "erta-f2-..." the ridge fit shrunk toward it.
 PREDICTOR_CODES: dict[str, tuple[str, int]] = {"t1": ("taylor", 1), "t2": ("taylor", 2), "t3": ("taylor", 3),
-                                               "f1": ("fitted", 1), "f2": ("fitted", 2)}
+                                               "a2": ("adaptive", 2), "f1": ("fitted", 1), "f2": ("fitted", 2)}
 PREDICTOR_METHODS: tuple[str, ...] = tuple(f"erta-{code}-{loop}-{stage}" for code in PREDICTOR_CODES
                                            for loop in ("open", "closed") for stage in ERTA_STAGES)
 BUILTIN_METHODS: tuple[str, ...] = BASELINES + ERTA_METHODS + PREDICTOR_METHODS

@@ -39,7 +39,7 @@ from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
-from ertacache.profile.predictor import PredictorConfig, RidgeAccumulator, lagrange_weights
+from ertacache.profile.predictor import PredictorConfig, RidgeAccumulator, lagrange_weights, lower_order_candidates
 from ertacache.profile.schedule import (
     bisection_probes,
     fill_budget,
@@ -238,31 +238,38 @@ class ResidualBank:
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
         self.prompts = sum(sl.stop - sl.start for sl in slices)
 
-    def error(self, newest_first: tuple[int, ...], step: int) -> float:
-        """Mean over prompts of the rel. L1 error of the Lagrange prediction of ``step`` from those full steps."""
+    def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False) -> float:
+        """Mean over prompts of the rel. L1 error of the Lagrange prediction of ``step`` from those full steps.
+
+        ``adaptive``: the least such error over the orders below (prefixes of ``newest_first``), as
+        the adaptive predictor picks.
+        """
+        if adaptive:
+            return min(self.error(newest_first[: j + 1], step) for j in range(len(newest_first)))
         key = (newest_first, step)
         if key not in self._memo:
             w = torch.as_tensor(lagrange_weights(newest_first, step), dtype=torch.float32)
             total = 0.0
             for k in range(len(self.slices)):
                 slots = [self.residuals[k, j].to(self.device) for j in newest_first]
-                r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), torch.zeros(1, device=self.device))
+                r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), None)
                 total += rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
                                            self.n_branches).sum().item()
             self._memo[key] = total / self.prompts
         return self._memo[key]
 
-    def solve_lambda(self, target: int, history: int, forced: np.ndarray) -> float:
+    def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False) -> float:
         """Lambda whose greedy mask comes closest to ``target`` full steps from below (no model call)."""
-        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced)[0]), lam), target)[0]
+        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive)[0]), lam), target)[0]
 
-    def walk(self, lam: float, history: int, forced: np.ndarray) -> tuple[tuple[bool, ...], np.ndarray]:
+    def walk(self, lam: float, history: int, forced: np.ndarray,
+             adaptive: bool = False) -> tuple[tuple[bool, ...], np.ndarray]:
         """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
         mask, positions, errs = [], [], np.zeros(self.steps)
         for i in range(self.steps):
             full = bool(forced[i]) or len(positions) < history
             if not full:
-                errs[i] = self.error(tuple(positions[::-1][:history]), i)
+                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive)
                 full = not errs[i] < lam
             mask.append(full)
             if full:
@@ -334,6 +341,24 @@ def _step_weights(pred: PredictorConfig, positions: list[int], step: int,
     if pred.kind == "fitted" and ridge is not None and ridge.count:
         return ridge.solve(prior, pred.ridge)
     return torch.as_tensor(prior, dtype=torch.float32).reshape(-1, 1), torch.zeros(1)
+
+
+def _least_error_weights(traj: "_Trajectories", newest_first: list[int], step: int, nb: int, prompts: int,
+                         device) -> torch.Tensor:
+    """(K, 1) weights of the order (<= K - 1) whose Lagrange prediction of this step's true residual
+    ("r" in ``traj``) has the least mean rel. L1 error over the calibration prompts."""
+    candidates = [torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1)
+                  for w in lower_order_candidates(newest_first, step)]
+    errs = [0.0] * len(candidates)
+    with torch.no_grad():
+        for k, _ in traj:
+            slots = [traj.get(k, ("h", j)) for j in range(len(newest_first))]
+            truth = traj.get(k, "r")
+            for c, w in enumerate(candidates):
+                r_hat = predict_residual(slots, w.to(device), None)
+                errs[c] += rel_l1_per_sample(r_hat, truth, nb).sum().item() / prompts
+            del slots, truth
+    return candidates[int(np.argmin(errs))]
 
 
 def _put_table(table: torch.Tensor | None, step: int, value: torch.Tensor, steps: int, tail: tuple[int, ...]):
@@ -426,6 +451,8 @@ def cached_pass(
         res_err = float("inf")
         if may_cache:
             w_i, b_i = _step_weights(pred, positions, i, ridge)
+            if pred.kind == "adaptive":  # the order whose prediction errs least over every prompt
+                w_i = _least_error_weights(traj, positions[::-1][:history], i, nb, cal.prompts, device)
             res_err_sum = 0.0
             with torch.no_grad():
                 for k, _ in traj:
@@ -547,7 +574,7 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     """
     bank = residual_bank(cal, config, progress)
     forced = forced_full(cal.steps, config.warmup_steps, config.final_steps)
-    lam = bank.solve_lambda(target, config.predictor.history, forced)
+    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive")
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
     log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
@@ -606,8 +633,9 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
     if config.loop == "open" and config.predictor.kind != "reuse":
         bank = residual_bank(cal, config, progress)
         forced = forced_full(steps, config.warmup_steps, config.final_steps)
-        lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced)
-        mask, step_err = bank.walk(lam, config.predictor.history, forced)
+        adaptive = config.predictor.kind == "adaptive"
+        lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced, adaptive)
+        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive)
         if target is not None:
             mask = fill_budget(mask, step_err, target)
         log(f"open-loop predictor mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")

@@ -12,6 +12,11 @@ At a cached step i the block-stack residual is predicted as
   a finite-difference Taylor expansion of order K - 1 (what TaylorSeer extrapolates with); with
   the uneven spacing of a fitted schedule they are the exact polynomial extrapolation for it.
   They depend only on the mask, so they are a table known before sampling.
+* ``adaptive``: at each cached step, the Lagrange extrapolation of the order <= ``order`` (through
+  the newest order + 1 full residuals, the older slots weighted 0) whose prediction erred least
+  on the calibration trajectories, measured closed loop where the cached sampler goes. A long
+  gap after a curved stretch is where a quadratic overshoots and a line or plain reuse does
+  better; the choice is a table like the others, so the cached step does not change.
 * ``fitted``: ridge least squares on the calibration trajectories, per step, per residual
   channel (or one weight per slot), with a bias: minimise
   ``sum (sum_k w_k x_k + b - y)^2 + alpha * s * ||w - w_taylor||^2`` over every calibration
@@ -36,8 +41,8 @@ import torch
 from ertacache.errors import UserError
 from ertacache.limits import MAX_HISTORY  # the most full-step residuals a predictor reads (one buffer each)
 
-PredictorKind = Literal["reuse", "taylor", "fitted"]
-PREDICTOR_KINDS: tuple[str, ...] = ("reuse", "taylor", "fitted")
+PredictorKind = Literal["reuse", "taylor", "adaptive", "fitted"]
+PREDICTOR_KINDS: tuple[str, ...] = ("reuse", "taylor", "adaptive", "fitted")
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,9 @@ class PredictorConfig:
     """Which predictor a profile fits.
 
     kind: see the module docstring.
-    order: polynomial order of ``taylor`` (0 = reuse, 1 = linear, 2 = quadratic), and the prior
-        of ``fitted``; the cached step then reads K = order + 1 residuals.
+    order: polynomial order of ``taylor`` (0 = reuse, 1 = linear, 2 = quadratic), the highest
+        order ``adaptive`` may pick, and the prior of ``fitted``; the cached step then reads
+        K = order + 1 residuals.
     ridge: ``fitted`` only, the relative shrinkage toward the Taylor weights.
     per_channel: ``fitted`` only, one weight per slot and residual channel (else one per slot).
     bias: ``fitted`` only, fit a per-channel bias too.
@@ -95,6 +101,18 @@ def lagrange_weights(positions: Sequence[float], target: float) -> np.ndarray:
             if j != k:
                 w[k] *= (target - p[j]) / (p[k] - p[j])
     return w
+
+
+def lower_order_candidates(newest_first: Sequence[int], step: int) -> list[np.ndarray]:
+    """(K,) Lagrange weights of every order 0 .. K-1 at ``step``: order j uses the newest j + 1 full
+    steps and gives the older slots weight 0 (what ``adaptive`` chooses among)."""
+    k = len(newest_first)
+    out = []
+    for j in range(k):
+        w = np.zeros(k)
+        w[: j + 1] = lagrange_weights(newest_first[: j + 1], step)
+        out.append(w)
+    return out
 
 
 def last_full_steps(mask: Sequence[bool], step: int, history: int) -> list[int]:

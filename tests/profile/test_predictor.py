@@ -8,7 +8,7 @@ from ertacache.errors import UserError
 from ertacache.profile.calibrate import cached_pass, calibrate, residual_bank
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
-                                         taylor_weights)
+                                         lower_order_candidates, taylor_weights)
 from ertacache.sampling import CachedSampler, StepTables, nominal_sigmas
 from ertacache.sampling.steps import predict_residual
 from tests.profile.conftest import STEPS
@@ -153,3 +153,31 @@ def test_fit_to_budget_trims_the_least_erring_full_steps_and_fills_the_worst_cac
     assert fit_to_budget(mask, errors, 4, forced) == (True, True, True, False, False, False, False, True)
     assert fit_to_budget(mask, errors, 7, forced) == (True, True, True, True, False, True, True, True)
     assert sum(fit_to_budget(mask, errors, 6, forced)) == 6
+
+
+def test_lower_order_candidates_are_the_lagrange_weights_of_each_prefix():
+    cands = lower_order_candidates([6, 4, 3], 7)
+    assert len(cands) == 3
+    np.testing.assert_array_equal(cands[0], [1, 0, 0])  # reuse
+    np.testing.assert_allclose(cands[1], [1.5, -0.5, 0])  # the line through steps 6 and 4, at 7
+    np.testing.assert_allclose(cands[2], lagrange_weights([6, 4, 3], 7))
+
+
+def test_the_adaptive_predictor_picks_the_least_erring_order_at_each_step(cal):
+    """Each cached step bakes one candidate's weights; where the trajectories still coincide with
+    the Taylor pass (the first cached step) its error is the least over the orders, as in the bank."""
+    base = dict(lam=0.1, rectify=False, time_adjust=False, batch_size=2)
+    adaptive = cached_pass(cal, CalibrationConfig(predictor=PredictorConfig("adaptive", 2), **base), mask=MASK,
+                           progress=False)
+    taylor = cached_pass(cal, CalibrationConfig(predictor=PredictorConfig("taylor", 2), **base), mask=MASK,
+                         progress=False)
+    for i, full in enumerate(MASK):
+        if not full:
+            newest = last_full_steps(MASK, i, 3)
+            assert any(np.allclose(adaptive.pred_w[i, :, 0].numpy(), c) for c in lower_order_candidates(newest, i))
+    bank = residual_bank(cal, CalibrationConfig(predictor=PredictorConfig("taylor", 2), **base), progress=False)
+    first = MASK.index(False)
+    orders = [bank.error(tuple(last_full_steps(MASK, first, j + 1)), first) for j in range(3)]
+    assert adaptive.residual_error[first] == pytest.approx(min(orders), rel=1e-5)
+    assert bank.error(tuple(last_full_steps(MASK, first, 3)), first, adaptive=True) == pytest.approx(min(orders))
+    assert adaptive.residual_error[first] <= taylor.residual_error[first] * (1 + 1e-6)
