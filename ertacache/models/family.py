@@ -33,7 +33,7 @@ This module imports no torch: reading a recipe and its family stays cheap.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
