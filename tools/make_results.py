@@ -326,7 +326,7 @@ def study_tables(doc: dict) -> list[str]:
     if "cal-size" in st:
         out += ["### Calibration-set size", "",
                 "Nested prompt sets (the first n of the testbed's calibration prompt stream, seeds 0..n-1), so "
-                "the 16-prompt row is not the recipe set of the main table. " + TESTBEDS[doc["model"]].get("cal_note", ""),
+                "the 16-prompt row is not the recipe set of the main table. " + TESTBEDS.get(doc["model"], {}).get("cal_note", ""),
                 "",
                 table(["calibration prompts", "lambda", *FIDELITY_HEAD, "judge min", "calibration s"],
                       [[str(r["calibration_prompts"]), fmt(r["lambda"], 4), *fidelity_cells(r),
@@ -447,7 +447,8 @@ def render(doc: dict, results_dir: Path, doc_path: Path) -> str:
         f"a calibration prompt",
         f"- every metric is against the uncached {st['steps']}-step sample of the same seed; PSNR/SSIM mean: "
         "the mean over videos of each video's score; worst: the lowest-scoring video (the tail a mean hides); "
-        "PSNR pooled: the PSNR of the MSE pooled over all videos; " + TESTBEDS[doc["model"]]["judge"],
+        "PSNR pooled: the PSNR of the MSE pooled over all videos; " + TESTBEDS.get(doc["model"], {}).get(
+            "judge", "judge accuracies are the fractions the testbed's judge reads as the prompted attribute"),
         f"- LPIPS: {doc['lpips']}",
         "",
         "Methods (all at the same number of full transformer evaluations, `round(T / speedup)`, counted as "

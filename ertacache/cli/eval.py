@@ -21,7 +21,7 @@ DEFAULT_HELD_OUT = 16
 #: they agree), spelled here because importing those loads torch, and --help should answer at once
 _STAGES = ("policy", "time", "full")
 _ERTA = tuple(f"erta-{loop}-{stage}" for loop in ("open", "closed") for stage in _STAGES)
-_PREDICTORS = tuple(f"erta-{code}-{loop}-{stage}" for code in ("t1", "t2", "t3", "f1", "f2") for loop in ("open", "closed")
+_PREDICTORS = tuple(f"erta-{code}-{loop}-{stage}" for code in ("t1", "t2", "t3", "a2", "f1", "f2") for loop in ("open", "closed")
                     for stage in _STAGES)
 ALL_METHODS = ("fewer-steps", "uniform", "teacache", *_ERTA, *_PREDICTORS, "diffusers-taylorseer-o1",
                "diffusers-taylorseer-o2", "diffusers-taylorseer-lite", "diffusers-fbcache", "diffusers-magcache",
