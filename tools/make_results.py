@@ -157,8 +157,7 @@ def acc_label(column: str) -> str:
 
 def judge_min(r: dict, suffix: str = "") -> float | None:
     """The lowest of a row's judge accuracies (one number for the narrow tables), or None without a judge."""
-    vals = [v for k, v in r.items() if k.endswith("_acc" + suffix) and v is not None
-            and (suffix or not k.endswith("_uncached"))]
+    vals = [v for k, v in r.items() if k.endswith("_acc" + suffix) and v is not None]
     return min(vals) if vals else None
 
 

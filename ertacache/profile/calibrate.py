@@ -450,9 +450,11 @@ def cached_pass(
         # (2) the predictor's weights for this step and the error of its prediction, over every prompt
         res_err = float("inf")
         if may_cache:
-            w_i, b_i = _step_weights(pred, positions, i, ridge)
-            if pred.kind == "adaptive":  # the order whose prediction errs least over every prompt
+            if pred.kind == "adaptive":  # the order whose prediction errs least over every prompt, no bias
                 w_i = _least_error_weights(traj, positions[::-1][:history], i, nb, cal.prompts, device)
+                b_i = torch.zeros(1)
+            else:
+                w_i, b_i = _step_weights(pred, positions, i, ridge)
             res_err_sum = 0.0
             with torch.no_grad():
                 for k, _ in traj:
