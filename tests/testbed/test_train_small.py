@@ -5,6 +5,7 @@ class with small specs), so the mechanics are tested in seconds; the real size i
 exercised by the training run itself.
 """
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -48,6 +49,35 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     for a, b in zip(straight.ema_tr.state_dict().values(), resumed.ema_tr.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.losses[-1] != resumed.losses[0]  # it did train
+
+
+def test_object_coverage_is_the_rendered_objects_box_in_latent_pixels():
+    """The weighted loss must weigh where the prompted object is drawn, frame by frame."""
+    sampler = sd.SceneSampler("train", spec=TINY_SCENE, seed=3)
+    _, _, scenes = sampler.batch(4)
+    cov = tst.object_coverage(scenes, TINY_SCENE)  # (4, 1, F, 8, 8)
+    assert cov.shape == (4, 1, TINY_SCENE.frames, 8, 8)
+    s = TINY_SCENE.object_size
+    assert torch.allclose(cov.sum(dim=(1, 3, 4)), torch.full((4, TINY_SCENE.frames), s * s / 16.0))
+    for i, sc in enumerate(scenes):
+        other = "blue" if sc.colour != "blue" else "red"
+        a = sampler.render(sc)  # (F, H, W, 3)
+        b = sampler.render(dataclasses.replace(sc, colour=other))  # the same clip, the object recoloured
+        for f in range(TINY_SCENE.frames):
+            drawn = torch.from_numpy(abs(a[f] - b[f]).sum(-1) > 1e-6)  # (H, W): pixels the object covers
+            inside = torch.nn.functional.avg_pool2d(drawn[None, None].float(), 4)[0, 0] > 0  # (8, 8)
+            assert bool((cov[i, 0, f][inside] > 0).all())  # every latent pixel the object touches is weighted
+
+
+def test_weighted_loss_is_a_config_choice_and_old_checkpoints_keep_plain_mse(tmp_path):
+    with pytest.raises(UserError, match="object-weight"):
+        tst.SmallTrainConfig(object_weight=-1.0)
+    run = tst.Run(tst.SmallTrainConfig(steps=1, batch_size=2, warmup=2, object_weight=0.0), TINY_MODEL, TINY_SCENE)
+    tst.train(run, tmp_path, minutes=10, checkpoint_every=1)
+    state = torch.load(tmp_path / tst.CHECKPOINT, weights_only=True)
+    del state["config"]["object_weight"]  # as written before the option existed
+    torch.save(state, tmp_path / tst.CHECKPOINT)
+    assert tst.Run.from_checkpoint(tmp_path / tst.CHECKPOINT, steps=2).cfg.object_weight == 0.0
 
 
 def test_learning_rate_warms_up_then_stays_constant():
