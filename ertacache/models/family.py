@@ -266,11 +266,14 @@ class ConditioningInput:
 
     rows: ``"branch"`` (nb*B rows: the cond rows, then with CFG the uncond rows), ``"sample"``
     (B rows) or ``"shared"`` (no batch axis, e.g. position ids). ``doc``: its shape and meaning.
+    cached_step: whether a cached step reads it too (FLUX's pooled text embedding feeds the
+    timestep embedding the head needs; Wan's text states feed only the skipped blocks).
     """
 
     name: str
     rows: str = ROWS_PER_BRANCH
     doc: str = ""
+    cached_step: bool = False
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -428,6 +431,7 @@ _BY_CLASS: dict[str, str] = {}
 #: a package above it (the testbed registers itself), so the package import graph stays acyclic.
 FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
+    "flux": "ertacache.models.flux",
     "testbed": "ertacache.testbed.family",
 }
 
