@@ -7,6 +7,7 @@ known before step 0 runs, exactly as in the exported runtime.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +15,8 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
-from ertacache.sampling.steps import CachedStep, FullStep, StepTables
+from ertacache.models.family import ROWS_PER_BRANCH, ROWS_PER_SAMPLE
+from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
 def initial_latents(
@@ -48,6 +50,25 @@ def validate_mask(mask: Sequence[bool], steps: int, history: int = 1) -> tuple[b
     return mask
 
 
+def check_conditioning_rows(family, text: Conditioning, batch: int, n_branches: int) -> None:
+    """Refuse conditioning whose rows do not match the batch, naming the input and the rule."""
+    order = "cond then uncond" if n_branches == 2 else "cond only"
+    if not isinstance(text, Mapping):
+        if text.shape[0] != n_branches * batch:
+            raise UserError(f"text_embeds has {text.shape[0]} rows; expected {n_branches} x batch {batch} ({order})")
+        return
+    missing = [c.name for c in family.conditioning if c.name not in text]
+    unknown = sorted(set(text) - set(family.input_names))
+    if missing or unknown:
+        raise UserError(f"the {family.name} family takes the conditioning inputs {list(family.input_names)}; "
+                        f"missing {missing}, unknown {unknown}")
+    for c in family.conditioning:
+        want = {ROWS_PER_BRANCH: n_branches * batch, ROWS_PER_SAMPLE: batch}.get(c.rows)
+        if want is not None and text[c.name].shape[0] != want:
+            raise UserError(f"{c.name} has {text[c.name].shape[0]} rows; expected {want} "
+                            f"({c.rows} rows: batch {batch}, {order})")
+
+
 @dataclass
 class SampleResult:
     latents: torch.Tensor  # (B, C, F, H, W)
@@ -64,13 +85,15 @@ class CachedSampler:
     def __init__(self, adapter: ModelAdapter, tables: StepTables, mask: Sequence[bool]):
         self.tables = tables
         self.mask = validate_mask(mask, tables.steps, tables.history)
+        self.family = adapter.family
         self.full_step = FullStep(adapter, tables)
         self.cached_step = CachedStep(adapter, tables)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float,
+    def __call__(self, latents: torch.Tensor, text_embeds: Conditioning, guidance_scale: float,
                  check_finite: bool = True) -> SampleResult:
-        """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first.
+        """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first
+        (or, for a family with several conditioning inputs, a mapping of them: see ``steps``).
 
         With ``check_finite`` a NaN/Inf in the result raises :class:`NumericalError` naming the
         first step that produced it (one isfinite check after the loop; a replay only on failure).
@@ -81,14 +104,10 @@ class CachedSampler:
             raise NumericalError("the final latents contain NaN/Inf but a replay did not reproduce it")
         return result
 
-    def _run(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float,
+    def _run(self, latents: torch.Tensor, text_embeds: Conditioning, guidance_scale: float,
              name_bad_step: bool = False) -> SampleResult:
         n_branches = self.tables.n_branches
-        if text_embeds.shape[0] != n_branches * latents.shape[0]:
-            raise UserError(
-                f"text_embeds has {text_embeds.shape[0]} rows; expected {n_branches} x batch {latents.shape[0]} "
-                f"({'cond then uncond' if n_branches == 2 else 'cond only'})"
-            )
+        check_conditioning_rows(self.family, text_embeds, latents.shape[0], n_branches)
         device = latents.device
         self.tables.to(device)
         steps = torch.arange(self.tables.steps, device=device)  # int64 step indices, made once

@@ -14,6 +14,10 @@ Tensors crossing a step boundary:
 ``text_embeds`` is (nb*B, L, D) with the cond rows first and, with CFG (nb = 2),
 the uncond rows after them; ``residual`` is (nb*B, N, D): one residual per CFG
 branch and sample, in the same row order.
+For a family with several conditioning inputs or an embedded guidance scale (FLUX.1),
+``text_embeds`` is a mapping from the family's input names to tensors (each with the rows its
+:class:`~ertacache.models.family.ConditioningInput` says); the eager sampler takes it, the
+exported graphs do not yet (one conditioning tensor per graph, docs/families.md).
 
 The cached step predicts the block-stack residual from the K most recent
 full-step residuals (``residual`` the newest, ``residual_k`` the one k full
@@ -24,13 +28,19 @@ paper's reuse, Lagrange weights are a Taylor-style extrapolation
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from ertacache.models.adapter import ModelAdapter
+from ertacache.models.family import EMBEDDED
+
+#: a step's conditioning: one tensor (Wan: the text states, (nb*B, L, D)) or, for a family with several
+#: conditioning inputs or an embedded guidance scale (FLUX), a mapping from the family's input names
+Conditioning = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 #: flow-matching timesteps are sigma scaled to the training range (diffusers' convention); the default
 #: of :func:`model_timestep`. The step modules use their model family's ``timestep_scale`` instead.
@@ -171,10 +181,22 @@ def predict_residual(history: Sequence[torch.Tensor], w: torch.Tensor, b: torch.
     return out.to(history[0].dtype)
 
 
-def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual) -> torch.Tensor:
-    """Branch velocities (float32) from the stored residual: pre + residual + head, no block."""
-    pre = adapter.pre(x_in, timestep, None)
+def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual, cond=None) -> torch.Tensor:
+    """Branch velocities (float32) from the stored residual: pre + residual + head, no block.
+
+    cond: what a cached ``pre`` still reads (None for Wan; FLUX's pooled text and guidance).
+    """
+    pre = adapter.pre(x_in, timestep, cond)
     return adapter.head(pre.hidden + residual.to(pre.hidden.dtype), pre).float()
+
+
+def conditioning_dtype(text: Conditioning) -> torch.dtype:
+    """The dtype the step runs the transformer in: the conditioning's (the first input's, for a mapping)."""
+    if isinstance(text, Mapping):
+        if not text:
+            raise ValueError("the conditioning mapping is empty")
+        return next(iter(text.values())).dtype
+    return text.dtype
 
 
 class _Step(nn.Module):
@@ -184,10 +206,28 @@ class _Step(nn.Module):
         self.transformer = adapter.model  # registered so .to() and torch.export see the weights
         self.tables = tables
         self.timestep_scale = timestep_scale(adapter)  # a Python constant of the family, baked into graphs
+        self.family = adapter.family
 
-    def _setup(self, latents, step, text_embeds):
+    def _conditioning(self, text: Conditioning, guidance_scale: torch.Tensor, rows: int, cached: bool):
+        """What the adapter's ``pre`` reads on this step.
+
+        One tensor (Wan): itself on full steps and None on cached ones, since the text feeds only
+        the skipped blocks. A mapping (FLUX): on cached steps only the inputs the family marks
+        ``cached_step`` (the pooled text feeds the timestep embedding the head needs), and with an
+        embedded guidance scale the scale itself as ``guidance`` (rows,), since then it is a model
+        input instead of a CFG mix.
+        """
+        if not isinstance(text, Mapping):
+            return None if cached else text
+        keep = {c.name for c in self.family.conditioning if c.cached_step or not cached}
+        cond = {name: value for name, value in text.items() if name in keep}
+        if self.family.guidance == EMBEDDED:
+            cond["guidance"] = guidance_scale.reshape(1).expand(rows)  # (rows,)
+        return cond
+
+    def _setup(self, latents, step, text_embeds: Conditioning):
         n_branches = self.tables.n_branches
-        dtype = text_embeds.dtype
+        dtype = conditioning_dtype(text_embeds)
         sigma = at_step(self.tables.sigmas, step)
         sigma_next = at_step(self.tables.sigmas, step + 1)
         x_in = expand_branches(latents, n_branches).to(dtype)  # (nb*B, C, F, H, W)
@@ -200,7 +240,8 @@ class FullStep(_Step):
 
     def forward(self, latents, step, text_embeds, guidance_scale):
         n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
-        v, residual = full_velocity(self.adapter, x_in, timestep, text_embeds)
+        cond = self._conditioning(text_embeds, guidance_scale, x_in.shape[0], cached=False)
+        v, residual = full_velocity(self.adapter, x_in, timestep, cond)
         v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)
         return euler(latents, v, sigma, sigma_next), residual
 
@@ -225,7 +266,8 @@ class CachedStep(_Step):
         if not self.reuse:
             residual = predict_residual((residual, *older), at_step(self.tables.pred_w, step),
                                         at_step(self.tables.pred_b, step) if self.bias else None)
-        v = cached_velocity(self.adapter, x_in, timestep, residual)
+        cond = self._conditioning(text_embeds, guidance_scale, x_in.shape[0], cached=True)
+        v = cached_velocity(self.adapter, x_in, timestep, residual, cond)
         v = rectify(v, at_step(self.tables.corr_a, step), at_step(self.tables.corr_b, step))
         v = combine_cfg(v, guidance_scale, n_branches)  # (B, C, F, H, W)
         return euler(latents, v, sigma, sigma_next)

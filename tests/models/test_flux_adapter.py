@@ -1,13 +1,15 @@
-"""The FLUX.1 adapter and family entry against diffusers' own FluxTransformer2DModel and FluxPipeline helpers."""
+"""The FLUX.1 adapter, family entry and eager sampler against diffusers' own FluxTransformer2DModel and FluxPipeline."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
 from ertacache.models.family import EMBEDDED, IMAGE, family_for_model, family_named
 from ertacache.models.flux import FluxLatentDecoder, image_ids, pack_latents, unpack_latents
+from ertacache.sampling.sampler import CachedSampler
+from ertacache.sampling.steps import StepTables
 
 
 def tiny_flux(guidance_embeds: bool, seed: int = 0) -> FluxTransformer2DModel:
@@ -94,3 +96,66 @@ def test_family_entry_describes_flux():
         layout.check(30, 48)  # not a multiple of VAE factor x packing
     frames = decoder.decode(torch.zeros(1, 4, 16, 24))
     assert frames.shape == (1, 1, 32, 48, 3) and frames.dtype == torch.uint8  # an image is a one-frame video
+
+
+def _flux_pipeline(model: FluxTransformer2DModel) -> FluxPipeline:
+    """FluxPipeline around ``model`` with FLUX.1's scheduler config; no text encoders or VAE (embeds are passed)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    return FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model)
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_sampler_with_all_full_mask_equals_flux_pipeline(guidance_embeds):
+    """The project's sampler (dynamic sigma table, sigma timesteps, embedded guidance) is FluxPipeline's loop."""
+    model = tiny_flux(guidance_embeds)
+    adapter = adapter_for(model)
+    family = adapter.family
+    steps, height, width = 4, 64, 64  # FluxPipeline without a VAE assumes factor 8: latents 8 x 8, 16 tokens
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, H', W')
+    cond = {"prompt_embeds": torch.randn(2, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 12, generator=g)}
+    tables = StepTables(family.sigmas(steps, seq_len=16), n_branches=family.n_branches(3.5), channels=4)
+    ours = CachedSampler(adapter, tables, [True] * steps)(noise, cond, 3.5).latents  # (B, C, H', W')
+    with torch.no_grad():
+        ref = _flux_pipeline(model)(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                                    height=height, width=width, num_inference_steps=steps, guidance_scale=3.5,
+                                    latents=pack_latents(noise), output_type="latent", return_dict=False)[0]
+    torch.testing.assert_close(ours, unpack_latents(ref, 8, 8), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(ours, noise)
+
+
+def test_cached_step_reuses_the_residual_with_pooled_text_and_guidance():
+    """A cached FLUX step = x + dt * head(pre(x, sigma, pooled + guidance) + the last full step's residual)."""
+    model = tiny_flux(True)
+    adapter = adapter_for(model)
+    family = adapter.family
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(1, 4, 8, 8, generator=g)  # (B, C, H', W')
+    cond = {"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 12, generator=g)}
+    sigmas = family.sigmas(3, seq_len=16)
+    tables = StepTables(sigmas, n_branches=1, channels=4)
+    ours = CachedSampler(adapter, tables, [True, False, True])(noise, cond, 2.0).latents
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    guided = {**cond, "guidance": torch.tensor([2.0])}
+    with torch.no_grad():
+        pre0 = adapter.pre(noise, s[0].reshape(1), guided)
+        h0 = adapter.blocks(pre0)
+        x1 = noise + (s[1] - s[0]) * adapter.head(h0, pre0)
+        pre1 = adapter.pre(x1, s[1].reshape(1), {k: guided[k] for k in ("pooled_prompt_embeds", "guidance")})
+        x2 = x1 + (s[2] - s[1]) * adapter.head(pre1.hidden + (h0 - pre0.hidden), pre1)
+        x3 = x2 + (s[3] - s[2]) * adapter.forward(x2, s[2].reshape(1), guided)
+    torch.testing.assert_close(ours, x3, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_names_missing_or_misshaped_flux_conditioning():
+    model = tiny_flux(True)
+    adapter = adapter_for(model)
+    tables = StepTables(adapter.family.sigmas(2, seq_len=16), n_branches=1, channels=4)
+    sampler = CachedSampler(adapter, tables, [True, False])
+    noise = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(UserError, match=r"missing \['pooled_prompt_embeds'\]"):
+        sampler(noise, {"prompt_embeds": torch.zeros(2, 5, 32)}, 2.0)
+    with pytest.raises(UserError, match="pooled_prompt_embeds has 1 rows; expected 2"):
+        sampler(noise, {"prompt_embeds": torch.zeros(2, 5, 32), "pooled_prompt_embeds": torch.zeros(1, 12)}, 2.0)
