@@ -96,8 +96,13 @@ class ModelAdapter:
 
         return family_for_model(self.model)
 
-    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None) -> PreOutput:
-        """Embed the latent video (and, unless ``text`` is None, everything the blocks need)."""
+    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> PreOutput:
+        """Embed the latent video (and, unless ``text`` is None, everything the blocks need).
+
+        ``text``: one conditioning tensor (Wan) or, for a family with several conditioning inputs or
+        an embedded guidance scale (FLUX), a mapping of them; on a cached step it is None or the
+        mapping of the inputs the family marks ``cached_step`` (:mod:`ertacache.sampling.steps`).
+        """
         raise NotImplementedError
 
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
