@@ -284,6 +284,10 @@ class ConditioningInput:
         if self.rows not in ROW_RULES:
             raise ValueError(f"conditioning input {self.name!r}: rows must be one of {ROW_RULES}, got {self.rows!r}")
 
+    def expected_rows(self, batch: int, n_branches: int) -> int | None:
+        """Its leading-axis length for ``batch`` samples and ``n_branches`` CFG branches (None: no batch axis)."""
+        return {ROWS_PER_BRANCH: n_branches * batch, ROWS_PER_SAMPLE: batch}.get(self.rows)
+
 
 Loader = Callable[[Path, Any], Any]  # (model folder, torch dtype) -> component
 

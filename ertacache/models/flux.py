@@ -108,13 +108,12 @@ class FluxAdapter(ModelAdapter):
             return model.time_text_embed(t, g, pooled)  # (B, D)
         return model.time_text_embed(t, pooled)  # (B, D)
 
-    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor] | None,
-            full: bool | None = None) -> PreOutput:
+    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor] | None) -> PreOutput:
         model = self.model
         if cond is None or not isinstance(cond, Mapping):
             raise ValueError("the FLUX adapter takes its conditioning as a mapping (prompt_embeds, "
                              "pooled_prompt_embeds[, guidance]); a cached step still needs the pooled embeddings")
-        full = "prompt_embeds" in cond if full is None else full
+        full = "prompt_embeds" in cond  # a cached step's mapping holds only the cached_step inputs
         _, _, h, w = latents.shape
         tokens = model.x_embedder(pack_latents(latents))  # (B, N, 4C) -> (B, N, D)
         temb = self._temb(timestep, cond, tokens.dtype)  # (B, D)

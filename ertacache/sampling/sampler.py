@@ -15,7 +15,6 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
-from ertacache.models.family import ROWS_PER_BRANCH, ROWS_PER_SAMPLE
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
@@ -63,7 +62,7 @@ def check_conditioning_rows(family, text: Conditioning, batch: int, n_branches: 
         raise UserError(f"the {family.name} family takes the conditioning inputs {list(family.input_names)}; "
                         f"missing {missing}, unknown {unknown}")
     for c in family.conditioning:
-        want = {ROWS_PER_BRANCH: n_branches * batch, ROWS_PER_SAMPLE: batch}.get(c.rows)
+        want = c.expected_rows(batch, n_branches)
         if want is not None and text[c.name].shape[0] != want:
             raise UserError(f"{c.name} has {text[c.name].shape[0]} rows; expected {want} "
                             f"({c.rows} rows: batch {batch}, {order})")
