@@ -83,11 +83,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
                    help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
                         "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")
-    p.add_argument("--final-steps", type=int, default=1, help="trailing full steps of every ERTACache method")
-    p.add_argument("--schedule-stat", choices=["mean", "max"], default="mean")
-    p.add_argument("--schedule-weight", choices=["none", "dt"], default="none",
-                   help="ERTACache's mask rule: the predicted residual's error as is (none), or times the "
-                        "step's length (dt)")
     p.add_argument("--studies", default="",
                    help=f"comma list of {', '.join(STUDIES)} (default: none)")
     p.add_argument("--study-method", default="erta-t2-closed-full",
@@ -139,10 +134,7 @@ def build_config(args, bundle):
         batch_size=args.batch_size,
         calibration_batch_size=bundle.recipe.defaults.calibration_batch_size,
         warmup_steps=args.warmup_steps,
-        final_steps=args.final_steps,
         phi_rule=args.phi_rule,
-        schedule_weight=args.schedule_weight,
-        schedule_stat=args.schedule_stat,
     )
 
 

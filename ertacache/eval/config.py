@@ -181,10 +181,7 @@ class EvalConfig:
     batch_size: int = 16
     calibration_batch_size: int = 16
     warmup_steps: int = 1
-    final_steps: int = 1
     phi_rule: str = "auto"  # "auto": the paper's for the reuse methods, least squares for the predictors
-    schedule_weight: str = "none"  # CalibrationConfig.schedule_weight of every ERTACache method
-    schedule_stat: str = "mean"
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
     peers: PeerConfig = field(default_factory=PeerConfig)
 

@@ -46,7 +46,6 @@ from ertacache.profile.schedule import (
     forced_full,
     mask_from_error_matrix,
     solve_lambda,
-    step_weights,
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
 from ertacache.sampling.steps import (
@@ -223,11 +222,6 @@ def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np
     store.clear()
 
 
-def reduce_prompts(errors: np.ndarray, stat: str) -> float:
-    """(P,) per-prompt errors -> the one the mask rule compares with lambda: their mean or their max."""
-    return float(errors.max() if stat == "max" else errors.mean())
-
-
 class ResidualBank:
     """Every block-stack residual of the uncached trajectories, on the host: (slice, step) -> (nb*b, N, D).
 
@@ -244,43 +238,38 @@ class ResidualBank:
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
         self.prompts = sum(sl.stop - sl.start for sl in slices)
 
-    def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False, stat: str = "mean") -> float:
-        """Rel. L1 error of the Lagrange prediction of ``step`` from those full steps, over the prompts
-        (``stat``: their mean, or the worst prompt's).
+    def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False) -> float:
+        """Mean over prompts of the rel. L1 error of the Lagrange prediction of ``step`` from those full steps.
 
         ``adaptive``: the least such error over the orders below (prefixes of ``newest_first``), as
         the adaptive predictor picks.
         """
         if adaptive:
-            return min(self.error(newest_first[: j + 1], step, stat=stat) for j in range(len(newest_first)))
+            return min(self.error(newest_first[: j + 1], step) for j in range(len(newest_first)))
         key = (newest_first, step)
         if key not in self._memo:
             w = torch.as_tensor(lagrange_weights(newest_first, step), dtype=torch.float32)
-            per_prompt = []
+            total = 0.0
             for k in range(len(self.slices)):
                 slots = [self.residuals[k, j].to(self.device) for j in newest_first]
                 r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), None)
-                per_prompt.append(rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
-                                                    self.n_branches).cpu())
-            self._memo[key] = torch.cat(per_prompt).numpy()  # (P,)
-        return float(reduce_prompts(self._memo[key], stat))
+                total += rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
+                                           self.n_branches).sum().item()
+            self._memo[key] = total / self.prompts
+        return self._memo[key]
 
-    def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False,
-                     weights: np.ndarray | None = None, stat: str = "mean") -> float:
+    def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False) -> float:
         """Lambda whose greedy mask comes closest to ``target`` full steps from below (no model call)."""
-        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive, weights, stat)[0]), lam),
-                            target)[0]
+        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive)[0]), lam), target)[0]
 
-    def walk(self, lam: float, history: int, forced: np.ndarray, adaptive: bool = False,
-             weights: np.ndarray | None = None, stat: str = "mean") -> tuple[tuple[bool, ...], np.ndarray]:
-        """The greedy mask for ``lam`` (cache while the weighted prediction error is below it) and each
-        step's weighted error (``weights``: :func:`~ertacache.profile.schedule.step_weights`, default ones)."""
+    def walk(self, lam: float, history: int, forced: np.ndarray,
+             adaptive: bool = False) -> tuple[tuple[bool, ...], np.ndarray]:
+        """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
         mask, positions, errs = [], [], np.zeros(self.steps)
         for i in range(self.steps):
             full = bool(forced[i]) or len(positions) < history
             if not full:
-                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive, stat)
-                errs[i] *= 1.0 if weights is None else weights[i]
+                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive)
                 full = not errs[i] < lam
             mask.append(full)
             if full:
@@ -414,7 +403,6 @@ def cached_pass(
         mask = validate_mask(mask, steps, history)
     forced = forced_full(steps, config.warmup_steps, config.final_steps)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
-    weights = step_weights(nominal, config.schedule_weight)  # (T,) on the error lambda is compared with
     device = cal.device
     g = torch.tensor(float(cal.guidance_scale), device=device)
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
@@ -467,22 +455,22 @@ def cached_pass(
                 b_i = torch.zeros(1)
             else:
                 w_i, b_i = _step_weights(pred, positions, i, ridge)
-            per_prompt = []
+            res_err_sum = 0.0
             with torch.no_grad():
                 for k, _ in traj:
                     slots = [traj.get(k, ("h", j)) for j in range(history)]
                     r_hat = predict_residual(slots, w_i.to(device), b_i.to(device))
-                    per_prompt.append(rel_l1_per_sample(r_hat, traj.get(k, "r"), nb).cpu())
+                    res_err_sum += rel_l1_per_sample(r_hat, traj.get(k, "r"), nb).sum().item()
                     traj.put(k, "r_hat", r_hat)
                     del slots, r_hat
-            res_err = float(reduce_prompts(torch.cat(per_prompt).numpy(), config.schedule_stat))
+            res_err = res_err_sum / cal.prompts
             prediction_error[i] = res_err
 
         # (3) the decision, a mean over every prompt
         if mask is not None:
             full = bool(mask[i]) or bool(forced[i])
         else:
-            full = not may_cache or not res_err * weights[i] < lam
+            full = not may_cache or not res_err < lam
         out_mask.append(full)
         if max_full is not None and sum(out_mask) + int(forced[i + 1:].sum()) > max_full:
             traj.store.clear()
@@ -588,11 +576,9 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     """
     bank = residual_bank(cal, config, progress)
     forced = forced_full(cal.steps, config.warmup_steps, config.final_steps)
-    weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
-    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive", weights,
-                            config.schedule_stat)
+    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive")
     probe = cached_pass(cal, config, lam=lam, progress=progress)
-    mask = fit_to_budget(probe.mask, probe.prediction_error * weights, target, forced)
+    mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
     log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
     result = cached_pass(cal, config, mask=mask, progress=progress)
     return CalibrationOutcome(lam=lam, result=result, error_matrix=None)
@@ -650,10 +636,8 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         bank = residual_bank(cal, config, progress)
         forced = forced_full(steps, config.warmup_steps, config.final_steps)
         adaptive = config.predictor.kind == "adaptive"
-        weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
-        lam = (config.lam if target is None
-               else bank.solve_lambda(target, config.predictor.history, forced, adaptive, weights, config.schedule_stat))
-        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive, weights, config.schedule_stat)
+        lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced, adaptive)
+        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive)
         if target is not None:
             mask = fill_budget(mask, step_err, target)
         log(f"open-loop predictor mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")

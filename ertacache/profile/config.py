@@ -10,7 +10,6 @@ from ertacache.profile.predictor import PredictorConfig
 
 Loop = Literal["open", "closed"]
 PhiRule = Literal["auto", "paper", "lsq"]
-ScheduleWeight = Literal["none", "dt"]
 
 
 @dataclass
@@ -42,11 +41,6 @@ class CalibrationConfig:
         velocity change is below ``phi_eps * mean|v|`` the ratio carries no
         information and phi is left at 1 instead of being driven to phi_min.
     batch_size: calibration prompts per model call (memory vs speed).
-    schedule_weight: what the mask rule compares with lambda. "none": the predicted residual's
-        relative error (the paper's rule). "dt": that error times the step's length
-        |sigma_(i+1) - sigma_i| over the mean length, i.e. in proportion to what it moves the
-        latent by: with shift > 1 the last steps are several times longer than the first, so an
-        error there costs more (:func:`ertacache.profile.schedule.step_weights`).
     """
 
     lam: float | None = None
@@ -62,8 +56,6 @@ class CalibrationConfig:
     phi_max: float | None = None
     phi_eps: float = 1e-3
     batch_size: int = 8
-    schedule_weight: ScheduleWeight = "none"
-    schedule_stat: str = "mean"
 
     def __post_init__(self):
         if (self.lam is None) == (self.speedup is None):
@@ -84,8 +76,6 @@ class CalibrationConfig:
             raise UserError(f"--warmup-steps {self.warmup_steps} is below the {self.predictor.history} full-step "
                             f"residuals the order-{self.predictor.order} predictor reads before its first cached "
                             f"step; raise it to {self.predictor.history} or lower --predictor-order")
-        if self.schedule_weight not in ("none", "dt"):
-            raise UserError(f"schedule weight must be 'none' or 'dt', got {self.schedule_weight!r}")
         if self.phi_rule not in ("auto", "paper", "lsq"):
             raise UserError(f"phi rule must be 'auto', 'paper' or 'lsq', got {self.phi_rule!r}")
         if self.phi_rule == "auto":

@@ -23,21 +23,6 @@ def forced_full(steps: int, warmup_steps: int, final_steps: int) -> np.ndarray:
     return forced
 
 
-def step_weights(sigmas, rule: str) -> np.ndarray:
-    """(T,) factor on each step's schedule error (``CalibrationConfig.schedule_weight``).
-
-    "dt": |sigma_(i+1) - sigma_i| / mean, because an error in the velocity of step i moves the
-    latent by dt_i times that error; with the shifted flow-matching table of Wan (shift 3) the
-    last step is about 9x longer than the first, so the same relative error there costs 9x more.
-    "none": ones (the paper's rule).
-    """
-    sig = np.asarray(sigmas, dtype=np.float64)  # (T + 1,)
-    if rule == "none":
-        return np.ones(len(sig) - 1)
-    dt = np.abs(np.diff(sig))  # (T,)
-    return dt / dt.mean()
-
-
 def mask_from_error_matrix(errors: np.ndarray, lam: float, warmup_steps: int, final_steps: int) -> tuple[bool, ...]:
     """Greedy walk over errors[j, i] = error of reusing step j's residual at step i (j < i)."""
     steps = errors.shape[0]
