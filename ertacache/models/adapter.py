@@ -29,6 +29,31 @@ from ertacache.errors import UserError
 _ADAPTERS: dict[str, type["ModelAdapter"]] = {}
 
 
+def bind_call(names: tuple[str, ...], args: tuple, kwargs: dict, ignored: tuple[str, ...] = (),
+              owner: str = "this model") -> dict[str, Any]:
+    """A forward's positional and keyword arguments by name (``names`` in the forward's order).
+
+    ``ignored`` arguments may be given empty only (None, False, {}): the adapter mirrors the forward
+    without them, so a value there (image conditioning, ControlNet residuals, attention kwargs) is
+    refused instead of silently dropped. Any other name is an error too.
+    """
+    if len(args) > len(names):
+        raise TypeError(f"{owner}'s forward takes at most {len(names)} positional arguments, got {len(args)}")
+    bound = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key in bound:
+            raise TypeError(f"{owner}'s forward got {key!r} twice")
+        if key in ignored:
+            if not (value is None or value is False or (isinstance(value, dict) and not value)):
+                raise UserError(f"{owner}: the ERTACache hook does not support {key!r} (it mirrors the plain "
+                                "text-conditioned forward); call the pipeline without it")
+            continue
+        if key not in names:
+            raise TypeError(f"{owner}'s forward got an unexpected argument {key!r}")
+        bound[key] = value
+    return bound
+
+
 def register_adapter(class_name: str) -> Callable[[type["ModelAdapter"]], type["ModelAdapter"]]:
     """Register an adapter class for transformers whose class is named ``class_name``."""
 
@@ -65,6 +90,23 @@ class PreOutput:
     hidden: torch.Tensor  # (B, N, D) tokens entering the block stack
     head_inputs: Any  # adapter-specific, consumed by `head` (e.g. temb and the token grid)
     block_inputs: Any | None  # adapter-specific, consumed by `blocks`; None on cached steps
+
+
+@dataclass
+class TransformerCall:
+    """One call of the transformer as a diffusers pipeline makes it, in the adapter's terms.
+
+    What a pipeline hook (:mod:`ertacache.integrations.diffusers_pipeline`) needs to run a full or a
+    cached step through the adapter instead of the model's forward: the pipeline's arguments may be
+    in another layout (FLUX passes packed tokens), so the adapter translates them and says how to
+    translate the velocity back.
+    """
+
+    latents: torch.Tensor  # in the adapter's layout: (rows, C, F, H, W) video, (rows, C, H, W) image
+    timestep: torch.Tensor  # (rows,) as the model takes it (sigma x the family's timestep scale)
+    cond: Any  # what a full step's ``pre`` reads (a tensor, or a mapping by conditioning name)
+    cached_cond: Any  # what a cached step's ``pre`` reads (None, or the mapping of the cached_step inputs)
+    to_output: Callable[[torch.Tensor], torch.Tensor]  # velocity in the adapter's layout -> the forward's
 
 
 class ModelAdapter:
@@ -116,6 +158,16 @@ class ModelAdapter:
     def head(self, hidden: torch.Tensor, pre: PreOutput) -> torch.Tensor:
         """Map block-stack output back to a velocity shaped like the latents."""
         raise NotImplementedError
+
+    def transformer_call(self, *args, **kwargs) -> TransformerCall:
+        """The model's forward arguments (without ``return_dict``) as a :class:`TransformerCall`.
+
+        The one place that knows the diffusers forward's signature, so the pipeline hook works for
+        every family. Arguments the adapter does not mirror (image conditioning, ControlNet residuals)
+        are refused rather than dropped.
+        """
+        raise UserError(f"the {type(self).__name__} adapter does not translate pipeline calls; the diffusers "
+                        "integration needs ModelAdapter.transformer_call (docs/families.md)")
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``head(blocks(pre(...)))``: must equal the model's own forward."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ertacache.errors import UserError
-from ertacache.models.adapter import ModelAdapter, PreOutput, register_adapter
+from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
 from ertacache.models.components import to_uint8_frames
 from ertacache.models.family import EMBEDDED, IMAGE, ConditioningInput, ModelFamily, SigmaSchedule, register_family
 
@@ -129,6 +129,35 @@ class FluxAdapter(ModelAdapter):
             img_ids = image_ids(h // PACK, w // PACK, device=tokens.device, dtype=text.dtype)  # (N, 3)
         rotary = model.pos_embed(torch.cat([txt_ids, img_ids], dim=0))  # ids (L + N, 3) -> cos, sin
         return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=_FluxBlockInputs(text, rotary))
+
+    def transformer_call(self, *args, **kwargs) -> TransformerCall:
+        """FluxPipeline's call: packed (B, N, 4C) tokens, sigma timesteps, guidance scales, the two text
+        tensors and the rope ids; unpacked here to (B, C, H', W') (the grid size read from ``img_ids``),
+        and the velocity packed back."""
+        names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                 "guidance")
+        bound = bind_call(names, args, kwargs, ignored=("joint_attention_kwargs", "controlnet_block_samples",
+                                                        "controlnet_single_block_samples", "controlnet_blocks_repeat"),
+                          owner=type(self.model).__name__)
+        missing = [n for n in names[:-1] if bound.get(n) is None]
+        if missing:
+            raise UserError(f"{type(self.model).__name__}: the pipeline's call has no {missing}; the ERTACache hook "
+                            "needs the text states, the pooled embedding, the timestep and the rope ids")
+        img_ids, txt_ids = bound["img_ids"], bound["txt_ids"]
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3); a batch axis is the deprecated form
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids  # (L, 3)
+        h, w = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1  # the packed token grid (h, w)
+        tokens = bound["hidden_states"]  # (B, h*w, 4C)
+        if tokens.shape[1] != h * w:
+            raise UserError(f"{type(self.model).__name__}: {tokens.shape[1]} image tokens but img_ids describe a "
+                            f"{h} x {w} grid; the hook needs FluxPipeline's packed latents and ids")
+        latents = unpack_latents(tokens, h * PACK, w * PACK)  # (B, C, H', W')
+        cached = {"pooled_prompt_embeds": bound["pooled_projections"]}
+        if bound.get("guidance") is not None:
+            cached["guidance"] = bound["guidance"]  # (B,) scales; the transformer (and pre) multiply by 1000
+        cond = {"prompt_embeds": bound["encoder_hidden_states"], **cached, "txt_ids": txt_ids, "img_ids": img_ids}
+        return TransformerCall(latents=latents, timestep=bound["timestep"], cond=cond, cached_cond=cached,
+                               to_output=pack_latents)
 
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First double-stream block's AdaLN-Zero output on the image tokens: (B, N, D)."""

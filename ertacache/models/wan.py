@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ertacache.errors import UserError
-from ertacache.models.adapter import ModelAdapter, PreOutput, register_adapter
+from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
 from ertacache.models.components import LatentDecoder, PromptEncoder, UMT5PromptEncoder, WanLatentDecoder
 from ertacache.models.family import CFG, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule, register_family
 
@@ -80,6 +80,13 @@ class WanAdapter(ModelAdapter):
             rotary=model.rope(latents),
         )
         return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=block_inputs)
+
+    def transformer_call(self, *args, **kwargs) -> TransformerCall:
+        """WanPipeline's call: (B, C, F, H, W) latents, (B,) timesteps sigma x 1000, the text states; as is."""
+        bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states"), args, kwargs,
+                          ignored=("encoder_hidden_states_image", "attention_kwargs"), owner=type(self.model).__name__)
+        return TransformerCall(latents=bound["hidden_states"], timestep=bound["timestep"],
+                               cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
 
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First block's timestep-modulated input norm1(h) * (1 + scale) + shift: (B, N, D).

@@ -54,3 +54,17 @@ def test_modulated_input_is_what_the_first_block_feeds_its_self_attention(wan_mo
         mod = wan_adapter.modulated_input(pre)
     handle.remove()
     torch.testing.assert_close(mod, seen["in"].float(), rtol=0, atol=1e-6)
+
+
+def test_transformer_call_takes_a_pipelines_arguments_and_refuses_what_it_does_not_mirror(wan_model, wan_adapter):
+    """WanPipeline's call (positional or keyword) maps onto the adapter; image conditioning or unknown names do not."""
+    x, t, text = torch.randn(1, 4, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 16)
+    call = wan_adapter.transformer_call(x, t, encoder_hidden_states=text, attention_kwargs=None)
+    assert call.latents is x and call.timestep is t and call.cond is text and call.cached_cond is None
+    assert call.to_output(x) is x
+    with pytest.raises(UserError, match="does not support 'encoder_hidden_states_image'"):
+        wan_adapter.transformer_call(x, t, text, encoder_hidden_states_image=torch.zeros(1, 257, 16))
+    with pytest.raises(TypeError, match="unexpected argument 'guidance'"):
+        wan_adapter.transformer_call(x, t, text, guidance=torch.ones(1))
+    with pytest.raises(TypeError, match="'timestep' twice"):
+        wan_adapter.transformer_call(x, t, text, timestep=t)

@@ -1,19 +1,26 @@
-"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a ``WanPipeline``.
+"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a ``WanPipeline`` or a ``FluxPipeline``.
 
 Two pieces, both through public diffusers extension points:
 
 * the transformer gets a stateful ``ModelHook`` (diffusers' hook registry, as
   its own FirstBlockCache and MagCache use) that, per cache context ("cond",
-  "uncond") and ``step_index`` supplied by the pipeline, either computes the
-  block stack and stores the residual, or predicts it from the last K stored
-  residuals with the profile's predictor (K = 1: reuse) and applies the
-  profile's correction; the model class and its forward are untouched;
+  "uncond") and step, either computes the block stack and stores the residual,
+  or predicts it from the last K stored residuals with the profile's predictor
+  (K = 1: reuse) and applies the profile's correction; the model class and its
+  forward are untouched. The family's adapter translates the pipeline's call
+  (``ModelAdapter.transformer_call``: FluxPipeline passes packed tokens and rope
+  ids, WanPipeline the latents as they are), so the hook itself knows no family;
 * the scheduler becomes flow-matching Euler over the profile's adjusted sigma
   table, so the model sees the adjusted timesteps and the update integrates
   over the adjusted intervals.
 
+The step comes from the cache context when the pipeline supplies it (WanPipeline's
+``step_index``) and otherwise from the timestep, looked up in the profile's table
+(FluxPipeline's context carries only the name): the table is strictly decreasing, so the
+nearest entry is the step, and a timestep between entries is refused.
+
 The result equals :class:`ertacache.sampling.CachedSampler` with the same
-profile (the pipeline runs the CFG branches as two calls instead of one batch,
+profile (WanPipeline runs the CFG branches as two calls instead of one batch,
 so fp32 results agree to rounding).
 """
 
@@ -30,7 +37,7 @@ from ertacache.models.family import family_for_model
 from ertacache.models.loading import fingerprint_module
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import validate_mask
-from ertacache.sampling.steps import cached_velocity, full_velocity, predict_residual, rectify
+from ertacache.sampling.steps import cached_velocity, full_velocity, predict_residual, rectify, timestep_scale
 
 HOOK_NAME = "ertacache"
 _BRANCH = {"cond": 0, "uncond": 1}
@@ -44,13 +51,16 @@ class ProfileSigmaScheduler(FlowMatchEulerDiscreteScheduler):
 
     profile_sigmas: list[float] | None = None
 
-    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        # sigmas / mu: what FluxPipeline passes (its ramp and its resolution shift); the profile's table
+        # already holds the family's shift, so only their count is read
         if self.profile_sigmas is None:
             raise RuntimeError("ProfileSigmaScheduler used before enable_ertacache() set its sigma table")
         steps = len(self.profile_sigmas) - 1
-        if num_inference_steps not in (None, steps):
+        asked = len(sigmas) if sigmas is not None else len(timesteps) if timesteps is not None else num_inference_steps
+        if asked not in (None, steps):
             raise UserError(f"this ERTACache profile is for {steps} steps; call the pipeline with "
-                            f"num_inference_steps={steps} or make a profile for {num_inference_steps}")
+                            f"num_inference_steps={steps} or make a profile for {asked}")
         super().set_timesteps(sigmas=self.profile_sigmas[:-1], device=device)
 
 
@@ -65,7 +75,7 @@ class _BranchState(BaseState):
 
 
 class ERTACacheHook(ModelHook):
-    """Replace the block stack by the cached residual on the profile's reused steps."""
+    """Replace the block stack by the predicted residual on the profile's cached steps."""
 
     _is_stateful = True
 
@@ -76,43 +86,72 @@ class ERTACacheHook(ModelHook):
         tables = profile.tables()
         self.k, self.reuse = tables.history, tables.plain_reuse()
         self.pred_w, self.pred_b = tables.pred_w, tables.pred_b  # (T, K, Dw), (T, Db)
+        self.n_branches = profile.n_branches
+        self.guidance, self.guidance_scale = profile.guidance, float(profile.guidance_scale)
+        self.sigmas = [float(s) for s in profile.sigmas]  # (T + 1,) the adjusted table the scheduler runs
         self.state_manager = StateManager(_BranchState)
 
     def initialize_hook(self, module):
         self.adapter = adapter_for(module)
+        self.scale = timestep_scale(self.adapter)  # the model's timestep = sigma x this
         return module
 
     def reset_state(self, module):
         self.state_manager.reset()
         return module
 
-    def new_forward(self, module, hidden_states, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+    def _step(self, ctx, timestep) -> int:
+        """The step: the context's ``step_index``, else the profile-table entry the timestep is."""
+        if ctx.step_index is not None:
+            return int(ctx.step_index)
+        t = float(timestep.reshape(-1)[0]) / self.scale  # one host read per call: the hook runs eagerly
+        table = self.sigmas[:-1]
+        i = min(range(len(table)), key=lambda j: abs(table[j] - t))
+        gaps = [abs(table[j] - table[i]) for j in (i - 1, i + 1) if 0 <= j < len(table)]
+        if gaps and abs(table[i] - t) > 0.25 * min(gaps):
+            raise UserError(f"the pipeline's timestep {t:.6g} (as sigma) is not on this profile's sigma table; "
+                            "enable_ertacache replaces the scheduler, so leave pipe.scheduler as it set it")
+        return i
+
+    def new_forward(self, module, *args, return_dict=True, **kwargs):
         ctx = self.state_manager.context
-        if ctx.step_index is None or ctx.name not in _BRANCH:
-            raise RuntimeError("ERTACache needs the pipeline's cache_context('cond'|'uncond', step_index=i)")
-        state, i, branch = self.state_manager.get_state(), ctx.step_index, _BRANCH[ctx.name]
+        if ctx.name not in _BRANCH:
+            raise RuntimeError("ERTACache needs the pipeline's cache_context('cond'|'uncond')")
+        branch = _BRANCH[ctx.name]
+        if branch >= self.n_branches:
+            raise UserError(f"this profile was made with {self.n_branches} branch(es) ({self.guidance} guidance) but "
+                            f"the pipeline makes a {ctx.name!r} call; run it without true CFG (no negative prompt, "
+                            "true_cfg_scale 1) or profile with CFG")
+        call = self.adapter.transformer_call(*args, **kwargs)
+        guidance = call.cached_cond.get("guidance") if isinstance(call.cached_cond, dict) else None
+        if guidance is not None and abs(float(guidance.reshape(-1)[0]) - self.guidance_scale) > 1e-6:
+            raise UserError(f"this profile was calibrated at guidance scale {self.guidance_scale:g}, the pipeline "
+                            f"embeds {float(guidance.reshape(-1)[0]):g}; call it with guidance_scale="
+                            f"{self.guidance_scale:g} or profile at that scale")
+        state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
+        x = call.latents
         if self.mask[i]:
-            v, residual = full_velocity(self.adapter, hidden_states, timestep, encoder_hidden_states)
+            v, residual = full_velocity(self.adapter, x, call.timestep, call.cond)
             state.history = [residual, *state.history[: self.k - 1]]
         else:
             if len(state.history) < self.k:
                 raise RuntimeError(f"step {i} predicts from {self.k} residual(s) but {len(state.history)} full "
                                   "step(s) ran before it")
             residual = state.history[0] if self.reuse else predict_residual(
-                state.history, self.pred_w[i].to(hidden_states.device), self.pred_b[i].to(hidden_states.device))
-            v = cached_velocity(self.adapter, hidden_states, timestep, residual)
+                state.history, self.pred_w[i].to(x.device), self.pred_b[i].to(x.device))
+            v = cached_velocity(self.adapter, x, call.timestep, residual, call.cached_cond)
             a = self.corr_a[i, branch : branch + 1].to(v.device)  # (1, C)
             b = self.corr_b[i, branch : branch + 1].to(v.device)
             v = rectify(v, a, b)
-        v = v.to(hidden_states.dtype)
-        return Transformer2DModelOutput(sample=v) if return_dict else (v,)
+        out = call.to_output(v.to(x.dtype))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
-    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline) with ``profile``; returns ``pipe``.
+    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline or FluxPipeline) with ``profile``; returns ``pipe``.
 
-    Call the pipeline with ``num_inference_steps=profile.steps`` and the
-    profile's height/width/frames; guidance_scale > 1 must match the profile's CFG.
+    Call the pipeline with ``num_inference_steps=profile.steps`` and the profile's height/width
+    (/frames); the guidance scale must be the profile's (an embedded one is checked on every call).
     """
     transformer = pipe.transformer
     family = family_for_model(transformer)  # refuses a transformer class no family knows

@@ -1,0 +1,99 @@
+"""``enable_ertacache`` on a real diffusers ``FluxPipeline`` equals the project's own cached sampler.
+
+The pipeline is built from a tiny ``FluxTransformer2DModel`` config (no text encoders or VAE: the
+embeddings are passed in, latents come back packed). The profile is written by hand, because
+calibration does not take FLUX's conditioning mapping yet (docs/families.md): a mask with cached
+steps, an adjusted sigma table (so the test sees whether the pipeline runs the profile's table),
+a K = 3 Lagrange predictor with a bias and a non-zero correction.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ertacache.errors import UserError
+from ertacache.integrations import disable_ertacache, enable_ertacache
+from ertacache.models.adapter import adapter_for
+from ertacache.models.flux import pack_latents, unpack_latents
+from ertacache.models.loading import fingerprint_module
+from ertacache.profile.artifact import Profile
+from ertacache.profile.timeadjust import adjusted_sigmas
+from ertacache.sampling import CachedSampler
+from tests.export.fixtures import k3_profile
+from tests.models.test_flux_adapter import _flux_pipeline, tiny_flux
+
+STEPS = 8
+MASK = [True, True, True, False, False, True, False, True]
+SEQ = 16  # 64 x 64 pixels -> 8 x 8 latents (FluxPipeline's factor 8 without a VAE) -> 4 x 4 packed tokens
+GUIDANCE = 3.5
+
+
+def flux_profile(model, guidance_embeds: bool) -> Profile:
+    adapter = adapter_for(model)
+    nominal = adapter.family.sigmas(STEPS, seq_len=SEQ)  # (T + 1,) FLUX's dynamic shift for 16 tokens
+    phi = np.where(MASK, 1.0, 0.9)  # cached steps shortened, so the table differs from the nominal one
+    g = torch.Generator().manual_seed(5)
+    corr_a = 0.02 * torch.randn(STEPS, 1, 4, generator=g)  # (T, nb, C)
+    corr_b = 0.02 * torch.randn(STEPS, 1, 4, generator=g)
+    base = Profile("flux-tiny-test", fingerprint_module(model), STEPS, 1.0, 64, 64, None, [4, 8, 8], GUIDANCE, 1,
+                   0.1, list(MASK), list(nominal), list(adjusted_sigmas(np.asarray(nominal), phi)), list(phi),
+                   corr_a, corr_b, {}, {}, guidance="embedded")
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    return k3_profile(base, width, MASK)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(1, 4, 8, 8, generator=g)  # (B, C, H', W')
+    cond = {"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 12, generator=g)}
+    return noise, cond
+
+
+def _run(pipe, noise, cond, **kwargs):
+    args = dict(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], height=64,
+                width=64, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=pack_latents(noise),
+                output_type="latent", return_dict=False)
+    with torch.no_grad():
+        return unpack_latents(pipe(**{**args, **kwargs})[0], 8, 8)  # (B, 4C, ...) tokens -> (B, C, H', W')
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev-style", "schnell-style"])
+def test_enable_ertacache_on_flux_pipeline_equals_our_cached_sampler(guidance_embeds):
+    model = tiny_flux(guidance_embeds)
+    profile = flux_profile(model, guidance_embeds)
+    pipe = _flux_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    noise, cond = _inputs()
+
+    enable_ertacache(pipe, profile)
+    got = _run(pipe, noise, cond)
+    again = _run(pipe, noise, cond)  # the step comes from the timestep: nothing carries over between calls
+    with torch.no_grad():
+        ours = CachedSampler(adapter_for(model), profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+    torch.testing.assert_close(got, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+    disable_ertacache(pipe)
+    plain = _run(pipe, noise, cond)
+    assert (plain - got).abs().max() > 1e-4  # caching changed the result, and disabling removed it
+    reuse = dataclasses.replace(profile, pred_w=None, pred_b=None,
+                                predictor={"kind": "reuse", "order": 0, "history": 1})
+    enable_ertacache(pipe, reuse)
+    assert (_run(pipe, noise, cond) - got).abs().max() > 1e-4  # the hook followed the K = 3 predictor
+
+
+def test_flux_pipeline_calls_the_profile_was_not_made_for_are_refused():
+    model = tiny_flux(True)
+    pipe = _flux_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    noise, cond = _inputs()
+    enable_ertacache(pipe, flux_profile(model, True))
+    with pytest.raises(UserError, match="num_inference_steps=8"):
+        _run(pipe, noise, cond, num_inference_steps=4)
+    with pytest.raises(UserError, match="guidance_scale=3.5"):
+        _run(pipe, noise, cond, guidance_scale=5.0)
+    with pytest.raises(UserError, match="without true CFG"):
+        _run(pipe, noise, cond, true_cfg_scale=2.0, negative_prompt_embeds=cond["prompt_embeds"],
+             negative_pooled_prompt_embeds=cond["pooled_prompt_embeds"])
