@@ -27,6 +27,7 @@ number of prompts and steps (``docs/engines.md`` gives the formula).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ertacache.errors import NumericalError
 from ertacache.models.adapter import ModelAdapter
+from ertacache.models.family import ROWS_PER_BRANCH, ROWS_PER_SAMPLE
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
@@ -49,14 +51,17 @@ from ertacache.profile.schedule import (
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
 from ertacache.sampling.steps import (
+    Conditioning,
     StepTables,
     cached_velocity,
     combine_cfg,
+    conditioning_dtype,
     expand_branches,
     full_velocity,
     model_timestep,
     predict_residual,
     rectify,
+    step_conditioning,
     timestep_scale,
 )
 
@@ -65,15 +70,17 @@ from ertacache.sampling.steps import (
 class CalibrationSet:
     """The calibration trajectories' inputs.
 
-    latents: (P, C, F, H, W) float32 initial noise, one row per prompt.
-    text_embeds: (nb*P, L, D) cond rows, then (with CFG) uncond rows.
+    latents: (P, C, F, H, W) (video) or (P, C, H, W) (image) float32 initial noise, one row per prompt.
+    text_embeds: the conditioning: one tensor (nb*P, L, D), the cond rows then (with CFG) the uncond
+        rows (Wan), or a mapping by the family's conditioning names, each laid out by its row rule
+        (FLUX: ``prompt_embeds`` (P, L, D_t5), ``pooled_prompt_embeds`` (P, D_clip)).
     Both may live on the host: each pass moves one micro-batch at a time to the model's device.
     store: where the passes park per-prompt state between steps (see :mod:`ertacache.profile.offload`).
     """
 
     adapter: ModelAdapter
     latents: torch.Tensor
-    text_embeds: torch.Tensor
+    text_embeds: Conditioning
     guidance_scale: float
     nominal_sigmas: np.ndarray
     n_branches: int = 2
@@ -106,10 +113,31 @@ class CalibrationSet:
         """(b, C, F, H, W) float32 initial noise of prompts ``sl`` on the model's device."""
         return self.latents[sl].to(self.device, torch.float32)
 
-    def text_rows(self, sl: slice) -> torch.Tensor:
-        """(nb*b, L, D): the cond and uncond rows of prompts ``sl``, branch-major, on the model's device."""
-        rows = self.text_embeds.unflatten(0, (self.n_branches, self.prompts))  # (nb, P, L, D)
-        return rows[:, sl].flatten(0, 1).to(self.device)
+    def text_rows(self, sl: slice) -> Conditioning:
+        """The conditioning rows of prompts ``sl`` on the model's device: (nb*b, L, D) cond and uncond
+        rows, branch-major, for one tensor; for a mapping, each input sliced by its row rule."""
+        if not isinstance(self.text_embeds, Mapping):
+            return self._branch_rows(self.text_embeds, sl)
+        rules = {c.name: c.rows for c in self.adapter.family.conditioning}
+        out = {}
+        for name, value in self.text_embeds.items():
+            rule = rules.get(name, ROWS_PER_BRANCH)
+            out[name] = (self._branch_rows(value, sl) if rule == ROWS_PER_BRANCH
+                         else value[sl].to(self.device) if rule == ROWS_PER_SAMPLE else value.to(self.device))
+        return out
+
+    def _branch_rows(self, value: torch.Tensor, sl: slice) -> torch.Tensor:
+        rows = value.unflatten(0, (self.n_branches, self.prompts))  # (nb*P, ...) -> (nb, P, ...)
+        return rows[:, sl].flatten(0, 1).to(self.device)  # (nb*b, ...)
+
+    def step_cond(self, text: Conditioning, rows: int, cached: bool):
+        """What ``pre`` reads on a full or cached step of these rows (:func:`step_conditioning`)."""
+        return step_conditioning(self.adapter.family, text, self.guidance_scale, rows, cached)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the passes run the transformer in (the conditioning's)."""
+        return conditioning_dtype(self.text_embeds)
 
 
 @dataclass
@@ -191,10 +219,11 @@ def _uncached_steps(cal: CalibrationSet, sl: slice, sig: torch.Tensor):
     its count in ``cal.block_evals``, the NaN check and the Euler step. Call under ``torch.no_grad``.
     """
     x = cal.latent_rows(sl)
-    text = cal.text_rows(sl)
+    rows = (sl.stop - sl.start) * cal.n_branches
+    text = cal.step_cond(cal.text_rows(sl), rows, cached=False)  # what a full step's pre reads
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     for i in range(cal.steps):
-        x_in = expand_branches(x, cal.n_branches).to(text.dtype)
+        x_in = expand_branches(x, cal.n_branches).to(cal.dtype)
         t = model_timestep(sig[i], x_in.shape[0], scale)
         v, r = full_velocity(cal.adapter, x_in, t, text)
         cal.block_evals += sl.stop - sl.start
@@ -430,8 +459,8 @@ def cached_pass(
         # (1) the true step for every micro-batch; the fitted predictor's sums where it may be cached
         with torch.no_grad():
             for k, sl in traj:
-                text = cal.text_rows(sl)
-                x_in = expand_branches(traj.get(k, "x"), nb).to(text.dtype)  # (nb*b, C, F, H, W)
+                x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)  # (nb*b, C, F, H, W)
+                text = cal.step_cond(cal.text_rows(sl), x_in.shape[0], cached=False)
                 v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), text)
                 cal.block_evals += sl.stop - sl.start
                 _check_finite(v_true, i, sl)
@@ -483,10 +512,11 @@ def cached_pass(
             pred_w = _put_table(pred_w, i, w_i, steps, (history, 1))
             pred_b = _put_table(pred_b, i, b_i, steps, (1,))
             with torch.no_grad():
-                for k, _ in traj:
-                    x_in = expand_branches(traj.get(k, "x"), nb).to(cal.text_embeds.dtype)
+                for k, sl in traj:
+                    x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)
+                    cond = cal.step_cond(cal.text_rows(sl), x_in.shape[0], cached=True)  # None for Wan
                     v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale),
-                                               traj.get(k, "r_hat"))
+                                               traj.get(k, "r_hat"), cond)
                     if acc is not None:
                         acc.update(v_cached, v_cached - traj.get(k, "v_true"))
                     traj.put(k, "v_cached", v_cached)

@@ -199,6 +199,27 @@ def conditioning_dtype(text: Conditioning) -> torch.dtype:
     return text.dtype
 
 
+def step_conditioning(family, text: Conditioning, guidance_scale, rows: int, cached: bool):
+    """What the adapter's ``pre`` reads on a full (``cached`` False) or a cached step.
+
+    One tensor (Wan): itself on full steps and None on cached ones, since the text feeds only
+    the skipped blocks. A mapping (FLUX): on cached steps only the inputs the family marks
+    ``cached_step`` (the pooled text feeds the timestep embedding the head needs), and with an
+    embedded guidance scale the scale itself as ``guidance`` (rows,), since then it is a model
+    input instead of a CFG mix. ``guidance_scale``: a 0-d or one-element tensor (or a float).
+    The step graphs, the calibration passes and the pipeline hook all take it from here.
+    """
+    if not isinstance(text, Mapping):
+        return None if cached else text
+    keep = {c.name for c in family.conditioning if c.cached_step or not cached}
+    cond = {name: value for name, value in text.items() if name in keep}
+    if family.guidance == EMBEDDED:
+        g = guidance_scale if isinstance(guidance_scale, torch.Tensor) else torch.tensor(
+            float(guidance_scale), device=next(iter(text.values())).device)  # a graph input stays as it is
+        cond["guidance"] = g.reshape(1).expand(rows)  # (rows,)
+    return cond
+
+
 class _Step(nn.Module):
     def __init__(self, adapter: ModelAdapter, tables: StepTables):
         super().__init__()
@@ -209,21 +230,7 @@ class _Step(nn.Module):
         self.family = adapter.family
 
     def _conditioning(self, text: Conditioning, guidance_scale: torch.Tensor, rows: int, cached: bool):
-        """What the adapter's ``pre`` reads on this step.
-
-        One tensor (Wan): itself on full steps and None on cached ones, since the text feeds only
-        the skipped blocks. A mapping (FLUX): on cached steps only the inputs the family marks
-        ``cached_step`` (the pooled text feeds the timestep embedding the head needs), and with an
-        embedded guidance scale the scale itself as ``guidance`` (rows,), since then it is a model
-        input instead of a CFG mix.
-        """
-        if not isinstance(text, Mapping):
-            return None if cached else text
-        keep = {c.name for c in self.family.conditioning if c.cached_step or not cached}
-        cond = {name: value for name, value in text.items() if name in keep}
-        if self.family.guidance == EMBEDDED:
-            cond["guidance"] = guidance_scale.reshape(1).expand(rows)  # (rows,)
-        return cond
+        return step_conditioning(self.family, text, guidance_scale, rows, cached)
 
     def _setup(self, latents, step, text_embeds: Conditioning):
         n_branches = self.tables.n_branches

@@ -1,10 +1,10 @@
 """``enable_ertacache`` on a real diffusers ``FluxPipeline`` equals the project's own cached sampler.
 
 The pipeline is built from a tiny ``FluxTransformer2DModel`` config (no text encoders or VAE: the
-embeddings are passed in, latents come back packed). The profile is written by hand, because
-calibration does not take FLUX's conditioning mapping yet (docs/families.md): a mask with cached
-steps, an adjusted sigma table (so the test sees whether the pipeline runs the profile's table),
-a K = 3 Lagrange predictor with a bias and a non-zero correction.
+embeddings are passed in, latents come back packed). One profile is written by hand (a mask with
+cached steps, an adjusted sigma table, so the test sees whether the pipeline runs the profile's
+table, a K = 3 Lagrange predictor with a bias and a non-zero correction); another is calibrated
+on FLUX's conditioning mapping, open and closed loop.
 """
 
 import dataclasses
@@ -19,8 +19,11 @@ from ertacache.models.adapter import adapter_for
 from ertacache.models.flux import pack_latents, unpack_latents
 from ertacache.models.loading import fingerprint_module
 from ertacache.profile.artifact import Profile
+from ertacache.profile.calibrate import CalibrationSet, calibrate
+from ertacache.profile.config import CalibrationConfig
+from ertacache.profile.predictor import PredictorConfig
 from ertacache.profile.timeadjust import adjusted_sigmas
-from ertacache.sampling import CachedSampler
+from ertacache.sampling import CachedSampler, initial_latents
 from tests.export.fixtures import k3_profile
 from tests.models.test_flux_adapter import _flux_pipeline, tiny_flux
 
@@ -97,3 +100,37 @@ def test_flux_pipeline_calls_the_profile_was_not_made_for_are_refused():
     with pytest.raises(UserError, match="without true CFG"):
         _run(pipe, noise, cond, true_cfg_scale=2.0, negative_prompt_embeds=cond["prompt_embeds"],
              negative_pooled_prompt_embeds=cond["pooled_prompt_embeds"])
+
+
+@pytest.mark.parametrize("loop", ["open", "closed"])
+def test_a_profile_calibrated_on_flux_conditioning_runs_in_the_pipeline(loop):
+    """Calibration takes FLUX's mapping (T5 states, pooled vector; the guidance scale embedded): the
+    profile it fits caches steps, fits phi and a correction, and the hooked pipeline equals the sampler."""
+    model = tiny_flux(True)
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = 4
+    text = {"prompt_embeds": torch.randn(prompts, 5, 32, generator=g),
+            "pooled_prompt_embeds": torch.randn(prompts, 12, generator=g)}  # (P, L, D_t5), (P, D_clip)
+    nominal = adapter.family.sigmas(STEPS, seq_len=SEQ)
+    cal = CalibrationSet(adapter, initial_latents((4, 8, 8), range(prompts)), text, GUIDANCE, nominal, n_branches=1)
+    config = CalibrationConfig(speedup=1.6, loop=loop, predictor=PredictorConfig(kind="taylor", order=1),
+                               batch_size=2)
+    outcome = calibrate(cal, config, progress=False, log=lambda s: None)
+    res = outcome.result
+    assert sum(res.mask) == config.target_full_steps(STEPS) < STEPS
+    assert outcome.uncached_passes <= 3.0 + 1e-9
+    assert res.corr_a.abs().sum() > 0  # the rectification was fitted on the cached steps
+    profile = Profile("flux-tiny-test", fingerprint_module(model), STEPS, 1.0, 64, 64, None, [4, 8, 8], GUIDANCE, 1,
+                      outcome.lam, list(res.mask), list(nominal), list(res.sigmas), list(res.phi), res.corr_a,
+                      res.corr_b, {}, {}, pred_w=res.pred_w, pred_b=res.pred_b,
+                      predictor=config.predictor.describe(), guidance="embedded")
+
+    pipe = _flux_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    noise, cond = _inputs()
+    enable_ertacache(pipe, profile)
+    got = _run(pipe, noise, cond)
+    with torch.no_grad():
+        ours = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+    torch.testing.assert_close(got, ours, rtol=1e-5, atol=1e-5)
