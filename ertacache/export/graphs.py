@@ -28,6 +28,12 @@ profile)`` returns :class:`StepGraphs`:
        residual_k   (nb*B, N, D)        model dtype  ``residual_out`` of the full step k full
                                                   steps before the last (k = 1 .. K-1)
 
+   A family with several conditioning tensors (FLUX: ``prompt_embeds`` (B, L, D_t5),
+   ``pooled_prompt_embeds`` (B, D_clip)) has one input per tensor in place of ``text_embeds``, in
+   the family's order (:func:`ertacache.contract.step_inputs`); ``text_shape`` then maps each name
+   to its shape without the batch axis. With an embedded guidance scale (FLUX.1-dev),
+   ``guidance_scale`` feeds the model's guidance embedder instead of a CFG mix.
+
    K is the profile's predictor history (``Profile.history``; names from
    :func:`ertacache.contract.residual_slots`). K = 1 with the reuse predictor
    gives exactly the schema-1 cached step (one ``residual`` input, no
@@ -99,21 +105,38 @@ class StepGraphs:
 
 
 def example_step_inputs(
-    latent_shape, batch_size: int, n_branches: int, text_shape: tuple[int, int], dtype: torch.dtype, seed: int = 0,
-    device: torch.device | str = "cpu",
+    latent_shape, batch_size: int, n_branches: int, text_shape, dtype: torch.dtype, seed: int = 0,
+    device: torch.device | str = "cpu", conditioning=None,
 ) -> tuple[torch.Tensor, ...]:
-    """Deterministic example feeds (latents, step, text_embeds, guidance_scale) at the export shapes."""
+    """Deterministic example feeds (latents, step, *conditioning, guidance_scale) at the export shapes.
+
+    ``text_shape``: one prompt's (L, D_text) for a one-input family (Wan: ``text_embeds`` with rows
+    per CFG branch); for a family with several conditioning inputs, a mapping from each input's name
+    to its shape without the batch axis, and ``conditioning`` the family's
+    :class:`~ertacache.models.family.ConditioningInput` list (their order and row rules).
+    """
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn((batch_size, *latent_shape), generator=gen)  # (B, C, F', H', W') float32
-    text = torch.randn((n_branches * batch_size, *text_shape), generator=gen).to(dtype)  # (nb*B, L, D_text)
+    if conditioning is None or not isinstance(text_shape, dict):
+        conds = [torch.randn((n_branches * batch_size, *text_shape), generator=gen).to(dtype)]  # (nb*B, L, D_text)
+    else:
+        missing = [c.name for c in conditioning if c.name not in text_shape]
+        if missing:
+            raise UserError(f"no export shape for the conditioning input(s) {missing}; give one per input "
+                            f"({[c.name for c in conditioning]})")
+        conds = []
+        for c in conditioning:
+            rows = c.expected_rows(batch_size, n_branches)  # None: no batch axis (shared)
+            shape = tuple(text_shape[c.name]) if rows is None else (rows, *text_shape[c.name])
+            conds.append(torch.randn(shape, generator=gen).to(dtype))
     step, g = torch.tensor(1, dtype=torch.int64), torch.tensor(4.0, dtype=torch.float32)
-    return tuple(t.to(device) for t in (latents, step, text, g))
+    return tuple(t.to(device) for t in (latents, step, *conds, g))
 
 
 class BakeStepGraphs:
     """The pass. Settings in the constructor, work in the call (see the module docstring)."""
 
-    def __init__(self, batch_size: int, dtype: torch.dtype, text_shape: tuple[int, int],
+    def __init__(self, batch_size: int, dtype: torch.dtype, text_shape,
                  decoder: LatentDecoder | None = None, swap_attention: bool = True, strict: bool = False):
         # swap_attention: apply the export-time rewrites of the model's family (Wan: the rope rewrite); False
         # exports the model as it is
@@ -121,7 +144,10 @@ class BakeStepGraphs:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.dtype = dtype
-        self.text_shape = tuple(int(s) for s in text_shape)  # (L, D_text) of one prompt's embeddings
+        # one prompt's (L, D_text) embeddings; or, for a family with several conditioning inputs, a
+        # mapping from each input's name to its shape without the batch axis
+        self.text_shape = ({k: tuple(int(s) for s in v) for k, v in text_shape.items()}
+                           if isinstance(text_shape, dict) else tuple(int(s) for s in text_shape))
         self.decoder = decoder
         self.swap_attention = swap_attention
         self.strict = strict
@@ -145,12 +171,9 @@ class BakeStepGraphs:
     def __call__(self, adapter: ModelAdapter, profile: Profile) -> StepGraphs:
         self._check(adapter, profile)
         conditioning = adapter.family.input_names  # the graph-input names of the family's conditioning tensors
-        if len(conditioning) != 1:
-            # The step modules take one conditioning tensor today (Wan's text_embeds); a family with several
-            # (FLUX: prompt_embeds, pooled_prompt_embeds, txt_ids, img_ids) needs them generalised first.
-            raise NotImplementedError(f"the {adapter.family.name} family has {len(conditioning)} conditioning inputs "
-                                      f"{list(conditioning)}; the step graphs take exactly one so far "
-                                      "(docs/families.md, the FLUX checklist)")
+        if len(conditioning) > 1 and not isinstance(self.text_shape, dict):
+            raise UserError(f"the {adapter.family.name} family has the conditioning inputs {list(conditioning)}; "
+                            "give the export one shape per input (a mapping name -> shape without the batch axis)")
         tables = profile.tables()  # sigmas (T+1,), corr_a/b (T, nb, C), pred_w (T, K, Dw), pred_b (T, Db): buffers
         nb = tables.n_branches
         modules: dict[str, nn.Module] = {
@@ -160,7 +183,7 @@ class BakeStepGraphs:
         device = next(adapter.model.parameters()).device
         tables.to(device)
         step_in = example_step_inputs(profile.latent_shape, self.batch_size, nb, self.text_shape, self.dtype,
-                                      device=device)
+                                      device=device, conditioning=adapter.family.conditioning)
         with torch.no_grad():
             latents_out, residual = modules[FULL_STEP](*step_in)  # residual (nb*B, N, D)
         for key, table in (("pred_w", tables.pred_w), ("pred_b", tables.pred_b)):

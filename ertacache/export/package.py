@@ -135,6 +135,13 @@ class ExportPackage:
         cfg = self.config
         cfg.check_machine()
         check_replaceable(cfg.out.absolute(), cfg.force, "export folder", is_export_folder)  # before minutes of work
+        conditioning = adapter.family.input_names
+        if len(conditioning) != 1:
+            # the step graphs take several (BakeStepGraphs); the manifest's shapes, the runtime's buffers and
+            # the Triton model still carry one text_embeds tensor (docs/families.md, the FLUX checklist)
+            raise UserError(f"the {adapter.family.name} family has the conditioning inputs {list(conditioning)}; "
+                            "export folders carry one conditioning tensor so far (the step graphs alone can be "
+                            "baked with ertacache.export.graphs.BakeStepGraphs)")
         if identity.fingerprint != profile.model_fingerprint:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")

@@ -128,13 +128,16 @@ def _single(out):
     return out
 
 
-def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor, text_embeds: torch.Tensor,
+def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor, text_embeds,
                  guidance_scale: float, history: int = 1) -> torch.Tensor:
     """``for i in range(T): full if mask[i] else cached``; returns the final latents (B, C, F', H', W').
 
+    text_embeds: the one conditioning tensor, or a tuple of a family's conditioning tensors in the
+    graphs' input order (each becomes one graph input).
     history: K, the residual slots the cached step reads; the loop keeps the last K full-step
     residuals, newest first, exactly as :class:`ertacache.sampling.CachedSampler` does.
     """
+    conds = tuple(text_embeds) if isinstance(text_embeds, (tuple, list)) else (text_embeds,)
     if not mask or not mask[0]:
         raise ValueError("the first step must be a full step")
     first_cached = list(mask).index(False) if False in mask else len(mask)
@@ -147,10 +150,10 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
     for i, full in enumerate(mask):
         step = steps[i]
         if full:
-            x, residual = runner.full(x, step, text_embeds, g)
+            x, residual = runner.full(x, step, *conds, g)
             residuals = [residual, *residuals[: history - 1]]
         else:
-            x = runner.cached(x, step, text_embeds, g, *residuals)
+            x = runner.cached(x, step, *conds, g, *residuals)
         if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
             raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
     return x

@@ -93,6 +93,12 @@ class FluxAdapter(ModelAdapter):
         p = int(self.model.config.patch_size)
         return (p, p)
 
+    @property
+    def in_channels(self) -> int:
+        """Latent channels C of the unpacked (B, C, H', W') layout: the config's in_channels counts a
+        packed token's 4C."""
+        return int(self.model.config.in_channels) // (PACK * PACK)
+
     def _temb(self, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         model = self.model
         if "pooled_prompt_embeds" not in cond:

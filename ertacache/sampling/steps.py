@@ -232,6 +232,20 @@ class _Step(nn.Module):
     def _conditioning(self, text: Conditioning, guidance_scale: torch.Tensor, rows: int, cached: bool):
         return step_conditioning(self.family, text, guidance_scale, rows, cached)
 
+    def _inputs(self, inputs: tuple) -> tuple[Conditioning, torch.Tensor, tuple]:
+        """(conditioning, guidance_scale, the rest) of the inputs after ``latents, step``.
+
+        Two call forms: the eager one, ``(text, guidance_scale, ...)`` with ``text`` one tensor or a
+        mapping; and the graph one, the family's conditioning tensors flat in the contract's order
+        (``ertacache.contract.step_inputs``), then ``guidance_scale``, so an exported graph has one
+        named input per conditioning tensor. A one-input family's two forms are the same call.
+        """
+        names = self.family.input_names
+        if len(names) == 1 or isinstance(inputs[0], Mapping):
+            return inputs[0], inputs[1], inputs[2:]
+        n = len(names)
+        return dict(zip(names, inputs[:n])), inputs[n], inputs[n + 1:]
+
     def _setup(self, latents, step, text_embeds: Conditioning):
         n_branches = self.tables.n_branches
         dtype = conditioning_dtype(text_embeds)
@@ -245,7 +259,9 @@ class _Step(nn.Module):
 class FullStep(_Step):
     """Computes the block stack, returns the next latents and the residual to cache."""
 
-    def forward(self, latents, step, text_embeds, guidance_scale):
+    def forward(self, latents, step, *inputs):
+        """``(latents, step, text_embeds, guidance_scale)``; several conditioning tensors: see ``_inputs``."""
+        text_embeds, guidance_scale, _ = self._inputs(inputs)
         n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
         cond = self._conditioning(text_embeds, guidance_scale, x_in.shape[0], cached=False)
         v, residual = full_velocity(self.adapter, x_in, timestep, cond)
@@ -266,9 +282,13 @@ class CachedStep(_Step):
         self.reuse = tables.plain_reuse()  # a static choice of graph, made once
         self.bias = bool(tables.pred_b.any())  # likewise: no bias pass for a bias-free predictor (Taylor)
 
-    def forward(self, latents, step, text_embeds, guidance_scale, residual, *older):
-        if len(older) + 1 != self.tables.history:
-            raise ValueError(f"the cached step takes {self.tables.history} residual slot(s), got {len(older) + 1}")
+    def forward(self, latents, step, *inputs):
+        """``(latents, step, text_embeds, guidance_scale, residual, *older)``; several conditioning
+        tensors: see ``_inputs``."""
+        text_embeds, guidance_scale, slots = self._inputs(inputs)
+        if len(slots) != self.tables.history:
+            raise ValueError(f"the cached step takes {self.tables.history} residual slot(s), got {len(slots)}")
+        residual, *older = slots
         n_branches, sigma, sigma_next, x_in, timestep = self._setup(latents, step, text_embeds)
         if not self.reuse:
             residual = predict_residual((residual, *older), at_step(self.tables.pred_w, step),

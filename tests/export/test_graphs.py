@@ -87,7 +87,7 @@ def test_preconditions_are_checked(tiny):
         BakeStepGraphs(0, torch.float32, TEXT)
 
 
-def test_the_graphs_record_the_family_conditioning_and_refuse_several_tensors_for_now(graphs, tiny, monkeypatch):
+def test_the_graphs_record_the_family_conditioning_and_want_a_shape_per_tensor(graphs, tiny, monkeypatch):
     import dataclasses
 
     import ertacache.models.family as family_mod
@@ -97,5 +97,5 @@ def test_the_graphs_record_the_family_conditioning_and_refuse_several_tensors_fo
     assert graphs.conditioning == ("text_embeds",) and graphs.rewrites == ("wan_stack_rope",)
     two = dataclasses.replace(WAN_T2V, conditioning=(*WAN_T2V.conditioning, ConditioningInput("pooled", rows="sample")))
     monkeypatch.setattr(family_mod, "_FAMILIES", {**family_mod._FAMILIES, "wan": two})
-    with pytest.raises(NotImplementedError, match="2 conditioning inputs \\['text_embeds', 'pooled'\\]"):
+    with pytest.raises(UserError, match="conditioning inputs \\['text_embeds', 'pooled'\\]; give the export one shape"):
         BakeStepGraphs(1, torch.float32, TEXT)(tiny.adapter, tiny.profile)

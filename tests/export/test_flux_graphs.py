@@ -1,0 +1,124 @@
+"""FLUX's step graphs: several conditioning inputs, each one named graph input, validated over the schedule.
+
+The tiny ``FluxTransformer2DModel`` (guidance embedding on, so the ``guidance_scale`` input reaches
+the model instead of a CFG mix) with a K = 3 predictor profile: the exported programs and their
+ONNX Runtime sessions run the whole schedule and must equal the eager sampler. Export folders
+still carry one conditioning tensor (the manifest, the runtime, Triton), so ``ExportPackage``
+refuses the family with a message naming that.
+"""
+
+import pytest
+import torch
+
+from ertacache.contract import CACHED_STEP, FULL_STEP, cached_inputs, step_inputs
+from ertacache.errors import UserError
+from ertacache.export.graphs import BakeStepGraphs
+from ertacache.export.onnx_target import OnnxFromExportedProgram
+from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
+from ertacache.models.adapter import adapter_for
+from ertacache.sampling import CachedSampler
+from tests.integrations.test_flux_pipeline import GUIDANCE, flux_profile
+from tests.models.test_flux_adapter import tiny_flux
+
+SHAPES = {"prompt_embeds": (5, 32), "pooled_prompt_embeds": (12,)}  # one prompt's, without the batch axis
+
+
+class _ProgramRunner:
+    """The exported programs run as modules (what AOTInductor and ONNX start from)."""
+
+    def __init__(self, programs):
+        self.modules = {name: p.module() for name, p in programs.items()}
+
+    def full(self, *args):
+        return self.modules[FULL_STEP](*args)
+
+    def cached(self, *args):
+        return self.modules[CACHED_STEP](*args)
+
+
+@pytest.fixture(scope="module")
+def flux_graphs():
+    model = tiny_flux(True).eval()
+    profile = flux_profile(model, True)
+    adapter = adapter_for(model)
+    graphs = BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape=SHAPES)(adapter, profile)
+    return model, adapter, profile, graphs
+
+
+def _feeds(seed=21):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 4, 8, 8, generator=g)  # (B, C, H', W')
+    cond = {"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 12, generator=g)}
+    return noise, cond
+
+
+def test_each_conditioning_tensor_is_a_named_graph_input(flux_graphs):
+    _, _, profile, graphs = flux_graphs
+    names = ("prompt_embeds", "pooled_prompt_embeds")
+    assert graphs.conditioning == names
+    assert graphs.specs[FULL_STEP].input_names == list(step_inputs(names))
+    assert graphs.specs[CACHED_STEP].input_names == list(cached_inputs(profile.history, names))
+    shapes = {s.name: tuple(s.shape) for s in graphs.specs[FULL_STEP].inputs}
+    assert shapes["prompt_embeds"] == (1, 5, 32) and shapes["pooled_prompt_embeds"] == (1, 12)  # one branch
+
+
+def test_exported_programs_equal_the_eager_sampler_over_the_schedule(flux_graphs):
+    _, adapter, profile, graphs = flux_graphs
+    noise, cond = _feeds()
+    with torch.no_grad():
+        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+        flat = (cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        eager = run_schedule(EagerRunner(graphs.modules), profile.mask, noise, flat, GUIDANCE, profile.history)
+        exported = run_schedule(_ProgramRunner(graphs.programs), profile.mask, noise, flat, GUIDANCE, profile.history)
+    torch.testing.assert_close(eager, ref, rtol=0, atol=1e-6)
+    assert relative_l2(exported, ref) < 1e-5
+
+
+@pytest.mark.slow  # ~17 s of ONNX export on 2 cores
+def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_path):
+    _, adapter, profile, graphs = flux_graphs
+    target = OnnxFromExportedProgram()
+    paths = {}
+    for name in (FULL_STEP, CACHED_STEP):
+        paths[name] = target(name, graphs.programs[name], graphs.example_inputs[name], graphs.specs[name], tmp_path).path
+    runner = OnnxRuntimeRunner(paths, graphs.specs)
+    noise, cond = _feeds(seed=22)
+    with torch.no_grad():
+        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+    got = run_schedule(runner, profile.mask, noise, (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), GUIDANCE,
+                       profile.history)
+    assert relative_l2(got, ref) < 1e-4
+
+
+def test_bad_export_shapes_and_export_folders_are_refused(flux_graphs, tmp_path):
+    model, adapter, profile, _ = flux_graphs
+    with pytest.raises(UserError, match="one shape per input"):
+        BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape=(5, 32))(adapter, profile)
+    with pytest.raises(UserError, match=r"no export shape for the conditioning input\(s\) \['pooled_prompt_embeds'\]"):
+        BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape={"prompt_embeds": (5, 32)})(adapter, profile)
+
+    from ertacache.export.config import ExportConfig
+    from ertacache.export.package import ExportPackage, ModelIdentity
+
+    identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
+    with pytest.raises(UserError, match="export folders carry one conditioning tensor so far"):
+        ExportPackage(ExportConfig(out=tmp_path / "out", targets=("onnx",)), log=lambda s: None)(
+            adapter, profile, identity, SHAPES)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_path):
+    """AOTInductor packages of the FLUX graphs (a minute or two of compiling on 2 cores)."""
+    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
+    from ertacache.export.runners import AotiRunner
+
+    _, adapter, profile, graphs = flux_graphs
+    target = AotiPackageFromExportedProgram()
+    runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
+    noise, cond = _feeds(seed=23)
+    with torch.no_grad():
+        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+    got = run_schedule(runner, profile.mask, noise, (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), GUIDANCE,
+                       profile.history)
+    assert relative_l2(got, ref) < 1e-4
