@@ -320,7 +320,7 @@ class Shapes:
     width: int
     frames: int | None  # None for an image family
     latents: tuple[int, ...]
-    text_embeds: tuple[int, ...]
+    text_embeds: tuple[int, ...] | None  # None for a family whose conditioning is not one text_embeds tensor
     residual: tuple[int, ...]
 
 
@@ -520,7 +520,8 @@ def _shapes(r: _Reader, s: dict) -> Shapes:
                   None if r.get(s, "frames", "shapes") is None  # null: an image family
                   else r.int(s["frames"], "shapes.frames", 1, 1 << 20),
                   r.shape(r.get(s, "latents", "shapes"), "shapes.latents"),
-                  r.shape(r.get(s, "text_embeds", "shapes"), "shapes.text_embeds"),
+                  # absent or null for a family with other conditioning inputs (their shapes are the graphs')
+                  None if s.get("text_embeds") is None else r.shape(s["text_embeds"], "shapes.text_embeds"),
                   r.shape(r.get(s, "residual", "shapes"), "shapes.residual"))
 
 
@@ -586,10 +587,15 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
     full = m.graphs[FULL_STEP]
     if m.shapes.latents[:1] != (m.shapes.batch_size,):
         raise fail(f"shapes.batch_size {m.shapes.batch_size} is not the latents' batch {list(m.shapes.latents)[:1]}")
-    if m.shapes.text_embeds[:1] != (m.schedule.n_branches * m.shapes.batch_size,):
+    one_text = m.conditioning == DEFAULT_CONDITIONING  # Wan's one text_embeds tensor, rows per CFG branch
+    if one_text != (m.shapes.text_embeds is not None):
+        raise fail("shapes.text_embeds must be given exactly when the conditioning is the one text_embeds tensor "
+                   f"(conditioning {list(m.conditioning)})")
+    if one_text and m.shapes.text_embeds[:1] != (m.schedule.n_branches * m.shapes.batch_size,):
         raise fail(f"shapes.text_embeds {list(m.shapes.text_embeds)} does not have n_branches x batch = "
                    f"{m.schedule.n_branches * m.shapes.batch_size} rows")
-    for key, name in (("latents", "latents"), ("text_embeds", "text_embeds"), ("residual", "residual_out")):
+    pairs = [("latents", "latents"), ("residual", "residual_out")] + ([("text_embeds", "text_embeds")] if one_text else [])
+    for key, name in pairs:
         if getattr(m.shapes, key) != full.tensor(name).shape:
             raise fail(f"shapes.{key} is {list(getattr(m.shapes, key))} but the full_step graph's {name} is "
                        f"{list(full.tensor(name).shape)}")

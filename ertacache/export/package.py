@@ -95,11 +95,16 @@ def is_export_folder(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def _validation_inputs(graphs: StepGraphs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    latents, _, text, _ = graphs.example_inputs[FULL_STEP]
+def _validation_inputs(graphs: StepGraphs, seed: int):
+    """Noise and conditioning for the validation run: the text tensor, or a mapping by conditioning name."""
+    latents, _, *rest = graphs.example_inputs[FULL_STEP]
+    examples = rest[: len(graphs.conditioning)]  # the conditioning tensors, in graph-input order
     gen = torch.Generator().manual_seed(seed + 1)
-    return (torch.randn(latents.shape, generator=gen).to(latents.device),  # (B, C, F', H', W') float32 noise
-            torch.randn(text.shape, generator=gen).to(text.device, text.dtype))  # (nb*B, L, D_text)
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)  # (B, C, F', H', W') float32
+    conds = [torch.randn(t.shape, generator=gen).to(t.device, t.dtype) for t in examples]  # e.g. (nb*B, L, D_text)
+    if len(conds) == 1:
+        return noise, conds[0]
+    return noise, dict(zip(graphs.conditioning, conds))
 
 
 class ExportPackage:
@@ -130,18 +135,11 @@ class ExportPackage:
         return out
 
     def __call__(self, adapter: ModelAdapter, profile: Profile, identity: ModelIdentity,
-                 text_shape: tuple[int, int], decoder: LatentDecoder | None = None,
+                 text_shape, decoder: LatentDecoder | None = None,
                  profile_dir: Path | None = None) -> ExportReport:
         cfg = self.config
         cfg.check_machine()
         check_replaceable(cfg.out.absolute(), cfg.force, "export folder", is_export_folder)  # before minutes of work
-        conditioning = adapter.family.input_names
-        if len(conditioning) != 1:
-            # the step graphs take several (BakeStepGraphs); the manifest's shapes, the runtime's buffers and
-            # the Triton model still carry one text_embeds tensor (docs/families.md, the FLUX checklist)
-            raise UserError(f"the {adapter.family.name} family has the conditioning inputs {list(conditioning)}; "
-                            "export folders carry one conditioning tensor so far (the step graphs alone can be "
-                            "baked with ertacache.export.graphs.BakeStepGraphs)")
         if identity.fingerprint != profile.model_fingerprint:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")
@@ -239,8 +237,9 @@ class ExportPackage:
         results, runners = {}, {}
         for target, target_paths in paths.items():
             runner = runners[target] = self._runner(target, target_paths, graphs)
+            flat = tuple(text.values()) if isinstance(text, dict) else text  # graph-input order
             with torch.no_grad():
-                got = run_schedule(runner, graphs.mask, latents, text, guidance_scale, graphs.history)
+                got = run_schedule(runner, graphs.mask, latents, flat, guidance_scale, graphs.history)
             row = {"rel_l2": relative_l2(got, ref), "max_abs": float((got - ref).abs().max())}
             if VAE_DECODE in target_paths:
                 frames = runner.decode(ref)
@@ -312,7 +311,9 @@ class ExportPackage:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"id": identity.model_id, "fingerprint": identity.fingerprint, "class": identity.model_class,
                       "path": identity.path},
-            "text_encoder": {**identity.text_encoder, "embed_shape": list(text_shape),
+            "text_encoder": {**identity.text_encoder,
+                             "embed_shape": ({k: list(v) for k, v in text_shape.items()} if isinstance(text_shape, dict)
+                                             else list(text_shape)),
                              "negative_prompt": identity.negative_prompt,
                              "rows": "cond rows first, then uncond rows (CFG)" if profile.n_branches == 2
                              else "cond rows only (no CFG)",
@@ -328,7 +329,9 @@ class ExportPackage:
             "conditioning": list(graphs.conditioning),
             "shapes": {"batch_size": cfg.batch_size, "height": profile.height, "width": profile.width,
                        "frames": profile.frames, "latents": list(specs[FULL_STEP].inputs[0].shape),
-                       "text_embeds": list(specs[FULL_STEP].inputs[2].shape),
+                       # one text_embeds tensor (Wan); other families' conditioning shapes are the graphs'
+                       "text_embeds": (list(specs[FULL_STEP].tensor("text_embeds").shape)
+                                       if graphs.conditioning == ("text_embeds",) else None),
                        "residual": list(specs[FULL_STEP].outputs[1].shape)},
             "dtype": cfg.dtype,
             "opset": cfg.opset if "onnx" in cfg.targets else None,
@@ -348,7 +351,8 @@ class ExportPackage:
                         "state": "latents (float32) and K = profile.history residual slots: a full step writes "
                                  "residual_out into the oldest slot, which becomes the newest; cached_step reads "
                                  "them newest first (residual, residual_1, ...)",
-                        "bind": "by name; cached_step's text_embeds is unused and may be dropped by TensorRT",
+                        "bind": "by name; conditioning a cached step does not read (Wan's text_embeds) may be "
+                                "dropped by TensorRT",
                         "decode": "vae_decode(latents_out of the last step) -> frames uint8 (B, F, H, W, 3)"},
         }
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from importlib import metadata
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ertacache.contract import ExportManifest, load_manifest
+from ertacache.contract import FULL_STEP, ExportManifest, load_manifest
 from ertacache.engines.base import backend_info, require_backend
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.errors import ProfileError, UserError
@@ -125,20 +127,45 @@ def open_folder(folder: str | Path, backend: str, device: torch.device | None = 
     return manifest
 
 
-def check_inputs(manifest: ExportManifest, latents: torch.Tensor | None, text_embeds: torch.Tensor) -> None:
-    """A request's tensors against the folder's static shapes (named with their meaning) and finiteness."""
+def check_inputs(manifest: ExportManifest, latents: torch.Tensor | None, text_embeds) -> None:
+    """A request's tensors against the folder's static shapes (named with their meaning) and finiteness.
+
+    ``text_embeds``: the one tensor of a Wan folder, or a mapping by the folder's conditioning names.
+    """
     shapes = manifest.shapes
     nb = manifest.schedule.n_branches
-    if tuple(text_embeds.shape) != shapes.text_embeds:
+    conds = conditioning_inputs(manifest, text_embeds)
+    if shapes.text_embeds is not None and tuple(text_embeds.shape) != shapes.text_embeds:
         rows = "cond rows, then uncond rows" if nb == 2 else "cond rows only"
         raise UserError(f"text_embeds has shape {list(text_embeds.shape)} but this export folder takes "
                         f"{list(shapes.text_embeds)} ({nb} x batch {shapes.batch_size} rows: {rows}; L x D_text of "
                         f"the text encoder); encode with the folder's text encoder or re-export for this shape")
+    for name, t in conds.items():
+        want = manifest.spec(FULL_STEP, name).shape
+        if tuple(t.shape) != want:
+            raise UserError(f"{name} has shape {list(t.shape)} but this export folder takes {list(want)} "
+                            f"(batch {shapes.batch_size}); encode with the folder's text encoders or re-export")
     if latents is not None and tuple(latents.shape) != shapes.latents:
         axes = "latent frames, latent height, latent width" if len(shapes.latents) == 5 else \
             "latent height, latent width"  # the family's layout: video or image latents
         raise UserError(f"latents have shape {list(latents.shape)} but this export folder takes "
                         f"{list(shapes.latents)} (batch, channels, {axes}); re-export for this shape")
-    for name, t in (("text_embeds", text_embeds), ("latents", latents)):
+    for name, t in (*conds.items(), ("latents", latents)):
         if t is not None and not torch.isfinite(t).all():
             raise UserError(f"{name} contain NaN or Inf; check the text encoder / the noise you pass")
+
+
+def conditioning_inputs(manifest: ExportManifest, text_embeds) -> dict[str, torch.Tensor]:
+    """A request's conditioning by the folder's input names: one tensor for a one-input folder, else a
+    mapping holding exactly the folder's names (what is missing or unknown is named)."""
+    names = manifest.conditioning
+    if not isinstance(text_embeds, Mapping):
+        if len(names) != 1:
+            raise UserError(f"this export folder takes the conditioning inputs {list(names)}; pass a mapping "
+                            "name -> tensor, not one tensor")
+        return {names[0]: text_embeds}
+    missing = [n for n in names if n not in text_embeds]
+    unknown = [n for n in text_embeds if n not in names]
+    if missing or unknown:
+        raise UserError(f"conditioning: missing {missing}, unknown {unknown}; this export folder takes {list(names)}")
+    return {n: text_embeds[n] for n in names}

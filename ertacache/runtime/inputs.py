@@ -12,8 +12,16 @@ from ertacache.errors import PromptError, UserError, brief
 from ertacache.limits import check_prompt, check_seed
 from ertacache.sampling.sampler import initial_latents
 
+def _one_text_input(manifest: ExportManifest) -> None:
+    if tuple(manifest.conditioning) != ("text_embeds",):
+        raise UserError(f"this export folder's model takes the conditioning inputs {list(manifest.conditioning)}; "
+                        "the command line feeds folders with one text_embeds input so far: call "
+                        "ertacache.runtime.Runtime.sample(noise, {name: tensor, ...}) from Python")
+
+
 def text_embeds_from_npy(path: str | Path, manifest: ExportManifest) -> torch.Tensor:
     """(nb*B, L, D_text) embeddings from a .npy file (checked against the folder later)."""
+    _one_text_input(manifest)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--text-embeds {path} is a folder; give a .npy file")
@@ -42,6 +50,7 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
     from ertacache.models.recipes import load_recipe
 
     check_prompt(prompt)
+    _one_text_input(manifest)
     model_id = manifest.model.id
     try:
         recipe = load_recipe(model_id)

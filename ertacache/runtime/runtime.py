@@ -36,7 +36,7 @@ from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifes
 from ertacache.engines.base import BoundCall, Engine, backend_info
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.errors import NumericalError, UserError
-from ertacache.runtime.checks import check_inputs, open_folder
+from ertacache.runtime.checks import check_inputs, conditioning_inputs, open_folder
 from ertacache.timing import StepClock, interleaved_medians
 
 
@@ -63,7 +63,9 @@ class RuntimeState:
     residuals: K (nb*B, N, D) buffers, a ring: the f-th full step writes ``residual_out`` into
         ``residuals[f % K]``; cached steps read them newest first (see the module docstring).
         ``residual`` is ``residuals[0]`` (the only one with K = 1).
-    text_embeds (nb*B, L, D_text), guidance_scale (), step () int64: the other step inputs.
+    conditioning: one buffer per conditioning input of the folder, by name (Wan: ``text_embeds``
+        (nb*B, L, D_text); FLUX: ``prompt_embeds``, ``pooled_prompt_embeds``); ``text_embeds`` is
+        the one of a one-input folder. guidance_scale (), step () int64: the other step inputs.
     steps: (T,) int64 step indices on the device; ``step_views[i]`` is ``steps[i]``, made once.
     noise: a copy of the initial latents, for the NaN diagnosis replay.
     frames: (B, F, H, W, 3) uint8 output of vae_decode, when the folder has that graph.
@@ -76,7 +78,7 @@ class RuntimeState:
         self.noise = _empty(lat, device)
         res = manifest.spec(FULL_STEP, "residual_out")
         self.residuals = tuple(_empty(res, device) for _ in range(manifest.schedule.history))
-        self.text_embeds = _empty(manifest.spec(FULL_STEP, "text_embeds"), device)
+        self.conditioning = {name: _empty(manifest.spec(FULL_STEP, name), device) for name in manifest.conditioning}
         self.guidance_scale = _empty(manifest.spec(FULL_STEP, "guidance_scale"), device)
         self.step = _empty(manifest.spec(FULL_STEP, "step"), device)
         self.steps = torch.arange(steps, dtype=torch.int64, device=device)
@@ -89,13 +91,21 @@ class RuntimeState:
         return self.residuals[0]
 
     @property
+    def text_embeds(self) -> torch.Tensor:
+        """The conditioning buffer of a one-input folder (Wan's ``text_embeds``)."""
+        if len(self.conditioning) != 1:
+            raise AttributeError(f"this folder has the conditioning inputs {list(self.conditioning)}; use "
+                                 "state.conditioning[name]")
+        return next(iter(self.conditioning.values()))
+
+    @property
     def history(self) -> int:
         return len(self.residuals)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         out = {"latents_0": self.latents[0], "latents_1": self.latents[1], "noise": self.noise,
                **{f"residual_slot_{j}": r for j, r in enumerate(self.residuals)},
-               "text_embeds": self.text_embeds, "guidance_scale": self.guidance_scale, "step": self.step}
+               **self.conditioning, "guidance_scale": self.guidance_scale, "step": self.step}
         if self.frames is not None:
             out["frames"] = self.frames
         return out
@@ -266,8 +276,7 @@ class Runtime:
         k, slots = self.history, residual_slots(self.history)
         for parity in (0, 1):
             x_in, x_out = st.latents[parity], st.latents[1 - parity]
-            common = {"latents": x_in, "step": st.step, "text_embeds": st.text_embeds,
-                      "guidance_scale": st.guidance_scale}
+            common = {"latents": x_in, "step": st.step, **st.conditioning, "guidance_scale": st.guidance_scale}
             for r in range(k):  # ring rotation: buffer r is the newest residual
                 self._calls[FULL_STEP, parity, r] = self.engine.bind(
                     FULL_STEP, common, {"latents_out": x_out, "residual_out": st.residuals[r]})
@@ -304,14 +313,18 @@ class Runtime:
         return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2, rotations[i]])
                 for i, full in enumerate(mask)]
 
-    def load_inputs(self, latents: torch.Tensor, text_embeds: torch.Tensor,
+    def load_inputs(self, latents: torch.Tensor, text_embeds,
                     guidance_scale: float | None = None) -> None:
-        """Copy a request into the buffers (checked against the folder's shapes first)."""
+        """Copy a request into the buffers (checked against the folder's shapes first).
+
+        ``text_embeds``: the one conditioning tensor, or a mapping by the folder's conditioning names.
+        """
         st = self._require()
         check_inputs(self.manifest, latents, text_embeds)
         st.latents[0].copy_(latents)
         st.noise.copy_(latents)
-        st.text_embeds.copy_(text_embeds)
+        for name, t in conditioning_inputs(self.manifest, text_embeds).items():
+            st.conditioning[name].copy_(t)
         schedule = self.manifest.schedule
         st.guidance_scale.fill_(schedule.guidance_scale if guidance_scale is None
                                 else check_guidance(guidance_scale, schedule.n_branches))
@@ -336,7 +349,7 @@ class Runtime:
                 return i + 1
         return len(plan)
 
-    def sample(self, latents: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float | None = None,
+    def sample(self, latents: torch.Tensor, text_embeds, guidance_scale: float | None = None,
                times: StepTimes | None = None, check_finite: bool = True) -> torch.Tensor:
         """Run the whole schedule; returns the final latents (a view of the runtime's buffer).
 

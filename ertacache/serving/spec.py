@@ -79,6 +79,9 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
                 decoupled: bool) -> ServedIO:
     """The model's inputs and outputs for this folder and these options (see the module docstring)."""
     check_batching(manifest, max_batch_size)
+    if tuple(manifest.conditioning) != (TEXT_EMBEDS,):
+        raise UserError(f"this export folder's model takes the conditioning inputs {list(manifest.conditioning)}; "
+                        "the Triton model serves folders with one text_embeds input so far (docs/families.md)")
     row = 1 if max_batch_size > 0 else 0  # Triton adds the batch dim itself: drop the folder's batch of 1
     text = manifest.spec(FULL_STEP, "text_embeds")
     lat = manifest.spec(FULL_STEP, "latents")

@@ -2,9 +2,9 @@
 
 The tiny ``FluxTransformer2DModel`` (guidance embedding on, so the ``guidance_scale`` input reaches
 the model instead of a CFG mix) with a K = 3 predictor profile: the exported programs and their
-ONNX Runtime sessions run the whole schedule and must equal the eager sampler. Export folders
-still carry one conditioning tensor (the manifest, the runtime, Triton), so ``ExportPackage``
-refuses the family with a message naming that.
+ONNX Runtime sessions run the whole schedule and must equal the eager sampler,
+and an ONNX export folder runs in the runtime with one buffer per conditioning input; the Triton
+model and the command line still take one text tensor and refuse such a folder by name.
 """
 
 import pytest
@@ -90,21 +90,50 @@ def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_
     assert relative_l2(got, ref) < 1e-4
 
 
-def test_bad_export_shapes_and_export_folders_are_refused(flux_graphs, tmp_path):
-    model, adapter, profile, _ = flux_graphs
+def test_bad_export_shapes_are_refused(flux_graphs):
+    _, adapter, profile, _ = flux_graphs
     with pytest.raises(UserError, match="one shape per input"):
         BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape=(5, 32))(adapter, profile)
     with pytest.raises(UserError, match=r"no export shape for the conditioning input\(s\) \['pooled_prompt_embeds'\]"):
         BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape={"prompt_embeds": (5, 32)})(adapter, profile)
 
+
+@pytest.mark.slow  # an ONNX export folder (~30 s on 2 cores)
+def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flux_graphs, tmp_path):
+    """The folder records each conditioning input (no shapes.text_embeds), validates at export, and the
+    runtime binds one buffer per input; what still takes one text tensor refuses it by name."""
+    from ertacache.contract import load_manifest
     from ertacache.export.config import ExportConfig
     from ertacache.export.package import ExportPackage, ModelIdentity
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import text_embeds_from_npy
+    from ertacache.serving.spec import expected_io
 
+    model, adapter, profile, _ = flux_graphs
     identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
-    with pytest.raises(UserError, match="export folders carry one conditioning tensor so far"):
-        ExportPackage(ExportConfig(out=tmp_path / "out", targets=("onnx",)), log=lambda s: None)(
-            adapter, profile, identity, SHAPES)
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "flux"
+    ExportPackage(ExportConfig(out=out, targets=("onnx",), check_compile=False, timing_repeats=0),
+                  log=lambda s: None)(adapter, profile, identity, SHAPES)
+    manifest = load_manifest(out)
+    assert manifest.conditioning == ("prompt_embeds", "pooled_prompt_embeds") and manifest.shapes.text_embeds is None
+    assert manifest.spec(FULL_STEP, "pooled_prompt_embeds").shape == (1, 12)
+
+    noise, cond = _feeds(seed=24)
+    with torch.no_grad():
+        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+    with Runtime(out, "onnxruntime") as rt:
+        got = rt.sample(noise, cond).clone()
+        assert relative_l2(got, ref) < 1e-4
+        with pytest.raises(UserError, match=r"missing \['pooled_prompt_embeds'\], unknown \[\]"):
+            rt.sample(noise, {"prompt_embeds": cond["prompt_embeds"]})
+        with pytest.raises(UserError, match="pass a mapping"):
+            rt.sample(noise, cond["prompt_embeds"])
+        with pytest.raises(UserError, match=r"pooled_prompt_embeds has shape \[1, 11\]"):
+            rt.sample(noise, {**cond, "pooled_prompt_embeds": torch.zeros(1, 11)})
+    with pytest.raises(UserError, match="Triton model serves folders with one text_embeds input so far"):
+        expected_io(manifest, prompt=False, latents=False, max_batch_size=0, decoupled=False)
+    with pytest.raises(UserError, match="command line feeds folders with one text_embeds input so far"):
+        text_embeds_from_npy(tmp_path / "x.npy", manifest)
 
 
 @pytest.mark.slow
