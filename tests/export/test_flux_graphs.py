@@ -112,9 +112,10 @@ def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flu
     model, adapter, profile, _ = flux_graphs
     identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
     out = tmp_path / "flux"
-    ExportPackage(ExportConfig(out=out, targets=("onnx",), check_compile=False, timing_repeats=0),
+    ExportPackage(ExportConfig(out=out, targets=("onnx",), timing_repeats=0),  # with the torch.compile check
                   log=lambda s: None)(adapter, profile, identity, SHAPES)
     manifest = load_manifest(out)
+    assert manifest.get("targets")["torch_compile"]["graph_breaks"] == {FULL_STEP: 0, CACHED_STEP: 0}
     assert manifest.conditioning == ("prompt_embeds", "pooled_prompt_embeds") and manifest.shapes.text_embeds is None
     assert manifest.spec(FULL_STEP, "pooled_prompt_embeds").shape == (1, 12)
 
