@@ -32,7 +32,7 @@ from ertacache.contract import ExportManifest
 from ertacache.errors import ErtaCacheError, UserError, brief
 from ertacache.limits import MAX_PROMPT_CHARS, MAX_SEED
 from ertacache.serving.spec import (FRAMES, GUIDANCE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
-                                    check_model_config)
+                                    check_model_config, conditioning_names)
 
 
 
@@ -116,7 +116,7 @@ class Job:
 
     seed: int
     prompt: str | None = None
-    text_embeds: np.ndarray | None = None  # (nb*B, L, D_text)
+    text_embeds: np.ndarray | dict[str, np.ndarray] | None = None  # (nb*B, L, D_text), or one per input
     guidance: float | None = None
 
 
@@ -164,12 +164,12 @@ def _prompt(arr: np.ndarray) -> str:
     return value
 
 
-def _text_embeds(arr: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+def _text_embeds(arr: np.ndarray, dims: tuple[int, ...], name: str = TEXT_EMBEDS) -> np.ndarray:
     if arr.dtype.kind != "f":
-        raise RequestError(f"input 'text_embeds' has data type {arr.dtype}, give floating point embeddings")
-    _check_shape(TEXT_EMBEDS, arr, dims)
+        raise RequestError(f"input {name!r} has data type {arr.dtype}, give floating point embeddings")
+    _check_shape(name, arr, dims)
     if not np.isfinite(arr).all():
-        raise RequestError("input 'text_embeds' contains NaN or Inf; check the text encoder that produced it")
+        raise RequestError(f"input {name!r} contains NaN or Inf; check the text encoder that produced it")
     return arr
 
 
@@ -196,10 +196,16 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
         raise RequestError(f"unknown input(s) {brief(unknown, 120)}; this model takes {[t.name for t in io.inputs]}")
     if SEED not in inputs:
         raise RequestError("missing input 'seed' (INT64 [1])")
+    conds = conditioning_names(io)
+    if conds != (TEXT_EMBEDS,):  # several conditioning tensors (FLUX): every one, no prompt
+        missing = [n for n in conds if n not in inputs]
+        if missing:
+            raise RequestError(f"missing input(s) {missing}: this model takes the conditioning tensors {list(conds)} "
+                               "(no text encoder is bundled: encode the prompt yourself)")
     has_prompt, has_embeds = PROMPT in inputs, TEXT_EMBEDS in inputs
     if has_prompt and has_embeds:
         raise RequestError("give either 'prompt' or 'text_embeds', not both")
-    if not (has_prompt or has_embeds):
+    if conds == (TEXT_EMBEDS,) and not (has_prompt or has_embeds):
         raise RequestError("missing input: give 'prompt' (text) or 'text_embeds'" if io.input(PROMPT) else
                            "missing input 'text_embeds' (this model has no text encoder: encode the prompt yourself)")
     arrays = {k: np.asarray(v) if batched else np.asarray(v)[None] for k, v in inputs.items()}
@@ -213,10 +219,13 @@ def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidan
         if name in row and row[name].size != 1:
             raise RequestError(f"input {name!r} has shape {list(row[name].shape)}, this model takes [1]")
     job = Job(_seed(row[SEED], batch))
+    conds = conditioning_names(io)
     if PROMPT in row:
         job.prompt = _prompt(row[PROMPT])
-    else:
+    elif conds == (TEXT_EMBEDS,):
         job.text_embeds = _text_embeds(row[TEXT_EMBEDS], io.input(TEXT_EMBEDS).dims)
+    else:
+        job.text_embeds = {n: _text_embeds(row[n], io.input(n).dims, n) for n in conds}
     if GUIDANCE in row:
         job.guidance = _guidance(row[GUIDANCE], default_guidance)
     return job
@@ -324,9 +333,12 @@ class ModelInstance:
         m = self.manifest
         return parse_request(inputs, self.io, m.shapes.batch_size, self.batched, m.schedule.guidance_scale)
 
-    def _text(self, job: Job) -> torch.Tensor:
+    def _text(self, job: Job):
         from ertacache.runtime.inputs import encode_prompt
 
+        if isinstance(job.text_embeds, dict):  # one tensor per conditioning input
+            return {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.manifest.torch_dtype)
+                    for n, a in job.text_embeds.items()}
         if job.prompt is None:
             return torch.from_numpy(np.ascontiguousarray(job.text_embeds)).to(self.manifest.torch_dtype)
         try:
@@ -340,7 +352,9 @@ class ModelInstance:
         from ertacache.runtime.inputs import noise_for
 
         rt = self.runtime
-        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), self._text(job).to(rt.device), job.guidance)
+        text = self._text(job)
+        text = {n: t.to(rt.device) for n, t in text.items()} if isinstance(text, dict) else text.to(rt.device)
+        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), text, job.guidance)
         plan = rt.plan()
         step_cb = None if on_step is None else (lambda i: on_step(done_before + i + 1))
         ran = rt.run_plan(plan, step_cb)

@@ -30,7 +30,7 @@ from ertacache.errors import UserError
 from ertacache.io import atomic_directory, copy_tree_no_links
 from ertacache.runtime.checks import check_against_profile
 from ertacache.serving.instance import ModelParameters
-from ertacache.serving.spec import ServedIO, TensorIO, expected_io
+from ertacache.serving.spec import ServedIO, TensorIO, conditioning_names, expected_io
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -176,7 +176,9 @@ def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposit
     from ertacache import __version__
 
     prof = manifest.schedule
-    text_in = "exactly one of prompt / text_embeds" if any(t.name == "prompt" for t in io.inputs) else "text_embeds"
+    conds = conditioning_names(io)
+    text_in = ("exactly one of prompt / text_embeds" if any(t.name == "prompt" for t in io.inputs)
+               else " and ".join(conds))
     head = [
         f"# Written by ertacache-triton {__version__} from an export folder of {manifest.model.id}:",
         f"# {prof.steps} steps ({prof.full_steps} full), batch {manifest.shapes.batch_size}, "

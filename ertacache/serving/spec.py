@@ -8,10 +8,14 @@ Inputs (Triton names; ``B`` the folder's static batch, ``nb`` 2 with classifier-
 
     prompt          TYPE_STRING [1]             when the text encoder is in the repository
     text_embeds     TYPE_FP32   [nb*B, L, D]    precomputed embeddings: cond rows, then uncond rows
+                                                (a family with several conditioning tensors has one
+                                                input per tensor instead, each required: FLUX's
+                                                prompt_embeds [B, L, D_t5], pooled_prompt_embeds [B, D_clip])
     seed            TYPE_INT64  [1]             noise seed; sample k of the batch uses seed + k
     guidance_scale  TYPE_FP32   [1]             optional, only with CFG (default: the profile's)
 
 Exactly one of ``prompt`` / ``text_embeds`` per request (both are optional where both exist).
+:func:`conditioning_names` lists a model's conditioning inputs from its declared inputs.
 Outputs: ``frames`` (TYPE_UINT8, (B, F, H, W, 3)) when the folder has a ``vae_decode`` graph,
 ``latents`` (TYPE_FP32, (B, C, F', H', W')) as an option (always without a decoder), and, in
 decoupled mode, ``step`` (TYPE_INT64 [1]): the denoising steps done so far, one progress
@@ -79,16 +83,19 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
                 decoupled: bool) -> ServedIO:
     """The model's inputs and outputs for this folder and these options (see the module docstring)."""
     check_batching(manifest, max_batch_size)
-    if tuple(manifest.conditioning) != (TEXT_EMBEDS,):
-        raise UserError(f"this export folder's model takes the conditioning inputs {list(manifest.conditioning)}; "
-                        "the Triton model serves folders with one text_embeds input so far (docs/families.md)")
+    conditioning = tuple(manifest.conditioning)
+    if prompt and conditioning != (TEXT_EMBEDS,):
+        raise UserError(f"this export folder's model takes the conditioning inputs {list(conditioning)}; the "
+                        "Triton model bundles a text encoder only for one text_embeds input so far: write the "
+                        "repository with --no-text-encoder (requests then send each input)")
     row = 1 if max_batch_size > 0 else 0  # Triton adds the batch dim itself: drop the folder's batch of 1
-    text = manifest.spec(FULL_STEP, "text_embeds")
     lat = manifest.spec(FULL_STEP, "latents")
     inputs = []
     if prompt:
         inputs.append(TensorIO(PROMPT, "TYPE_STRING", (1,), optional=True))
-    inputs.append(TensorIO(TEXT_EMBEDS, TRITON_TYPES[text.dtype], text.shape, optional=prompt))
+    for name in conditioning:  # Wan: text_embeds; FLUX: prompt_embeds, pooled_prompt_embeds
+        spec = manifest.spec(FULL_STEP, name)
+        inputs.append(TensorIO(name, TRITON_TYPES[spec.dtype], spec.shape, optional=prompt))
     inputs.append(TensorIO(SEED, "TYPE_INT64", (1,)))
     if manifest.schedule.n_branches == 2:
         inputs.append(TensorIO(GUIDANCE, "TYPE_FP32", (1,), optional=True))
@@ -101,6 +108,11 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     if decoupled:
         outputs.append(TensorIO(STEP, "TYPE_INT64", (1,)))
     return ServedIO(tuple(inputs), tuple(outputs))
+
+
+def conditioning_names(io: ServedIO) -> tuple[str, ...]:
+    """The model's conditioning inputs (every input but the prompt, the seed and the guidance scale)."""
+    return tuple(t.name for t in io.inputs if t.name not in (PROMPT, SEED, GUIDANCE))
 
 
 def io_from_model_config(config: Mapping[str, Any]) -> ServedIO:

@@ -157,3 +157,29 @@ def wan_folder_export(tiny_wan_folder, tmp_path_factory):
                           "--dtype", "fp32", "--targets", "onnx", "--timing-repeats", "0", "--out", str(out), "--quiet"])
     assert rc == 0
     return out
+
+
+#: one prompt's FLUX conditioning shapes (without the batch axis) of the tiny FLUX model's exports
+FLUX_SHAPES = {"prompt_embeds": (5, 32), "pooled_prompt_embeds": (12,)}
+
+
+@pytest.fixture(scope="session")
+def flux_onnx_export(tmp_path_factory):
+    """An ONNX export folder of the tiny FLUX model (embedded guidance, K = 3 hand-written profile; with the
+    torch.compile check; ~35 s on 2 cores): .out, .model, .adapter, .profile."""
+    from types import SimpleNamespace
+
+    from ertacache.export.config import ExportConfig
+    from ertacache.export.package import ExportPackage, ModelIdentity
+    from ertacache.models.adapter import adapter_for
+    from tests.integrations.test_flux_pipeline import flux_profile
+    from tests.models.test_flux_adapter import tiny_flux
+
+    model = tiny_flux(True).eval()
+    profile = flux_profile(model, True)
+    adapter = adapter_for(model)
+    out = tmp_path_factory.mktemp("flux-onnx-export") / "out"
+    identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
+    ExportPackage(ExportConfig(out=out, targets=("onnx",), timing_repeats=0), log=lambda s: None)(
+        adapter, profile, identity, FLUX_SHAPES)
+    return SimpleNamespace(out=out, model=model, adapter=adapter, profile=profile)

@@ -3,8 +3,8 @@
 The tiny ``FluxTransformer2DModel`` (guidance embedding on, so the ``guidance_scale`` input reaches
 the model instead of a CFG mix) with a K = 3 predictor profile: the exported programs and their
 ONNX Runtime sessions run the whole schedule and must equal the eager sampler,
-and an ONNX export folder runs in the runtime with one buffer per conditioning input; the Triton
-model and the command line still take one text tensor and refuse such a folder by name.
+and an ONNX export folder runs in the runtime with one buffer per conditioning input (its Triton
+model: tests/serving); the command line still takes one text tensor and refuses such a folder.
 """
 
 import pytest
@@ -20,7 +20,7 @@ from ertacache.sampling import CachedSampler
 from tests.integrations.test_flux_pipeline import GUIDANCE, flux_profile
 from tests.models.test_flux_adapter import tiny_flux
 
-SHAPES = {"prompt_embeds": (5, 32), "pooled_prompt_embeds": (12,)}  # one prompt's, without the batch axis
+from tests.export.fixtures import FLUX_SHAPES as SHAPES  # one prompt's, without the batch axis
 
 
 class _ProgramRunner:
@@ -98,26 +98,19 @@ def test_bad_export_shapes_are_refused(flux_graphs):
         BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape={"prompt_embeds": (5, 32)})(adapter, profile)
 
 
-@pytest.mark.slow  # an ONNX export folder (~30 s on 2 cores)
-def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flux_graphs, tmp_path):
-    """The folder records each conditioning input (no shapes.text_embeds), validates at export, and the
-    runtime binds one buffer per input; what still takes one text tensor refuses it by name."""
+@pytest.mark.slow  # the ONNX export folder fixture (~35 s on 2 cores)
+def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flux_onnx_export, tmp_path):
+    """The folder records each conditioning input (no shapes.text_embeds), validates at export, passes the
+    torch.compile check, and the runtime binds one buffer per input (each checked by name)."""
     from ertacache.contract import load_manifest
-    from ertacache.export.config import ExportConfig
-    from ertacache.export.package import ExportPackage, ModelIdentity
     from ertacache.runtime import Runtime
     from ertacache.runtime.inputs import text_embeds_from_npy
-    from ertacache.serving.spec import expected_io
 
-    model, adapter, profile, _ = flux_graphs
-    identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
-    out = tmp_path / "flux"
-    ExportPackage(ExportConfig(out=out, targets=("onnx",), timing_repeats=0),  # with the torch.compile check
-                  log=lambda s: None)(adapter, profile, identity, SHAPES)
+    out, adapter, profile = flux_onnx_export.out, flux_onnx_export.adapter, flux_onnx_export.profile
     manifest = load_manifest(out)
-    assert manifest.get("targets")["torch_compile"]["graph_breaks"] == {FULL_STEP: 0, CACHED_STEP: 0}
     assert manifest.conditioning == ("prompt_embeds", "pooled_prompt_embeds") and manifest.shapes.text_embeds is None
     assert manifest.spec(FULL_STEP, "pooled_prompt_embeds").shape == (1, 12)
+    assert manifest.get("targets")["torch_compile"]["graph_breaks"] == {FULL_STEP: 0, CACHED_STEP: 0}
 
     noise, cond = _feeds(seed=24)
     with torch.no_grad():
@@ -131,8 +124,6 @@ def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flu
             rt.sample(noise, cond["prompt_embeds"])
         with pytest.raises(UserError, match=r"pooled_prompt_embeds has shape \[1, 11\]"):
             rt.sample(noise, {**cond, "pooled_prompt_embeds": torch.zeros(1, 11)})
-    with pytest.raises(UserError, match="Triton model serves folders with one text_embeds input so far"):
-        expected_io(manifest, prompt=False, latents=False, max_batch_size=0, decoupled=False)
     with pytest.raises(UserError, match="command line feeds folders with one text_embeds input so far"):
         text_embeds_from_npy(tmp_path / "x.npy", manifest)
 

@@ -143,3 +143,21 @@ def test_a_k3_predictor_folder_serves_what_the_runtime_returns(onnx_export_k3, t
         assert len(inst.runtime.state.residuals) == 3
         got = inst.handle({"seed": np.array([7]), "text_embeds": text.numpy()})
     assert got["latents"].tobytes() == want.tobytes()
+
+
+def test_a_flux_folder_takes_each_conditioning_tensor_as_an_input(instances, direct, served_repo):
+    """Several conditioning tensors: one required input each, no prompt; the outputs are the runtime's bytes."""
+    from ertacache.errors import UserError
+    from ertacache.serving.spec import expected_io
+
+    _, reports = served_repo
+    assert [t.name for t in reports["flux"].io.inputs] == ["prompt_embeds", "pooled_prompt_embeds", "seed"]
+    text = {n: t.numpy() for n, t in direct.text("flux", text_seed=2).items()}
+    got = instances["flux"].handle({"seed": np.array([9]), **text})
+    assert got["latents"].tobytes() == direct("flux", 9, text_seed=2)["latents"].tobytes()
+    with pytest.raises(RequestError, match=r"missing input\(s\) \['pooled_prompt_embeds'\]"):
+        instances["flux"].handle({"seed": np.array([9]), "prompt_embeds": text["prompt_embeds"]})
+    with pytest.raises(RequestError, match=r"'pooled_prompt_embeds' has shape \[1, 11\], this model takes \[1, 12\]"):
+        instances["flux"].handle({"seed": np.array([9]), **text, "pooled_prompt_embeds": np.zeros((1, 11), np.float32)})
+    with pytest.raises(UserError, match="--no-text-encoder"):
+        expected_io(instances["flux"].manifest, prompt=True, latents=True, max_batch_size=0, decoupled=False)

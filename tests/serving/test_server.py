@@ -74,6 +74,18 @@ def test_outputs_equal_the_direct_runtime(server, direct, protocol):
     assert rows[1].tobytes() == direct("tiny", 4)["frames"][0].tobytes()
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_flux_model_answers_with_the_direct_runtimes_bytes(server, direct, protocol):
+    """FLUX's two conditioning tensors as two request inputs, through the real server."""
+    text = {n: t.numpy() for n, t in direct.text("flux", text_seed=3).items()}
+    r = infer(server, protocol, "flux", tensors(protocol, {"seed": np.array([4], np.int64), **text}))
+    assert same(r, direct("flux", 4, text_seed=3), names=("latents",))
+    # Triton checks required inputs itself (the model's own check, the same words, is in test_instance)
+    with pytest.raises(InferenceServerException, match=r"missing required input\(s\) \['pooled_prompt_embeds'\]"):
+        infer(server, protocol, "flux", tensors(protocol, {"seed": np.array([4], np.int64),
+                                                           "prompt_embeds": text["prompt_embeds"]}))
+
+
 def test_the_served_config_is_the_written_one(server):
     client = connect("http", server.http_url)
     config = client.get_model_config("wan")
