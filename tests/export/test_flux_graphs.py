@@ -52,6 +52,16 @@ def _feeds(seed=21):
     return noise, cond
 
 
+def _schedule_error(runner, adapter, profile, seed: int) -> float:
+    """Relative L2 of ``runner`` over the whole schedule against the eager sampler, on fresh feeds."""
+    noise, cond = _feeds(seed)
+    with torch.no_grad():
+        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
+        got = run_schedule(runner, profile.mask, noise, (cond["prompt_embeds"], cond["pooled_prompt_embeds"]),
+                           GUIDANCE, profile.history)
+    return relative_l2(got, ref)
+
+
 def test_each_conditioning_tensor_is_a_named_graph_input(flux_graphs):
     _, _, profile, graphs = flux_graphs
     names = ("prompt_embeds", "pooled_prompt_embeds")
@@ -81,13 +91,7 @@ def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_
     paths = {}
     for name in (FULL_STEP, CACHED_STEP):
         paths[name] = target(name, graphs.programs[name], graphs.example_inputs[name], graphs.specs[name], tmp_path).path
-    runner = OnnxRuntimeRunner(paths, graphs.specs)
-    noise, cond = _feeds(seed=22)
-    with torch.no_grad():
-        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
-    got = run_schedule(runner, profile.mask, noise, (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), GUIDANCE,
-                       profile.history)
-    assert relative_l2(got, ref) < 1e-4
+    assert _schedule_error(OnnxRuntimeRunner(paths, graphs.specs), adapter, profile, seed=22) < 1e-4
 
 
 def test_bad_export_shapes_are_refused(flux_graphs):
@@ -137,9 +141,4 @@ def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(flux_graphs, tm
     _, adapter, profile, graphs = flux_graphs
     target = AotiPackageFromExportedProgram()
     runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
-    noise, cond = _feeds(seed=23)
-    with torch.no_grad():
-        ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
-    got = run_schedule(runner, profile.mask, noise, (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), GUIDANCE,
-                       profile.history)
-    assert relative_l2(got, ref) < 1e-4
+    assert _schedule_error(runner, adapter, profile, seed=23) < 1e-4
