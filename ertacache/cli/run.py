@@ -20,7 +20,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", default=None, help="text prompt (encoded with the folder's text encoder)")
     text.add_argument("--text-embeds", default=None,
-                      help=".npy of shape (nb*B, L, D_text): cond rows, then (CFG) uncond rows")
+                      help=".npy of shape (nb*B, L, D_text): cond rows, then (CFG) uncond rows; for a folder "
+                           "with several conditioning inputs (FLUX) an .npz with one array per input name")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample k of a batch uses seed + k)")
     add_digest_arg(p)
 
@@ -71,7 +72,8 @@ def _main(argv: list[str] | None) -> int:
     with runtime as rt:
         open_s = time.perf_counter() - start
         noise, text = request(args, rt.manifest)
-        noise, text = noise.to(rt.device), text.to(rt.device)
+        noise = noise.to(rt.device)
+        text = {n: t.to(rt.device) for n, t in text.items()} if isinstance(text, dict) else text.to(rt.device)
         times = StepTimes()
         start = time.perf_counter()
         rt.sample(noise, text, times=times)

@@ -15,29 +15,54 @@ from ertacache.sampling.sampler import initial_latents
 def _one_text_input(manifest: ExportManifest) -> None:
     if tuple(manifest.conditioning) != ("text_embeds",):
         raise UserError(f"this export folder's model takes the conditioning inputs {list(manifest.conditioning)}; "
-                        "the command line feeds folders with one text_embeds input so far: call "
-                        "ertacache.runtime.Runtime.sample(noise, {name: tensor, ...}) from Python")
+                        "--prompt encodes folders with one text_embeds input so far: pass --text-embeds FILE.npz "
+                        "with one array per input")
 
 
-def text_embeds_from_npy(path: str | Path, manifest: ExportManifest) -> torch.Tensor:
-    """(nb*B, L, D_text) embeddings from a .npy file (checked against the folder later)."""
-    _one_text_input(manifest)
+def text_embeds_from_npy(path: str | Path, manifest: ExportManifest):
+    """(nb*B, L, D_text) embeddings from a .npy file; for a folder with several conditioning inputs
+    (FLUX), a mapping from an .npz holding one array per input name. Shapes are checked later."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--text-embeds {path} is a folder; give a .npy file")
     if not path.is_file():
         raise UserError(f"--text-embeds {path} does not exist")
+    names = tuple(manifest.conditioning)
+    if names != ("text_embeds",):
+        return _named_arrays(path, names, manifest)
+    return _float_tensor(_load_array(path), f"--text-embeds {path}", manifest)
+
+
+def _load_array(path: Path):
     try:
-        arr = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         # NumPy's message for a non-array file suggests allow_pickle=True: never do that for an input file
         what = "a pickle, which is never loaded" if "pickle" in str(e).lower() else brief(str(e), 120)
-        raise UserError(f"--text-embeds {path} is not a .npy array ({what}); save the embeddings with numpy.save") \
-            from None
+        raise UserError(f"--text-embeds {path} is not a .npy/.npz array file ({what}); save the embeddings with "
+                        "numpy.save (numpy.savez for several inputs)") from None
+
+
+def _float_tensor(arr, where: str, manifest: ExportManifest) -> torch.Tensor:
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-        raise UserError(f"--text-embeds {path} holds {getattr(arr, 'dtype', type(arr).__name__)} values; give "
-                        "floating-point embeddings")
+        raise UserError(f"{where} holds {getattr(arr, 'dtype', type(arr).__name__)} values; give floating-point "
+                        "embeddings")
     return torch.from_numpy(np.ascontiguousarray(arr)).to(manifest.torch_dtype)
+
+
+def _named_arrays(path: Path, names: tuple[str, ...], manifest: ExportManifest) -> dict[str, torch.Tensor]:
+    """One tensor per conditioning input from an .npz (``numpy.savez(path, prompt_embeds=..., ...)``)."""
+    loaded = _load_array(path)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UserError(f"this export folder takes the conditioning inputs {list(names)}; give --text-embeds an "
+                        f".npz with one array per name (numpy.savez(path, {names[0]}=..., ...)), not one array")
+    with loaded:
+        missing = [n for n in names if n not in loaded.files]
+        unknown = [n for n in loaded.files if n not in names]
+        if missing or unknown:
+            raise UserError(f"--text-embeds {path}: missing {missing}, unknown {brief(str(unknown), 120)}; this "
+                            f"export folder takes {list(names)}")
+        return {n: _float_tensor(loaded[n], f"--text-embeds {path} [{n}]", manifest) for n in names}
 
 
 def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: str | None = None) -> torch.Tensor:

@@ -166,12 +166,16 @@ FLUX_SHAPES = {"prompt_embeds": (5, 32), "pooled_prompt_embeds": (12,)}
 @pytest.fixture(scope="session")
 def flux_onnx_export(tmp_path_factory):
     """An ONNX export folder of the tiny FLUX model (embedded guidance, K = 3 hand-written profile; with the
-    torch.compile check; ~35 s on 2 cores): .out, .model, .adapter, .profile."""
+    torch.compile check and a tiny AutoencoderKL decode graph, 8x like FLUX's VAE: 8 x 8 latents ->
+    64 x 64 pixels; ~45 s on 2 cores): .out, .model, .adapter, .profile, .decoder."""
     from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
 
     from ertacache.export.config import ExportConfig
     from ertacache.export.package import ExportPackage, ModelIdentity
     from ertacache.models.adapter import adapter_for
+    from ertacache.models.flux import FluxLatentDecoder
     from tests.integrations.test_flux_pipeline import flux_profile
     from tests.models.test_flux_adapter import tiny_flux
 
@@ -180,6 +184,11 @@ def flux_onnx_export(tmp_path_factory):
     adapter = adapter_for(model)
     out = tmp_path_factory.mktemp("flux-onnx-export") / "out"
     identity = ModelIdentity("flux-tiny-test", profile.model_fingerprint, type(model).__name__)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, layers_per_block=1, shift_factor=0.1, scaling_factor=0.5).eval()
+    decoder = FluxLatentDecoder(vae)
     ExportPackage(ExportConfig(out=out, targets=("onnx",), timing_repeats=0), log=lambda s: None)(
-        adapter, profile, identity, FLUX_SHAPES)
-    return SimpleNamespace(out=out, model=model, adapter=adapter, profile=profile)
+        adapter, profile, identity, FLUX_SHAPES, decoder)
+    return SimpleNamespace(out=out, model=model, adapter=adapter, profile=profile, decoder=decoder)

@@ -102,13 +102,12 @@ def test_bad_export_shapes_are_refused(flux_graphs):
         BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape={"prompt_embeds": (5, 32)})(adapter, profile)
 
 
-@pytest.mark.slow  # the ONNX export folder fixture (~35 s on 2 cores)
-def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flux_onnx_export, tmp_path):
+@pytest.mark.slow  # the ONNX export folder fixture (~45 s on 2 cores)
+def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flux_onnx_export):
     """The folder records each conditioning input (no shapes.text_embeds), validates at export, passes the
     torch.compile check, and the runtime binds one buffer per input (each checked by name)."""
     from ertacache.contract import load_manifest
     from ertacache.runtime import Runtime
-    from ertacache.runtime.inputs import text_embeds_from_npy
 
     out, adapter, profile = flux_onnx_export.out, flux_onnx_export.adapter, flux_onnx_export.profile
     manifest = load_manifest(out)
@@ -128,8 +127,41 @@ def test_a_flux_export_folder_runs_in_the_runtime_equal_to_the_eager_sampler(flu
             rt.sample(noise, cond["prompt_embeds"])
         with pytest.raises(UserError, match=r"pooled_prompt_embeds has shape \[1, 11\]"):
             rt.sample(noise, {**cond, "pooled_prompt_embeds": torch.zeros(1, 11)})
-    with pytest.raises(UserError, match="command line feeds folders with one text_embeds input so far"):
-        text_embeds_from_npy(tmp_path / "x.npy", manifest)
+        assert rt.decode().shape == (1, 1, 64, 64, 3)  # an image is a one-frame video (the 8x decoder)
+
+
+@pytest.mark.slow  # the ONNX export folder fixture
+def test_ertacache_run_takes_an_npz_per_input_and_writes_a_png(flux_onnx_export, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ertacache.cli import run as run_cli
+    from ertacache.contract import load_manifest
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for
+
+    out = flux_onnx_export.out
+    _, cond = _feeds(seed=25)
+    np.savez(tmp_path / "embeds.npz", **{n: t.numpy() for n, t in cond.items()})
+    rc = run_cli.main(["--engines", str(out), "--text-embeds", str(tmp_path / "embeds.npz"), "--seed", "3",
+                       "--out", str(tmp_path / "image.png")])
+    assert rc == 0, capsys.readouterr().err
+    with Runtime(out, "onnxruntime") as rt:
+        rt.sample(noise_for(rt.manifest, 3), cond)
+        want = rt.decode()[0, 0].numpy()  # (H, W, 3) uint8
+    png = np.asarray(Image.open(tmp_path / "image.png").convert("RGB"))
+    k = png.shape[0] // want.shape[0]  # small images are written enlarged by an integer nearest-neighbour factor
+    assert k >= 1 and np.array_equal(png, want.repeat(k, axis=0).repeat(k, axis=1))
+
+    np.save(tmp_path / "one.npy", cond["prompt_embeds"].numpy())
+    np.savez(tmp_path / "partial.npz", prompt_embeds=cond["prompt_embeds"].numpy())
+    for args, match in ((["--text-embeds", str(tmp_path / "one.npy")], "give --text-embeds an .npz with one array per"),
+                        (["--text-embeds", str(tmp_path / "partial.npz")], "missing ['pooled_prompt_embeds']"),
+                        (["--prompt", "a red circle"], "pass --text-embeds FILE.npz")):
+        rc = run_cli.main(["--engines", str(out), *args, "--out", str(tmp_path / "bad.png")])
+        assert rc == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+    assert load_manifest(out).has_decode
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ Models (all over tests/export/fixtures.py exports, ONNX Runtime on the CPU):
     tiny         a tiny random Wan2.1 built in code (no text encoder): text_embeds, + latents
     tiny_stream  tiny, decoupled: one progress response per step, then the result
     tiny_rows    tiny with max_batch_size 2: Triton batches requests into rows
-    flux         a tiny random FLUX (embedded guidance, K = 3): prompt_embeds and pooled_prompt_embeds, latents
+    flux         a tiny random FLUX (embedded guidance, K = 3): prompt_embeds and pooled_prompt_embeds, + latents
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_expo
                "tiny": dict(engines=onnx_export.out, latents=True),
                "tiny_stream": dict(engines=onnx_export.out, decoupled=True),
                "tiny_rows": dict(engines=onnx_export.out, max_batch_size=2),
-               "flux": dict(engines=flux_onnx_export.out)}
+               "flux": dict(engines=flux_onnx_export.out, latents=True)}
     return repo, {name: write_repository(RepositoryConfig(repo=repo, name=name, **o)) for name, o in options.items()}
 
 

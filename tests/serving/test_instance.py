@@ -154,7 +154,9 @@ def test_a_flux_folder_takes_each_conditioning_tensor_as_an_input(instances, dir
     assert [t.name for t in reports["flux"].io.inputs] == ["prompt_embeds", "pooled_prompt_embeds", "seed"]
     text = {n: t.numpy() for n, t in direct.text("flux", text_seed=2).items()}
     got = instances["flux"].handle({"seed": np.array([9]), **text})
-    assert got["latents"].tobytes() == direct("flux", 9, text_seed=2)["latents"].tobytes()
+    want = direct("flux", 9, text_seed=2)
+    assert got["frames"].shape == (1, 1, 64, 64, 3)  # an image is a one-frame video
+    assert got["latents"].tobytes() == want["latents"].tobytes() and got["frames"].tobytes() == want["frames"].tobytes()
     with pytest.raises(RequestError, match=r"missing input\(s\) \['pooled_prompt_embeds'\]"):
         instances["flux"].handle({"seed": np.array([9]), "prompt_embeds": text["prompt_embeds"]})
     with pytest.raises(RequestError, match=r"'pooled_prompt_embeds' has shape \[1, 11\], this model takes \[1, 12\]"):
