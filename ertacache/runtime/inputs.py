@@ -30,17 +30,17 @@ def text_embeds_from_npy(path: str | Path, manifest: ExportManifest):
     names = tuple(manifest.conditioning)
     if names != ("text_embeds",):
         return _named_arrays(path, names, manifest)
-    return _float_tensor(_load_array(path), f"--text-embeds {path}", manifest)
+    return _float_tensor(_load_array(path, ".npy", "numpy.save"), f"--text-embeds {path}", manifest)
 
 
-def _load_array(path: Path):
+def _load_array(path: Path, kind: str, writer: str):
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         # NumPy's message for a non-array file suggests allow_pickle=True: never do that for an input file
         what = "a pickle, which is never loaded" if "pickle" in str(e).lower() else brief(str(e), 120)
-        raise UserError(f"--text-embeds {path} is not a .npy/.npz array file ({what}); save the embeddings with "
-                        "numpy.save (numpy.savez for several inputs)") from None
+        raise UserError(f"--text-embeds {path} is not a {kind} array ({what}); save the embeddings with {writer}") \
+            from None
 
 
 def _float_tensor(arr, where: str, manifest: ExportManifest) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _float_tensor(arr, where: str, manifest: ExportManifest) -> torch.Tensor:
 
 def _named_arrays(path: Path, names: tuple[str, ...], manifest: ExportManifest) -> dict[str, torch.Tensor]:
     """One tensor per conditioning input from an .npz (``numpy.savez(path, prompt_embeds=..., ...)``)."""
-    loaded = _load_array(path)
+    loaded = _load_array(path, ".npz", "numpy.savez")
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise UserError(f"this export folder takes the conditioning inputs {list(names)}; give --text-embeds an "
                         f".npz with one array per name (numpy.savez(path, {names[0]}=..., ...)), not one array")
