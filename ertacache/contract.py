@@ -594,7 +594,9 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
     if one_text and m.shapes.text_embeds[:1] != (m.schedule.n_branches * m.shapes.batch_size,):
         raise fail(f"shapes.text_embeds {list(m.shapes.text_embeds)} does not have n_branches x batch = "
                    f"{m.schedule.n_branches * m.shapes.batch_size} rows")
-    pairs = [("latents", "latents"), ("residual", "residual_out")] + ([("text_embeds", "text_embeds")] if one_text else [])
+    pairs = [("latents", "latents"), ("residual", "residual_out")]
+    if one_text:
+        pairs.append(("text_embeds", "text_embeds"))
     for key, name in pairs:
         if getattr(m.shapes, key) != full.tensor(name).shape:
             raise fail(f"shapes.{key} is {list(getattr(m.shapes, key))} but the full_step graph's {name} is "

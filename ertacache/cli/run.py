@@ -72,8 +72,7 @@ def _main(argv: list[str] | None) -> int:
     with runtime as rt:
         open_s = time.perf_counter() - start
         noise, text = request(args, rt.manifest)
-        noise = noise.to(rt.device)
-        text = {n: t.to(rt.device) for n, t in text.items()} if isinstance(text, dict) else text.to(rt.device)
+        noise = noise.to(rt.device)  # the text (one tensor or one per input) is copied into the device buffers
         times = StepTimes()
         start = time.perf_counter()
         rt.sample(noise, text, times=times)

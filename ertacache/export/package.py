@@ -235,9 +235,9 @@ class ExportPackage:
         eager = CachedSampler(graphs.modules[FULL_STEP].adapter, graphs.tables, graphs.mask)
         ref = eager(latents, text, guidance_scale).latents  # (B, C, F', H', W')
         results, runners = {}, {}
+        flat = tuple(text.values()) if isinstance(text, dict) else text  # graph-input order
         for target, target_paths in paths.items():
             runner = runners[target] = self._runner(target, target_paths, graphs)
-            flat = tuple(text.values()) if isinstance(text, dict) else text  # graph-input order
             with torch.no_grad():
                 got = run_schedule(runner, graphs.mask, latents, flat, guidance_scale, graphs.history)
             row = {"rel_l2": relative_l2(got, ref), "max_abs": float((got - ref).abs().max())}

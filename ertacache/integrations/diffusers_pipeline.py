@@ -88,7 +88,7 @@ class ERTACacheHook(ModelHook):
         self.pred_w, self.pred_b = tables.pred_w, tables.pred_b  # (T, K, Dw), (T, Db)
         self.n_branches = profile.n_branches
         self.guidance, self.guidance_scale = profile.guidance, float(profile.guidance_scale)
-        self.sigmas = [float(s) for s in profile.sigmas]  # (T + 1,) the adjusted table the scheduler runs
+        self.table = [float(s) for s in profile.sigmas[:-1]]  # (T,) each step's sigma, the adjusted table
         self.state_manager = StateManager(_BranchState)
 
     def initialize_hook(self, module):
@@ -105,7 +105,7 @@ class ERTACacheHook(ModelHook):
         if ctx.step_index is not None:
             return int(ctx.step_index)
         t = float(timestep.reshape(-1)[0]) / self.scale  # one host read per call: the hook runs eagerly
-        table = self.sigmas[:-1]
+        table = self.table
         i = min(range(len(table)), key=lambda j: abs(table[j] - t))
         gaps = [abs(table[j] - table[i]) for j in (i - 1, i + 1) if 0 <= j < len(table)]
         if gaps and abs(table[i] - t) > 0.25 * min(gaps):
@@ -124,10 +124,11 @@ class ERTACacheHook(ModelHook):
                             "true_cfg_scale 1) or profile with CFG")
         call = self.adapter.transformer_call(*args, **kwargs)
         guidance = call.cached_cond.get("guidance") if isinstance(call.cached_cond, dict) else None
-        if guidance is not None and abs(float(guidance.reshape(-1)[0]) - self.guidance_scale) > 1e-6:
+        embedded = None if guidance is None else float(guidance.reshape(-1)[0])
+        if embedded is not None and abs(embedded - self.guidance_scale) > 1e-6:
             raise UserError(f"this profile was calibrated at guidance scale {self.guidance_scale:g}, the pipeline "
-                            f"embeds {float(guidance.reshape(-1)[0]):g}; call it with guidance_scale="
-                            f"{self.guidance_scale:g} or profile at that scale")
+                            f"embeds {embedded:g}; call it with guidance_scale={self.guidance_scale:g} or profile "
+                            "at that scale")
         state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
         x = call.latents
         if self.mask[i]:

@@ -130,9 +130,15 @@ class CalibrationSet:
         rows = value.unflatten(0, (self.n_branches, self.prompts))  # (nb*P, ...) -> (nb, P, ...)
         return rows[:, sl].flatten(0, 1).to(self.device)  # (nb*b, ...)
 
-    def step_cond(self, text: Conditioning, rows: int, cached: bool):
-        """What ``pre`` reads on a full or cached step of these rows (:func:`step_conditioning`)."""
-        return step_conditioning(self.adapter.family, text, self.guidance_scale, rows, cached)
+    def step_cond(self, sl: slice, rows: int, cached: bool):
+        """What ``pre`` reads on a full or cached step of prompts ``sl`` (:func:`step_conditioning`).
+
+        A one-tensor family's cached step reads no text (it feeds only the skipped blocks), so its
+        rows are not sliced and moved to the device for nothing.
+        """
+        if cached and not isinstance(self.text_embeds, Mapping):
+            return None
+        return step_conditioning(self.adapter.family, self.text_rows(sl), self.guidance_scale, rows, cached)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,7 +226,7 @@ def _uncached_steps(cal: CalibrationSet, sl: slice, sig: torch.Tensor):
     """
     x = cal.latent_rows(sl)
     rows = (sl.stop - sl.start) * cal.n_branches
-    text = cal.step_cond(cal.text_rows(sl), rows, cached=False)  # what a full step's pre reads
+    text = cal.step_cond(sl, rows, cached=False)  # what a full step's pre reads
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     for i in range(cal.steps):
         x_in = expand_branches(x, cal.n_branches).to(cal.dtype)
@@ -460,7 +466,7 @@ def cached_pass(
         with torch.no_grad():
             for k, sl in traj:
                 x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)  # (nb*b, C, F, H, W)
-                text = cal.step_cond(cal.text_rows(sl), x_in.shape[0], cached=False)
+                text = cal.step_cond(sl, x_in.shape[0], cached=False)
                 v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), text)
                 cal.block_evals += sl.stop - sl.start
                 _check_finite(v_true, i, sl)
@@ -514,7 +520,7 @@ def cached_pass(
             with torch.no_grad():
                 for k, sl in traj:
                     x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)
-                    cond = cal.step_cond(cal.text_rows(sl), x_in.shape[0], cached=True)  # None for Wan
+                    cond = cal.step_cond(sl, x_in.shape[0], cached=True)  # None for Wan
                     v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale),
                                                traj.get(k, "r_hat"), cond)
                     if acc is not None:

@@ -352,9 +352,8 @@ class ModelInstance:
         from ertacache.runtime.inputs import noise_for
 
         rt = self.runtime
-        text = self._text(job)
-        text = {n: t.to(rt.device) for n, t in text.items()} if isinstance(text, dict) else text.to(rt.device)
-        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), text, job.guidance)
+        # load_inputs copies the text (one tensor or one per input) into the runtime's device buffers
+        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), self._text(job), job.guidance)
         plan = rt.plan()
         step_cb = None if on_step is None else (lambda i: on_step(done_before + i + 1))
         ran = rt.run_plan(plan, step_cb)
