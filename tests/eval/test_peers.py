@@ -36,7 +36,8 @@ def uncached(ctx):
 
 def test_block_counter_counts_real_executions(ctx):
     model = ctx.bundle.transformer
-    plan = PeerPlan(taylorseer_peer(len(model.blocks), 1, interval=2, before=1, after=None),
+    plan = PeerPlan(taylorseer_peer([f"blocks.{k}" for k in range(len(model.blocks))], 1, interval=2, before=1,
+                                    after=None),
                     ctx.calibration.nominal_sigmas, ctx.settings.n_branches)
     out = plan.sample(ctx.bundle.adapter, ctx.held_out.noise[:1], ctx.held_out.chunk(slice(0, 1))[1], 4.0)
     # warm-up step 0, then every 2nd step from step 2: 0, 2, 4, 6 ran the blocks, the rest were predicted
@@ -85,7 +86,9 @@ def test_a_peer_at_a_budget_of_all_steps_is_the_uncached_sampler(ctx, uncached, 
     cand = solve_peer(ctx, method, STEPS)
     out = ctx.run(cand.plan, ctx.held_out)
     assert out.computed.all()
-    torch.testing.assert_close(out.latents, uncached, rtol=0, atol=1e-6)
+    # the model's own forward vs the adapter's split: the same operations, summed in another order (1e-6
+    # held with 2 threads; with 1 thread, as after a CLI test set it, one element in a thousand differs by 1.07e-6)
+    torch.testing.assert_close(out.latents, uncached, rtol=0, atol=1e-5)
 
 
 def test_threshold_bisection_brackets_and_converges():

@@ -36,7 +36,9 @@ def test_the_testbed_pipeline_with_ertacache_matches_our_sampler_and_decoder():
                   height=d.height, width=d.width, num_frames=TESTBED_NUM_FRAMES, guidance_scale=d.guidance_scale)
     got = pipe(latents=noise.clone(), output_type="latent", **kwargs).frames
     ours = CachedSampler(bundle.adapter, profile.tables(), profile.mask)(noise, embeds, d.guidance_scale).latents
-    torch.testing.assert_close(got, ours, rtol=0, atol=5e-6)
+    # the pipeline runs the model's forward, ours the adapter's split: the same operations in another order,
+    # so equal up to float rounding (5.7e-6 on an AVX-512 machine, where other kernels are picked)
+    torch.testing.assert_close(got, ours, rtol=0, atol=2e-5)
 
     video = pipe(latents=noise.clone(), output_type="np", **kwargs).frames  # (1, F, H, W, 3) in [0, 1]
     assert video.shape == (1, d.frames, d.height, d.width, 3)
