@@ -46,6 +46,16 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def output_kind(path: str | os.PathLike) -> str:
+    """What ``path`` holds for messages: "image" for a still format (an image model's one frame), else "video"."""
+    return "image" if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg") else "video"
+
+
+def example_output(is_video: bool) -> str:
+    """The output file name the CLIs' "next:" hints suggest: a GIF for a video model, a PNG for an image model."""
+    return "video.gif" if is_video else "image.png"
+
+
 def save_video(frames, path: str | os.PathLike, fps: int = 8, overwrite: bool = True) -> Path:
     """frames: (F, H, W, 3) uint8 for one video, or (B, F, H, W, 3) for a batch laid side by side.
 

@@ -124,6 +124,7 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.export.config import ExportConfig
     from ertacache.export.package import ExportPackage, ModelIdentity, is_export_folder
     from ertacache.models.loading import load_bundle
+    from ertacache.video import example_output
     from ertacache.models.recipes import load_recipe
     from ertacache.profile.artifact import load_profile
     from ertacache.profile.schedule import mask_summary
@@ -153,12 +154,15 @@ def _main(argv: list[str] | None) -> int:
         profile_dir = Path(args.profile)
     print(f"[profile] {mask_summary(profile.mask)}  lambda {profile.lam:.4g}")
     probe = (profile.calibration.get("prompts") or list(bundle.recipe.calibration_prompts))[:1]
-    text_shape = tuple(bundle.encode(probe, negative, profile.n_branches).shape[1:])  # (L, D_text) of one prompt
+    encoded = bundle.encode(probe, negative, profile.n_branches)
+    # one prompt's shape without the row axis: (L, D_text), or per input for a family with several (FLUX)
+    text_shape = ({name: tuple(t.shape[1:]) for name, t in encoded.items()} if isinstance(encoded, dict)
+                  else tuple(encoded.shape[1:]))
     identity = ModelIdentity.from_bundle(bundle, text_shape, negative)
     report = ExportPackage(config)(bundle.adapter, profile, identity, text_shape, bundle.decoder, profile_dir)
     print_summary(report)
     backend = "onnxruntime" if "onnx" in config.targets else config.targets[0]
-    print(f"next: ertacache-run --engines {config.out} --backend {backend} --prompt \"...\" --out video.gif")
+    print(f"next: ertacache-run --engines {config.out} --backend {backend} --prompt \"...\" --out {example_output(bundle.family.is_video)}")
     return 0
 
 

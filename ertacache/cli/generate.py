@@ -57,7 +57,7 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.models.loading import load_bundle
     from ertacache.profile.artifact import load_profile
     from ertacache.generation import generate
-    from ertacache.video import save_video
+    from ertacache.video import output_kind, save_video
 
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None and profile.model != args.model:
@@ -74,7 +74,7 @@ def _main(argv: list[str] | None) -> int:
     out = save_video(result.frames[0].cpu().numpy(), args.out, overwrite=args.force)
     mode = f"cached ({args.profile})" if profile is not None else "uncached"
     print(f"{mode}: {result.full_steps}/{result.steps} full steps, sampling {result.sample_s:.2f} s wall")
-    print(f"video written to {out}")
+    print(f"{output_kind(out)} written to {out}")
     return 0
 
 

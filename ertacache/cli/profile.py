@@ -41,6 +41,7 @@ def _main(argv: list[str] | None) -> int:
     check_out_folder(check_args(args).out, args.force, "profile folder", is_profile_folder)  # before any long work
     apply_threads(args.threads)
     from ertacache.models.loading import load_bundle
+    from ertacache.video import example_output
     from ertacache.profile.build import build_profile, read_prompts_file
     from ertacache.profile.schedule import mask_summary
     from ertacache.sampling.settings import SampleSettings
@@ -67,7 +68,7 @@ def _main(argv: list[str] | None) -> int:
           f"({profile.predictor['uncached_passes']:g} uncached passes of model calls)")
     print(f"profile written to {out}")
     model = f"--model {args.model}" + (f" --model-path {args.model_path}" if args.model_path else "")
-    print(f"next: ertacache-generate {model} --profile {out} --prompt \"...\" --out video.gif\n"
+    print(f"next: ertacache-generate {model} --profile {out} --prompt \"...\" --out {example_output(bundle.family.is_video)}\n"
           f"      ertacache-export {model} --profile {out} --engines engines/{args.model}")
     return 0
 

@@ -65,7 +65,7 @@ def _main(argv: list[str] | None) -> int:
     import torch
 
     from ertacache.runtime import StepTimes
-    from ertacache.video import save_video
+    from ertacache.video import output_kind, save_video
 
     start = time.perf_counter()
     runtime = open_runtime(args)
@@ -90,7 +90,7 @@ def _main(argv: list[str] | None) -> int:
         c = times.cached_median_s / times.full_median_s
         print(f"  cached step {times.cached_median_s * 1e3:9.2f} ms (median of {n_cached}), c = {c:.3f}")
     print(f"  sampling + decode {total_s:.3f} s")
-    print(f"video written to {out}")
+    print(f"{output_kind(out)} written to {out}")
     return 0
 
 

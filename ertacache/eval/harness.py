@@ -10,6 +10,7 @@ the held-out set with it (timed), decode, and score against the reference.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ from ertacache.eval.config import EvalConfig, full_step_budget, method_label
 from ertacache.eval.fidelity import adherence, score
 from ertacache.eval.plans import Plan, StaticPlan, plain_tables
 from ertacache.eval.record import CalibrationRecord, record_calibration
+from ertacache.models.family import ModelFamily
 from ertacache.models.loading import ModelBundle
 from ertacache.profile.build import calibration_set
 from ertacache.profile.calibrate import CalibrationSet
@@ -29,29 +31,35 @@ from ertacache.profile.schedule import mask_summary
 from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.sigmas import request_sigmas
 from ertacache.sampling.settings import SampleSettings
+from ertacache.sampling.steps import Conditioning, conditioning_rows
 
 
 @dataclass
 class SampleSet:
-    """Prompts and seeds to sample, with their noise (B, C, F, H, W) and text (nb*B, L, D)."""
+    """Prompts and seeds to sample, with their noise (B, C, [F,] H, W) and conditioning.
+
+    text: (nb*B, L, D) for a one-tensor family (Wan), else a mapping by the family's input names.
+    """
 
     prompts: list[str]
     seeds: list[int]
     noise: torch.Tensor
-    text: torch.Tensor
+    text: Conditioning
+    family: ModelFamily
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def chunk(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise (b, ...) and the cond/uncond text rows (nb*b, L, D) of samples ``sl``."""
+    def chunk(self, sl: slice) -> tuple[torch.Tensor, Conditioning]:
+        """Noise (b, ...) and the conditioning rows of samples ``sl`` (cond then uncond rows, (nb*b, L, D))."""
         b = len(self)
-        text = self.text.unflatten(0, (-1, b))[:, sl].flatten(0, 1)  # (nb*B, L, D) -> (nb, B, L, D) -> (nb*b, L, D)
-        return self.noise[sl], text
+        n_branches = (self.text.shape[0] if not isinstance(self.text, Mapping)
+                      else next(iter(self.text.values())).shape[0]) // b
+        return self.noise[sl], conditioning_rows(self.family, self.text, sl, n_branches, b)
 
     def subset(self, n: int) -> "SampleSet":
         noise, text = self.chunk(slice(0, n))
-        return SampleSet(self.prompts[:n], self.seeds[:n], noise, text)
+        return SampleSet(self.prompts[:n], self.seeds[:n], noise, text, self.family)
 
 
 @dataclass
@@ -109,7 +117,7 @@ class EvalContext:
     def samples(self, prompts: Sequence[str], seeds: Sequence[int]) -> SampleSet:
         noise = initial_latents(self.latent_shape, list(seeds), self.bundle.device)
         text = self.bundle.encode(list(prompts), self.settings.negative_prompt, self.settings.n_branches)
-        return SampleSet(list(prompts), [int(s) for s in seeds], noise, text)
+        return SampleSet(list(prompts), [int(s) for s in seeds], noise, text, self.bundle.family)
 
     @cached_property
     def held_out(self) -> SampleSet:

@@ -43,7 +43,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,11 @@ from torch import nn
 from ertacache.errors import UserError
 from ertacache.eval.config import PEER_METHODS, PEERS
 from ertacache.eval.plans import PlanOutput
-from ertacache.sampling.steps import combine_cfg, euler, expand_branches, model_timestep, timestep_scale
+from ertacache.models.family import family_for_model
+from ertacache.sampling.steps import (
+    combine_cfg, conditioning_dtype, conditioning_rows, euler, expand_branches, model_timestep, step_conditioning,
+    timestep_scale,
+)
 
 EXTRA_HINT = "pip install 'ertacache[peers]'"
 #: the versions the [peers] extra pins; others run but are labelled with what is installed
@@ -109,23 +113,31 @@ def quiet_libraries():
 # ---- counting what ran -------------------------------------------------------------------------------------
 
 
-def block_stack(model: nn.Module) -> nn.ModuleList:
-    """The transformer's block stack (``blocks`` on Wan, ``transformer_blocks`` on Flux-like models)."""
-    for name in ("blocks", "transformer_blocks"):
-        stack = getattr(model, name, None)
-        if isinstance(stack, nn.ModuleList) and len(stack):
-            return stack
-    raise UserError(f"{type(model).__name__} has no block stack named 'blocks' or 'transformer_blocks'; "
-                    "the peer harness counts block executions there")
+def stack_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer's blocks in execution order, with their module names (the family's ``block_stacks``:
+    Wan ``blocks.k``; FLUX ``transformer_blocks.k`` then ``single_transformer_blocks.k``)."""
+    family = family_for_model(model)
+    out = []
+    for attr in family.block_stacks:
+        stack = getattr(model, attr, None)
+        if not isinstance(stack, nn.ModuleList):
+            raise UserError(f"{type(model).__name__} has no block list {attr!r} (the {family.name} family's "
+                            f"block_stacks {list(family.block_stacks)}); the peer harness counts block executions there")
+        out.extend((f"{attr}.{k}", block) for k, block in enumerate(stack))
+    if not out:
+        raise UserError(f"{type(model).__name__} has no blocks in {list(family.block_stacks)}")
+    return out
 
 
 def _probe_layer(block: nn.Module) -> nn.Module:
-    """The sub-layer whose call proves the block ran: its feed-forward (every DiT block has one, called once)."""
-    for name in ("ffn", "ff"):
+    """The sub-layer whose call proves the block ran: its feed-forward (every DiT block has one, called once;
+    FLUX's single-stream blocks run theirs in parallel with attention, as ``proj_mlp``)."""
+    for name in ("ffn", "ff", "proj_mlp"):
         sub = getattr(block, name, None)
         if isinstance(sub, nn.Module):
             return sub
-    raise UserError(f"block {type(block).__name__} has no feed-forward sub-layer 'ffn' or 'ff' to count calls of")
+    raise UserError(f"block {type(block).__name__} has no feed-forward sub-layer 'ffn', 'ff' or 'proj_mlp' to count "
+                    "calls of")
 
 
 class BlockCounter:
@@ -137,7 +149,7 @@ class BlockCounter:
     """
 
     def __init__(self, model: nn.Module):
-        self.blocks = block_stack(model)
+        self.blocks = [block for _, block in stack_blocks(model)]
         self.counts = np.zeros(len(self.blocks), dtype=np.int64)
         self._handles: list = []
 
@@ -257,15 +269,18 @@ class CacheDitPeer(Peer):
                 "taylorseer_order": 1 if self.taylorseer else None}
 
 
-def taylorseer_peer(n_blocks: int, order: int, interval: int, before: int, after: int | None,
+def taylorseer_peer(block_names: Sequence[str], order: int, interval: int, before: int, after: int | None,
                     lite: bool = False) -> DiffusersPeer:
-    """TaylorSeer on the block stack: predict the last block, skip the others (or the library's lite mode)."""
+    """TaylorSeer on the block stack: predict the last block, skip the others (or the library's lite mode).
+
+    block_names: the stack's module names in execution order (:func:`stack_blocks`).
+    """
     diffusers = _library("diffusers")
     knobs = {"cache_interval": interval, "disable_cache_before_step": before, "disable_cache_after_step": after,
              "max_order": order, "taylor_factors_dtype": "float32", "use_lite_mode": lite}
     if not lite:
-        knobs["cache_identifiers"] = [rf"blocks\.{n_blocks - 1}"]
-        knobs["skip_predict_identifiers"] = [rf"blocks\.{k}" for k in range(n_blocks - 1)]
+        knobs["cache_identifiers"] = [re.escape(block_names[-1])]
+        knobs["skip_predict_identifiers"] = [re.escape(n) for n in block_names[:-1]]
 
     def make(steps: int):
         kw = {k: v for k, v in knobs.items() if k != "taylor_factors_dtype"}
@@ -299,9 +314,10 @@ def magcache_calibrator() -> DiffusersPeer:
 # ---- sampling ------------------------------------------------------------------------------------------------
 
 
-def model_velocity(model: nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The transformer's own forward (diffusers' keyword convention), so the peers' hooks see a normal call."""
-    return model(hidden_states=x_in, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+def model_velocity(adapter, x_in: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+    """The transformer's own forward as its pipeline calls it (``ModelAdapter.model_forward``), so the peers'
+    hooks see a normal call."""
+    return adapter.model_forward(x_in, timestep, cond)
 
 
 @dataclass
@@ -325,7 +341,6 @@ class PeerPlan:
         model, nb, steps, batch = adapter.model, self.n_branches, self.steps, noise.shape[0]
         sig = torch.as_tensor(np.asarray(self.sigmas, dtype=np.float64), dtype=torch.float32, device=noise.device)
         g = torch.tensor(float(guidance_scale), device=noise.device)
-        rows = text.unflatten(0, (nb, batch))  # (nb*B, L, D) -> (nb, B, L, D)
         computed = np.zeros((batch, steps), dtype=bool)
         blocks = np.zeros(batch)
         outs = []
@@ -337,12 +352,14 @@ class PeerPlan:
                 for sl in groups:
                     self.peer.before_sample(model, steps)
                     start_blocks = counter.block_equivalents
-                    x, txt = noise[sl].float(), rows[:, sl].flatten(0, 1)  # (b, C, F, H, W), (nb*b, L, D)
+                    x = noise[sl].float()  # (b, C, [F,] H, W)
+                    txt = conditioning_rows(adapter.family, text, sl, nb, batch)  # Wan: (nb*b, L, D)
                     for i in range(steps):
-                        x_in = expand_branches(x, nb).to(txt.dtype)  # (nb*b, C, F, H, W)
+                        x_in = expand_branches(x, nb).to(conditioning_dtype(txt))  # (nb*b, C, [F,] H, W)
+                        cond = step_conditioning(adapter.family, txt, g, x_in.shape[0], cached=False)
                         before = counter.stack_runs
                         with model.cache_context(_CONTEXT):
-                            v = model_velocity(model, x_in, model_timestep(sig[i], x_in.shape[0], scale), txt).float()
+                            v = model_velocity(adapter, x_in, model_timestep(sig[i], x_in.shape[0], scale), cond).float()
                         computed[sl, i] = counter.stack_runs > before  # one call serves every sample of the group
                         x = euler(x, combine_cfg(v, g, nb), sig[i], sig[i + 1])
                     blocks[sl] = counter.block_equivalents - start_blocks
@@ -428,12 +445,12 @@ def solve_taylorseer(ctx, budget: int, order: int, lite: bool = False) -> PeerCa
     falls as b grows); cool-down is either none (the library's default) or the last step, as for the other
     methods here. Among the settings that hit the budget, the lowest latent error on calibration prompts wins.
     """
-    steps, n_blocks = ctx.steps, len(block_stack(ctx.bundle.transformer))
+    steps, names = ctx.steps, [n for n, _ in stack_blocks(ctx.bundle.transformer)]
     tcfg = ctx.config.peers
     sig, nb = ctx.calibration.nominal_sigmas, ctx.settings.n_branches
 
     def make(k, b, a):
-        return taylorseer_peer(n_blocks, order, k, b, a, lite)
+        return taylorseer_peer(names, order, k, b, a, lite)
 
     exact, nearest, counted = [], None, 0
     for after in (None, steps - 1):

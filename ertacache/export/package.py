@@ -62,7 +62,7 @@ class ModelIdentity:
     negative_prompt: str = ""
 
     @classmethod
-    def from_bundle(cls, bundle, text_shape: tuple[int, int], negative_prompt: str = "") -> "ModelIdentity":
+    def from_bundle(cls, bundle, text_shape, negative_prompt: str = "") -> "ModelIdentity":
         enc = bundle.prompt_encoder
         return cls(
             model_id=bundle.model_id,
@@ -70,7 +70,8 @@ class ModelIdentity:
             model_class=type(bundle.transformer).__name__,
             path=str(bundle.path),
             text_encoder={"kind": type(enc).__name__, "path": str(bundle.path / "text_encoder"),
-                          "hub_id": bundle.recipe.hub_id, "embed_shape": list(text_shape),
+                          "hub_id": bundle.recipe.hub_id, "embed_shape": ({k: list(v) for k, v in text_shape.items()} if isinstance(text_shape, dict)
+                                          else list(text_shape)),
                           "dtype": str(bundle.dtype).replace("torch.", "")},
             negative_prompt=negative_prompt,
         )

@@ -169,6 +169,15 @@ class ModelAdapter:
         raise UserError(f"the {type(self).__name__} adapter does not translate pipeline calls; the diffusers "
                         "integration needs ModelAdapter.transformer_call (docs/families.md)")
 
+    def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> torch.Tensor:
+        """The model's *own* forward, called as its diffusers pipeline calls it, velocity in the adapter's layout.
+
+        The inverse of :meth:`transformer_call`: what peer caching libraries need, since their hooks
+        sit on the model's blocks and expect the pipeline's call (``text`` as :meth:`pre` takes it).
+        """
+        raise UserError(f"the {type(self).__name__} adapter cannot call its model as the pipeline does; the peer "
+                        "harness needs ModelAdapter.model_forward (docs/families.md)")
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``head(blocks(pre(...)))``: must equal the model's own forward."""
         pre = self.pre(latents, timestep, text)

@@ -318,6 +318,8 @@ class ModelFamily:
     required_files: paths a model folder must have; ``weight_folders``: subfolders whose
         ``*.safetensors`` are checked before loading; ``require_safetensors``: each must hold one.
     variant_of: the base family this one only loads differently (see the module docstring).
+    block_stacks: the transformer's block lists (attribute names, in execution order): what peer
+        caching libraries hook and the eval counts (Wan ``blocks``; FLUX double- then single-stream).
     """
 
     name: str
@@ -336,6 +338,7 @@ class ModelFamily:
     weight_folders: tuple[str, ...] = ("transformer", "text_encoder", "vae")
     require_safetensors: bool = False
     variant_of: str | None = None
+    block_stacks: tuple[str, ...] = ("blocks",)
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -343,6 +346,7 @@ class ModelFamily:
         object.__setattr__(self, "export_rewrites", tuple(self.export_rewrites))
         object.__setattr__(self, "required_files", tuple(self.required_files))
         object.__setattr__(self, "weight_folders", tuple(self.weight_folders))
+        object.__setattr__(self, "block_stacks", tuple(self.block_stacks))
         where = f"model family {self.name!r}"
         if not self.name or not all(c.isalnum() or c in "._-" for c in self.name):
             raise ValueError(f"{where}: a family name is a short id of letters, digits, '.', '_' or '-'")
@@ -437,6 +441,7 @@ FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
     "testbed": "ertacache.testbed.family",
+    "flux-testbed": "ertacache.testbed.family",
 }
 
 #: the modules of ertacache.models itself; a lookup by transformer class imports these first

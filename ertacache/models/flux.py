@@ -165,6 +165,18 @@ class FluxAdapter(ModelAdapter):
         return TransformerCall(latents=latents, timestep=bound["timestep"], cond=cond, cached_cond=cached,
                                to_output=pack_latents)
 
+    def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        """FluxPipeline's call: packed tokens, sigma timesteps, both text inputs, rope ids, guidance; unpacked back."""
+        b, _, h, w = latents.shape
+        text = cond["prompt_embeds"]  # (B, L, D)
+        img_ids = image_ids(h // PACK, w // PACK, device=latents.device, dtype=latents.dtype)  # (N, 3)
+        txt_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)  # (L, 3)
+        guidance = cond.get("guidance") if self.model.config.guidance_embeds else None  # (B,) scales
+        out = self.model(hidden_states=pack_latents(latents), timestep=timestep, encoder_hidden_states=text,
+                         pooled_projections=cond["pooled_prompt_embeds"], img_ids=img_ids, txt_ids=txt_ids,
+                         guidance=guidance, return_dict=False)[0]  # (B, N, 4C)
+        return unpack_latents(out, h, w)  # (B, C, H', W')
+
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First double-stream block's AdaLN-Zero output on the image tokens: (B, N, D)."""
         if pre.block_inputs is None:
@@ -203,6 +215,12 @@ class FluxPromptEncoder:
         self.clip_tokenizer, self.clip = clip_tokenizer, clip
         self.t5_tokenizer, self.t5 = t5_tokenizer, t5
         self.max_sequence_length = max_sequence_length
+
+    def to(self, device) -> "FluxPromptEncoder":
+        """Move both text encoders (``load_bundle`` puts the prompt encoder on the model's device)."""
+        self.clip.to(device)
+        self.t5.to(device)
+        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -271,6 +289,7 @@ FLUX_T2I = register_family(ModelFamily(
     timestep_scale=1.0,  # FluxPipeline passes sigma; the transformer multiplies by 1000 inside
     sigma_schedule=SigmaSchedule(kind="dynamic", base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096),
     guidance=EMBEDDED,
+    block_stacks=("transformer_blocks", "single_transformer_blocks"),
     transformer=_load_flux_transformer,
     prompt_encoder=_load_flux_text,
     decoder=_load_flux_vae,

@@ -202,14 +202,26 @@ class ModelBundle:
         family, ``frames`` None); refuses shapes that don't fit (:meth:`LatentLayout.check`)."""
         return self.layout.latent_shape(1, height, width, frames)[1:]
 
-    def encode(self, prompts: list[str], negative_prompt: str, n_branches: int) -> torch.Tensor:
-        """(nb*B, L, D) text embeddings: the prompts' rows, then (CFG) the negative prompt's."""
+    def encode(self, prompts: list[str], negative_prompt: str, n_branches: int):
+        """The prompts' conditioning on the model's device and dtype: their rows, then (CFG) the negative prompt's.
+
+        One tensor (nb*B, L, D) for a family with one text input (Wan); for a family with several
+        (FLUX: ``prompt_embeds`` (B, L, D), ``pooled_prompt_embeds`` (B, D)) a mapping by the
+        family's conditioning names, which every stage (calibration, sampler, export) takes as is.
+        """
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise UserError("empty prompt: give a non-empty --prompt (the negative prompt may be empty)")
         rows = list(prompts) + [negative_prompt] * len(prompts) * (n_branches - 1)
         with torch.no_grad():
-            return self.prompt_encoder.encode(rows).to(self.device, self.dtype)
+            encoded = self.prompt_encoder.encode(rows)
+        if not isinstance(encoded, Mapping):
+            return encoded.to(self.device, self.dtype)
+        names = [c.name for c in self.family.conditioning]
+        if sorted(encoded) != sorted(names):
+            raise ValueError(f"{type(self.prompt_encoder).__name__} returned {sorted(encoded)}; the {self.family.name} "
+                             f"family's conditioning inputs are {names}")
+        return {name: encoded[name].to(self.device, self.dtype) for name in names}  # in the family's order
 
 
 def load_bundle(
@@ -228,8 +240,8 @@ def load_bundle(
     path = resolve_model_path(recipe, model_path)
     transformer = family.transformer(path, torch_dtype).to(device).eval()
     encoder = family.prompt_encoder(path, torch_dtype)
-    if isinstance(encoder, nn.Module):
-        encoder.to(device)
+    if isinstance(encoder, nn.Module) or callable(getattr(encoder, "to", None)):
+        encoder.to(device)  # a module, or a component that moves its own modules (FluxPromptEncoder)
     elif isinstance(getattr(encoder, "text_encoder", None), nn.Module):
         encoder.text_encoder.to(device)
     decoder = family.decoder(path, torch_dtype)

@@ -88,6 +88,10 @@ class WanAdapter(ModelAdapter):
         return TransformerCall(latents=bound["hidden_states"], timestep=bound["timestep"],
                                cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
 
+    def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> torch.Tensor:
+        """WanPipeline's call: the latents, the scaled timesteps and the text states as they are."""
+        return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First block's timestep-modulated input norm1(h) * (1 + scale) + shift: (B, N, D).
 

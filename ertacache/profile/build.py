@@ -16,6 +16,7 @@ from ertacache.profile.config import CalibrationConfig
 from ertacache.sampling.sampler import initial_latents
 from ertacache.sampling.settings import SampleSettings
 from ertacache.sampling.sigmas import request_sigmas
+from ertacache.sampling.steps import move_conditioning
 
 
 #: a calibration prompts file is a few kilobytes; anything past this is not one
@@ -59,7 +60,7 @@ def calibration_set(
     return CalibrationSet(
         adapter=bundle.adapter,
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
-        text_embeds=bundle.encode(list(prompts), settings.negative_prompt, nb).cpu(),
+        text_embeds=move_conditioning(bundle.encode(list(prompts), settings.negative_prompt, nb), "cpu"),
         guidance_scale=settings.guidance_scale,
         nominal_sigmas=request_sigmas(bundle, settings),
         n_branches=nb,

@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 
 from ertacache.errors import NumericalError
 from ertacache.models.adapter import ModelAdapter
-from ertacache.models.family import ROWS_PER_BRANCH, ROWS_PER_SAMPLE
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
@@ -56,9 +55,11 @@ from ertacache.sampling.steps import (
     cached_velocity,
     combine_cfg,
     conditioning_dtype,
+    conditioning_rows,
     expand_branches,
     full_velocity,
     model_timestep,
+    move_conditioning,
     predict_residual,
     rectify,
     step_conditioning,
@@ -116,19 +117,8 @@ class CalibrationSet:
     def text_rows(self, sl: slice) -> Conditioning:
         """The conditioning rows of prompts ``sl`` on the model's device: (nb*b, L, D) cond and uncond
         rows, branch-major, for one tensor; for a mapping, each input sliced by its row rule."""
-        if not isinstance(self.text_embeds, Mapping):
-            return self._branch_rows(self.text_embeds, sl)
-        rules = {c.name: c.rows for c in self.adapter.family.conditioning}
-        out = {}
-        for name, value in self.text_embeds.items():
-            rule = rules.get(name, ROWS_PER_BRANCH)
-            out[name] = (self._branch_rows(value, sl) if rule == ROWS_PER_BRANCH
-                         else value[sl].to(self.device) if rule == ROWS_PER_SAMPLE else value.to(self.device))
-        return out
-
-    def _branch_rows(self, value: torch.Tensor, sl: slice) -> torch.Tensor:
-        rows = value.unflatten(0, (self.n_branches, self.prompts))  # (nb*P, ...) -> (nb, P, ...)
-        return rows[:, sl].flatten(0, 1).to(self.device)  # (nb*b, ...)
+        rows = conditioning_rows(self.adapter.family, self.text_embeds, sl, self.n_branches, self.prompts)
+        return move_conditioning(rows, self.device)
 
     def step_cond(self, sl: slice, rows: int, cached: bool):
         """What ``pre`` reads on a full or cached step of prompts ``sl`` (:func:`step_conditioning`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,6 @@ from ertacache.contract import ExportManifest
 from ertacache.errors import PromptError, UserError, brief
 from ertacache.limits import check_prompt, check_seed
 from ertacache.sampling.sampler import initial_latents
-
-def _one_text_input(manifest: ExportManifest) -> None:
-    if tuple(manifest.conditioning) != ("text_embeds",):
-        raise UserError(f"this export folder's model takes the conditioning inputs {list(manifest.conditioning)}; "
-                        "--prompt encodes folders with one text_embeds input so far: pass --text-embeds FILE.npz "
-                        "with one array per input")
 
 
 def text_embeds_from_npy(path: str | Path, manifest: ExportManifest):
@@ -75,13 +70,13 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
     from ertacache.models.recipes import load_recipe
 
     check_prompt(prompt)
-    _one_text_input(manifest)
     model_id = manifest.model.id
     try:
         recipe = load_recipe(model_id)
     except UserError:
+        saved = "FILE.npy" if tuple(manifest.conditioning) == ("text_embeds",) else "FILE.npz (one array per input)"
         raise UserError(f"the export folder's model {brief(model_id, 40)} has no recipe, so its text encoder cannot "
-                        "be loaded; pass --text-embeds FILE.npy instead of --prompt") from None
+                        f"be loaded; pass --text-embeds {saved} instead of --prompt") from None
     path = resolve_model_path(recipe, model_path or manifest.model.path)
     encoder = family_named(recipe.family).prompt_encoder(path, manifest.torch_dtype)
     return encode_prompt(encoder, prompt, manifest)
@@ -103,7 +98,13 @@ def encode_prompt(encoder, prompt: str, manifest: ExportManifest) -> torch.Tenso
             raise
         except (ValueError, TypeError) as e:  # a tokenizer refusing the text
             raise PromptError(f"prompt {brief(prompt)} cannot be encoded: {brief(str(e), 200)}") from None
-        return embeds.float().to(manifest.torch_dtype).cpu()
+    if isinstance(embeds, Mapping):  # a family with several conditioning inputs (FLUX)
+        names = tuple(manifest.conditioning)
+        if sorted(embeds) != sorted(names):
+            raise UserError(f"the text encoder returned {sorted(embeds)} but this export folder takes {list(names)}; "
+                            "pass --text-embeds FILE.npz with one array per input")
+        return {n: embeds[n].float().to(manifest.torch_dtype).cpu() for n in names}
+    return embeds.float().to(manifest.torch_dtype).cpu()
 
 
 def noise_for(manifest: ExportManifest, seed: int) -> torch.Tensor:

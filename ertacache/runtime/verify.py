@@ -16,7 +16,7 @@ from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
 from ertacache.runtime.runtime import Runtime
 from ertacache.sampling.sampler import CachedSampler
-from ertacache.sampling.steps import StepTables
+from ertacache.sampling.steps import Conditioning, StepTables, move_conditioning
 
 
 @dataclass
@@ -45,15 +45,15 @@ class VerifyReport:
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
-def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: torch.Tensor, text: torch.Tensor,
+def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: torch.Tensor, text: Conditioning,
                    decoder=None, tolerance: float | None = None) -> VerifyReport:
     """Run ``rt`` and the eager samplers (cached, uncached) on ``noise`` / ``text``; compare."""
     m = rt.manifest
     device = next(adapter.model.parameters()).device
-    noise_d, text_d = noise.to(device), text.to(device)
+    noise_d, text_d = noise.to(device), move_conditioning(text, device)
     cached = CachedSampler(adapter, profile.tables().to(device), profile.mask)
     ref = cached(noise_d, text_d, profile.guidance_scale).latents
-    got = rt.sample(noise.to(rt.device), text.to(rt.device)).clone().to(ref.device)
+    got = rt.sample(noise.to(rt.device), move_conditioning(text, rt.device)).clone().to(ref.device)
     row = dict(rel_l2=relative_l2(got, ref), max_abs=float((got - ref).abs().max()))
     p_rt = p_eager = None
     if decoder is not None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ertacache.models.adapter import ModelAdapter
-from ertacache.models.family import EMBEDDED
+from ertacache.models.family import EMBEDDED, ROWS_PER_BRANCH, ROWS_PER_SAMPLE
 
 #: a step's conditioning: one tensor (Wan: the text states, (nb*B, L, D)) or, for a family with several
 #: conditioning inputs or an embedded guidance scale (FLUX), a mapping from the family's input names
@@ -188,6 +188,33 @@ def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual, cond=None) 
     """
     pre = adapter.pre(x_in, timestep, cond)
     return adapter.head(pre.hidden + residual.to(pre.hidden.dtype), pre).float()
+
+
+def conditioning_rows(family, text: Conditioning, sl: slice, n_branches: int, samples: int) -> Conditioning:
+    """The conditioning rows of samples ``sl`` out of ``samples``, each input by its row rule.
+
+    One tensor (Wan): (nb*B, ...) rows, cond then uncond, branch-major -> (nb*b, ...). A mapping:
+    per input, ``"branch"`` rows as for one tensor, ``"sample"`` rows (B, ...) -> (b, ...), and
+    ``"shared"`` inputs as they are. What calibration's micro-batches and the eval's chunks take.
+    """
+    def branch(value: torch.Tensor) -> torch.Tensor:
+        return value.unflatten(0, (n_branches, samples))[:, sl].flatten(0, 1)  # (nb*B, ...) -> (nb, B, ...) -> (nb*b, ...)
+
+    if not isinstance(text, Mapping):
+        return branch(text)
+    rules = {c.name: c.rows for c in family.conditioning}
+    out = {}
+    for name, value in text.items():
+        rule = rules.get(name, ROWS_PER_BRANCH)
+        out[name] = branch(value) if rule == ROWS_PER_BRANCH else value[sl] if rule == ROWS_PER_SAMPLE else value
+    return out
+
+
+def move_conditioning(text: Conditioning, *args, **kwargs) -> Conditioning:
+    """``Tensor.to(*args, **kwargs)`` on one tensor or on every tensor of a mapping (same keys, same order)."""
+    if isinstance(text, Mapping):
+        return {name: value.to(*args, **kwargs) for name, value in text.items()}
+    return text.to(*args, **kwargs)
 
 
 def conditioning_dtype(text: Conditioning) -> torch.dtype:

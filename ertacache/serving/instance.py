@@ -197,17 +197,17 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
     if SEED not in inputs:
         raise RequestError("missing input 'seed' (INT64 [1])")
     conds = conditioning_names(io)
-    if conds != (TEXT_EMBEDS,):  # several conditioning tensors (FLUX): every one, no prompt
+    given = [n for n in conds if n in inputs]
+    tensors = " and ".join(f"'{n}'" for n in conds)  # Wan: 'text_embeds'; FLUX: 'prompt_embeds' and 'pooled_...'
+    if PROMPT in inputs and given:
+        raise RequestError(f"give either 'prompt' or {tensors}, not both")
+    if PROMPT not in inputs and len(given) != len(conds):
         missing = [n for n in conds if n not in inputs]
-        if missing:
-            raise RequestError(f"missing input(s) {missing}: this model takes the conditioning tensors {list(conds)} "
-                               "(no text encoder is bundled: encode the prompt yourself)")
-    has_prompt, has_embeds = PROMPT in inputs, TEXT_EMBEDS in inputs
-    if has_prompt and has_embeds:
-        raise RequestError("give either 'prompt' or 'text_embeds', not both")
-    if conds == (TEXT_EMBEDS,) and not (has_prompt or has_embeds):
-        raise RequestError("missing input: give 'prompt' (text) or 'text_embeds'" if io.input(PROMPT) else
-                           "missing input 'text_embeds' (this model has no text encoder: encode the prompt yourself)")
+        if io.input(PROMPT):
+            raise RequestError(f"missing input: give 'prompt' (text) or {tensors}" +
+                               (f" (missing {missing})" if given else ""))
+        raise RequestError(f"missing input(s) {missing}: this model takes {tensors} "
+                           "(no text encoder is bundled: encode the prompt yourself)")
     arrays = {k: np.asarray(v) if batched else np.asarray(v)[None] for k, v in inputs.items()}
     return [_job({k: a[r] for k, a in arrays.items()}, io, batch, default_guidance)
             for r in range(_rows(arrays, batched))]

@@ -127,7 +127,7 @@ def find_text_encoder(manifest: ExportManifest, model_path: Path | None = None) 
 
 def _copy_text_encoder(source: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
-    for sub in ("tokenizer", "text_encoder"):
+    for sub in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):  # FLUX has a second (T5) pair
         if (source / sub).is_dir():
             copy_tree_no_links(source / sub, dest / sub)  # never copy what a link points at into the repository
 
@@ -177,7 +177,7 @@ def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposit
 
     prof = manifest.schedule
     conds = conditioning_names(io)
-    text_in = ("exactly one of prompt / text_embeds" if any(t.name == "prompt" for t in io.inputs)
+    text_in = (f"exactly one of prompt / {' + '.join(conds)}" if any(t.name == "prompt" for t in io.inputs)
                else " and ".join(conds))
     head = [
         f"# Written by ertacache-triton {__version__} from an export folder of {manifest.model.id}:",

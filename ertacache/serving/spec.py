@@ -84,10 +84,6 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     """The model's inputs and outputs for this folder and these options (see the module docstring)."""
     check_batching(manifest, max_batch_size)
     conditioning = tuple(manifest.conditioning)
-    if prompt and conditioning != (TEXT_EMBEDS,):
-        raise UserError(f"this export folder's model takes the conditioning inputs {list(conditioning)}; the "
-                        "Triton model bundles a text encoder only for one text_embeds input so far: write the "
-                        "repository with --no-text-encoder (requests then send each input)")
     row = 1 if max_batch_size > 0 else 0  # Triton adds the batch dim itself: drop the folder's batch of 1
     lat = manifest.spec(FULL_STEP, "latents")
     inputs = []

@@ -44,6 +44,10 @@ class FakeBundle:
     def adapter(self):
         return adapter_for(self.transformer)
 
+    @property
+    def family(self):
+        return self.adapter.family
+
     def latent_shape(self, frames, height, width):
         return (4, frames, height, width)
 

@@ -147,7 +147,6 @@ def test_a_k3_predictor_folder_serves_what_the_runtime_returns(onnx_export_k3, t
 
 def test_a_flux_folder_takes_each_conditioning_tensor_as_an_input(instances, direct, served_repo):
     """Several conditioning tensors: one required input each, no prompt; the outputs are the runtime's bytes."""
-    from ertacache.errors import UserError
     from ertacache.serving.spec import expected_io
 
     _, reports = served_repo
@@ -161,5 +160,7 @@ def test_a_flux_folder_takes_each_conditioning_tensor_as_an_input(instances, dir
         instances["flux"].handle({"seed": np.array([9]), "prompt_embeds": text["prompt_embeds"]})
     with pytest.raises(RequestError, match=r"'pooled_prompt_embeds' has shape \[1, 11\], this model takes \[1, 12\]"):
         instances["flux"].handle({"seed": np.array([9]), **text, "pooled_prompt_embeds": np.zeros((1, 11), np.float32)})
-    with pytest.raises(UserError, match="--no-text-encoder"):
-        expected_io(instances["flux"].manifest, prompt=True, latents=True, max_batch_size=0, decoupled=False)
+    # with a bundled text encoder (a model with a recipe, e.g. flux-tiny) a prompt replaces both tensors
+    io = expected_io(instances["flux"].manifest, prompt=True, latents=True, max_batch_size=0, decoupled=False)
+    assert [(t.name, t.optional) for t in io.inputs] == [("prompt", True), ("prompt_embeds", True),
+                                                         ("pooled_prompt_embeds", True), ("seed", False)]
