@@ -1,4 +1,4 @@
-"""The testbed's model family: Wan's transformer class with the testbed's own text encoder and pixel VAE.
+"""The testbeds' model families: Wan's and FLUX's transformer classes with the testbed's text encoder and pixel VAE.
 
 The testbeds (``wan2.1-tiny``, ``wan2.1-small``) are ``WanTransformer3DModel``s, so they
 share everything the stages use with the Wan family (layout, conditioning, timestep
@@ -16,6 +16,7 @@ import torch
 
 from ertacache.models.components import LatentDecoder, PixelLatentDecoder, PromptEncoder
 from ertacache.models.family import register_family
+from ertacache.models.flux import FLUX_T2I
 from ertacache.models.wan import WAN_T2V
 
 
@@ -37,5 +38,23 @@ TESTBED = register_family(WAN_T2V.variant(
     prompt_encoder=_load_tiny_text,
     decoder=_load_pixel_vae,
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json"),
+    require_safetensors=True,
+))
+
+
+def _load_pooled_text(path: Path, dtype: torch.dtype) -> PromptEncoder:
+    from ertacache.testbed.text_encoder import PooledPromptEncoder, TinyTextEncoder
+
+    return PooledPromptEncoder(TinyTextEncoder.from_pretrained(path, subfolder="text_encoder").eval())
+
+
+#: ``flux-tiny``: FLUX's transformer class and stages; FLUX's two text inputs from the testbed's one encoder
+FLUX_TESTBED = register_family(FLUX_T2I.variant(
+    "flux-testbed",
+    description="the shipped FLUX testbed: FluxTransformer2DModel with a word-level text encoder and an RGB pixel VAE",
+    prompt_encoder=_load_pooled_text,
+    decoder=_load_pixel_vae,
+    required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json"),
+    weight_folders=("transformer", "text_encoder", "vae"),
     require_safetensors=True,
 ))

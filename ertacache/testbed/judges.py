@@ -4,6 +4,7 @@ Each testbed has a prompt grammar and a judge that checks generated frames again
 
     wan2.1-tiny   "digit 3 moving left"               digit per frame, motion per video
     wan2.1-small  "red circle moving left on flower"  one verdict per attribute
+    flux-tiny     "red digit 3"                       digit and colour per image
 
 A :class:`PromptJudge` holds the grammar (``parse``), the accuracy columns the judge reports,
 the scoring function and the testbed's default prompt lists. :func:`judge_for` returns the judge
@@ -82,8 +83,25 @@ def _scenes_judge() -> PromptJudge:
                        held_out_prompts=scene_data.held_out_prompts)
 
 
-#: every testbed judge, by name (wan2.1-tiny: digits, wan2.1-small: scenes)
-JUDGES: dict[str, PromptJudge] = {j.name: j for j in (_digits_judge(), _scenes_judge())}
+def _score_images(frames: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """flux-tiny: fraction of images showing the prompted digit, and the prompted colour."""
+    from ertacache.testbed.image_judge import attribute_accuracy
+
+    return {f"{attribute}_acc": acc for attribute, acc in attribute_accuracy(frames, list(prompts)).items()}
+
+
+def _images_judge() -> PromptJudge:
+    from ertacache.testbed import image_data
+    from ertacache.testbed.image_judge import ATTRIBUTES
+
+    return PromptJudge(name="digit-images", columns=tuple(f"{a}_acc" for a in ATTRIBUTES),
+                       parse=image_data.parse_prompt, score=_score_images,
+                       calibration_prompts=image_data.calibration_prompts,
+                       held_out_prompts=image_data.held_out_prompts)
+
+
+#: every testbed judge, by name (wan2.1-tiny: digits, wan2.1-small: scenes, flux-tiny: digit-images)
+JUDGES: dict[str, PromptJudge] = {j.name: j for j in (_digits_judge(), _scenes_judge(), _images_judge())}
 
 
 def judge_for(prompts: Sequence[str]) -> PromptJudge | None:

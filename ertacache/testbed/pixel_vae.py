@@ -42,9 +42,15 @@ class PixelVAE(ModelMixin, ConfigMixin):
         x = x.permute(0, 1, 4, 6, 2, 3, 5)  # (B, c, s, s, F, H/s, W/s)
         return x.reshape(b, c * s * s, f, h // s, w // s).contiguous()  # (B, C, F, H/s, W/s)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, c, H, W) -> image latents (B, C, H/s, W/s) (an image is a one-frame video)."""
+        return self.encode(images.unsqueeze(2))[:, :, 0]  # (B, c, 1, H, W) -> (B, C, H/s, W/s)
+
     def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, F, h, w) -> frames (B, c, F, h*s, w*s) in float, unclipped."""
+        """Latents (B, C, F, h, w), or image latents (B, C, h, w) -> frames (B, c, F, h*s, w*s) in float, unclipped."""
         c, s = self.config.image_channels, self.config.spatial_factor
+        if latents.ndim == 4:
+            latents = latents.unsqueeze(2)  # (B, C, h, w) -> (B, C, 1, h, w): one frame
         b, ch, f, h, w = latents.shape
         if ch != c * s * s:
             raise ValueError(f"expected {c * s * s} latent channels, got {ch}")
@@ -53,7 +59,7 @@ class PixelVAE(ModelMixin, ConfigMixin):
         return x.reshape(b, c, f, h * s, w * s)  # (B, c, F, H, W)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, F, h, w) -> uint8 RGB frames (B, F, H, W, 3); gray is replicated."""
+        """Latents (B, C, F, h, w) or (B, C, h, w) -> uint8 RGB frames (B, F, H, W, 3) (F = 1 for images); gray is replicated."""
         x = self.decode_float(latents)  # (B, c, F, H, W)
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         x = x.permute(0, 2, 3, 4, 1)  # (B, F, H, W, c)

@@ -87,3 +87,28 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         """Prompts -> float32 (B, L, D) on the module's device; "" is the unconditional prompt."""
         ids = self.tokenize(prompts).to(self.token_embedding.device)
         return self.forward(ids).float()
+
+
+class PooledPromptEncoder:
+    """A :class:`TinyTextEncoder` behind FLUX's two conditioning inputs (the ``flux-tiny`` testbed's text path).
+
+    FLUX reads a token sequence (``prompt_embeds``, T5's role) and one pooled vector
+    (``pooled_prompt_embeds``, CLIP's role) that enters the timestep embedding. The testbed
+    takes both from one small encoder: the states, and their mean over the prompt's words.
+    Training and every stage after it call this same function, so the pooled vector cannot drift.
+    """
+
+    def __init__(self, text_encoder: TinyTextEncoder):
+        self.text_encoder = text_encoder  # the attribute name ertacache.models.loading moves to the device
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        ids = self.text_encoder.tokenize(prompts).to(self.text_encoder.token_embedding.device)  # (B, L)
+        states = self.text_encoder(ids).float()  # (B, L, D)
+        words = (ids != 0).unsqueeze(-1).float()  # (B, L, 1), 0 on padding
+        pooled = (states * words).sum(1) / words.sum(1).clamp_min(1.0)  # (B, D)
+        return {"prompt_embeds": states, "pooled_prompt_embeds": pooled}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> the two conditioning tensors, float32, by FLUX's input names."""
+        return self(list(prompts))

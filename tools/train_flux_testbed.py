@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Train the ``flux-tiny`` image testbed from scratch (about 45 minutes on one CPU core).
+
+A tiny diffusers ``FluxTransformer2DModel`` learns flow matching (v = noise - x0) on
+"red digit 3"-style images over photographs (``ertacache.testbed.image_data``), with the
+word-level text encoder trained alongside (FLUX's two inputs: its states and their pooled
+mean) and the parameter-free pixel VAE. Seeded, resumable (``--resume`` continues from the
+checkpoint written every ``--checkpoint-every`` steps). At the end it samples 50-step uncached
+images on held-out seeds, prompts, handwriting and photo strips, judges digit and colour, and
+writes ``testbed.json``.
+
+    python tools/train_flux_testbed.py                         # writes ertacache/assets/flux-tiny
+    python tools/train_flux_testbed.py --out /tmp/ft --steps 100 --eval-samples 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from train_testbed import TrainConfig, ema_update, folder_megabytes, lr_at, shifted_sigmas  # noqa: E402
+
+from ertacache.io import atomic_write_bytes  # noqa: E402
+from ertacache.testbed import image_data  # noqa: E402
+from ertacache.testbed.flux_tiny import (  # noqa: E402
+    FLUX_TINY_DIR, FLUX_TINY_ID, FluxSpec, build_flux_tiny, flux_sigmas, flux_velocity, sample_images, spec_facts,
+)
+from ertacache.testbed.image_judge import attribute_accuracy  # noqa: E402
+from ertacache.testbed.text_encoder import PooledPromptEncoder  # noqa: E402
+
+# The FLUX family's dynamic shift at 64 tokens: mu = 0.5 + (1.15 - 0.5) * (64 - 256) / (4096 - 256),
+# shift = exp(mu) ~ 1.6; training sigmas follow the density the sampler queries.
+TRAIN_SHIFT = float(np.exp(0.5 + 0.65 * (64 - 256) / 3840))
+
+
+def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_every: int):
+    """The flow-matching loop; returns the EMA transformer and text encoder, the VAE and a log dict."""
+    transformer, text_encoder, vae = build_flux_tiny(cfg.seed, spec)
+    ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    sampler = image_data.DigitImageSampler("train", seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses: list[float] = []
+    start, elapsed_before = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        for module, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (ema_tr, "ema_transformer"),
+                            (ema_te, "ema_text_encoder"), (opt, "optimizer")):
+            module.load_state_dict(state[key])
+        sampler.rng, gen = state["sampler_rng"], state["generator"]
+        losses, start, elapsed_before = state["losses"], state["step"], state["elapsed"]
+        print(f"resumed from {ckpt} at step {start}", flush=True)
+    encode = PooledPromptEncoder(text_encoder)
+    t0 = time.time() - elapsed_before
+    bar = tqdm(range(start, cfg.steps), desc="train", mininterval=5.0, file=sys.stdout)
+    for step in bar:
+        images, prompts = sampler.batch(cfg.batch_size)  # (B, 3, H, W) in [-1, 1]
+        x0 = vae.encode_images(images)  # (B, C, H', W')
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = shifted_sigmas(torch.rand(cfg.batch_size, generator=gen), cfg.shift)  # (B,)
+        s = sigma.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        v = flux_velocity(transformer, (1 - s) * x0 + s * noise, sigma, encode(prompts))
+        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_tr, transformer, decay)
+        ema_update(ema_te, text_encoder, decay)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.steps - 1:
+            recent = float(np.mean(losses[-50:]))
+            tqdm.write(f"step {step:5d}  loss(avg50) {recent:.4f}  elapsed {time.time() - t0:6.1f}s", file=sys.stdout)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                     "ema_transformer": ema_tr.state_dict(), "ema_text_encoder": ema_te.state_dict(),
+                     "optimizer": opt.state_dict(), "sampler_rng": sampler.rng, "generator": gen,
+                     "losses": losses, "step": step + 1, "elapsed": time.time() - t0}
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt)  # atomic: a killed run leaves the previous checkpoint whole
+        if time.time() - t0 > cfg.minutes * 60:
+            tqdm.write(f"stopping early at step {step + 1}: --minutes {cfg.minutes} reached", file=sys.stdout)
+            break
+    log = {"steps_done": len(losses), "train_seconds": round(time.time() - t0, 1),
+           "final_loss_avg100": round(float(np.mean(losses[-100:])), 4), "first_loss": round(losses[0], 4),
+           "loss_curve": [round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)]}
+    return ema_tr, ema_te, vae, log
+
+
+def evaluate(transformer, text_encoder, vae, n: int, steps: int = 50, batch: int = 40) -> dict:
+    """Uncached 50-step samples on held-out prompts and seeds, judged for digit and colour."""
+    prompts = image_data.held_out_prompts(n)
+    seeds = list(image_data.HELD_OUT_SEEDS[:n])
+    frames = []
+    for i in range(0, n, batch):
+        lat = sample_images(transformer, text_encoder, prompts[i:i + batch], seeds[i:i + batch], steps=steps)
+        frames.append(vae.decode(lat))  # (b, 1, H, W, 3)
+    acc = attribute_accuracy(torch.cat(frames).numpy(), prompts)
+    return {"held_out": {**{f"{k}_accuracy": round(v, 4) for k, v in acc.items()}, "samples": n},
+            "held_out_seeds": seeds, "held_out_prompts": prompts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=FLUX_TINY_DIR, help="model folder to write (default: shipped one)")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap for training")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-samples", type=int, default=80)
+    ap.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints (0: none)")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    args = ap.parse_args(argv)
+
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      threads=args.threads, prompt_dropout=0.0, shift=TRAIN_SHIFT)
+    spec = FluxSpec()
+    torch.set_num_threads(cfg.threads)
+    out: Path = args.out
+    print(f"train config: {cfg}\nmodel: {spec}\nimages: {image_data.ImageSpec()}", flush=True)
+    transformer, text_encoder, vae, log = train(cfg, spec, out, args.resume, args.checkpoint_every)
+    print(f"training done: { {k: v for k, v in log.items() if k != 'loss_curve'} }", flush=True)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    img = image_data.ImageSpec()
+    facts = {
+        "name": FLUX_TINY_ID, "height": img.height, "width": img.width,
+        "latent_shape": [vae.config.latent_channels, img.height // 2, img.width // 2],
+        "tokens": (img.height // 4) * (img.width // 4), "guidance_scale": 1.0, "recommended_steps": 50,
+        "prompt_template": image_data.PROMPT_TEMPLATE,
+        "sigmas_50": [round(float(s), 6) for s in flux_sigmas(50, img.height, img.width)],
+        "training": {**asdict(cfg), **log, "torch": torch.__version__,
+                     "command": "python tools/train_flux_testbed.py " + " ".join(argv or sys.argv[1:])},
+        "model": spec_facts(spec), "images": asdict(img),
+        "parameters": sum(p.numel() for p in transformer.parameters()),
+    }
+    t_eval = time.time()
+    facts["eval"] = evaluate(transformer.eval(), text_encoder.eval(), vae.eval(), args.eval_samples)
+    facts["eval"]["eval_seconds"] = round(time.time() - t_eval, 1)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    facts["size_mb"] = round(folder_megabytes(out), 2)
+    atomic_write_bytes(out / "testbed.json", (json.dumps(facts, indent=2) + "\n").encode())
+    held = facts["eval"]["held_out"]
+    print(f"ACCURACY held-out ({held['samples']} samples, 50 steps): digit {held['digit_accuracy']:.3f}  "
+          f"colour {held['colour_accuracy']:.3f}  size {facts['size_mb']} MB  params {facts['parameters']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
