@@ -163,12 +163,14 @@ def _main(argv: list[str] | None) -> int:
 
     studies = _check_study_args(args)
     start = time.perf_counter()
+    from ertacache.models.recipes import load_recipe
+
+    settings = SampleSettings.from_recipe(  # refuses flags the model cannot take before it loads
+        load_recipe(args.model), height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+        shift=args.shift, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+    )
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
-    settings = SampleSettings.from_recipe(
-        bundle.recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
-        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-    )
     config = build_config(args, bundle)
     for s in config.speedups:
         full_step_budget(settings.steps, s)  # refuse an impossible speedup before any compute

@@ -67,15 +67,20 @@ def _check_profile_flags(args, profile) -> None:
                         f" but the profile was calibrated with it {'on' if profile.n_branches == 2 else 'off'}")
 
 
-def _calibrate(args, bundle):
-    from ertacache.profile.build import build_profile, read_prompts_file
+def _calibration_settings(args, recipe):
+    """The settings to calibrate with; refuses flags the model cannot take, before it loads."""
     from ertacache.sampling.settings import SampleSettings
 
-    recipe = bundle.recipe
-    settings = SampleSettings.from_recipe(
+    return SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     )
+
+
+def _calibrate(args, bundle, settings):
+    from ertacache.profile.build import build_profile, read_prompts_file
+
+    recipe = bundle.recipe
     config = calibration_config(args, args.lam, args.speedup or recipe.defaults.speedup,
                                 recipe.defaults.calibration_batch_size)
     prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
@@ -139,13 +144,14 @@ def _main(argv: list[str] | None) -> int:
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None:  # a profile of another model is named as such, before any dtype/machine check
         _check_profile_flags(args, profile)
+    settings = _calibration_settings(args, recipe) if profile is None else None
     config.check_machine()
     check_out_folder(config.out, config.force, "export folder", is_export_folder)  # before minutes of calibration
     print(f"[load] {args.model} ({config.dtype})")
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), config.dtype)
     if profile is None:
-        profile, negative = _calibrate(args, bundle)
+        profile, negative = _calibrate(args, bundle, settings)
         profile_dir = None
     else:
         profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, where=f"profile {args.profile}")

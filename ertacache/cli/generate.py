@@ -26,14 +26,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args, bundle, profile):
+def _settings(args, recipe, profile):
+    """The run's settings from the recipe or the profile; refuses flags the model cannot take (before it loads)."""
     from ertacache.sampling.settings import SampleSettings, check_frames_flag
 
-    check_frames_flag(bundle.recipe, args.frames)  # an image model takes no --frames
+    check_frames_flag(recipe, args.frames)  # an image model takes no --frames
 
     if profile is None:
         return SampleSettings.from_recipe(
-            bundle.recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+            recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
             shift=args.shift, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
         )
     for flag, value, have in (("--steps", args.steps, profile.steps), ("--height", args.height, profile.height),
@@ -63,9 +64,11 @@ def _main(argv: list[str] | None) -> int:
     if profile is not None and profile.model != args.model:
         raise UserError(f"the profile was made for --model {profile.model}, not {args.model}; pass --model "
                         f"{profile.model} or profile {args.model}")
+    from ertacache.models.recipes import load_recipe
+
+    settings = _settings(args, load_recipe(args.model), profile)
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
-    settings = _settings(args, bundle, profile)
     if profile is not None and (settings.n_branches != profile.n_branches):
         raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "
                         f"{'on' if settings.n_branches == 2 else 'off'} but the profile was calibrated with it "

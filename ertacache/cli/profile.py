@@ -46,14 +46,18 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.profile.schedule import mask_summary
     from ertacache.sampling.settings import SampleSettings
 
+    from ertacache.models.recipes import load_recipe
+
     prompts = read_prompts_file(args.prompts) if args.prompts else None
-    with loading_model(args.model, args.model_path):
-        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
-    recipe = bundle.recipe
+    recipe = load_recipe(args.model)
+    # flags the model cannot take (--frames for an image model, a guidance scale for a guidance-free one)
+    # are refused here, before the model loads
     settings = SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     )
+    with loading_model(args.model, args.model_path):
+        bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     speedup = args.speedup if args.lam is not None or args.speedup is not None else recipe.defaults.speedup
     config = calibration_config(args, args.lam, speedup, args.batch_size or recipe.defaults.calibration_batch_size)
     prompts = prompts or list(recipe.calibration_prompts)

@@ -156,7 +156,7 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
     """
     transformer = pipe.transformer
     family = family_for_model(transformer)  # refuses a transformer class no family knows
-    if profile.guidance != family.guidance or len(profile.latent_shape) != family.latent_rank:
+    if not family.accepts_guidance(profile.guidance) or len(profile.latent_shape) != family.latent_rank:
         raise UserError(f"the profile ({profile.model}: {profile.guidance} guidance, {len(profile.latent_shape)}-axis "
                         f"latents) was made for another model family than this pipeline's "
                         f"{type(transformer).__name__} ({family.name}: {family.guidance} guidance, "

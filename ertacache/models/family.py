@@ -69,7 +69,8 @@ def check_guidance(mode: str, guidance_scale: float, family: str = "this") -> No
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
     if mode == NO_GUIDANCE and guidance_scale > 1.0:
-        raise UserError(f"the {family} family takes no guidance (no CFG, no guidance embedding); "
+        who = "this model" if family == "this" else f"the {family} model"
+        raise UserError(f"{who} takes no guidance (no CFG, no guidance embedding); "
                         f"drop --guidance-scale (got {guidance_scale:g})")
 
 
@@ -416,6 +417,15 @@ class ModelFamily:
     def n_branches(self, guidance_scale: float) -> int:
         """Rows per sample the transformer sees: 2 with CFG above scale 1, else 1 (embedded or no guidance)."""
         return guidance_branches(self.guidance, guidance_scale)
+
+    def accepts_guidance(self, mode: str) -> bool:
+        """Whether a model of this family may be run in guidance ``mode``.
+
+        The family's own mode, or ``"none"`` in a guidance-distilled family: FLUX.1-schnell is a
+        ``FluxTransformer2DModel`` without the guidance embedder, so its recipe narrows the family's
+        ``"embedded"`` to ``"none"`` (one branch either way, and a guidance scale is refused).
+        """
+        return mode == self.guidance or (self.guidance == EMBEDDED and mode == NO_GUIDANCE)
 
     def check_guidance(self, guidance_scale: float) -> None:
         """Refuse a guidance scale this family has no use for (a guidance-free model asked to guide)."""

@@ -49,7 +49,8 @@ class SampleSettings:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides) -> "SampleSettings":
-        """Recipe defaults, with every override that is not None applied; the guidance mode is the family's.
+        """Recipe defaults, with every override that is not None applied; the guidance mode is the family's
+        (or the recipe's narrower one: ``"none"`` for FLUX.1-schnell).
 
         ``frames`` given for an image family is refused here, before any model loads.
         """
@@ -57,7 +58,12 @@ class SampleSettings:
         d = recipe.defaults
         values = dict(height=d.height, width=d.width, frames=d.frames if family.is_video else None, steps=d.steps,
                       shift=d.shift, guidance_scale=d.guidance_scale, negative_prompt=d.negative_prompt,
-                      guidance=family.guidance)
+                      guidance=recipe.guidance or family.guidance)
+        if not family.accepts_guidance(values["guidance"]):
+            raise UserError(f"recipe {recipe.model} asks for {values['guidance']!r} guidance, which the "
+                            f"{family.name} family ({family.guidance} guidance) does not run")
+        if overrides.get("guidance_scale") is not None:
+            check_guidance(values["guidance"], float(overrides["guidance_scale"]), recipe.model)  # names the model
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # validated once, with the overrides in place
 
