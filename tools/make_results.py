@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Regenerate docs/results.md (and docs/results-wan2.1-small.md): run ertacache-eval on the testbed, then write tables, plots and goals.
+"""Regenerate docs/results.md (and docs/results-<testbed>.md): run ertacache-eval on a testbed, then write tables, plots and goals.
 
     python tools/make_results.py                 # full run (see FULL_ARGS), then docs/results.md
     python tools/make_results.py --render-only   # re-render docs/results.md from docs/results/eval.json
     python tools/make_results.py --quick --results /tmp/r --doc /tmp/r.md   # pipeline check, minutes
     python tools/make_results.py --model wan2.1-small   # the realistic testbed: docs/results-wan2.1-small.md
+    python tools/make_results.py --model flux-tiny      # the FLUX image testbed: docs/results-flux-tiny.md
 
 The discussion that needs a human (why a component does or does not help) lives in
 docs/results_notes.md and is pasted in verbatim, so regenerating never loses it.
@@ -47,6 +48,16 @@ SMALL_FULL_ARGS = ["--model", "wan2.1-small", "--steps", "50", "--speedups", "1.
                    "--seeds", "1000-1007", "--wallclock", "--repeats", "3"]
 SMALL_QUICK_ARGS = ["--model", "wan2.1-small", "--steps", "12", "--speedups", "2", "--methods", SMALL_METHODS,
                     "--seeds", "1000-1001"]
+#: the FLUX image testbed (issue 16): ERTACache and the real peers that support FLUX in diffusers
+#: (TaylorSeer, FirstBlockCache, MagCache) and cache-dit, at 1.5x-3x
+FLUX_METHODS = ",".join(["fewer-steps", "uniform", "teacache", PAPER_METHOD, "erta-t1-closed-full", PRODUCT,
+                         "erta-f2-closed-full", "diffusers-taylorseer-o1", "diffusers-taylorseer-o2",
+                         "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
+                         "cachedit-dbcache-taylorseer"])
+FLUX_FULL_ARGS = ["--model", "flux-tiny", "--steps", "50", "--speedups", "1.5,2,2.5,3", "--methods", FLUX_METHODS,
+                  "--seeds", "1000-1015", "--wallclock", "--repeats", "5"]
+FLUX_QUICK_ARGS = ["--model", "flux-tiny", "--steps", "12", "--speedups", "2", "--methods", FLUX_METHODS,
+                   "--seeds", "1000-1001"]
 
 #: per testbed: the eval arguments, where results and the page go, and what its judge columns mean
 TESTBEDS = {
@@ -59,6 +70,10 @@ TESTBEDS = {
                      "doc": ROOT / "docs" / "results-wan2.1-small.md",
                      "judge": "colour, shape, direction and background accuracy are the fractions of videos the "
                               "testbed's scene judge reads as showing the prompted attribute"},
+    "flux-tiny": {"full": FLUX_FULL_ARGS, "quick": FLUX_QUICK_ARGS, "results": DEFAULT_RESULTS / "flux-tiny",
+                  "doc": ROOT / "docs" / "results-flux-tiny.md",
+                  "judge": "digit and colour accuracy are the fractions of images the flux-tiny judge reads as "
+                           "showing the prompted digit and colour"},
 }
 
 #: the paper's uniform reuse at about 2x on Wan2.1-1.3B (Table 3), for placing each testbed's regime

@@ -32,7 +32,8 @@ from ertacache.eval.record import CalibrationRecord
 from ertacache.profile.calibrate import CalibrationSet, rel_l1_per_sample
 from ertacache.profile.schedule import forced_full
 from ertacache.sampling.steps import (
-    StepTables, cached_velocity, combine_cfg, euler, expand_branches, full_velocity, model_timestep, timestep_scale,
+    StepTables, cached_velocity, combine_cfg, conditioning_dtype, euler, expand_branches, full_velocity, model_timestep,
+    step_conditioning, timestep_scale,
 )
 
 
@@ -106,32 +107,41 @@ class TeaCachePlan:
         x, residual, prev_mod = noise.float(), None, None
         scale = timestep_scale(adapter)  # the family's: the model embeds sigma * scale
         acc, computed = np.zeros(batch), np.zeros((batch, steps), dtype=bool)
+        family = adapter.family
         for i in range(steps):
-            x_in = expand_branches(x, nb).to(text.dtype)  # (nb*B, C, F, H, W)
-            t = model_timestep(sig[i], x_in.shape[0], scale)
-            mod = adapter.modulated_input(adapter.pre(x_in, t, text))  # (nb*B, N, D)
+            x_in = expand_branches(x, nb).to(conditioning_dtype(text))  # (nb*B, C, [F,] H, W)
+            rows = x_in.shape[0]
+            t = model_timestep(sig[i], rows, scale)
+            full_cond = step_conditioning(family, text, g, rows, cached=False)  # Wan: the text; FLUX: a mapping
+            mod = adapter.modulated_input(adapter.pre(x_in, t, full_cond))  # (nb*B, N, D)
             change = None if prev_mod is None else rel_l1_per_sample(mod, prev_mod, nb).cpu().numpy()
             prev_mod = mod
             compute, acc = decide(acc, change, bool(forced[i]), self.rescaler, self.threshold)
             computed[:, i] = compute
-            v, residual = self._velocity(adapter, x_in, t, text, residual, compute, batch, nb)
+            conds = (full_cond, step_conditioning(family, text, g, rows, cached=True))
+            v, residual = self._velocity(adapter, x_in, t, conds, residual, compute, batch, nb)
             x = euler(x, combine_cfg(v, g, nb), sig[i], sig[i + 1])
         return PlanOutput(x, computed)
 
     @staticmethod
-    def _velocity(adapter, x_in, t, text, residual, compute, batch, nb):
-        """Branch velocities (nb*B, ...): block stack on computing samples, cache on the others."""
+    def _velocity(adapter, x_in, t, conds, residual, compute, batch, nb):
+        """Branch velocities (nb*B, ...): block stack on computing samples, cache on the others.
+
+        conds: what a full and a cached ``pre`` read, each with one row per branch row (or None).
+        """
+        full_cond, cached_cond = conds
         v = torch.empty_like(x_in, dtype=torch.float32)
         full = _rows(np.flatnonzero(compute), batch, nb)
         if len(full):
-            v_full, r_full = full_velocity(adapter, x_in[full], t[full], text[full])
+            v_full, r_full = full_velocity(adapter, x_in[full], t[full], _select(full_cond, full, x_in.shape[0]))
             v[full] = v_full
             if residual is None:
                 residual = torch.zeros((x_in.shape[0], *r_full.shape[1:]), dtype=r_full.dtype, device=r_full.device)
             residual[full] = r_full
         reuse = _rows(np.flatnonzero(~compute), batch, nb)
         if len(reuse):
-            v[reuse] = cached_velocity(adapter, x_in[reuse], t[reuse], residual[reuse])
+            v[reuse] = cached_velocity(adapter, x_in[reuse], t[reuse], residual[reuse],
+                                       _select(cached_cond, reuse, x_in.shape[0]))
         return v, residual
 
 
@@ -147,6 +157,16 @@ def _open_loop_threshold(record, rescaler, target, forced) -> float:
         else:
             hi = mid
     return hi
+
+
+def _select(cond, rows, n_rows: int):
+    """Rows ``rows`` of a step's conditioning: a tensor, or each tensor of a mapping that has one row per branch
+    row (a shared input, without that axis, as it is); None stays None."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[rows]
+    return {k: (v[rows] if v.ndim and v.shape[0] == n_rows else v) for k, v in cond.items()}
 
 
 def solve_teacache(cal: CalibrationSet, record: CalibrationRecord, target: int, config: TeaCacheConfig,

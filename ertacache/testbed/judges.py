@@ -114,4 +114,4 @@ def judge_for(prompts: Sequence[str]) -> PromptJudge | None:
 
 def adherence_columns() -> tuple[str, ...]:
     """Every judge's columns, in a fixed order (for tables that show whichever a row has)."""
-    return tuple(c for j in JUDGES.values() for c in j.columns)
+    return tuple(dict.fromkeys(c for j in JUDGES.values() for c in j.columns))  # digit_acc is two judges' column

@@ -128,3 +128,30 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
                          "pooled_prompt_embeds": np.zeros((1, 16), np.float32)})
     finally:
         inst.__exit__(None, None, None)
+
+
+def test_eval_runs_erta_baselines_and_the_real_peers_on_flux(folder, tmp_path):
+    """ertacache-eval on the FLUX family: the builtin baselines, ERTACache with a predictor, and the real
+    diffusers peers (TaylorSeer on the double- then single-stream blocks, FirstBlockCache, MagCache), all at
+    the same budget; a peer's block counter sees FLUX's blocks."""
+    import importlib.util
+
+    from ertacache.cli import eval as eval_cli
+
+    methods = ["fewer-steps", "uniform", "teacache", "erta-t2-closed-full", "diffusers-taylorseer-o1",
+               "diffusers-fbcache", "diffusers-magcache"]
+    if importlib.util.find_spec("cache_dit") is not None:
+        methods.append("cachedit-dbcache")
+    out = tmp_path / "eval.json"
+    assert eval_cli.main(["--model", "flux-tiny", "--model-path", str(folder), "--steps", "10", "--speedups", "2",
+                          "--seeds", "1000-1001", "--methods", ",".join(methods), "--json", str(out),
+                          "--quiet"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(methods) <= set(rows)
+    for m in methods:
+        r = rows[m]
+        assert np.isfinite(r["psnr"]) and r["psnr_worst"] <= r["psnr"], m
+        assert abs(r["full_steps"] - 5) <= 1, (m, r["full_steps"])  # the 2x budget of 10 steps
+    # FirstBlockCache runs its probe block (one of the 2 double + single blocks) on every cached step
+    fb = rows["diffusers-fbcache"]
+    assert fb["block_equivalents"] == pytest.approx(fb["full_steps"] + (10 - fb["full_steps"]) / 2)

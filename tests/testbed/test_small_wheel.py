@@ -3,7 +3,7 @@
 Builds a real wheel (setuptools' PEP 517 hook) from a copy of the source tree into which a
 random-weights wan2.1-small folder is written, as the trained one will be, then imports
 ``ertacache`` from the unpacked wheel in a fresh interpreter (not from this checkout) and
-loads both testbeds by id alone.
+loads the testbeds (and flux-tiny, when the checkout has it) by id alone.
 """
 
 import shutil
@@ -53,15 +53,20 @@ def test_wheel_ships_the_small_testbed_and_it_loads_from_the_install(tmp_path):
         assert f"ertacache/assets/wan2.1-small/{component}/config.json" in names
         assert f"ertacache/assets/wan2.1-small/{component}/diffusion_pytorch_model.safetensors" in names
     assert {"ertacache/assets/wan2.1-small/testbed.json", "ertacache/recipes/wan2.1-small.json"} <= names
+    shipped = ["wan2.1-small", "wan2.1-tiny"]
+    if (ROOT / "ertacache" / "assets" / "flux-tiny" / "testbed.json").exists():  # the FLUX image testbed too
+        assert {"ertacache/assets/flux-tiny/transformer/diffusion_pytorch_model.safetensors",
+                "ertacache/recipes/flux-tiny.json"} <= names
+        shipped.append("flux-tiny")
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     check = ("import ertacache, sys; from ertacache.models.loading import load_bundle\n"
              "assert ertacache.__file__.startswith(sys.argv[1]), ertacache.__file__\n"
-             "for m in ('wan2.1-small', 'wan2.1-tiny'):\n"
+             "for m in sys.argv[2:]:\n"
              "    b = load_bundle(m); assert str(b.path).startswith(sys.argv[1]), b.path; print(m, b.fingerprint)\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", check, str(site)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", check, str(site), *shipped], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "wan2.1-small" in run.stdout and "wan2.1-tiny" in run.stdout
+    assert all(m in run.stdout for m in shipped)
