@@ -46,9 +46,9 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def output_kind(path: str | os.PathLike) -> str:
-    """What ``path`` holds for messages: "image" for a still format (an image model's one frame), else "video"."""
-    return "image" if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg") else "video"
+def output_kind(frames: int) -> str:
+    """What a decoded output of ``frames`` frames is called in messages: an image model decodes one frame."""
+    return "image" if frames == 1 else "video"
 
 
 def example_output(is_video: bool) -> str:

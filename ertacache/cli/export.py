@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check_profile_flags(args, profile) -> None:
-    from ertacache.models.family import guidance_branches
+    from ertacache.models.family import check_guidance, guidance_branches
     from ertacache.models.recipes import load_recipe
     from ertacache.sampling.settings import check_frames_flag
 
@@ -62,6 +62,8 @@ def _check_profile_flags(args, profile) -> None:
     if profile.model != args.model:
         raise UserError(f"the profile {args.profile} was made for --model {profile.model}, not {args.model}; pass "
                         f"--model {profile.model} or drop --profile to calibrate {args.model} now")
+    if args.guidance_scale is not None:
+        check_guidance(profile.guidance, args.guidance_scale, args.model)  # e.g. a scale for guidance-free schnell
     if args.guidance_scale is not None and guidance_branches(profile.guidance, args.guidance_scale) != profile.n_branches:
         raise UserError(f"--guidance-scale {args.guidance_scale} turns CFG {'on' if args.guidance_scale > 1 else 'off'}"
                         f" but the profile was calibrated with it {'on' if profile.n_branches == 2 else 'off'}")

@@ -43,12 +43,17 @@ def _settings(args, recipe, profile):
         if value is not None and value != have:
             raise UserError(f"{flag} {value} conflicts with the profile ({flag} {have}); drop the flag or "
                             "make a new profile with ertacache-profile")
-    return SampleSettings(
+    settings = SampleSettings(
         profile.height, profile.width, profile.frames, profile.steps, profile.shift,
         args.guidance_scale if args.guidance_scale is not None else profile.guidance_scale,
         args.negative_prompt if args.negative_prompt is not None else profile.calibration.get("negative_prompt", ""),
         guidance=profile.guidance,
     )
+    if settings.n_branches != profile.n_branches:
+        raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "
+                        f"{'on' if settings.n_branches == 2 else 'off'} but the profile was calibrated with it "
+                        f"{'on' if profile.n_branches == 2 else 'off'}")
+    return settings
 
 
 def _main(argv: list[str] | None) -> int:
@@ -69,15 +74,11 @@ def _main(argv: list[str] | None) -> int:
     settings = _settings(args, load_recipe(args.model), profile)
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
-    if profile is not None and (settings.n_branches != profile.n_branches):
-        raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "
-                        f"{'on' if settings.n_branches == 2 else 'off'} but the profile was calibrated with it "
-                        f"{'on' if profile.n_branches == 2 else 'off'}")
     result = generate(bundle, [args.prompt], [args.seed], settings, profile)
     out = save_video(result.frames[0].cpu().numpy(), args.out, overwrite=args.force)
     mode = f"cached ({args.profile})" if profile is not None else "uncached"
     print(f"{mode}: {result.full_steps}/{result.steps} full steps, sampling {result.sample_s:.2f} s wall")
-    print(f"{output_kind(out)} written to {out}")
+    print(f"{output_kind(result.frames.shape[1])} written to {out}")
     return 0
 
 

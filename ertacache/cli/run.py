@@ -90,7 +90,7 @@ def _main(argv: list[str] | None) -> int:
         c = times.cached_median_s / times.full_median_s
         print(f"  cached step {times.cached_median_s * 1e3:9.2f} ms (median of {n_cached}), c = {c:.3f}")
     print(f"  sampling + decode {total_s:.3f} s")
-    print(f"{output_kind(out)} written to {out}")
+    print(f"{output_kind(frames.shape[1])} written to {out}")
     return 0
 
 

@@ -10,7 +10,6 @@ the held-out set with it (timed), decode, and score against the reference.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Sequence
@@ -46,20 +45,18 @@ class SampleSet:
     noise: torch.Tensor
     text: Conditioning
     family: ModelFamily
+    n_branches: int  # rows per sample of the branch-wise inputs (2 with CFG)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def chunk(self, sl: slice) -> tuple[torch.Tensor, Conditioning]:
         """Noise (b, ...) and the conditioning rows of samples ``sl`` (cond then uncond rows, (nb*b, L, D))."""
-        b = len(self)
-        n_branches = (self.text.shape[0] if not isinstance(self.text, Mapping)
-                      else next(iter(self.text.values())).shape[0]) // b
-        return self.noise[sl], conditioning_rows(self.family, self.text, sl, n_branches, b)
+        return self.noise[sl], conditioning_rows(self.family, self.text, sl, self.n_branches, len(self))
 
     def subset(self, n: int) -> "SampleSet":
         noise, text = self.chunk(slice(0, n))
-        return SampleSet(self.prompts[:n], self.seeds[:n], noise, text, self.family)
+        return SampleSet(self.prompts[:n], self.seeds[:n], noise, text, self.family, self.n_branches)
 
 
 @dataclass
@@ -117,7 +114,8 @@ class EvalContext:
     def samples(self, prompts: Sequence[str], seeds: Sequence[int]) -> SampleSet:
         noise = initial_latents(self.latent_shape, list(seeds), self.bundle.device)
         text = self.bundle.encode(list(prompts), self.settings.negative_prompt, self.settings.n_branches)
-        return SampleSet(list(prompts), [int(s) for s in seeds], noise, text, self.bundle.family)
+        return SampleSet(list(prompts), [int(s) for s in seeds], noise, text, self.bundle.family,
+                         self.settings.n_branches)
 
     @cached_property
     def held_out(self) -> SampleSet:

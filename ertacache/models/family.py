@@ -189,7 +189,9 @@ def exponential_shift(sigma, mu: float):
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
 
 
-STATIC, DYNAMIC = "static", "dynamic"
+STATIC, DYNAMIC, RAMP = "static", "dynamic", "ramp"
+#: every sigma schedule kind (a recipe's ``sigma_schedule`` names one to override its family's)
+SCHEDULE_KINDS = (STATIC, DYNAMIC, RAMP)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,11 @@ class SigmaSchedule:
     ``mu = m * seq_len + b``, the line through (base_seq_len, base_shift) and (max_seq_len, max_shift),
     with seq_len the image tokens (FluxPipeline's ``calculate_shift``). The recipe's ``shift`` is not used.
 
-    Both tables have ``steps + 1`` float64 entries ending exactly at 0.
+    ``ramp``: the pipeline's ramp ``linspace(1, 1/T, T)`` with the static shift (the recipe's
+    ``shift``): FluxPipeline with a scheduler whose ``use_dynamic_shifting`` is off, as FLUX.1-schnell
+    ships (shift 1: the ramp itself).
+
+    Every table has ``steps + 1`` float64 entries ending exactly at 0.
     """
 
     kind: str = STATIC
@@ -216,8 +222,8 @@ class SigmaSchedule:
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
-        if self.kind not in (STATIC, DYNAMIC):
-            raise ValueError(f"SigmaSchedule.kind must be {STATIC!r} or {DYNAMIC!r}, got {self.kind!r}")
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"SigmaSchedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if self.kind == DYNAMIC:
@@ -229,8 +235,8 @@ class SigmaSchedule:
 
     @property
     def uses_shift(self) -> bool:
-        """Whether the ``shift`` setting changes the table (static) or is ignored (dynamic)."""
-        return self.kind == STATIC
+        """Whether the ``shift`` setting changes the table (static, ramp) or is ignored (dynamic)."""
+        return self.kind in (STATIC, RAMP)
 
     def mu(self, seq_len: int) -> float:
         """The dynamic shift's exponent for ``seq_len`` tokens (linear in the sequence length)."""
@@ -249,6 +255,12 @@ class SigmaSchedule:
             sigma_min = float(np.float32(static_shift(np.float32(1.0 / n), np.float32(shift))))
             ramp = np.linspace(1.0 * n, sigma_min * n, steps) / n  # shift(1) == 1: sigma_max is 1
             sigmas = static_shift(ramp, shift)
+        elif self.kind == RAMP:
+            if shift is None or not shift > 0:
+                raise UserError(f"shift must be > 0, got {shift}")
+            # FluxPipeline's ramp; set_timesteps(sigmas=...) shifts it statically in float32.
+            ramp = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+            sigmas = static_shift(ramp, np.float32(shift)).astype(np.float32).astype(np.float64)
         else:
             if seq_len is None or seq_len < 1:
                 raise UserError(f"a dynamic sigma shift needs the image's token count, got {seq_len}")

@@ -206,8 +206,9 @@ class FluxPromptEncoder:
     """FluxPipeline's text path: CLIP's pooled output and T5's states, as a mapping by conditioning name.
 
     CLIP: ``max_length`` = the tokenizer's (77), padded, ``pooler_output``. T5: padded to
-    ``max_sequence_length`` (512 for dev, 256 for schnell), ``last_hidden_state`` (FluxPipeline
-    does not zero the padding states). A family with several conditioning tensors returns a
+    ``max_sequence_length``, ``last_hidden_state`` (FluxPipeline does not zero the padding states).
+    The loader uses 512 for both ids (FluxPipeline's default and maximum; schnell is often run at
+    256, which a profile made here does not match). A family with several conditioning tensors returns a
     mapping from :meth:`encode`; one with a single tensor (Wan) returns the tensor.
     """
 

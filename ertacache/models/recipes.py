@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any
 
 from ertacache.errors import UserError
-from ertacache.models.family import GUIDANCE_MODES, is_known_family, known_families
+from ertacache.models.family import GUIDANCE_MODES, SCHEDULE_KINDS, is_known_family, known_families
 
 #: the embedded default every CLI uses when --model is not given
 DEFAULT_MODEL = "wan2.1-tiny"
@@ -56,6 +56,9 @@ class Recipe:
     #: the guidance mode when it is not the family's: ``"none"`` for a guidance-free checkpoint of a
     #: guidance-distilled family (FLUX.1-schnell); checked against the family when settings are made
     guidance: str | None = None
+    #: the sigma schedule kind when it is not the family's (``"ramp"`` for FLUX.1-schnell, whose
+    #: scheduler has no dynamic shift); :func:`ertacache.sampling.sigmas.request_sigmas` applies it
+    sigma_schedule: str | None = None
 
     def __post_init__(self):
         if (self.hub_id is None) == (self.package_path is None):
@@ -64,6 +67,9 @@ class Recipe:
             raise ValueError(f"recipe {self.model!r}: train_command only applies to a package_path model")
         if self.guidance is not None and self.guidance not in GUIDANCE_MODES:
             raise ValueError(f"recipe {self.model!r}: guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+        if self.sigma_schedule is not None and self.sigma_schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"recipe {self.model!r}: sigma_schedule must be one of {SCHEDULE_KINDS}, got "
+                             f"{self.sigma_schedule!r}")
         if not is_known_family(self.family):
             raise UserError(f"recipe {self.model!r} names an unknown model family {self.family!r}; set \"family\" "
                             f"to one of {known_families()} (a new family is added as in docs/families.md)")

@@ -60,8 +60,10 @@ def _named_arrays(path: Path, names: tuple[str, ...], manifest: ExportManifest) 
         return {n: _float_tensor(loaded[n], f"--text-embeds {path} [{n}]", manifest) for n in names}
 
 
-def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: str | None = None) -> torch.Tensor:
+def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: str | None = None):
     """Encode ``prompt`` (repeated over the folder's batch) and, with CFG, the negative prompt.
+
+    One tensor (nb*B, L, D_text), or for a folder with several conditioning inputs a mapping by name.
 
     Loads only the text encoder of the folder's model (recipe id and path from the manifest).
     """
@@ -82,8 +84,9 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
     return encode_prompt(encoder, prompt, manifest)
 
 
-def encode_prompt(encoder, prompt: str, manifest: ExportManifest) -> torch.Tensor:
-    """(nb*B, L, D_text): ``prompt`` for the folder's batch, then (CFG) its negative prompt, with a loaded encoder.
+def encode_prompt(encoder, prompt: str, manifest: ExportManifest):
+    """(nb*B, L, D_text): ``prompt`` for the folder's batch, then (CFG) its negative prompt, with a loaded encoder;
+    for a folder with several conditioning inputs (FLUX) a mapping with one such tensor per input name.
 
     Shared by ertacache-run and the Triton model, which loads the encoder once per instance.
     """

@@ -44,14 +44,20 @@ def _empty(spec: TensorSpec, device) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.torch_dtype, device=device)
 
 
-def check_guidance(value: float, n_branches: int) -> float:
-    """A request's guidance scale: finite and >= 0 (0 and 1 are plain cond sampling; CFG needs > 1 to matter)."""
+def check_guidance(value: float, n_branches: int, mode: str = "cfg") -> float:
+    """A request's guidance scale: finite and >= 0 (0 and 1 are plain cond sampling; CFG needs > 1 to matter).
+
+    Only a CFG folder takes one per request: a guidance-distilled one (``mode`` "embedded", FLUX.1-dev)
+    embeds the profile's scale, which the calibration was made at, and a guidance-free one has none.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise UserError(f"guidance_scale {str(value)[:40]} is not a finite number >= 0; give e.g. 5.0 (or leave it "
                         "out for the profile's)")
     if n_branches != 2:
-        raise UserError("this export folder has no CFG branch (it was profiled with guidance <= 1): a guidance "
-                        "scale has no effect; leave it out, or export a profile made with CFG")
+        why = {"embedded": "its model embeds the profile's guidance scale (profile again at another scale)",
+               "none": "its model takes no guidance"}.get(mode, "it was profiled with guidance <= 1, so it has no "
+                                                               "CFG branch (export a profile made with CFG)")
+        raise UserError(f"this export folder takes no per-request guidance scale: {why}; leave it out")
     return float(value)
 
 
@@ -327,7 +333,7 @@ class Runtime:
             st.conditioning[name].copy_(t)
         schedule = self.manifest.schedule
         st.guidance_scale.fill_(schedule.guidance_scale if guidance_scale is None
-                                else check_guidance(guidance_scale, schedule.n_branches))
+                                else check_guidance(guidance_scale, schedule.n_branches, schedule.guidance))
 
     def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]],
                  on_step: Callable[[int], bool] | None = None) -> int:

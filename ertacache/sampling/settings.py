@@ -14,7 +14,8 @@ from ertacache.models.recipes import Recipe
 class SampleSettings:
     """One request's sampling settings.
 
-    guidance: the model family's guidance mode (:mod:`ertacache.models.family`). With ``"cfg"``
+    guidance: the guidance mode (:mod:`ertacache.models.family`): the family's, or the recipe's narrower
+    one (``"none"`` for FLUX.1-schnell and flux-tiny). With ``"cfg"``
     (Wan), guidance_scale > 1 turns on classifier-free guidance (both branches in one batch); at
     1 or below there is a single, conditional branch. ``"embedded"`` feeds the scale to the model's
     guidance embedding (one branch); ``"none"`` refuses a scale above 1.

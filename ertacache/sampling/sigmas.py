@@ -9,6 +9,8 @@ that exactly so our tables equal the scheduler's, as a test checks. The formulas
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ertacache.errors import UserError
@@ -30,12 +32,15 @@ def request_sigmas(bundle, settings, steps: int | None = None) -> np.ndarray:
     ``bundle``: a loaded model (:class:`~ertacache.models.loading.ModelBundle`: its ``adapter``, and its
     ``layout`` when the family's shift depends on the token count); ``settings``: a
     :class:`~ertacache.sampling.settings.SampleSettings`. Wan's static shift gives
-    ``nominal_sigmas(settings.steps, settings.shift)`` exactly. ``steps`` overrides ``settings.steps``.
+    ``nominal_sigmas(settings.steps, settings.shift)`` exactly; a recipe's ``sigma_schedule`` overrides the
+    family's kind (FLUX.1-schnell: ``"ramp"``). ``steps`` overrides ``settings.steps``.
     """
-    family = bundle.adapter.family
-    seq_len = None if family.sigma_schedule.uses_shift else \
-        bundle.layout.tokens(settings.height, settings.width, settings.frames)
-    return family.sigmas(settings.steps if steps is None else steps, settings.shift, seq_len)
+    schedule = bundle.adapter.family.sigma_schedule
+    override = getattr(getattr(bundle, "recipe", None), "sigma_schedule", None)  # e.g. FLUX.1-schnell's "ramp"
+    if override is not None and override != schedule.kind:
+        schedule = replace(schedule, kind=override)
+    seq_len = None if schedule.uses_shift else bundle.layout.tokens(settings.height, settings.width, settings.frames)
+    return schedule.table(settings.steps if steps is None else steps, settings.shift, seq_len)
 
 
 def validate_sigma_table(sigmas: np.ndarray | list[float], steps: int, what: str = "sigma table") -> None:

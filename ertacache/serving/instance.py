@@ -206,6 +206,9 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
         if io.input(PROMPT):
             raise RequestError(f"missing input: give 'prompt' (text) or {tensors}" +
                                (f" (missing {missing})" if given else ""))
+        if conds == (TEXT_EMBEDS,):
+            raise RequestError("missing input 'text_embeds' (this model has no text encoder: encode the prompt "
+                               "yourself)")
         raise RequestError(f"missing input(s) {missing}: this model takes {tensors} "
                            "(no text encoder is bundled: encode the prompt yourself)")
     arrays = {k: np.asarray(v) if batched else np.asarray(v)[None] for k, v in inputs.items()}

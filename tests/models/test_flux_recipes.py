@@ -103,10 +103,32 @@ def test_flags_the_model_cannot_take_are_refused_before_loading():
     assert SampleSettings.from_recipe(load_recipe("flux.1-dev")).guidance_scale == 3.5
 
 
-def test_a_schnell_profile_drives_a_pipeline_without_the_guidance_embedder():
-    """The integration accepts the recipe's narrower mode ("none") for the family's "embedded" models."""
+def test_the_flux_family_accepts_a_narrower_guidance_mode_only():
+    """A guidance-distilled family also runs its guidance-free checkpoints ("none"); never CFG; Wan never "none"."""
     from ertacache.models.family import family_named
 
     flux = family_named("flux")
     assert flux.accepts_guidance("embedded") and flux.accepts_guidance("none") and not flux.accepts_guidance("cfg")
     assert not family_named("wan").accepts_guidance("none")
+    with pytest.raises(UserError, match="flux-tiny model takes no guidance"):  # no guidance embedder either
+        SampleSettings.from_recipe(load_recipe("flux-tiny"), guidance_scale=7.0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_schnell_samples_on_its_schedulers_table(tmp_path, shift):
+    """FLUX.1-schnell ships FlowMatchEulerDiscreteScheduler(shift=1, use_dynamic_shifting=False), which
+    FluxPipeline feeds its ramp linspace(1, 1/T, T): the recipe's "ramp" schedule gives that table."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ertacache.sampling.sigmas import request_sigmas
+
+    bundle = load_bundle("flux.1-schnell", write_flux_folder(tmp_path / "schnell", False), dtype="fp32")
+    for steps in (4, 9):
+        settings = SampleSettings.from_recipe(bundle.recipe, height=64, width=64, steps=steps, shift=shift)
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+        sched.set_timesteps(sigmas=list(torch.linspace(1, 1 / steps, steps).numpy()))
+        want = sched.sigmas.double().numpy()
+        got = request_sigmas(bundle, settings)
+        assert got.shape == want.shape and abs(got - want).max() < 1e-6, (got, want)
+    assert request_sigmas(bundle, SampleSettings.from_recipe(bundle.recipe, steps=4))[:4].tolist() == \
+        pytest.approx([1.0, 0.75, 0.5, 0.25])

@@ -67,6 +67,11 @@ def test_bad_requests_are_refused_by_name(instances, inputs, match):
     assert len(str(err.value)) < 1000  # echoed input is capped
 
 
+def test_a_model_without_a_text_encoder_asks_for_its_embeddings(instances):
+    with pytest.raises(RequestError, match=r"missing input 'text_embeds' \(this model has no text encoder"):
+        instances["tiny"].handle({"seed": np.array([1])})
+
+
 def test_a_cancelled_request_stops_and_leaves_nothing_behind(instances, direct):
     tiny = instances["tiny"]
     seen = []

@@ -90,7 +90,7 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
     """Every CLI with --model flux-tiny and a prompt; the served model equals the direct runtime byte for byte."""
     from ertacache.runtime import Runtime
     from ertacache.runtime.inputs import noise_for, text_embeds_from_prompt
-    from ertacache.serving import ModelInstance
+    from ertacache.serving import ModelInstance, RequestError
     from ertacache.serving.repository import RepositoryConfig, write_repository
 
     model = ["--model", "flux-tiny", "--model-path", str(folder)]
@@ -111,6 +111,11 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
     assert "image written to" in capsys.readouterr().out
     assert verify_cli.main(["--engines", str(engines), "--backend", "onnxruntime", "--prompt", "green digit 7"]) == 0
     assert "OK" in capsys.readouterr().out
+    from ertacache.errors import UserError
+
+    with Runtime(engines, "onnxruntime") as rt, pytest.raises(
+            UserError, match="takes no per-request guidance scale: its model takes no guidance"):
+        rt.load_inputs(noise_for(rt.manifest, 3), text_embeds_from_prompt("green digit 7", rt.manifest), 3.0)
 
     report = write_repository(RepositoryConfig(engines=engines, repo=tmp_path / "repo"))
     names = [t.name for t in report.io.inputs]
@@ -123,7 +128,7 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
             rt.sample(noise_for(rt.manifest, 3), text_embeds_from_prompt("green digit 7", rt.manifest))
             direct = rt.decode().cpu().numpy()
         assert served["frames"].tobytes() == direct.tobytes()
-        with pytest.raises(Exception, match="give either 'prompt' or 'prompt_embeds' and 'pooled_prompt_embeds'"):
+        with pytest.raises(RequestError, match="give either 'prompt' or 'prompt_embeds' and 'pooled_prompt_embeds'"):
             inst.handle({"seed": np.array([3]), "prompt": np.array([b"red digit 1"], dtype=object),
                          "pooled_prompt_embeds": np.zeros((1, 16), np.float32)})
     finally:
