@@ -70,6 +70,8 @@ def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_
     bar = tqdm(range(start, cfg.steps), desc="train", mininterval=5.0, file=sys.stdout)
     for step in bar:
         images, prompts = sampler.batch(cfg.batch_size)  # (B, 3, H, W) in [-1, 1]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout  # the unconditional branch of CFG
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         x0 = vae.encode_images(images)  # (B, C, H', W')
         noise = torch.randn(x0.shape, generator=gen)
         sigma = shifted_sigmas(torch.rand(cfg.batch_size, generator=gen), cfg.shift)  # (B,)
@@ -107,16 +109,29 @@ def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_
     return ema_tr, ema_te, vae, log
 
 
-def evaluate(transformer, text_encoder, vae, n: int, steps: int = 50, batch: int = 40) -> dict:
-    """Uncached 50-step samples on held-out prompts and seeds, judged for digit and colour."""
-    prompts = image_data.held_out_prompts(n)
-    seeds = list(image_data.HELD_OUT_SEEDS[:n])
+def judge(transformer, text_encoder, vae, prompts, seeds, g: float, steps: int = 50, batch: int = 40) -> dict:
+    """Uncached 50-step samples, judged for digit and colour."""
     frames = []
-    for i in range(0, n, batch):
-        lat = sample_images(transformer, text_encoder, prompts[i:i + batch], seeds[i:i + batch], steps=steps)
+    for i in range(0, len(prompts), batch):
+        lat = sample_images(transformer, text_encoder, prompts[i:i + batch], seeds[i:i + batch], steps=steps,
+                            guidance_scale=g)
         frames.append(vae.decode(lat))  # (b, 1, H, W, 3)
     acc = attribute_accuracy(torch.cat(frames).numpy(), prompts)
-    return {"held_out": {**{f"{k}_accuracy": round(v, 4) for k, v in acc.items()}, "samples": n},
+    return {**{f"{k}_accuracy": round(v, 4) for k, v in acc.items()}, "samples": len(prompts)}
+
+
+def evaluate(transformer, text_encoder, vae, n: int, guidances: list[float]) -> dict:
+    """Pick the CFG scale on calibration prompts and seeds, then report on held-out ones (never used to choose)."""
+    calib_prompts, calib_seeds = image_data.calibration_prompts(n), list(image_data.CALIBRATION_SEEDS[:n])
+    sweep = {}
+    for g in guidances:
+        sweep[str(g)] = judge(transformer, text_encoder, vae, calib_prompts, calib_seeds, g)
+        print(f"calibration  g={g}: {sweep[str(g)]}", flush=True)
+    best = max(guidances, key=lambda g: (sweep[str(g)]["digit_accuracy"] + sweep[str(g)]["colour_accuracy"], -g))
+    prompts, seeds = image_data.held_out_prompts(n), list(image_data.HELD_OUT_SEEDS[:n])
+    held = judge(transformer, text_encoder, vae, prompts, seeds, best)
+    print(f"held-out     g={best}: {held}", flush=True)
+    return {"guidance_scale": best, "guidance_sweep_calibration": sweep, "held_out": held,
             "held_out_seeds": seeds, "held_out_prompts": prompts}
 
 
@@ -130,26 +145,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-samples", type=int, default=80)
+    ap.add_argument("--prompt-dropout", type=float, default=0.1, help="fraction of empty prompts (CFG's uncond)")
+    ap.add_argument("--guidances", type=float, nargs="+", default=[3.0, 5.0], help="CFG scales to choose from")
+    ap.add_argument("--eval-only", action="store_true", help="skip training: re-evaluate the weights in --out")
     ap.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints (0: none)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     args = ap.parse_args(argv)
 
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads, prompt_dropout=0.0, shift=TRAIN_SHIFT)
+                      threads=args.threads, prompt_dropout=args.prompt_dropout, shift=TRAIN_SHIFT)
     spec = FluxSpec()
     torch.set_num_threads(cfg.threads)
     out: Path = args.out
-    print(f"train config: {cfg}\nmodel: {spec}\nimages: {image_data.ImageSpec()}", flush=True)
-    transformer, text_encoder, vae, log = train(cfg, spec, out, args.resume, args.checkpoint_every)
-    print(f"training done: { {k: v for k, v in log.items() if k != 'loss_curve'} }", flush=True)
-    transformer.save_pretrained(out / "transformer", safe_serialization=True)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
+    if args.eval_only:
+        from diffusers import FluxTransformer2DModel
+
+        from ertacache.testbed.pixel_vae import PixelVAE
+        from ertacache.testbed.text_encoder import TinyTextEncoder
+
+        transformer = FluxTransformer2DModel.from_pretrained(out, subfolder="transformer")
+        text_encoder = TinyTextEncoder.from_pretrained(out, subfolder="text_encoder")
+        vae = PixelVAE.from_pretrained(out, subfolder="vae")
+        old = json.loads((out / "testbed.json").read_text())
+        log = {k: v for k, v in old["training"].items() if k not in asdict(cfg) and k not in ("torch", "command")}
+    else:
+        print(f"train config: {cfg}\nmodel: {spec}\nimages: {image_data.ImageSpec()}", flush=True)
+        transformer, text_encoder, vae, log = train(cfg, spec, out, args.resume, args.checkpoint_every)
+        print(f"training done: { {k: v for k, v in log.items() if k != 'loss_curve'} }", flush=True)
+        transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
     img = image_data.ImageSpec()
     facts = {
         "name": FLUX_TINY_ID, "height": img.height, "width": img.width,
         "latent_shape": [vae.config.latent_channels, img.height // 2, img.width // 2],
-        "tokens": (img.height // 4) * (img.width // 4), "guidance_scale": 1.0, "recommended_steps": 50,
+        "tokens": (img.height // 4) * (img.width // 4), "guidance_scale": None, "recommended_steps": 50,
         "prompt_template": image_data.PROMPT_TEMPLATE,
         "sigmas_50": [round(float(s), 6) for s in flux_sigmas(50, img.height, img.width)],
         "training": {**asdict(cfg), **log, "torch": torch.__version__,
@@ -158,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in transformer.parameters()),
     }
     t_eval = time.time()
-    facts["eval"] = evaluate(transformer.eval(), text_encoder.eval(), vae.eval(), args.eval_samples)
+    facts["eval"] = evaluate(transformer.eval(), text_encoder.eval(), vae.eval(), args.eval_samples, args.guidances)
+    facts["guidance_scale"] = facts["eval"]["guidance_scale"]
     facts["eval"]["eval_seconds"] = round(time.time() - t_eval, 1)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     facts["size_mb"] = round(folder_megabytes(out), 2)
     atomic_write_bytes(out / "testbed.json", (json.dumps(facts, indent=2) + "\n").encode())
     held = facts["eval"]["held_out"]
-    print(f"ACCURACY held-out ({held['samples']} samples, 50 steps): digit {held['digit_accuracy']:.3f}  "
+    print(f"ACCURACY held-out ({held['samples']} samples, 50 steps, g={facts['guidance_scale']}): "
+          f"digit {held['digit_accuracy']:.3f}  "
           f"colour {held['colour_accuracy']:.3f}  size {facts['size_mb']} MB  params {facts['parameters']}")
     return 0
 

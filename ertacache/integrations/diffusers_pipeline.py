@@ -90,6 +90,7 @@ class ERTACacheHook(ModelHook):
         self.guidance, self.guidance_scale = profile.guidance, float(profile.guidance_scale)
         self.table = [float(s) for s in profile.sigmas[:-1]]  # (T,) each step's sigma, the adjusted table
         self.state_manager = StateManager(_BranchState)
+        self._last_step: dict[int, int] = {}  # branch -> the step of its last call (a skipped branch is refused)
 
     def initialize_hook(self, module):
         self.adapter = adapter_for(module)
@@ -98,6 +99,7 @@ class ERTACacheHook(ModelHook):
 
     def reset_state(self, module):
         self.state_manager.reset()
+        self._last_step = {}
         return module
 
     def _step(self, ctx, timestep) -> int:
@@ -130,6 +132,11 @@ class ERTACacheHook(ModelHook):
                             f"embeds {embedded:g}; call it with guidance_scale={self.guidance_scale:g} or profile "
                             "at that scale")
         state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
+        if self.n_branches == 2 and branch == 0 and i > 0 and self._last_step.get(1) != i - 1:
+            raise UserError(f"this profile was made with 2 branches ({self.guidance} guidance) but the pipeline made "
+                            f"no 'uncond' call at step {i - 1}; call it with guidance (a negative prompt, and for "
+                            f"FluxPipeline true_cfg_scale={self.guidance_scale:g}) or profile without CFG")
+        self._last_step[branch] = i
         x = call.latents
         if self.mask[i]:
             v, residual = full_velocity(self.adapter, x, call.timestep, call.cond)

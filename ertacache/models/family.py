@@ -433,11 +433,13 @@ class ModelFamily:
     def accepts_guidance(self, mode: str) -> bool:
         """Whether a model of this family may be run in guidance ``mode``.
 
-        The family's own mode, or ``"none"`` in a guidance-distilled family: FLUX.1-schnell is a
-        ``FluxTransformer2DModel`` without the guidance embedder, so its recipe narrows the family's
-        ``"embedded"`` to ``"none"`` (one branch either way, and a guidance scale is refused).
+        The family's own mode; in a guidance-distilled family also ``"none"`` and ``"cfg"``: FLUX.1-schnell
+        is a ``FluxTransformer2DModel`` without the guidance embedder, so its recipe narrows the family's
+        ``"embedded"`` to ``"none"`` (one branch, a guidance scale refused); a model trained with an
+        unconditional branch (the ``flux-tiny`` testbed) runs ``"cfg"``, FluxPipeline's true CFG
+        (``true_cfg_scale`` with a negative prompt), both branches batched as for Wan.
         """
-        return mode == self.guidance or (self.guidance == EMBEDDED and mode == NO_GUIDANCE)
+        return mode == self.guidance or (self.guidance == EMBEDDED and mode in (NO_GUIDANCE, CFG))
 
     def check_guidance(self, guidance_scale: float) -> None:
         """Refuse a guidance scale this family has no use for (a guidance-free model asked to guide)."""

@@ -105,19 +105,29 @@ def flux_sigmas(steps: int, height: int, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(transformer, text_encoder, prompts: list[str], seeds: list[int], height: int = 32,
-                  width: int = 32, steps: int = 50) -> torch.Tensor:
-    """Uncached one-branch Euler flow matching: prompts + seeds -> latents (B, C, H', W')."""
+                  width: int = 32, steps: int = 50, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Uncached Euler flow matching: prompts + seeds -> latents (B, C, H', W').
+
+    guidance_scale > 1: classifier-free guidance with the empty prompt, both branches in one batch
+    (cond rows, then uncond rows: the toolchain's CFG layout), as FluxPipeline's true CFG computes it.
+    """
     from ertacache.sampling.sampler import initial_latents
     from ertacache.testbed.text_encoder import PooledPromptEncoder
 
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
-    cond = PooledPromptEncoder(text_encoder).encode(list(prompts))
+    cfg = guidance_scale > 1.0
+    rows = list(prompts) + [""] * len(prompts) * cfg
+    cond = PooledPromptEncoder(text_encoder).encode(rows)  # (nb*B, ...) each
     shape = (LATENT_CHANNELS, height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
     x = initial_latents(shape, seeds, "cpu")  # (B, C, H', W'), one generator per seed
     sigmas = flux_sigmas(steps, height, width)
     for i in range(steps):
-        v = flux_velocity(transformer, x, sigmas[i].expand(x.shape[0]), cond)
+        x_in = torch.cat([x, x]) if cfg else x  # (nb*B, C, H', W')
+        v = flux_velocity(transformer, x_in, sigmas[i].expand(x_in.shape[0]), cond)
+        if cfg:
+            v_c, v_u = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 

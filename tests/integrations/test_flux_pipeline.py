@@ -134,3 +134,29 @@ def test_a_profile_calibrated_on_flux_conditioning_runs_in_the_pipeline(loop):
     with torch.no_grad():
         ours = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
     torch.testing.assert_close(got, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_true_cfg_profile_drives_flux_pipelines_true_cfg():
+    """A FLUX model without the guidance embedder, profiled with CFG (the flux-tiny testbed's mode): the
+    pipeline's true CFG (a "cond" and an "uncond" call per step) equals the sampler's batched branches."""
+    model = tiny_flux(False)
+    adapter = adapter_for(model)
+    base = flux_profile(model, False)
+    g = torch.Generator().manual_seed(6)
+    c = 4
+    profile = dataclasses.replace(base, n_branches=2, guidance="cfg", guidance_scale=2.5,
+                                  corr_a=0.02 * torch.randn(STEPS, 2, c, generator=g),
+                                  corr_b=0.02 * torch.randn(STEPS, 2, c, generator=g))
+    pipe = _flux_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    noise, cond = _inputs()
+    neg = {"prompt_embeds": torch.randn(1, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 12, generator=g)}
+    enable_ertacache(pipe, profile)
+    got = _run(pipe, noise, cond, true_cfg_scale=2.5, negative_prompt_embeds=neg["prompt_embeds"],
+               negative_pooled_prompt_embeds=neg["pooled_prompt_embeds"])
+    rows = {k: torch.cat([cond[k], neg[k]]) for k in cond}  # cond rows, then uncond rows
+    with torch.no_grad():
+        ours = CachedSampler(adapter, profile.tables(), profile.mask)(noise, rows, 2.5).latents
+    torch.testing.assert_close(got, ours, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="made no 'uncond' call at step 0.*true_cfg_scale=2.5"):  # no negative prompt
+        _run(pipe, noise, cond)

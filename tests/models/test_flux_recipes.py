@@ -103,15 +103,16 @@ def test_flags_the_model_cannot_take_are_refused_before_loading():
     assert SampleSettings.from_recipe(load_recipe("flux.1-dev")).guidance_scale == 3.5
 
 
-def test_the_flux_family_accepts_a_narrower_guidance_mode_only():
-    """A guidance-distilled family also runs its guidance-free checkpoints ("none"); never CFG; Wan never "none"."""
+def test_the_flux_family_runs_its_checkpoints_guidance_modes():
+    """A guidance-distilled family also runs guidance-free checkpoints ("none") and true CFG ("cfg"); Wan only CFG."""
     from ertacache.models.family import family_named
 
     flux = family_named("flux")
-    assert flux.accepts_guidance("embedded") and flux.accepts_guidance("none") and not flux.accepts_guidance("cfg")
-    assert not family_named("wan").accepts_guidance("none")
-    with pytest.raises(UserError, match="flux-tiny model takes no guidance"):  # no guidance embedder either
-        SampleSettings.from_recipe(load_recipe("flux-tiny"), guidance_scale=7.0)
+    assert all(map(flux.accepts_guidance, ("embedded", "none", "cfg")))
+    assert not family_named("wan").accepts_guidance("none") and not family_named("wan").accepts_guidance("embedded")
+    tiny = SampleSettings.from_recipe(load_recipe("flux-tiny"))  # trained with an empty-prompt branch: true CFG
+    assert tiny.guidance == "cfg" and tiny.n_branches == 2
+    assert SampleSettings.from_recipe(load_recipe("flux-tiny"), guidance_scale=1.0).n_branches == 1
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

@@ -47,15 +47,19 @@ def test_bundle_encodes_both_inputs_and_the_sampler_equals_the_reference(folder)
     bundle = load_bundle("flux-tiny", folder)
     assert bundle.family.name == "flux-testbed" and bundle.family.variant_of == "flux"
     settings = SampleSettings.from_recipe(bundle.recipe, steps=8)
-    cond = bundle.encode(["red digit 3", "blue digit 4"], "", settings.n_branches)
-    assert list(cond) == ["prompt_embeds", "pooled_prompt_embeds"] and cond["prompt_embeds"].shape == (2, 4, 16)
+    assert settings.guidance == "cfg" and settings.n_branches == 2  # true CFG with the empty prompt
+    prompts = ["red digit 3", "blue digit 4"]
+    cond = bundle.encode(prompts, "", settings.n_branches)  # cond rows, then the uncond rows
+    assert list(cond) == ["prompt_embeds", "pooled_prompt_embeds"] and cond["prompt_embeds"].shape == (4, 4, 16)
     shape = bundle.latent_shape(None, 32, 32)
     assert shape == (12, 16, 16)
-    tables = StepTables(request_sigmas(bundle, settings), n_branches=1, channels=12)
-    got = CachedSampler(bundle.adapter, tables, [True] * 8)(initial_latents(shape, [1, 2]), cond, 1.0).latents
-    want = sample_images(bundle.transformer, bundle.prompt_encoder.text_encoder, ["red digit 3", "blue digit 4"],
-                         [1, 2], steps=8)
-    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    for g, nb in ((settings.guidance_scale, 2), (1.0, 1)):
+        text = cond if nb == 2 else {k: v[:2] for k, v in cond.items()}
+        tables = StepTables(request_sigmas(bundle, settings), n_branches=nb, channels=12)
+        got = CachedSampler(bundle.adapter, tables, [True] * 8)(initial_latents(shape, [1, 2]), text, g).latents
+        want = sample_images(bundle.transformer, bundle.prompt_encoder.text_encoder, prompts, [1, 2], steps=8,
+                             guidance_scale=g)
+        assert torch.allclose(got, want, atol=1e-5), (g, float((got - want).abs().max()))
 
 
 def test_image_model_refuses_frames_and_unknown_words(folder, tmp_path, capsys):
@@ -105,6 +109,7 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
     assert export_cli.main([*model, "--profile", str(prof), "--engines", str(engines), "--targets", "onnx"]) == 0
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["text_encoder"]["embed_shape"] == {"prompt_embeds": [4, 16], "pooled_prompt_embeds": [16]}
+    assert manifest["profile"]["n_branches"] == 2  # CFG: cond and uncond rows of each input
     capsys.readouterr()
     assert run_cli.main(["--engines", str(engines), "--backend", "onnxruntime", "--prompt", "green digit 7",
                          "--seed", "3", "--out", str(tmp_path / "r.png")]) == 0
@@ -113,13 +118,15 @@ def test_profile_generate_export_run_verify_and_serve_with_prompts(folder, tmp_p
     assert "OK" in capsys.readouterr().out
     from ertacache.errors import UserError
 
-    with Runtime(engines, "onnxruntime") as rt, pytest.raises(
-            UserError, match="takes no per-request guidance scale: its model takes no guidance"):
-        rt.load_inputs(noise_for(rt.manifest, 3), text_embeds_from_prompt("green digit 7", rt.manifest), 3.0)
+    with Runtime(engines, "onnxruntime") as rt:  # a CFG folder takes a guidance scale per request
+        assert rt.manifest.schedule.n_branches == 2
+        rt.load_inputs(noise_for(rt.manifest, 3), text_embeds_from_prompt("green digit 7", rt.manifest), 4.5)
+        with pytest.raises(UserError, match="guidance_scale -1 is not a finite number >= 0"):
+            rt.load_inputs(noise_for(rt.manifest, 3), text_embeds_from_prompt("green digit 7", rt.manifest), -1)
 
     report = write_repository(RepositoryConfig(engines=engines, repo=tmp_path / "repo"))
     names = [t.name for t in report.io.inputs]
-    assert names == ["prompt", "prompt_embeds", "pooled_prompt_embeds", "seed"]
+    assert names == ["prompt", "prompt_embeds", "pooled_prompt_embeds", "seed", "guidance_scale"]
     assert (report.model_dir / "1" / "text_encoder" / "text_encoder" / "config.json").is_file()
     inst = ModelInstance(report.model_dir / "1", report.model_config).__enter__()
     try:
@@ -150,7 +157,7 @@ def test_eval_runs_erta_baselines_and_the_real_peers_on_flux(folder, tmp_path):
     out = tmp_path / "eval.json"
     assert eval_cli.main(["--model", "flux-tiny", "--model-path", str(folder), "--steps", "10", "--speedups", "2",
                           "--seeds", "1000-1001", "--methods", ",".join(methods), "--json", str(out),
-                          "--quiet"]) == 0
+                          "--quiet"]) == 0  # with CFG: both branches batched in every peer's model call
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(methods) <= set(rows)
     for m in methods:
