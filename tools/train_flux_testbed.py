@@ -41,18 +41,26 @@ from ertacache.testbed.flux_tiny import (  # noqa: E402
 from ertacache.testbed.image_judge import attribute_accuracy  # noqa: E402
 from ertacache.testbed.text_encoder import PooledPromptEncoder  # noqa: E402
 
-# The FLUX family's dynamic shift at 64 tokens: mu = 0.5 + (1.15 - 0.5) * (64 - 256) / (4096 - 256),
-# shift = exp(mu) ~ 1.6; training sigmas follow the density the sampler queries.
-TRAIN_SHIFT = float(np.exp(0.5 + 0.65 * (64 - 256) / 3840))
+def train_shift(spec: FluxSpec, images: image_data.ImageSpec) -> float:
+    """exp(mu) of the FLUX family's dynamic shift at this model's token count (1.58 at 16 tokens): training
+    sigmas then follow the density the sampler queries (the shift is static at one resolution)."""
+    from ertacache.models.flux import FLUX_T2I
+
+    tokens = (images.height // (2 * spec.spatial_factor)) * (images.width // (2 * spec.spatial_factor))
+    return float(np.exp(FLUX_T2I.sigma_schedule.mu(tokens)))
 
 
-def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_every: int):
+TRAIN_SHIFT = train_shift(FluxSpec(), image_data.ImageSpec())
+
+
+def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_every: int,
+          images: image_data.ImageSpec | None = None):
     """The flow-matching loop; returns the EMA transformer and text encoder, the VAE and a log dict."""
     transformer, text_encoder, vae = build_flux_tiny(cfg.seed, spec)
     ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    sampler = image_data.DigitImageSampler("train", seed=cfg.seed)
+    sampler = image_data.DigitImageSampler("train", spec=images, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses: list[float] = []
     start, elapsed_before = 0, 0.0
@@ -138,8 +146,8 @@ def evaluate(transformer, text_encoder, vae, n: int, guidances: list[float]) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FLUX_TINY_DIR, help="model folder to write (default: shipped one)")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap for training")
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock cap for training")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -148,13 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-dropout", type=float, default=0.1, help="fraction of empty prompts (CFG's uncond)")
     ap.add_argument("--guidances", type=float, nargs="+", default=[3.0, 5.0], help="CFG scales to choose from")
     ap.add_argument("--eval-only", action="store_true", help="skip training: re-evaluate the weights in --out")
+    ap.add_argument("--spatial-factor", type=int, default=FluxSpec.spatial_factor,
+                    help="pixel VAE space-to-depth factor (a token is 2s x 2s pixels)")
+    ap.add_argument("--background-level", type=float, default=image_data.ImageSpec.background_level,
+                    help="brightest value of the dimmed photograph behind the digit (0: black)")
     ap.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints (0: none)")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     args = ap.parse_args(argv)
 
+    spec = FluxSpec(spatial_factor=args.spatial_factor)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads, prompt_dropout=args.prompt_dropout, shift=TRAIN_SHIFT)
-    spec = FluxSpec()
+                      threads=args.threads, prompt_dropout=args.prompt_dropout,
+                      shift=train_shift(spec, image_data.ImageSpec(background_level=args.background_level)))
     torch.set_num_threads(cfg.threads)
     out: Path = args.out
     if args.eval_only:
@@ -169,19 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads((out / "testbed.json").read_text())
         log = {k: v for k, v in old["training"].items() if k not in asdict(cfg) and k not in ("torch", "command")}
     else:
-        print(f"train config: {cfg}\nmodel: {spec}\nimages: {image_data.ImageSpec()}", flush=True)
-        transformer, text_encoder, vae, log = train(cfg, spec, out, args.resume, args.checkpoint_every)
+        print(f"train config: {cfg}\nmodel: {spec}\nimages: {image_data.ImageSpec(background_level=args.background_level)}", flush=True)
+        transformer, text_encoder, vae, log = train(cfg, spec, out, args.resume, args.checkpoint_every,
+                                                    image_data.ImageSpec(background_level=args.background_level))
         print(f"training done: { {k: v for k, v in log.items() if k != 'loss_curve'} }", flush=True)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
         text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         vae.save_pretrained(out / "vae", safe_serialization=True)
-    img = image_data.ImageSpec()
+    img = image_data.ImageSpec(background_level=args.background_level)
     facts = {
         "name": FLUX_TINY_ID, "height": img.height, "width": img.width,
-        "latent_shape": [vae.config.latent_channels, img.height // 2, img.width // 2],
-        "tokens": (img.height // 4) * (img.width // 4), "guidance_scale": None, "recommended_steps": 50,
+        "latent_shape": [vae.config.latent_channels, img.height // spec.spatial_factor,
+                         img.width // spec.spatial_factor],
+        "tokens": (img.height // (2 * spec.spatial_factor)) * (img.width // (2 * spec.spatial_factor)),
+        "guidance_scale": None, "recommended_steps": 50,
         "prompt_template": image_data.PROMPT_TEMPLATE,
-        "sigmas_50": [round(float(s), 6) for s in flux_sigmas(50, img.height, img.width)],
+        "sigmas_50": [round(float(s), 6) for s in flux_sigmas(50, img.height, img.width, spec.spatial_factor)],
         "training": {**asdict(cfg), **log, "torch": torch.__version__,
                      "command": "python tools/train_flux_testbed.py " + " ".join(argv or sys.argv[1:])},
         "model": spec_facts(spec), "images": asdict(img),

@@ -4,7 +4,9 @@ A diffusers ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks
 trained here on :mod:`ertacache.testbed.image_data` ("red digit 3" over photographs), with
 the testbed's word-level text encoder behind FLUX's two conditioning inputs
 (:class:`~ertacache.testbed.text_encoder.PooledPromptEncoder`) and the parameter-free pixel VAE
-(RGB, space-to-depth 2: 12 latent channels at 16 x 16, packed 2 x 2 into 64 tokens of 48).
+(RGB, space-to-depth 4: 48 latent channels at 8 x 8, packed 2 x 2 into 16 tokens of 192, each
+token 8 x 8 pixels as in ``wan2.1-tiny``; with 4 x 4-pixel tokens (space-to-depth 2, 64 tokens) two
+runs of 2000 steps drew the colour but no digit shape).
 
 Like FLUX.1-schnell it has no guidance embedder and is sampled with one branch (no CFG):
 a guidance embedding only means something after guidance distillation, which a CPU budget
@@ -26,9 +28,7 @@ import torch
 FLUX_TINY_ID = "flux-tiny"
 FLUX_TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / FLUX_TINY_ID
 
-SPATIAL_FACTOR = 2  # pixel VAE: 2 x 2 RGB pixels per latent pixel
 IMAGE_CHANNELS = 3
-LATENT_CHANNELS = IMAGE_CHANNELS * SPATIAL_FACTOR**2  # 12
 TEXT_LENGTH = 4  # "red digit 3" is 3 words; 1 spare
 
 
@@ -36,6 +36,7 @@ TEXT_LENGTH = 4  # "red digit 3" is 3 words; 1 spare
 class FluxSpec:
     """The tiny ``FluxTransformer2DModel`` configuration (validated)."""
 
+    spatial_factor: int = 4  # pixel VAE: s x s RGB pixels per latent pixel; a token is 2s x 2s pixels
     num_layers: int = 2  # double-stream blocks
     num_single_layers: int = 2
     num_attention_heads: int = 4
@@ -43,9 +44,14 @@ class FluxSpec:
     text_dim: int = 32  # joint_attention_dim and pooled_projection_dim
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
 
+    @property
+    def latent_channels(self) -> int:
+        """RGB folded s x s into channels: 3 s^2 (48 at s = 4)."""
+        return IMAGE_CHANNELS * self.spatial_factor**2
+
     def __post_init__(self) -> None:
-        if min(self.num_layers, self.num_single_layers, self.num_attention_heads, self.attention_head_dim,
-               self.text_dim) <= 0:
+        if min(self.spatial_factor, self.num_layers, self.num_single_layers, self.num_attention_heads,
+               self.attention_head_dim, self.text_dim) <= 0:
             raise ValueError(f"all FluxSpec sizes must be positive: {self}")
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
@@ -53,7 +59,7 @@ class FluxSpec:
 
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``FluxTransformer2DModel``."""
-        return dict(patch_size=1, in_channels=LATENT_CHANNELS * 4, num_layers=self.num_layers,
+        return dict(patch_size=1, in_channels=self.latent_channels * 4, num_layers=self.num_layers,
                     num_single_layers=self.num_single_layers, attention_head_dim=self.attention_head_dim,
                     num_attention_heads=self.num_attention_heads, joint_attention_dim=self.text_dim,
                     pooled_projection_dim=self.text_dim, guidance_embeds=False,
@@ -72,7 +78,7 @@ def build_flux_tiny(seed: int = 0, spec: FluxSpec = FluxSpec()):
     transformer = FluxTransformer2DModel(**spec.to_diffusers())
     text_encoder = TinyTextEncoder(vocab=(PAD, *VOCABULARY), max_length=TEXT_LENGTH, embed_dim=spec.text_dim,
                                    seed=seed)
-    vae = PixelVAE(latent_channels=LATENT_CHANNELS, spatial_factor=SPATIAL_FACTOR, temporal_factor=1,
+    vae = PixelVAE(latent_channels=spec.latent_channels, spatial_factor=spec.spatial_factor, temporal_factor=1,
                    image_channels=IMAGE_CHANNELS)
     return transformer, text_encoder, vae
 
@@ -95,11 +101,11 @@ def flux_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, cond:
     return unpack_latents(out, h, w)  # (B, C, H', W')
 
 
-def flux_sigmas(steps: int, height: int, width: int) -> torch.Tensor:
+def flux_sigmas(steps: int, height: int, width: int, spatial_factor: int) -> torch.Tensor:
     """The FLUX family's sigma table at this image size (steps + 1 values ending at 0)."""
     from ertacache.models.flux import FLUX_T2I, PACK
 
-    tokens = (height // SPATIAL_FACTOR // PACK) * (width // SPATIAL_FACTOR // PACK)
+    tokens = (height // spatial_factor // PACK) * (width // spatial_factor // PACK)
     return torch.tensor(FLUX_T2I.sigmas(steps, None, tokens), dtype=torch.float32)
 
 
@@ -119,9 +125,11 @@ def sample_images(transformer, text_encoder, prompts: list[str], seeds: list[int
     cfg = guidance_scale > 1.0
     rows = list(prompts) + [""] * len(prompts) * cfg
     cond = PooledPromptEncoder(text_encoder).encode(rows)  # (nb*B, ...) each
-    shape = (LATENT_CHANNELS, height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
+    s = int(transformer.config.in_channels) // 4 // IMAGE_CHANNELS  # s^2: latent channels are 3 s^2, packed 2 x 2
+    factor = int(round(s**0.5))
+    shape = (IMAGE_CHANNELS * factor**2, height // factor, width // factor)
     x = initial_latents(shape, seeds, "cpu")  # (B, C, H', W'), one generator per seed
-    sigmas = flux_sigmas(steps, height, width)
+    sigmas = flux_sigmas(steps, height, width, factor)
     for i in range(steps):
         x_in = torch.cat([x, x]) if cfg else x  # (nb*B, C, H', W')
         v = flux_velocity(transformer, x_in, sigmas[i].expand(x_in.shape[0]), cond)

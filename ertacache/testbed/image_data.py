@@ -55,8 +55,9 @@ class ImageSpec:
             raise ValueError(f"ImageSpec sizes must be positive: {self}")
         if self.digit_size > min(self.height, self.width):
             raise ValueError(f"a {self.digit_size} px digit does not fit a {self.height}x{self.width} image")
-        if not 0 < self.background_level < 0.6:
-            raise ValueError("background_level must be in (0, 0.6) so the ink stays brighter than the background")
+        if not 0 <= self.background_level < 0.6:
+            raise ValueError("background_level must be in [0, 0.6) so the ink stays brighter than the background "
+                             "(0: black, no photograph)")
 
 
 def make_prompt(colour: str, digit: int) -> str:

@@ -52,10 +52,10 @@ def test_bundle_encodes_both_inputs_and_the_sampler_equals_the_reference(folder)
     cond = bundle.encode(prompts, "", settings.n_branches)  # cond rows, then the uncond rows
     assert list(cond) == ["prompt_embeds", "pooled_prompt_embeds"] and cond["prompt_embeds"].shape == (4, 4, 16)
     shape = bundle.latent_shape(None, 32, 32)
-    assert shape == (12, 16, 16)
+    assert shape == (48, 8, 8)
     for g, nb in ((settings.guidance_scale, 2), (1.0, 1)):
         text = cond if nb == 2 else {k: v[:2] for k, v in cond.items()}
-        tables = StepTables(request_sigmas(bundle, settings), n_branches=nb, channels=12)
+        tables = StepTables(request_sigmas(bundle, settings), n_branches=nb, channels=48)
         got = CachedSampler(bundle.adapter, tables, [True] * 8)(initial_latents(shape, [1, 2]), text, g).latents
         want = sample_images(bundle.transformer, bundle.prompt_encoder.text_encoder, prompts, [1, 2], steps=8,
                              guidance_scale=g)
