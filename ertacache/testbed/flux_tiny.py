@@ -1,12 +1,13 @@
 """The ``flux-tiny`` testbed: a small FLUX.1-style image model, what it is made of, and its reference sampler.
 
-A diffusers ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, width 128)
+A diffusers ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, width 256)
 trained here on :mod:`ertacache.testbed.image_data` ("red digit 3" over photographs), with
 the testbed's word-level text encoder behind FLUX's two conditioning inputs
 (:class:`~ertacache.testbed.text_encoder.PooledPromptEncoder`) and the parameter-free pixel VAE
 (RGB, space-to-depth 4: 48 latent channels at 8 x 8, packed 2 x 2 into 16 tokens of 192, each
-token 8 x 8 pixels as in ``wan2.1-tiny``; with 4 x 4-pixel tokens (space-to-depth 2, 64 tokens) two
-runs of 2000 steps drew the colour but no digit shape).
+token 8 x 8 pixels as in ``wan2.1-tiny``). ``docs/testbed.md`` has the runs that led here: with
+4 x 4-pixel tokens the model drew colour and background but no digit shape in the CPU budget, and a
+128-wide model cannot carry a 192-value token (noise is left in every sample).
 
 Like FLUX.1-schnell it has no guidance embedder and is sampled with one branch (no CFG):
 a guidance embedding only means something after guidance distillation, which a CPU budget
@@ -40,9 +41,9 @@ class FluxSpec:
     num_layers: int = 2  # double-stream blocks
     num_single_layers: int = 2
     num_attention_heads: int = 4
-    attention_head_dim: int = 32
+    attention_head_dim: int = 64  # width 256 > a token's 3 * 8 * 8 = 192 values (128 left noise in every sample)
     text_dim: int = 32  # joint_attention_dim and pooled_projection_dim
-    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    axes_dims_rope: tuple[int, int, int] = (16, 24, 24)
 
     @property
     def latent_channels(self) -> int:
