@@ -53,6 +53,12 @@ def train_shift(spec: FluxSpec, images: image_data.ImageSpec) -> float:
 TRAIN_SHIFT = train_shift(FluxSpec(), image_data.ImageSpec())
 
 
+def checkpoint_path(out: Path) -> Path:
+    """Beside the model folder, not in it: the folder ships, the resume state (optimizer, EMA, RNG) does not,
+    and it survives the run so training can be extended with --resume --steps N."""
+    return out.parent / f"{out.name}.checkpoint.pt"
+
+
 def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_every: int,
           images: image_data.ImageSpec | None = None):
     """The flow-matching loop; returns the EMA transformer and text encoder, the VAE and a log dict."""
@@ -64,7 +70,7 @@ def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses: list[float] = []
     start, elapsed_before = 0, 0.0
-    ckpt = out / "checkpoint.pt"
+    ckpt = checkpoint_path(out)
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         for module, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (ema_tr, "ema_transformer"),
@@ -100,7 +106,7 @@ def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_
             recent = float(np.mean(losses[-50:]))
             tqdm.write(f"step {step:5d}  loss(avg50) {recent:.4f}  elapsed {time.time() - t0:6.1f}s", file=sys.stdout)
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
                      "ema_transformer": ema_tr.state_dict(), "ema_text_encoder": ema_te.state_dict(),
                      "optimizer": opt.state_dict(), "sampler_rng": sampler.rng, "generator": gen,
@@ -143,10 +149,21 @@ def evaluate(transformer, text_encoder, vae, n: int, guidances: list[float]) -> 
             "held_out_seeds": seeds, "held_out_prompts": prompts}
 
 
+def samples_png(transformer, text_encoder, vae, g: float, path: Path, steps: int = 50) -> None:
+    """One held-out seed per digit (colours in turn), uncached, side by side, enlarged 4x: the docs' figure."""
+    from PIL import Image
+
+    prompts = [image_data.make_prompt(image_data.COLOUR_NAMES[d % 4], d) for d in image_data.DIGITS]
+    seeds = list(image_data.HELD_OUT_SEEDS[:len(prompts)])
+    frames = vae.decode(sample_images(transformer, text_encoder, prompts, seeds, steps=steps, guidance_scale=g))
+    strip = np.concatenate(list(frames[:, 0].numpy()), axis=1)  # (H, 10 W, 3)
+    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FLUX_TINY_DIR, help="model folder to write (default: shipped one)")
-    ap.add_argument("--steps", type=int, default=4300)
+    ap.add_argument("--steps", type=int, default=5500)
     ap.add_argument("--minutes", type=float, default=31.0, help="wall-clock cap for training")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -159,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-shift", type=float, default=3.0,
                     help="static shift of the training sigmas (0: the sampler's, 1.58 at 16 tokens; 3 weights the "
                          "high noise where the digit's shape is decided, as wan2.1-tiny trains)")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "testbed_flux_samples.png",
+                    help="where to write the samples figure")
     ap.add_argument("--head-dim", type=int, default=FluxSpec.attention_head_dim,
                     help="attention head width (4 heads); the model width must exceed a token's 3 (2s)^2 values")
     ap.add_argument("--spatial-factor", type=int, default=FluxSpec.spatial_factor,
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background-level", type=float, default=image_data.ImageSpec.background_level,
                     help="brightest value of the dimmed photograph behind the digit (0: black)")
     ap.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints (0: none)")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint.pt (beside --out)")
     args = ap.parse_args(argv)
 
     hd = args.head_dim
@@ -214,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.time()
     facts["eval"] = evaluate(transformer.eval(), text_encoder.eval(), vae.eval(), args.eval_samples, args.guidances)
     facts["guidance_scale"] = facts["eval"]["guidance_scale"]
+    samples_png(transformer, text_encoder, vae, facts["guidance_scale"], args.plot)
     facts["eval"]["eval_seconds"] = round(time.time() - t_eval, 1)
-    (out / "checkpoint.pt").unlink(missing_ok=True)
     facts["size_mb"] = round(folder_megabytes(out), 2)
     atomic_write_bytes(out / "testbed.json", (json.dumps(facts, indent=2) + "\n").encode())
     held = facts["eval"]["held_out"]

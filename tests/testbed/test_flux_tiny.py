@@ -118,7 +118,7 @@ def test_trainer_checkpoints_and_resumes(tmp_path):
     tft = _trainer()
     cfg = tft.TrainConfig(steps=2, batch_size=4, minutes=5, prompt_dropout=0.0, shift=tft.TRAIN_SHIFT, warmup=2)
     tft.train(cfg, SMALL, tmp_path / "a", resume=False, checkpoint_every=2)
-    assert (tmp_path / "a" / "checkpoint.pt").is_file()
+    assert (tmp_path / "a.checkpoint.pt").is_file()  # beside the model folder: the folder ships, this does not
     cfg3 = tft.TrainConfig(steps=3, batch_size=4, minutes=5, prompt_dropout=0.0, shift=tft.TRAIN_SHIFT, warmup=2)
     resumed, _, _, log = tft.train(cfg3, SMALL, tmp_path / "a", resume=True, checkpoint_every=0)
     straight, _, _, log3 = tft.train(cfg3, SMALL, tmp_path / "b", resume=False, checkpoint_every=0)
