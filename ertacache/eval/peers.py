@@ -232,6 +232,9 @@ class DiffusersPeer(Peer):
         return dict(self.knobs)
 
 
+_UNSET = object()  # "this module had no instance attribute of that name"
+
+
 @dataclass
 class CacheDitPeer(Peer):
     """A cache-dit DBCache config on the transformer alone."""
@@ -252,6 +255,10 @@ class CacheDitPeer(Peer):
         return cache, calibrator
 
     def attach(self, model, steps):
+        # cache-dit patches some models' forward methods (FLUX: the transformer's, as an instance attribute)
+        # and disable_cache leaves them in place; keep what was there to put it back in detach
+        self._forwards = {name: (m, m.__dict__.get("forward", _UNSET)) for name, m in model.named_modules()}
+        self._was_patched = model.__dict__.get("_is_patched", _UNSET)
         cache, calibrator = self._configs(steps)
         _library("cache_dit").enable_cache(model, cache_config=cache, calibrator_config=calibrator)
 
@@ -262,6 +269,14 @@ class CacheDitPeer(Peer):
 
     def detach(self, model):
         _library("cache_dit").disable_cache(model)
+        for module, forward in getattr(self, "_forwards", {}).values():  # undo the forward patches
+            if forward is _UNSET:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+        if getattr(self, "_was_patched", _UNSET) is _UNSET:
+            model.__dict__.pop("_is_patched", None)
+        self._forwards = {}
 
     def settings(self) -> dict:
         return {"residual_diff_threshold": self.threshold, "Fn_compute_blocks": self.fn_blocks,

@@ -107,3 +107,19 @@ def test_missing_peers_extra_is_named(monkeypatch):
     with pytest.raises(UserError, match=r"pip install 'ertacache\[peers\]'"):
         EvalConfig(methods=("uniform", "cachedit-dbcache"), **cfg)
     EvalConfig(methods=("builtin", "diffusers-taylorseer-o1"), **cfg)  # diffusers' peers need no extra
+
+
+def test_cache_dit_leaves_no_patched_forward_behind_on_flux():
+    """cache-dit replaces FluxTransformer2DModel.forward on the instance and its disable_cache keeps it; the
+    peer puts the model's own forward back, so a diffusers hook attached next sees the model it expects."""
+    if not HAS_CACHE_DIT:
+        pytest.skip("cache-dit is not installed (pip install 'ertacache[peers]')")
+    from ertacache.eval.peers import CacheDitPeer
+    from tests.models.test_flux_adapter import tiny_flux
+
+    model = tiny_flux(False)
+    peer = CacheDitPeer(threshold=0.1)
+    peer.attach(model, 8)
+    assert "forward" in model.__dict__, "cache-dit no longer patches FLUX's forward: this test checks nothing now"
+    peer.detach(model)
+    assert "forward" not in model.__dict__ and "_is_patched" not in model.__dict__
