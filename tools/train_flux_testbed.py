@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from train_testbed import TrainConfig, ema_update, folder_megabytes, lr_at, shifted_sigmas  # noqa: E402
+from train_testbed import TrainConfig, folder_megabytes, optimizer_step, shifted_sigmas  # noqa: E402
 
 from ertacache.io import atomic_write_bytes  # noqa: E402
 from ertacache.testbed import image_data  # noqa: E402
@@ -92,15 +92,7 @@ def train(cfg: TrainConfig, spec: FluxSpec, out: Path, resume: bool, checkpoint_
         s = sigma.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         v = flux_velocity(transformer, (1 - s) * x0 + s * noise, sigma, encode(prompts))
         loss = torch.nn.functional.mse_loss(v, noise - x0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_tr, transformer, decay)
-        ema_update(ema_te, text_encoder, decay)
+        optimizer_step(opt, params, loss, step, cfg, ((ema_tr, transformer), (ema_te, text_encoder)))
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             recent = float(np.mean(losses[-50:]))

@@ -89,6 +89,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1.0 - decay)
 
 
+def optimizer_step(opt, params, loss, step: int, cfg: TrainConfig, ema_pairs) -> None:
+    """One AdamW step at the scheduled learning rate, gradients clipped at norm 1; then the EMA copies follow
+    (their decay ramps up over the first steps, so early weights are not averaged in for long)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    for ema, model in ema_pairs:
+        ema_update(ema, model, decay)
+
+
 def build_models(spec: TransformerSpec, seed: int):
     """Fresh, seeded transformer, text encoder and pixel VAE."""
     from diffusers import WanTransformer3DModel
@@ -124,15 +138,7 @@ def train(cfg: TrainConfig, spec: TransformerSpec, video: tb_data.VideoSpec):
         v = transformer(hidden_states=xt, timestep=sigma * 1000.0, encoder_hidden_states=text,
                         return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(v, noise - x0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_tr, transformer, decay)
-        ema_update(ema_te, text_encoder, decay)
+        optimizer_step(opt, params, loss, step, cfg, ((ema_tr, transformer), (ema_te, text_encoder)))
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             recent = float(np.mean(losses[-50:]))
