@@ -49,11 +49,12 @@ SMALL_FULL_ARGS = ["--model", "wan2.1-small", "--steps", "50", "--speedups", "1.
 SMALL_QUICK_ARGS = ["--model", "wan2.1-small", "--steps", "12", "--speedups", "2", "--methods", SMALL_METHODS,
                     "--seeds", "1000-1001"]
 #: the FLUX image testbed (issue 16): ERTACache and the real peers that support FLUX in diffusers
-#: (TaylorSeer, FirstBlockCache, MagCache) and cache-dit, at 1.5x-3x
+#: (TaylorSeer, FirstBlockCache, MagCache), at 1.5x-3x. Not cache-dit: after its DBCache ran on the
+#: shared FluxTransformer2DModel, diffusers' FirstBlockCache fails in the same process (its tail hook
+#: finds no head-block output), even with cache-dit's forward patch undone; not understood yet.
 FLUX_METHODS = ",".join(["fewer-steps", "uniform", "teacache", PAPER_METHOD, "erta-t1-closed-full", PRODUCT,
                          "erta-f2-closed-full", "diffusers-taylorseer-o1", "diffusers-taylorseer-o2",
-                         "diffusers-fbcache", "diffusers-magcache", "cachedit-dbcache",
-                         "cachedit-dbcache-taylorseer"])
+                         "diffusers-fbcache", "diffusers-magcache"])
 FLUX_FULL_ARGS = ["--model", "flux-tiny", "--steps", "50", "--speedups", "1.5,2,2.5,3", "--methods", FLUX_METHODS,
                   "--seeds", "1000-1015", "--wallclock", "--repeats", "5"]
 FLUX_QUICK_ARGS = ["--model", "flux-tiny", "--steps", "12", "--speedups", "2", "--methods", FLUX_METHODS,
