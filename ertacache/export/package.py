@@ -49,6 +49,11 @@ from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import CachedSampler
 
 
+def embed_shape(text_shape) -> list | dict:
+    """One prompt's text shape as the manifest records it: [L, D], or {input: shape} for several inputs (FLUX)."""
+    return {k: list(v) for k, v in text_shape.items()} if isinstance(text_shape, dict) else list(text_shape)
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """Which model the graphs come from and how a runtime gets text embeddings for it."""
@@ -70,8 +75,7 @@ class ModelIdentity:
             model_class=type(bundle.transformer).__name__,
             path=str(bundle.path),
             text_encoder={"kind": type(enc).__name__, "path": str(bundle.path / "text_encoder"),
-                          "hub_id": bundle.recipe.hub_id, "embed_shape": ({k: list(v) for k, v in text_shape.items()} if isinstance(text_shape, dict)
-                                          else list(text_shape)),
+                          "hub_id": bundle.recipe.hub_id, "embed_shape": embed_shape(text_shape),
                           "dtype": str(bundle.dtype).replace("torch.", "")},
             negative_prompt=negative_prompt,
         )
@@ -313,8 +317,7 @@ class ExportPackage:
             "model": {"id": identity.model_id, "fingerprint": identity.fingerprint, "class": identity.model_class,
                       "path": identity.path},
             "text_encoder": {**identity.text_encoder,
-                             "embed_shape": ({k: list(v) for k, v in text_shape.items()} if isinstance(text_shape, dict)
-                                             else list(text_shape)),
+                             "embed_shape": embed_shape(text_shape),
                              "negative_prompt": identity.negative_prompt,
                              "rows": "cond rows first, then uncond rows (CFG)" if profile.n_branches == 2
                              else "cond rows only (no CFG)",

@@ -219,7 +219,11 @@ def held_out_prompts(n: int = 8, seed: int = 0) -> list[str]:
 
 def _balanced_prompts(n: int, rng: np.random.Generator) -> list[str]:
     """Cycle through a shuffled list of all 40 prompts so digits stay balanced."""
-    pool = all_prompts()
+    return cycle_shuffled(all_prompts(), n, rng)
+
+
+def cycle_shuffled(pool: list[str], n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` items: the pool in a fresh random order, again and again, so every item appears as evenly as can be."""
     out: list[str] = []
     while len(out) < n:
         out.extend(pool[k] for k in rng.permutation(len(pool)))

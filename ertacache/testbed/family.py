@@ -43,9 +43,9 @@ TESTBED = register_family(WAN_T2V.variant(
 
 
 def _load_pooled_text(path: Path, dtype: torch.dtype) -> PromptEncoder:
-    from ertacache.testbed.text_encoder import PooledPromptEncoder, TinyTextEncoder
+    from ertacache.testbed.text_encoder import PooledPromptEncoder
 
-    return PooledPromptEncoder(TinyTextEncoder.from_pretrained(path, subfolder="text_encoder").eval())
+    return PooledPromptEncoder(_load_tiny_text(path, dtype))
 
 
 #: ``flux-tiny``: FLUX's transformer class and stages; FLUX's two text inputs from the testbed's one encoder

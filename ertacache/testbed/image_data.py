@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ertacache.errors import PromptError
-from ertacache.testbed.data import DIGITS, digit_images, upsample_digits
+from ertacache.testbed.data import DIGITS, cycle_shuffled, digit_images, upsample_digits
 
 #: the digit colours as RGB in [0, 1]; bright on at least one channel, so the ink stands above the background
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -84,22 +84,14 @@ def all_prompts() -> list[str]:
     return [make_prompt(c, d) for c in COLOUR_NAMES for d in DIGITS]
 
 
-def _balanced(n: int, rng: np.random.Generator) -> list[str]:
-    pool = all_prompts()
-    out: list[str] = []
-    while len(out) < n:
-        out.extend(pool[k] for k in rng.permutation(len(pool)))
-    return out[:n]
-
-
 def calibration_prompts(n: int = 8, seed: int = 0) -> list[str]:
     """A deterministic, balanced prompt list for cache calibration."""
-    return _balanced(n, np.random.default_rng(30_000 + seed))
+    return cycle_shuffled(all_prompts(), n, np.random.default_rng(30_000 + seed))
 
 
 def held_out_prompts(n: int = 8, seed: int = 0) -> list[str]:
     """Evaluation prompts, from a stream disjoint from the calibration one."""
-    return _balanced(n, np.random.default_rng(40_000 + seed))
+    return cycle_shuffled(all_prompts(), n, np.random.default_rng(40_000 + seed))
 
 
 CALIBRATION_SEEDS: tuple[int, ...] = tuple(range(0, 100))
