@@ -464,6 +464,7 @@ _BY_CLASS: dict[str, str] = {}
 FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
+    "hunyuanvideo": "ertacache.models.hunyuan_video",
     "testbed": "ertacache.testbed.family",
     "flux-testbed": "ertacache.testbed.family",
 }
