@@ -232,6 +232,11 @@ class HunyuanPromptEncoder:
         mask = tokens.attention_mask.to(device)  # (B, crop + L)
         states = self.llama(input_ids=tokens.input_ids.to(device), attention_mask=mask,
                             output_hidden_states=True).hidden_states[-(self.skip_layers + 1)]  # (B, crop + L, D)
+        empty = [i for i, n in enumerate(mask[:, crop:].sum(dim=1).tolist()) if n == 0]
+        if empty:  # the token refiner averages over the real tokens: none would give a NaN video
+            raise UserError(f"the prompt template's crop_start {crop} leaves no token of prompt {empty[0]} "
+                            f"({prompts[empty[0]]!r}): the tokenizer does not match the template (the released "
+                            "Llama tokenizer puts exactly crop_start tokens before the prompt)")
         ids = self.clip_tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
                                   return_tensors="pt").input_ids
         pooled = self.clip(ids.to(self.clip.device), output_hidden_states=False).pooler_output  # (B, D_clip)

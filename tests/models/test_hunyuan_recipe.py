@@ -22,14 +22,19 @@ SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end
 
 
 def _llama_tokenizer(folder):
-    """A word-level fast tokenizer over a few words, with the chat template's header tokens as special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level fast tokenizer over a few words, with the chat template's header tokens as special tokens.
+
+    Newlines are tokens, so the pipeline's template puts exactly its ``crop_start`` (95) tokens before
+    the prompt, as the real Llama tokenizer does: the crop keeps the prompt and ``<|eot_id|>``.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     words = "a red cat walks on the grass video describe main content and of".split()
-    vocab = {t: i for i, t in enumerate(SPECIALS + words)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["\n"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIALS)
+    tok.add_tokens([AddedToken("\n", normalized=False)])
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
@@ -89,14 +94,14 @@ def test_the_prompt_encoder_is_the_pipelines_encode_prompt(hunyuan_folder):
     pipe = HunyuanVideoPipeline(text_encoder=encoder.llama, tokenizer=encoder.llama_tokenizer,
                                 transformer=bundle.transformer, vae=None, scheduler=None,
                                 text_encoder_2=encoder.clip, tokenizer_2=encoder.clip_tokenizer)
-    prompts = ["a red cat walks on the grass", "the video of a cat"]
+    prompts = ["a red cat walks on the grass now", "the video of a cat"]
     with torch.no_grad():
         embeds, pooled, mask = pipe.encode_prompt(prompts, device=torch.device("cpu"))
     ours = encoder.encode(prompts)
     torch.testing.assert_close(ours["prompt_embeds"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
     torch.testing.assert_close(ours["prompt_attention_mask"], mask.float(), rtol=0, atol=0)
-    assert ours["prompt_attention_mask"][0].sum() != ours["prompt_attention_mask"][1].sum()  # real lengths differ
+    assert ours["prompt_attention_mask"].sum(dim=1).tolist() == [9.0, 6.0]  # the prompt's words and <|eot_id|>
 
 
 def test_offline_without_the_weights_names_the_download(monkeypatch, tmp_path):
@@ -111,3 +116,14 @@ def test_the_recipe_holds_the_released_settings():
     settings = SampleSettings.from_recipe(load_recipe("hunyuanvideo"))
     assert (settings.height, settings.width, settings.frames, settings.steps) == (720, 1280, 129, 50)
     assert (settings.shift, settings.guidance_scale, settings.guidance) == (7.0, 6.0, "embedded")
+
+
+def test_a_tokenizer_that_does_not_fit_the_template_is_refused(hunyuan_folder):
+    """A template whose crop removes every prompt token would divide by zero in the token refiner (NaN video):
+    the encoder names the mismatch instead."""
+    from ertacache.errors import UserError
+
+    encoder = load_bundle("hunyuanvideo", hunyuan_folder, dtype="fp32").prompt_encoder
+    encoder.template = {**encoder.template, "crop_start": 400}
+    with pytest.raises(UserError, match="crop_start 400 leaves no token of prompt 0"):
+        encoder.encode(["a red cat"])
