@@ -123,3 +123,26 @@ def test_cache_dit_leaves_no_patched_forward_behind_on_flux():
     assert "forward" in model.__dict__, "cache-dit no longer patches FLUX's forward: this test checks nothing now"
     peer.detach(model)
     assert "forward" not in model.__dict__ and "_is_patched" not in model.__dict__
+
+
+def test_diffusers_peers_hook_hunyuanvideos_two_block_stacks():
+    """The family's block_stacks name HunyuanVideo's double- then single-stream blocks: TaylorSeer computes on
+    its schedule, FirstBlockCache's probe block counts as half a stack (two blocks), and nothing is left attached."""
+    from ertacache.eval.peers import PeerPlan, fbcache_peer, stack_blocks
+    from ertacache.models.adapter import adapter_for
+    from tests.models.test_hunyuan_video import hunyuan_cond, tiny_hunyuan
+
+    model = tiny_hunyuan()
+    adapter = adapter_for(model)
+    names = [n for n, _ in stack_blocks(model)]
+    assert names == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    sigmas = adapter.family.sigmas(8, shift=7.0)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond = hunyuan_cond(1)
+    out = PeerPlan(taylorseer_peer(names, 1, interval=2, before=1, after=None), sigmas, 1).sample(adapter, noise, cond, 6.0)
+    assert out.computed[0].tolist() == [True, False] * 4 and out.block_equivalents.tolist() == [4.0]
+    out = PeerPlan(fbcache_peer(1e9), sigmas, 1).sample(adapter, noise, cond, 6.0)  # threshold never met: reuse
+    assert out.computed[0].tolist() == [True] + [False] * 7 and out.block_equivalents.tolist() == [1 + 7 / 2]
+    with torch.no_grad():
+        plain = PeerPlan(fbcache_peer(0.0), sigmas, 1).sample(adapter, noise, cond, 6.0)  # threshold 0: never reuse
+    assert plain.computed.all()
