@@ -25,14 +25,14 @@ from ertacache.models.family import CFG, VIDEO, ConditioningInput, ModelFamily, 
 
 @dataclass
 class _WanHeadInputs:
-    temb: torch.Tensor  # (B, D) timestep embedding
+    temb: torch.Tensor  # (B, D) timestep embedding; (B, N, D) with per-token timesteps (Wan2.2 TI2V)
     grid: tuple[int, int, int, int]  # (B, F', H', W') token grid after patching
 
 
 @dataclass
 class _WanBlockInputs:
     text: torch.Tensor  # (B, L, D) projected text tokens
-    timestep_proj: torch.Tensor  # (B, 6, D) per-block shift/scale/gate
+    timestep_proj: torch.Tensor  # (B, 6, D) per-block shift/scale/gate; (B, N, 6, D) per token
     rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, N, 1, head_dim) each
 
 
@@ -41,9 +41,12 @@ class WanAdapter(ModelAdapter):
     """diffusers ``WanTransformer3DModel`` (Wan2.1 T2V 1.3B/14B and the testbed).
 
     Mirrors ``WanTransformer3DModel.forward`` for text-to-video (no image
-    conditioning, one timestep per sample). The condition embedder is called
-    piece by piece so that a cached step can compute the timestep embedding
-    without projecting the text.
+    conditioning). The condition embedder is called piece by piece so that a
+    cached step can compute the timestep embedding without projecting the text.
+
+    The timestep is one per sample (B,), or one per token (B, N) as WanPipeline passes it with
+    ``expand_timesteps`` (Wan2.2 TI2V-5B): then the embedding, every block's modulation and the
+    head's shift/scale are per token, as in the model's forward.
     """
 
     @property
@@ -52,9 +55,11 @@ class WanAdapter(ModelAdapter):
 
     def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ce = self.model.condition_embedder
-        t_freq = ce.timesteps_proj(timestep)  # (B, freq_dim)
+        t_freq = ce.timesteps_proj(timestep.flatten())  # (B, freq_dim), or (B*N, freq_dim) per token
+        if timestep.ndim == 2:
+            t_freq = t_freq.unflatten(0, timestep.shape)  # (B*N, freq_dim) -> (B, N, freq_dim)
         time_dtype = next(iter(ce.time_embedder.parameters())).dtype
-        return ce.time_embedder(t_freq.to(time_dtype)).to(dtype)  # (B, D)
+        return ce.time_embedder(t_freq.to(time_dtype)).to(dtype)  # (B, D) or (B, N, D)
 
     def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None) -> PreOutput:
         model = self.model
@@ -73,7 +78,8 @@ class WanAdapter(ModelAdapter):
             return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=None)
 
         ce = model.condition_embedder
-        timestep_proj = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6*D) -> (B, 6, D)
+        # (B, 6*D) -> (B, 6, D); per token (B, N, 6*D) -> (B, N, 6, D)
+        timestep_proj = ce.time_proj(ce.act_fn(temb)).unflatten(temb.ndim - 1, (6, -1))
         block_inputs = _WanBlockInputs(
             text=ce.text_embedder(text),  # (B, L, text_dim) -> (B, L, D)
             timestep_proj=timestep_proj,
@@ -100,8 +106,13 @@ class WanAdapter(ModelAdapter):
         if pre.block_inputs is None:
             raise ValueError("modulated_input() needs a PreOutput made with text (a full-step pre)")
         block = self.model.blocks[0]
-        mod = block.scale_shift_table + pre.block_inputs.timestep_proj.float()  # (B, 6, D)
-        shift, scale = mod[:, 0:1], mod[:, 1:2]  # (B, 1, D) each
+        proj = pre.block_inputs.timestep_proj.float()
+        if proj.ndim == 4:  # per token: (B, N, 6, D)
+            mod = block.scale_shift_table.unsqueeze(0) + proj  # (1, 1, 6, D) + (B, N, 6, D)
+            shift, scale = mod[:, :, 0], mod[:, :, 1]  # (B, N, D) each
+        else:
+            mod = block.scale_shift_table + proj  # (B, 6, D)
+            shift, scale = mod[:, 0:1], mod[:, 1:2]  # (B, 1, D) each
         return block.norm1(pre.hidden.float()) * (1 + scale) + shift
 
     def blocks(self, pre: PreOutput) -> torch.Tensor:
@@ -117,7 +128,10 @@ class WanAdapter(ModelAdapter):
         model = self.model
         temb, (b, f, h, w) = pre.head_inputs.temb, pre.head_inputs.grid
         p_t, p_h, p_w = self.patch_size
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
+        if temb.ndim == 3:  # per token: (1, 1, 2, D) + (B, N, 1, D) -> (B, N, 2, D)
+            shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, N, D) each
+        else:
+            shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
         hidden = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         out = model.proj_out(hidden)  # (B, N, C*p_t*p_h*p_w)
         out = out.reshape(b, f, h, w, p_t, p_h, p_w, -1)  # (B, F', H', W', pt, ph, pw, C)
