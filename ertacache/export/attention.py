@@ -46,17 +46,32 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.stack((even, odd), dim=-1).flatten(-2).type_as(x)  # (B, N, h, hd), lanes interleaved
 
 
-class StackRopeWanAttnProcessor:
-    """Text-to-video Wan attention with :func:`rotate_interleaved` for the rope.
+#: Wan's text context length: an I2V cross-attention's context is [image tokens; these many text tokens]
+WAN_TEXT_TOKENS = 512
 
-    Supports what Wan2.1 T2V uses: separate or fused q/k/v projections, the
-    q/k RMS norms, and rope on self-attention. Image conditioning
-    (``add_k_proj``, Wan I2V) is refused: the adapter is text-to-video only.
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
+    """(B, N, h, hd) queries over (B, M, h, hd) keys/values -> (B, N, h*hd); SDPA wants heads before tokens."""
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=mask, dropout_p=0.0, is_causal=False).transpose(1, 2)
+    return out.flatten(2, 3).type_as(query)  # (B, N, h, hd) -> (B, N, h*hd)
+
+
+class StackRopeWanAttnProcessor:
+    """Wan attention with :func:`rotate_interleaved` for the rope.
+
+    Supports what Wan2.1 T2V and I2V use: separate or fused q/k/v projections, the q/k RMS norms,
+    rope on self-attention, and I2V's image cross-attention (``add_k_proj``: the context's first
+    tokens are the image's, the last :data:`WAN_TEXT_TOKENS` the text's; the queries attend to each
+    separately and the two outputs are summed before the output projection, as diffusers' processor
+    does).
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if attn.add_k_proj is not None:
-            raise NotImplementedError("StackRopeWanAttnProcessor supports text-to-video Wan only (no add_k_proj)")
+        image_context = None
+        if attn.add_k_proj is not None and encoder_hidden_states is not None:
+            split = encoder_hidden_states.shape[1] - WAN_TEXT_TOKENS  # image tokens first
+            image_context, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if getattr(attn, "fused_projections", False):
             if encoder_hidden_states is None:
@@ -74,12 +89,15 @@ class StackRopeWanAttnProcessor:
             query = rotate_interleaved(query, *rotary_emb)
             key = rotate_interleaved(key, *rotary_emb)
 
-        # SDPA wants (B, h, N, hd); diffusers' native backend does the same transposes.
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-        ).transpose(1, 2)  # (B, N, h, hd)
-        out = out.flatten(2, 3).type_as(query)  # (B, N, h*hd)
+        out = _attend(query, key, value, attention_mask)  # (B, N, h*hd)
+        if image_context is not None:
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(image_context).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(image_context), attn.add_v_proj(image_context)  # (B, M, h*hd)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))  # (B, M, h, hd)
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            out = out + _attend(query, key_img, value_img)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -333,6 +333,10 @@ class ModelFamily:
     variant_of: the base family this one only loads differently (see the module docstring).
     block_stacks: the transformer's block lists (attribute names, in execution order): what peer
         caching libraries hook and the eval counts (Wan ``blocks``; FLUX double- then single-stream).
+    claims: for a transformer class that several base families share (Wan's text-to-video and
+        image-to-video checkpoints are both ``WanTransformer3DModel``), which models' configs this
+        family takes: ``claims(model.config) -> bool``. None: every model of the class (the class
+        then has one base family).
     """
 
     name: str
@@ -352,6 +356,7 @@ class ModelFamily:
     require_safetensors: bool = False
     variant_of: str | None = None
     block_stacks: tuple[str, ...] = ("blocks",)
+    claims: Callable[[Any], bool] | None = field(default=None, compare=False)
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -390,6 +395,8 @@ class ModelFamily:
             raise ValueError(f"{where}: required_files must list what a model folder holds (e.g. transformer/config.json)")
         if self.variant_of == self.name:
             raise ValueError(f"{where}: a family cannot be a variant of itself")
+        if self.claims is not None and not callable(self.claims):
+            raise ValueError(f"{where}: claims must be a callable (model config) -> bool, or None")
 
     # -- what the stages ask
 
@@ -456,13 +463,14 @@ class ModelFamily:
 # ---------------------------------------------------------------------------------------------- registry
 
 _FAMILIES: dict[str, ModelFamily] = {}
-_BY_CLASS: dict[str, str] = {}
+_BY_CLASS: dict[str, list[str]] = {}  # transformer class -> its base families (several only when each claims)
 
 #: where each known family is defined: name -> the module whose import registers it. Imported on
 #: demand, like an entry point: reading a recipe imports no torch, and ``ertacache.models`` never imports
 #: a package above it (the testbed registers itself), so the package import graph stays acyclic.
 FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
+    "wan-i2v": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
     "hunyuanvideo": "ertacache.models.hunyuan_video",
     "testbed": "ertacache.testbed.family",
@@ -492,16 +500,18 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Add ``family`` to the registry (by name; a base family also by its transformer class). Returns it.
 
     Registering the same name again replaces the entry (a module reload). A second base family for a
-    transformer class that already has one is refused: make it a variant (:meth:`ModelFamily.variant`).
+    transformer class that already has one is refused unless both say which configs they ``claims``
+    (Wan's text-to-video and image-to-video); otherwise make it a variant (:meth:`ModelFamily.variant`).
     """
     if not isinstance(family, ModelFamily):
         raise TypeError(f"register_family takes a ModelFamily, got {type(family).__name__}")
     if family.variant_of is None:
-        owner = _BY_CLASS.get(family.transformer_class)
-        if owner is not None and owner != family.name:
-            raise ValueError(f"{family.transformer_class} already belongs to family {owner!r}; register "
-                             f"{family.name!r} as a variant of it (family.variant(...)) or use another class")
-        _BY_CLASS[family.transformer_class] = family.name
+        owners = [o for o in _BY_CLASS.get(family.transformer_class, []) if o != family.name]
+        if owners and (family.claims is None or any(_FAMILIES[o].claims in (None, family.claims) for o in owners)):
+            raise ValueError(f"{family.transformer_class} already belongs to family {owners[0]!r}; register "
+                             f"{family.name!r} as a variant of it (family.variant(...)), use another class, or give "
+                             "both families `claims` rules that tell their models apart by config")
+        _BY_CLASS[family.transformer_class] = [*owners, family.name]
     else:
         base = _FAMILIES.get(family.variant_of)
         if base is None:
@@ -531,10 +541,15 @@ def family_named(name: str) -> ModelFamily:
 
 
 def find_family(model) -> ModelFamily | None:
-    """The base family of ``model``'s class, or None when no family claims that class."""
+    """The base family of ``model``'s class (the one whose ``claims`` takes its config where the class has
+    several), or None when no family claims it."""
     _load_builtins()
-    name = _BY_CLASS.get(type(model).__name__)
-    return None if name is None else _FAMILIES[name]
+    names = _BY_CLASS.get(type(model).__name__, [])
+    config = getattr(model, "config", None)
+    found = [n for n in names if _FAMILIES[n].claims is None or _FAMILIES[n].claims(config)]
+    if len(found) > 1:
+        raise ValueError(f"families {found} all claim this {type(model).__name__}; their `claims` rules overlap")
+    return _FAMILIES[found[0]] if found else None
 
 
 def family_for_model(model) -> ModelFamily:
@@ -542,6 +557,9 @@ def family_for_model(model) -> ModelFamily:
     family = find_family(model)
     if family is None:
         name = type(model).__name__
+        if name in _BY_CLASS:
+            raise UserError(f"no ERTACache model family takes this {name} (config: none of "
+                            f"{_BY_CLASS[name]} claims it)")
         raise UserError(f"no ERTACache model family for model class {name!r}; supported classes: "
                         f"{sorted(_BY_CLASS)}. Add one with register_family(ModelFamily(transformer_class={name!r}, "
                         "...)) next to its adapter (docs/families.md)")

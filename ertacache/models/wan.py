@@ -1,4 +1,4 @@
-"""The Wan2.1 text-to-video family: its adapter, its loaders and its :class:`ModelFamily` entry.
+"""The Wan2.1 families (text-to-video, image-to-video): the adapter, the loaders and the :class:`ModelFamily` entries.
 
 Everything the package knows about diffusers' ``WanTransformer3DModel`` that is
 not the forward split lives here as data (:data:`WAN_T2V`): video latents
@@ -7,10 +7,18 @@ timestep = sigma x 1000, the scheduler's static shift, classifier-free
 guidance with both branches batched, the export-time rope rewrite, UMT5 and
 ``AutoencoderKLWan``. The testbed (:mod:`ertacache.testbed.family`) is a
 variant of it: the same transformer class with other components.
+
+Image-to-video (:data:`WAN_I2V`, ``wan-i2v``) is the same class with an image embedder
+(``image_dim`` set): the family takes three inputs, ``text_embeds``, the CLIP image states
+``image_embeds`` and the condition latents ``image_latents`` (the first frame's VAE latents and
+the frame mask, concatenated to the noisy latents on channels before the patch embedding, so a
+cached step reads them too). The two families tell their models apart by ``image_dim``
+(``ModelFamily.claims``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +28,8 @@ from torch import nn
 from ertacache.errors import UserError
 from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
 from ertacache.models.components import LatentDecoder, PromptEncoder, UMT5PromptEncoder, WanLatentDecoder
-from ertacache.models.family import CFG, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule, register_family
+from ertacache.models.family import (CFG, ROWS_PER_SAMPLE, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule,
+                                     register_family)
 
 
 @dataclass
@@ -40,9 +49,12 @@ class _WanBlockInputs:
 class WanAdapter(ModelAdapter):
     """diffusers ``WanTransformer3DModel`` (Wan2.1 T2V 1.3B/14B and the testbed).
 
-    Mirrors ``WanTransformer3DModel.forward`` for text-to-video (no image
-    conditioning). The condition embedder is called piece by piece so that a
-    cached step can compute the timestep embedding without projecting the text.
+    Mirrors ``WanTransformer3DModel.forward`` for text-to-video and, for a model with an image
+    embedder (``image_dim`` set, Wan2.1 I2V), image-to-video: then ``text`` is a mapping with
+    ``text_embeds``, ``image_embeds`` (B, 257, 1280) and ``image_latents`` (B, 4 + C, F', H', W'),
+    the last two one row per sample (repeated here for the CFG branches). The condition embedder is
+    called piece by piece so that a cached step can compute the timestep embedding without
+    projecting the text.
 
     The timestep is one per sample (B,), or one per token (B, N) as WanPipeline passes it with
     ``expand_timesteps`` (Wan2.2 TI2V-5B): then the embedding, every block's modulation and the
@@ -53,6 +65,22 @@ class WanAdapter(ModelAdapter):
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.model.config.patch_size)
 
+    @property
+    def in_channels(self) -> int:
+        """Channels C of the latents being denoised: the output's (I2V's input adds the condition channels)."""
+        cfg = self.model.config
+        return int(cfg.out_channels or cfg.in_channels)
+
+    @property
+    def image_to_video(self) -> bool:
+        return self.model.config.image_dim is not None
+
+    def _inputs(self, text):
+        """(text states or None, image states or None, condition latents or None) from one tensor or a mapping."""
+        if isinstance(text, Mapping):
+            return text.get("text_embeds"), text.get("image_embeds"), text.get("image_latents")
+        return text, None, None
+
     def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ce = self.model.condition_embedder
         t_freq = ce.timesteps_proj(timestep.flatten())  # (B, freq_dim), or (B*N, freq_dim) per token
@@ -61,15 +89,23 @@ class WanAdapter(ModelAdapter):
         time_dtype = next(iter(ce.time_embedder.parameters())).dtype
         return ce.time_embedder(t_freq.to(time_dtype)).to(dtype)  # (B, D) or (B, N, D)
 
-    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None) -> PreOutput:
+    def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> PreOutput:
         model = self.model
-        if model.config.image_dim is not None:
-            raise UserError("The Wan adapter supports text-to-video models only (image_dim must be None).")
+        text, image_embeds, image_latents = self._inputs(text)
+        if self.image_to_video and image_latents is None:
+            raise UserError("this Wan model is image-to-video (image_dim is set): it needs image_latents on every "
+                            "step and image_embeds on full steps (the wan-i2v family's inputs; give --image)")
+        if not self.image_to_video and (image_latents is not None or image_embeds is not None):
+            raise UserError("this Wan model is text-to-video (no image embedder): it takes no image conditioning")
         b, _, f, h, w = latents.shape
         p_t, p_h, p_w = self.patch_size
         grid = (b, f // p_t, h // p_h, w // p_w)
 
-        tokens = model.patch_embedding(latents)  # (B, D, F', H', W')
+        x = latents
+        if image_latents is not None:  # one row per sample: repeated for the CFG branches
+            cond = image_latents.to(latents.dtype).repeat(b // image_latents.shape[0], 1, 1, 1, 1)
+            x = torch.cat([latents, cond], dim=1)  # (B, C, F, H, W) + (B, 4 + C, F, H, W) -> (B, 2C + 4, F, H, W)
+        tokens = model.patch_embedding(x)  # (B, D, F', H', W')
         tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, N, D), N = F'*H'*W'
         dtype = text.dtype if text is not None else tokens.dtype
         temb = self._time_embedding(timestep, dtype)  # (B, D)
@@ -80,23 +116,53 @@ class WanAdapter(ModelAdapter):
         ce = model.condition_embedder
         # (B, 6*D) -> (B, 6, D); per token (B, N, 6*D) -> (B, N, 6, D)
         timestep_proj = ce.time_proj(ce.act_fn(temb)).unflatten(temb.ndim - 1, (6, -1))
+        context = ce.text_embedder(text)  # (B, L, text_dim) -> (B, L, D)
+        if self.image_to_video:
+            if image_embeds is None:
+                raise UserError("this Wan model is image-to-video: a full step needs image_embeds (the CLIP image states)")
+            image = ce.image_embedder(image_embeds.repeat(b // image_embeds.shape[0], 1, 1))  # (B, 257, D)
+            context = torch.cat([image, context], dim=1)  # (B, 257 + L, D): image tokens first, as the model does
         block_inputs = _WanBlockInputs(
-            text=ce.text_embedder(text),  # (B, L, text_dim) -> (B, L, D)
+            text=context,
             timestep_proj=timestep_proj,
             rotary=model.rope(latents),
         )
         return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=block_inputs)
 
     def transformer_call(self, *args, **kwargs) -> TransformerCall:
-        """WanPipeline's call: (B, C, F, H, W) latents, (B,) timesteps sigma x 1000, the text states; as is."""
-        bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states"), args, kwargs,
-                          ignored=("encoder_hidden_states_image", "attention_kwargs"), owner=type(self.model).__name__)
-        return TransformerCall(latents=bound["hidden_states"], timestep=bound["timestep"],
-                               cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
+        """WanPipeline's call: (B, C, F, H, W) latents, (B,) timesteps sigma x 1000, the text states; as is.
+
+        WanImageToVideoPipeline's: the latents with the condition concatenated on channels, split back
+        here into the latents and ``image_latents``, and the CLIP states ``encoder_hidden_states_image``.
+        """
+        owner = type(self.model).__name__
+        if not self.image_to_video:
+            bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states"), args, kwargs,
+                              ignored=("encoder_hidden_states_image", "attention_kwargs"), owner=owner)
+            return TransformerCall(latents=bound["hidden_states"], timestep=bound["timestep"],
+                                   cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
+        bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+                          args, kwargs, ignored=("attention_kwargs",), owner=owner)
+        if bound.get("encoder_hidden_states_image") is None:
+            raise UserError(f"{owner} is image-to-video: the pipeline's call has no encoder_hidden_states_image")
+        c = self.in_channels
+        joint = bound["hidden_states"]  # (B, C + 4 + C, F, H, W): latents, then the condition
+        cached = {"image_latents": joint[:, c:]}
+        cond = {"text_embeds": bound["encoder_hidden_states"], "image_embeds": bound["encoder_hidden_states_image"],
+                **cached}
+        return TransformerCall(latents=joint[:, :c], timestep=bound["timestep"], cond=cond, cached_cond=cached,
+                               to_output=lambda v: v)
 
     def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> torch.Tensor:
-        """WanPipeline's call: the latents, the scaled timesteps and the text states as they are."""
-        return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+        """WanPipeline's call: the latents, the scaled timesteps and the text states as they are (I2V: the
+        condition concatenated on channels and the image states, as WanImageToVideoPipeline passes them)."""
+        text, image_embeds, image_latents = self._inputs(text)
+        if image_latents is not None:
+            rows = latents.shape[0]
+            latents = torch.cat([latents, image_latents.repeat(rows // image_latents.shape[0], 1, 1, 1, 1)], dim=1)
+            image_embeds = image_embeds.repeat(rows // image_embeds.shape[0], 1, 1)
+        return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                          encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First block's timestep-modulated input norm1(h) * (1 + scale) + shift: (B, N, D).
@@ -164,6 +230,16 @@ def _load_wan_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
 #: the text-embedding input of every Wan step graph
 WAN_TEXT = ConditioningInput("text_embeds", doc="(nb*B, L, D_text) text-encoder states: cond rows, then uncond rows")
 
+def _text_to_video(config) -> bool:
+    """A Wan checkpoint without an image embedder (Wan2.1 T2V; the testbeds)."""
+    return getattr(config, "image_dim", None) is None
+
+
+def _image_to_video(config) -> bool:
+    """A Wan checkpoint with an image embedder for CLIP image states (Wan2.1 I2V 480P/720P)."""
+    return getattr(config, "image_dim", None) is not None
+
+
 WAN_T2V = register_family(ModelFamily(
     name="wan",
     description="Wan2.1 text-to-video (UMT5 text encoder, AutoencoderKLWan)",
@@ -178,4 +254,33 @@ WAN_T2V = register_family(ModelFamily(
     prompt_encoder=_load_umt5,
     decoder=_load_wan_vae,
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
+    claims=_text_to_video,
+))
+
+#: CLIP's image states for Wan2.1 I2V: (B, 257, 1280), the penultimate layer; one row per sample (both CFG
+#: branches see the same image); only the full step reads them (the image embedder feeds the blocks)
+WAN_IMAGE = ConditioningInput("image_embeds", rows=ROWS_PER_SAMPLE,
+                              doc="(B, 257, D_clip) CLIP vision states of the conditioning image (penultimate layer)")
+#: the condition concatenated to the noisy latents on channels: (B, 4 + C, F', H', W'), the frame mask (1 on the
+#: given first frame) then the VAE latents of [image, zeros...]; the patch embedding reads it, so cached steps too
+WAN_IMAGE_LATENTS = ConditioningInput("image_latents", rows=ROWS_PER_SAMPLE, cached_step=True,
+                                      doc="(B, 4 + C, F', H', W') frame mask + normalised VAE latents of the image")
+
+WAN_I2V = register_family(ModelFamily(
+    name="wan-i2v",
+    description="Wan2.1 image-to-video (UMT5 text encoder, CLIP image encoder, AutoencoderKLWan)",
+    transformer_class="WanTransformer3DModel",
+    latent_kind=VIDEO,
+    conditioning=(WAN_TEXT, WAN_IMAGE, WAN_IMAGE_LATENTS),
+    timestep_scale=1000.0,
+    sigma_schedule=SigmaSchedule(kind="static"),
+    guidance=CFG,
+    export_rewrites=("wan_stack_rope",),  # the rewrite's processor covers the image cross-attention too
+    transformer=_load_wan_transformer,
+    prompt_encoder=_load_umt5,
+    decoder=_load_wan_vae,
+    required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                    "image_encoder/config.json", "image_processor"),
+    weight_folders=("transformer", "text_encoder", "image_encoder", "vae"),
+    claims=_image_to_video,
 ))
