@@ -50,13 +50,16 @@ def generate(
     settings: SampleSettings,
     profile: Profile | None = None,
     decode: bool = True,
+    images=None,
 ) -> GenerationResult:
-    """Sample one video per (prompt, seed) pair in one batch."""
+    """Sample one video per (prompt, seed) pair in one batch (an image-to-video model: one image per prompt,
+    (H, W, 3) uint8 arrays)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     sampler = sampler_for(bundle, settings, profile)
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
-    text = bundle.encode(list(prompts), settings.negative_prompt, sampler.tables.n_branches)
+    text = bundle.encode(list(prompts), settings.negative_prompt, sampler.tables.n_branches, images,
+                         (settings.frames, settings.height, settings.width))
     noise = initial_latents(shape, seeds, bundle.device)
     start = time.perf_counter()
     result = sampler(noise, text, settings.guidance_scale)

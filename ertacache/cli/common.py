@@ -166,6 +166,34 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: recipe)")
 
 
+def add_image_arg(parser: argparse.ArgumentParser, calibration: bool = False) -> None:
+    """``--image FILE``: the conditioning image of an image-to-video model (its first frame)."""
+    if calibration:
+        parser.add_argument("--image", action="append", default=None, metavar="FILE",
+                            help="image-to-video models: a conditioning image, repeatable, cycled over the "
+                                 "calibration prompts (default: crops of scikit-learn's sample photographs)")
+    else:
+        parser.add_argument("--image", default=None, metavar="FILE",
+                            help="image-to-video models: the conditioning image (the video's first frame)")
+
+
+def read_images(recipe, paths, required: bool):
+    """The ``--image`` files as (H, W, 3) uint8 arrays (None when none were given), checked against the model
+    before it loads: refused for a text-only model, demanded by an image-to-video one where ``required``."""
+    from ertacache.errors import UserError
+    from ertacache.models.family import family_named
+    from ertacache.models.images import load_image
+
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    takes = family_named(recipe.family).takes_images
+    if paths and not takes:
+        raise UserError(f"{recipe.model} is not image-conditioned: it takes no --image; drop the flag")
+    if required and takes and not paths:
+        raise UserError(f"{recipe.model} is image-to-video: give the conditioning image with --image FILE "
+                        "(the video's first frame)")
+    return [load_image(p) for p in paths] or None
+
+
 def pick_device(name: str | None):
     import torch
 

@@ -162,7 +162,10 @@ def _main(argv: list[str] | None) -> int:
         profile_dir = Path(args.profile)
     print(f"[profile] {mask_summary(profile.mask)}  lambda {profile.lam:.4g}")
     probe = (profile.calibration.get("prompts") or list(bundle.recipe.calibration_prompts))[:1]
-    encoded = bundle.encode(probe, negative, profile.n_branches)
+    from ertacache.models.images import images_for
+
+    encoded = bundle.encode(probe, negative, profile.n_branches, images_for(bundle.family, 1),
+                            (profile.frames, profile.height, profile.width))  # an I2V model: a sample image
     # one prompt's shape without the row axis: (L, D_text), or per input for a family with several (FLUX)
     text_shape = ({name: tuple(t.shape[1:]) for name, t in encoded.items()} if isinstance(encoded, dict)
                   else tuple(encoded.shape[1:]))

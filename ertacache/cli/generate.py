@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import add_model_args, add_shape_args, apply_threads, new_parser, pick_device, run_cli
+from ertacache.cli.common import (add_image_arg, add_model_args, add_shape_args, apply_threads, new_parser, pick_device,
+                                  read_images, run_cli)
 from ertacache.cli.validate import check_args, check_out_video, loading_model
 from ertacache.errors import UserError
 
@@ -20,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (with --profile: the profile's)")
     add_shape_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")
+    add_image_arg(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", required=True, help="output file: .gif, .mp4 or .png (frames side by side)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -71,10 +73,12 @@ def _main(argv: list[str] | None) -> int:
                         f"{profile.model} or profile {args.model}")
     from ertacache.models.recipes import load_recipe
 
-    settings = _settings(args, load_recipe(args.model), profile)
+    recipe = load_recipe(args.model)
+    settings = _settings(args, recipe, profile)
+    images = read_images(recipe, args.image, required=True)  # before the model loads
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
-    result = generate(bundle, [args.prompt], [args.seed], settings, profile)
+    result = generate(bundle, [args.prompt], [args.seed], settings, profile, images=images)
     out = save_video(result.frames[0].cpu().numpy(), args.out, overwrite=args.force)
     mode = f"cached ({args.profile})" if profile is not None else "uncached"
     print(f"{mode}: {result.full_steps}/{result.steps} full steps, sampling {result.sample_s:.2f} s wall")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ertacache.cli.common import (add_calibration_args, add_model_args, add_shape_args, apply_threads,
-                                  calibration_config, new_parser, pick_device, run_cli)
+from ertacache.cli.common import (add_calibration_args, add_image_arg, add_model_args, add_shape_args, apply_threads,
+                                  calibration_config, new_parser, pick_device, read_images, run_cli)
 from ertacache.cli.validate import check_args, check_out_folder, loading_model
 
 
@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--lambda", dest="lam", type=float, default=None, help="reuse threshold lambda (>= 0)")
     p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: recipe's set)")
     add_shape_args(p)
+    add_image_arg(p, calibration=True)
     add_calibration_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="calibration prompts per model call")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed (prompt k uses seed + k)")
@@ -50,6 +51,7 @@ def _main(argv: list[str] | None) -> int:
 
     prompts = read_prompts_file(args.prompts) if args.prompts else None
     recipe = load_recipe(args.model)
+    images = read_images(recipe, args.image, required=False)  # an I2V model without --image: sample photographs
     # flags the model cannot take (--frames for an image model, a guidance scale for a guidance-free one)
     # are refused here, before the model loads
     settings = SampleSettings.from_recipe(
@@ -64,7 +66,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
           f"{settings.steps} steps, {settings.size}, {config.loop} loop, "
           f"{config.predictor.kind} predictor (order {config.predictor.order})")
-    profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet)
+    profile = build_profile(bundle, config, settings, prompts, seed=args.seed, progress=not args.quiet, images=images)
     out = profile.save(args.out, force=args.force)
     print(f"mask   {mask_summary(profile.mask)}")
     print(f"full steps {profile.full_steps}/{profile.steps} (T/N_full = {profile.speedup_steps:.2f}), "

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ertacache.models.images import images_for
 from ertacache.sampling.sampler import CachedSampler, initial_latents
 from ertacache.timing import ideal_speedup, interleaved_medians, machine_info
 
@@ -24,7 +25,8 @@ def sampler_step_costs(sampler: CachedSampler, bundle, settings, prompt: str, re
     """Median seconds of one full and one cached step of ``sampler`` (batch 1, CFG as configured)."""
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     x = initial_latents(shape, [0], bundle.device)
-    text = bundle.encode([prompt], settings.negative_prompt, sampler.tables.n_branches)
+    text = bundle.encode([prompt], settings.negative_prompt, sampler.tables.n_branches,
+                         images_for(bundle.family, 1), (settings.frames, settings.height, settings.width))
     g = torch.tensor(settings.guidance_scale, device=bundle.device)
     step = torch.tensor(1, device=bundle.device)
     with torch.no_grad():

@@ -328,6 +328,9 @@ class ModelFamily:
         (looked up in ``ertacache.export``; e.g. ``"wan_stack_rope"``).
     transformer, prompt_encoder, decoder: loaders ``(folder, torch dtype) -> component`` (the
         prompt encoder and decoder behind :mod:`ertacache.models.components`' interfaces).
+    image_encoder: for an image-conditioned family (Wan2.1 I2V), the loader of its image path: a
+        component whose ``encode(images, height, width, frames)`` returns the family's image
+        conditioning inputs by name (one row per image); None for text-only families.
     required_files: paths a model folder must have; ``weight_folders``: subfolders whose
         ``*.safetensors`` are checked before loading; ``require_safetensors``: each must hold one.
     variant_of: the base family this one only loads differently (see the module docstring).
@@ -357,6 +360,7 @@ class ModelFamily:
     variant_of: str | None = None
     block_stacks: tuple[str, ...] = ("blocks",)
     claims: Callable[[Any], bool] | None = field(default=None, compare=False)
+    image_encoder: Loader | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -391,6 +395,8 @@ class ModelFamily:
         for name in ("transformer", "prompt_encoder", "decoder"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"{where}: {name} must be a loader callable (folder, torch dtype) -> component")
+        if self.image_encoder is not None and not callable(self.image_encoder):
+            raise ValueError(f"{where}: image_encoder must be a loader callable or None")
         if not self.required_files:
             raise ValueError(f"{where}: required_files must list what a model folder holds (e.g. transformer/config.json)")
         if self.variant_of == self.name:
@@ -408,6 +414,11 @@ class ModelFamily:
     def latent_rank(self) -> int:
         """Axes of one sample's latent: 4 (C, F', H', W') for video, 3 (C, H', W') for images."""
         return 4 if self.is_video else 3
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether a request needs a conditioning image (an image-to-video family)."""
+        return self.image_encoder is not None
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -174,6 +174,7 @@ class ModelBundle:
     decoder: LatentDecoder
     fingerprint: str
     dtype: torch.dtype  # compute dtype of the transformer (some of its modules stay fp32 by design)
+    image_encoder: Any = None  # an image-conditioned family's image path (family.image_encoder), else None
 
     @property
     def model_id(self) -> str:
@@ -202,19 +203,33 @@ class ModelBundle:
         family, ``frames`` None); refuses shapes that don't fit (:meth:`LatentLayout.check`)."""
         return self.layout.latent_shape(1, height, width, frames)[1:]
 
-    def encode(self, prompts: list[str], negative_prompt: str, n_branches: int):
+    def encode(self, prompts: list[str], negative_prompt: str, n_branches: int, images=None,
+               size: tuple[int, int, int] | None = None):
         """The prompts' conditioning on the model's device and dtype: their rows, then (CFG) the negative prompt's.
 
         One tensor (nb*B, L, D) for a family with one text input (Wan); for a family with several
         (FLUX: ``prompt_embeds`` (B, L, D), ``pooled_prompt_embeds`` (B, D)) a mapping by the
         family's conditioning names, which every stage (calibration, sampler, export) takes as is.
+        An image-conditioned family (Wan2.1 I2V) also takes ``images`` (one (H, W, 3) uint8 array per
+        prompt) and the video ``size`` (frames, height, width) its condition latents are made for.
         """
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise UserError("empty prompt: give a non-empty --prompt (the negative prompt may be empty)")
+        family = self.family
+        if images is not None and not family.takes_images:
+            raise UserError(f"{self.model_id} is not image-conditioned: it takes no --image")
+        if family.takes_images:
+            if images is None or len(images) != len(prompts) or size is None:
+                raise UserError(f"{self.model_id} is image-to-video: give one conditioning image per prompt "
+                                "(--image FILE)")
         rows = list(prompts) + [negative_prompt] * len(prompts) * (n_branches - 1)
         with torch.no_grad():
             encoded = self.prompt_encoder.encode(rows)
+            if family.takes_images:
+                frames, height, width = size
+                text = encoded if isinstance(encoded, Mapping) else {family.input_names[0]: encoded}
+                encoded = {**text, **self.image_encoder.encode(list(images), height, width, frames)}
         if not isinstance(encoded, Mapping):
             return encoded.to(self.device, self.dtype)
         names = [c.name for c in self.family.conditioning]
@@ -246,5 +261,6 @@ def load_bundle(
         encoder.text_encoder.to(device)
     decoder = family.decoder(path, torch_dtype)
     decoder.vae.to(device)
+    image_encoder = None if family.image_encoder is None else family.image_encoder(path, torch_dtype).to(device)
     fingerprint = fingerprint_module(transformer)
-    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype)
+    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype, image_encoder)

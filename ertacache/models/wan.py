@@ -227,6 +227,63 @@ def _load_wan_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
     return WanLatentDecoder(AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval())
 
 
+class WanImageConditioner:
+    """WanImageToVideoPipeline's image path: the CLIP image states and the condition latents of one image per sample.
+
+    ``image_embeds``: the image through CLIP's processor and vision tower, the states of the layer
+    before the last (B, 257, 1280 for ViT-H/14). ``image_latents``: the image resized to the video
+    (diffusers' ``VideoProcessor``, [-1, 1]), followed by ``frames - 1`` black frames, through the
+    VAE encoder (the distribution's mode), normalised by the VAE's per-channel mean and std, after a
+    4-channel frame mask that is 1 on the first latent frame (the given frame) and 0 after it.
+    """
+
+    def __init__(self, processor, clip_vision, vae):
+        from diffusers.video_processor import VideoProcessor
+
+        self.processor, self.clip, self.vae = processor, clip_vision, vae
+        cfg = vae.config
+        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", 8))
+        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", 4))
+        self.video_processor = VideoProcessor(vae_scale_factor=self.spatial_factor)
+
+    def to(self, device) -> "WanImageConditioner":
+        self.clip.to(device)
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images, height: int, width: int, frames: int) -> dict[str, torch.Tensor]:
+        """images: one (H, W, 3) uint8 array per sample -> ``image_embeds`` and ``image_latents`` (B rows each)."""
+        from PIL import Image
+
+        pil = [Image.fromarray(im) for im in images]
+        pixels = self.processor(images=pil, return_tensors="pt").pixel_values.to(self.clip.device, self.clip.dtype)
+        states = self.clip(pixels, output_hidden_states=True).hidden_states[-2]  # (B, T, D_clip)
+        first = self.video_processor.preprocess(pil, height=height, width=width)  # (B, 3, H, W) in [-1, 1]
+        device, dtype = self.vae.device, self.vae.dtype
+        video = torch.cat([first.unsqueeze(2), first.new_zeros(len(pil), 3, frames - 1, height, width)], dim=2)
+        z = self.vae.encode(video.to(device, dtype)).latent_dist.mode()  # (B, C, F', H', W')
+        cfg, c = self.vae.config, int(self.vae.config.z_dim)
+        mean = torch.tensor(cfg.latents_mean, device=device, dtype=z.dtype).view(1, c, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=device, dtype=z.dtype).view(1, c, 1, 1, 1)
+        z = (z - mean) / std
+        mask = torch.zeros(z.shape[0], 4, *z.shape[2:], device=device, dtype=z.dtype)  # (B, 4, F', H', W')
+        mask[:, :, 0] = 1.0  # the first latent frame (the given image's temporal_factor frames) is known
+        return {"image_embeds": states, "image_latents": torch.cat([mask, z], dim=1)}  # (B, 4 + C, F', H', W')
+
+
+def _load_wan_image_conditioner(path: Path, dtype: torch.dtype) -> WanImageConditioner:
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    return WanImageConditioner(
+        CLIPImageProcessor.from_pretrained(path / "image_processor"),
+        CLIPVisionModel.from_pretrained(path / "image_encoder", torch_dtype=dtype).eval(),
+        # float32, as WanImageToVideoPipeline keeps its VAE (it encodes the image in the pipeline's dtype)
+        AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval(),
+    )
+
+
 #: the text-embedding input of every Wan step graph
 WAN_TEXT = ConditioningInput("text_embeds", doc="(nb*B, L, D_text) text-encoder states: cond rows, then uncond rows")
 
@@ -279,6 +336,7 @@ WAN_I2V = register_family(ModelFamily(
     transformer=_load_wan_transformer,
     prompt_encoder=_load_umt5,
     decoder=_load_wan_vae,
+    image_encoder=_load_wan_image_conditioner,
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
                     "image_encoder/config.json", "image_processor"),
     weight_folders=("transformer", "text_encoder", "image_encoder", "vae"),

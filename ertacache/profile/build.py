@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from ertacache.errors import UserError
+from ertacache.models.images import images_for
 from ertacache.models.loading import ModelBundle
 from ertacache.profile.artifact import Profile
 from ertacache.profile.calibrate import CalibrationOutcome, CalibrationSet, calibrate
@@ -46,9 +47,12 @@ def read_prompts_file(path) -> list[str]:
 
 
 def calibration_set(
-    bundle: ModelBundle, prompts: Sequence[str], settings: SampleSettings, seed: int = 0
+    bundle: ModelBundle, prompts: Sequence[str], settings: SampleSettings, seed: int = 0, images=None
 ) -> CalibrationSet:
     """Noise (seeds seed, seed+1, ...) and text embeddings for the calibration prompts.
+
+    An image-to-video model pairs each prompt with an image: ``images`` (cycled) or the built-in
+    sample photographs (:func:`ertacache.models.images.images_for`).
 
     Both stay in host memory: the passes move one micro-batch at a time to the model's device,
     so device memory does not grow with the number of prompts.
@@ -60,7 +64,9 @@ def calibration_set(
     return CalibrationSet(
         adapter=bundle.adapter,
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
-        text_embeds=move_conditioning(bundle.encode(list(prompts), settings.negative_prompt, nb), "cpu"),
+        text_embeds=move_conditioning(bundle.encode(list(prompts), settings.negative_prompt, nb,
+                                                    images_for(bundle.family, len(prompts), images),
+                                                    (settings.frames, settings.height, settings.width)), "cpu"),
         guidance_scale=settings.guidance_scale,
         nominal_sigmas=request_sigmas(bundle, settings),
         n_branches=nb,
@@ -75,11 +81,13 @@ def build_profile(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    images=None,
 ) -> Profile:
-    """Calibrate ``bundle`` on ``prompts`` and return the profile (not yet saved)."""
+    """Calibrate ``bundle`` on ``prompts`` (with ``images`` for an image-to-video model) and return the profile
+    (not yet saved)."""
     if config.speedup is not None:
         config.target_full_steps(settings.steps)  # refuse an impossible speedup before any compute
-    cal = calibration_set(bundle, prompts, settings, seed)
+    cal = calibration_set(bundle, prompts, settings, seed, images)
     start = time.perf_counter()
     outcome = calibrate(cal, config, progress=progress, log=log)
     return profile_from_outcome(outcome, cal, config, settings, bundle.model_id, bundle.fingerprint, prompts, seed,
