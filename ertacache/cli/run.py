@@ -22,6 +22,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     text.add_argument("--text-embeds", default=None,
                       help=".npy of shape (nb*B, L, D_text): cond rows, then (CFG) uncond rows; for a folder "
                            "with several conditioning inputs (FLUX) an .npz with one array per input name")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="image-to-video folders, with --prompt: the conditioning image (the first frame), encoded "
+                        "with the model's image encoder")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample k of a batch uses seed + k)")
     add_digest_arg(p)
 
@@ -44,8 +47,12 @@ def request(args, manifest):
     from ertacache.runtime.inputs import noise_for, text_embeds_from_npy, text_embeds_from_prompt
 
     if args.prompt is not None:
-        text = text_embeds_from_prompt(args.prompt, manifest, args.model_path)
+        text = text_embeds_from_prompt(args.prompt, manifest, args.model_path, image=args.image)
     else:
+        if args.image is not None:
+            from ertacache.errors import UserError
+
+            raise UserError("--image goes with --prompt; with --text-embeds the .npz already holds the image inputs")
         text = text_embeds_from_npy(args.text_embeds, manifest)
     return noise_for(manifest, args.seed), text
 

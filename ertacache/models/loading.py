@@ -227,9 +227,7 @@ class ModelBundle:
         with torch.no_grad():
             encoded = self.prompt_encoder.encode(rows)
             if family.takes_images:
-                frames, height, width = size
-                text = encoded if isinstance(encoded, Mapping) else {family.input_names[0]: encoded}
-                encoded = {**text, **self.image_encoder.encode(list(images), height, width, frames)}
+                encoded = add_image_conditioning(family, encoded, self.image_encoder, images, size)
         if not isinstance(encoded, Mapping):
             return encoded.to(self.device, self.dtype)
         names = [c.name for c in self.family.conditioning]
@@ -237,6 +235,14 @@ class ModelBundle:
             raise ValueError(f"{type(self.prompt_encoder).__name__} returned {sorted(encoded)}; the {self.family.name} "
                              f"family's conditioning inputs are {names}")
         return {name: encoded[name].to(self.device, self.dtype) for name in names}  # in the family's order
+
+
+def add_image_conditioning(family: ModelFamily, text, image_encoder, images, size: tuple[int, int, int]) -> dict:
+    """The text encoder's output (one tensor or a mapping) plus ``image_encoder``'s inputs for ``images`` (one
+    row per image) at ``size`` = (frames, height, width): the image family's whole conditioning mapping."""
+    frames, height, width = size
+    named = dict(text) if isinstance(text, Mapping) else {family.input_names[0]: text}
+    return {**named, **image_encoder.encode(list(images), height, width, frames)}
 
 
 def load_bundle(

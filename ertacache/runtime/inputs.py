@@ -60,12 +60,15 @@ def _named_arrays(path: Path, names: tuple[str, ...], manifest: ExportManifest) 
         return {n: _float_tensor(loaded[n], f"--text-embeds {path} [{n}]", manifest) for n in names}
 
 
-def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: str | None = None):
+def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: str | None = None,
+                            image: str | None = None):
     """Encode ``prompt`` (repeated over the folder's batch) and, with CFG, the negative prompt.
 
     One tensor (nb*B, L, D_text), or for a folder with several conditioning inputs a mapping by name.
+    An image-to-video folder also takes ``image`` (a file), encoded with the model's image encoder at
+    the folder's video size.
 
-    Loads only the text encoder of the folder's model (recipe id and path from the manifest).
+    Loads only the text (and image) encoder of the folder's model (recipe id and path from the manifest).
     """
     from ertacache.models.family import family_named
     from ertacache.models.loading import resolve_model_path
@@ -79,14 +82,26 @@ def text_embeds_from_prompt(prompt: str, manifest: ExportManifest, model_path: s
         saved = "FILE.npy" if tuple(manifest.conditioning) == ("text_embeds",) else "FILE.npz (one array per input)"
         raise UserError(f"the export folder's model {brief(model_id, 40)} has no recipe, so its text encoder cannot "
                         f"be loaded; pass --text-embeds {saved} instead of --prompt") from None
+    family = family_named(recipe.family)
+    images = None
+    if family.takes_images:
+        from ertacache.models.images import load_image
+
+        if image is None:
+            raise UserError(f"{model_id} is image-to-video: give the conditioning image with --image FILE")
+        images = [load_image(image)]
+    elif image is not None:
+        raise UserError(f"{model_id} is not image-conditioned: it takes no --image")
     path = resolve_model_path(recipe, model_path or manifest.model.path)
-    encoder = family_named(recipe.family).prompt_encoder(path, manifest.torch_dtype)
-    return encode_prompt(encoder, prompt, manifest)
+    encoder = family.prompt_encoder(path, manifest.torch_dtype)
+    image_encoder = None if images is None else family.image_encoder(path, manifest.torch_dtype)
+    return encode_prompt(encoder, prompt, manifest, images, image_encoder, family)
 
 
-def encode_prompt(encoder, prompt: str, manifest: ExportManifest):
+def encode_prompt(encoder, prompt: str, manifest: ExportManifest, images=None, image_encoder=None, family=None):
     """(nb*B, L, D_text): ``prompt`` for the folder's batch, then (CFG) its negative prompt, with a loaded encoder;
-    for a folder with several conditioning inputs (FLUX) a mapping with one such tensor per input name.
+    for a folder with several conditioning inputs (FLUX) a mapping with one such tensor per input name; for an
+    image-to-video folder also ``images`` (one, repeated over the batch) through ``image_encoder``.
 
     Shared by ertacache-run and the Triton model, which loads the encoder once per instance.
     """
@@ -101,6 +116,11 @@ def encode_prompt(encoder, prompt: str, manifest: ExportManifest):
             raise
         except (ValueError, TypeError) as e:  # a tokenizer refusing the text
             raise PromptError(f"prompt {brief(prompt)} cannot be encoded: {brief(str(e), 200)}") from None
+        if images is not None:
+            from ertacache.models.loading import add_image_conditioning
+
+            size = (manifest.shapes.frames, manifest.shapes.height, manifest.shapes.width)
+            embeds = add_image_conditioning(family, embeds, image_encoder, list(images) * batch, size)
     if isinstance(embeds, Mapping):  # a family with several conditioning inputs (FLUX)
         names = tuple(manifest.conditioning)
         if sorted(embeds) != sorted(names):

@@ -1,0 +1,77 @@
+"""Wan2.1 I2V through the command lines: profile (the built-in sample images), ONNX export, run with --prompt
+and --image, equal to the eager cached sampler on the same conditioning.
+
+A tiny random diffusers-format I2V folder (tests/models/test_wan_i2v_recipe.py) stands in for the 14B
+checkpoint.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from ertacache.cli import export as export_cli
+from ertacache.cli import profile as profile_cli
+from ertacache.cli import run as run_cli
+
+pytestmark = pytest.mark.slow  # profile + ONNX export + runs: ~20 s on 2 cores
+
+SIZE = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def i2v_export(tmp_path_factory):
+    from PIL import Image
+
+    from ertacache.models.images import sample_images
+    from tests.models.test_wan_i2v_recipe import write_i2v_folder
+
+    root = tmp_path_factory.mktemp("wan-i2v-cli")
+    folder = write_i2v_folder(root / "folder")
+    model = ["--model", "wan2.1-i2v", "--model-path", str(folder), "--dtype", "fp32", "--quiet"]
+    assert profile_cli.main([*model, *SIZE, "--out", str(root / "profile")]) == 0
+    assert export_cli.main([*model, "--profile", str(root / "profile"), "--engines", str(root / "out"),
+                            "--targets", "onnx", "--timing-repeats", "0"]) == 0
+    Image.fromarray(sample_images(1, offset=7)[0]).save(root / "first.png")
+    return root, folder
+
+
+def test_the_folder_samples_prompt_and_image_like_the_eager_sampler(i2v_export):
+    from ertacache.contract import load_manifest
+    from ertacache.export.runners import relative_l2
+    from ertacache.models.images import load_image
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.artifact import load_profile
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for, text_embeds_from_prompt
+    from ertacache.sampling import CachedSampler
+
+    root, folder = i2v_export
+    manifest = load_manifest(root / "out")
+    assert manifest.conditioning == ("text_embeds", "image_embeds", "image_latents")
+    profile = load_profile(root / "profile")
+    assert profile.calibration["prompts"]  # calibrated on the recipe's prompts with the sample photographs
+    bundle = load_bundle("wan2.1-i2v", folder, dtype="fp32")
+    cond = text_embeds_from_prompt("a cat walks", manifest, str(folder), image=str(root / "first.png"))
+    want = bundle.encode(["a cat walks"], "", 2, [load_image(root / "first.png")], (5, 32, 32))
+    for name in manifest.conditioning:
+        torch.testing.assert_close(cond[name], want[name], rtol=0, atol=0)
+    with Runtime(root / "out", "onnxruntime") as rt:
+        noise = noise_for(rt.manifest, 3)
+        got = rt.sample(noise, cond).clone()
+    with torch.no_grad():
+        ref = CachedSampler(bundle.adapter, profile.tables(), profile.mask)(noise, want, profile.guidance_scale).latents
+    assert relative_l2(got, ref) < 1e-4
+
+
+def test_run_takes_image_with_prompt(i2v_export, tmp_path, capsys):
+    root, _ = i2v_export
+    base = ["--engines", str(root / "out"), "--prompt", "a cat walks", "--seed", "1"]
+    assert run_cli.main([*base, "--image", str(root / "first.png"), "--out", str(tmp_path / "v.gif")]) == 0
+    capsys.readouterr()
+    assert run_cli.main([*base, "--out", str(tmp_path / "bad.gif")]) == 2
+    assert "image-to-video: give the conditioning image with --image FILE" in capsys.readouterr().err
+    np.savez(tmp_path / "e.npz", text_embeds=np.zeros((2, 512, 16), np.float32))
+    rc = run_cli.main(["--engines", str(root / "out"), "--text-embeds", str(tmp_path / "e.npz"), "--image",
+                       str(root / "first.png"), "--out", str(tmp_path / "bad.gif")])
+    assert rc == 2 and "--image goes with --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "bad.gif").exists()
