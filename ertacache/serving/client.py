@@ -17,7 +17,7 @@ from types import ModuleType
 import numpy as np
 
 from ertacache.errors import UserError
-from ertacache.serving.spec import GUIDANCE, PROMPT, SEED, TEXT_EMBEDS
+from ertacache.serving.spec import GUIDANCE, IMAGE, PROMPT, SEED, TEXT_EMBEDS
 
 PROTOCOLS = ("http", "grpc")
 
@@ -59,12 +59,15 @@ def connect(protocol: str, url: str, concurrency: int = 1):
 
 
 def make_inputs(protocol: str, seed: int, prompt: str | None = None, text_embeds: np.ndarray | None = None,
-                guidance: float | None = None, batched: bool = False) -> list:
-    """The request tensors (one row; ``batched`` adds Triton's batch dim for max_batch_size > 0 models)."""
+                guidance: float | None = None, batched: bool = False, image: np.ndarray | None = None) -> list:
+    """The request tensors (one row; ``batched`` adds Triton's batch dim for max_batch_size > 0 models);
+    ``image``: an image-to-video model's conditioning image, (H, W, 3) uint8, sent with the prompt."""
     module = client_module(protocol)
     arrays = {SEED: np.array([seed], np.int64)}
     if prompt is not None:
         arrays[PROMPT] = np.array([prompt.encode("utf-8")], dtype=np.object_)
+    if image is not None:
+        arrays[IMAGE] = np.ascontiguousarray(image, np.uint8)
     if text_embeds is not None:
         arrays[TEXT_EMBEDS] = np.ascontiguousarray(text_embeds, np.float32)
     if guidance is not None:

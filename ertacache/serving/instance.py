@@ -31,7 +31,7 @@ from ertacache.engines.base import BACKENDS
 from ertacache.contract import ExportManifest
 from ertacache.errors import ErtaCacheError, UserError, brief
 from ertacache.limits import MAX_PROMPT_CHARS, MAX_SEED
-from ertacache.serving.spec import (FRAMES, GUIDANCE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
+from ertacache.serving.spec import (FRAMES, GUIDANCE, IMAGE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
                                     check_model_config, conditioning_names)
 
 
@@ -118,6 +118,7 @@ class Job:
     prompt: str | None = None
     text_embeds: np.ndarray | dict[str, np.ndarray] | None = None  # (nb*B, L, D_text), or one per input
     guidance: float | None = None
+    image: np.ndarray | None = None  # (H, W, 3) uint8: an image-to-video model's conditioning image
 
 
 # ---- request parsing ------------------------------------------------------------------------------------------
@@ -183,6 +184,19 @@ def _guidance(arr: np.ndarray, default: float) -> float:
     return value
 
 
+#: a request image larger than this many pixels is refused (it is resized to the video size anyway)
+MAX_IMAGE_PIXELS = 16_000_000
+
+
+def _image(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise RequestError(f"input 'image' must be UINT8 [H, W, 3] (RGB), got {arr.dtype} {list(arr.shape)}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1 or arr.shape[0] * arr.shape[1] > MAX_IMAGE_PIXELS:
+        raise RequestError(f"input 'image' is {arr.shape[0]} x {arr.shape[1]} pixels; give 1 to "
+                           f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+    return np.ascontiguousarray(arr)
+
+
 def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, batched: bool,
                   default_guidance: float) -> list[Job]:
     """The jobs of one request (one, or one per row when Triton batches), every input checked.
@@ -201,6 +215,10 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
     tensors = " and ".join(f"'{n}'" for n in conds)  # Wan: 'text_embeds'; FLUX: 'prompt_embeds' and 'pooled_...'
     if PROMPT in inputs and given:
         raise RequestError(f"give either 'prompt' or {tensors}, not both")
+    if io.input(IMAGE) is not None and (IMAGE in inputs) != (PROMPT in inputs):
+        raise RequestError("this image-to-video model takes 'image' (UINT8 [H, W, 3]) together with 'prompt'"
+                           if PROMPT in inputs else f"input 'image' goes with 'prompt'; with {tensors} the image is "
+                           "already encoded (image_embeds, image_latents)")
     if PROMPT not in inputs and len(given) != len(conds):
         missing = [n for n in conds if n not in inputs]
         if io.input(PROMPT):
@@ -225,6 +243,8 @@ def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidan
     conds = conditioning_names(io)
     if PROMPT in row:
         job.prompt = _prompt(row[PROMPT])
+        if IMAGE in row:
+            job.image = _image(row[IMAGE])
     elif conds == (TEXT_EMBEDS,):
         job.text_embeds = _text_embeds(row[TEXT_EMBEDS], io.input(TEXT_EMBEDS).dims)
     else:
@@ -261,6 +281,7 @@ class ModelInstance:
     runtime: Any = field(init=False, default=None)
     io: ServedIO | None = field(init=False, default=None)
     encoder: Any = field(init=False, default=None)
+    image_encoder: Any = field(init=False, default=None)  # an image-to-video model's image path
 
     def __post_init__(self):
         self.version_dir = Path(self.version_dir)
@@ -297,6 +318,9 @@ class ModelInstance:
             self.io = check_model_config(self.config, rt.manifest, self.decoupled)
             if self.io.input(PROMPT) is not None:
                 self.encoder = self._load_encoder(rt.manifest)
+            if self.io.input(IMAGE) is not None:
+                self.image_encoder = self._family().image_encoder(self.version_dir / self.params.text_encoder,
+                                                                  rt.manifest.torch_dtype)
         except BaseException:
             rt.__exit__(None, None, None)
             raise
@@ -315,12 +339,17 @@ class ModelInstance:
         if not is_known_family(self.params.text_encoder_family):
             raise UserError(f"config.pbtxt parameter 'text_encoder_family' is {self.params.text_encoder_family!r}; "
                             f"give one of {known_families()}")
-        return family_named(self.params.text_encoder_family).prompt_encoder(path, manifest.torch_dtype)
+        return self._family().prompt_encoder(path, manifest.torch_dtype)
+
+    def _family(self):
+        from ertacache.models.family import family_named
+
+        return family_named(self.params.text_encoder_family)
 
     def __exit__(self, *exc) -> None:
         if self.runtime is not None:
             self.runtime.__exit__(*exc)
-        self.runtime, self.encoder = None, None
+        self.runtime, self.encoder, self.image_encoder = None, None, None
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -345,6 +374,9 @@ class ModelInstance:
         if job.prompt is None:
             return torch.from_numpy(np.ascontiguousarray(job.text_embeds)).to(self.manifest.torch_dtype)
         try:
+            if self.image_encoder is not None:
+                return encode_prompt(self.encoder, job.prompt, self.manifest, [job.image], self.image_encoder,
+                                     self._family())
             return encode_prompt(self.encoder, job.prompt, self.manifest)
         except (UserError, ValueError) as e:  # e.g. the testbed encoder refuses unknown words (capped echo)
             raise RequestError(f"prompt cannot be encoded: {brief(str(e), 300)}") from None

@@ -125,9 +125,14 @@ def find_text_encoder(manifest: ExportManifest, model_path: Path | None = None) 
     return Path(path), recipe.family
 
 
-def _copy_text_encoder(source: Path, dest: Path) -> None:
+def _copy_text_encoder(source: Path, dest: Path, family: str) -> None:
+    from ertacache.models.family import family_named
+
     dest.mkdir(parents=True)
-    for sub in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):  # FLUX has a second (T5) pair
+    subs = ["tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"]  # FLUX has a second (T5) pair
+    if family_named(family).takes_images:  # an image-to-video model's image path: CLIP vision, its processor, the VAE
+        subs += ["image_encoder", "image_processor", "vae"]
+    for sub in subs:
         if (source / sub).is_dir():
             copy_tree_no_links(source / sub, dest / sub)  # never copy what a link points at into the repository
 
@@ -263,7 +268,7 @@ def write_repository(cfg: RepositoryConfig, log: Callable[[str], None] = lambda 
             raise UserError(f"the export folder {cfg.engines} changed while it was copied; run ertacache-triton again")
         if encoder is not None:
             log(f"bundling the text encoder of {encoder[0]}")
-            _copy_text_encoder(encoder[0], version / params.text_encoder)
+            _copy_text_encoder(encoder[0], version / params.text_encoder, encoder[1])
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         # atomic_directory gives the folder the umask's permissions: a server running as another user reads it
     return RepositoryReport(target, name, io, params.to_strings(), encoder[0] if encoder else None,

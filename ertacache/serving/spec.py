@@ -34,6 +34,8 @@ from ertacache.contract import FULL_STEP, VAE_DECODE, ExportManifest
 from ertacache.errors import UserError
 
 PROMPT, TEXT_EMBEDS, SEED, GUIDANCE = "prompt", "text_embeds", "seed", "guidance_scale"
+#: an image-to-video model's conditioning image (H, W, 3) uint8, sent with the prompt (any size: it is resized)
+IMAGE = "image"
 FRAMES, LATENTS, STEP = "frames", "latents", "step"
 
 #: manifest dtype names -> Triton data types
@@ -89,6 +91,8 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     inputs = []
     if prompt:
         inputs.append(TensorIO(PROMPT, "TYPE_STRING", (1,), optional=True))
+        if prompt_takes_image(manifest):
+            inputs.append(TensorIO(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=True))
     for name in conditioning:  # Wan: text_embeds; FLUX: prompt_embeds, pooled_prompt_embeds
         spec = manifest.spec(FULL_STEP, name)
         inputs.append(TensorIO(name, TRITON_TYPES[spec.dtype], spec.shape, optional=prompt))
@@ -106,9 +110,21 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     return ServedIO(tuple(inputs), tuple(outputs))
 
 
+def prompt_takes_image(manifest: ExportManifest) -> bool:
+    """Whether a prompt request for this folder also needs a conditioning image (an image-to-video model)."""
+    from ertacache.models.family import family_named
+    from ertacache.models.recipes import load_recipe
+
+    try:
+        recipe = load_recipe(manifest.model.id)
+    except UserError:
+        return False  # no recipe: no bundled encoders, so no prompt input either
+    return family_named(recipe.family).takes_images
+
+
 def conditioning_names(io: ServedIO) -> tuple[str, ...]:
-    """The model's conditioning inputs (every input but the prompt, the seed and the guidance scale)."""
-    return tuple(t.name for t in io.inputs if t.name not in (PROMPT, SEED, GUIDANCE))
+    """The model's conditioning inputs (every input but the prompt, its image, the seed and the guidance scale)."""
+    return tuple(t.name for t in io.inputs if t.name not in (PROMPT, IMAGE, SEED, GUIDANCE))
 
 
 def io_from_model_config(config: Mapping[str, Any]) -> ServedIO:

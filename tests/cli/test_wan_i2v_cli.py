@@ -75,3 +75,40 @@ def test_run_takes_image_with_prompt(i2v_export, tmp_path, capsys):
                        str(root / "first.png"), "--out", str(tmp_path / "bad.gif")])
     assert rc == 2 and "--image goes with --prompt" in capsys.readouterr().err
     assert not (tmp_path / "bad.gif").exists()
+
+
+def test_the_triton_model_takes_prompt_and_image(i2v_export, tmp_path):
+    """The repository bundles the text and image encoders; the model instance (the code Triton runs, here without
+    the server) takes 'prompt' + 'image' and answers what the direct runtime gives for the same inputs."""
+    from ertacache.models.images import load_image
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for, text_embeds_from_prompt
+    from ertacache.serving import RepositoryConfig, write_repository
+    from ertacache.serving.instance import ModelInstance, RequestError
+
+    root, folder = i2v_export
+    report = write_repository(RepositoryConfig(engines=root / "out", repo=tmp_path / "repo", name="i2v",
+                                               model_path=folder))
+    names = [t.name for t in report.io.inputs]
+    assert names[:2] == ["prompt", "image"] and report.io.input("image").dims == (-1, -1, 3)
+    bundled = report.model_dir / "1" / "text_encoder"
+    assert all((bundled / sub).is_dir() for sub in ("image_encoder", "image_processor", "vae"))
+    image = load_image(root / "first.png")
+    with ModelInstance(report.model_dir / "1", report.model_config) as inst:
+        got = inst.handle({"seed": np.array([4]), "prompt": np.array([b"a cat walks"], object), "image": image})
+        with pytest.raises(RequestError, match="takes 'image'.*together with 'prompt'"):
+            inst.handle({"seed": np.array([4]), "prompt": np.array([b"a cat walks"], object)})
+        with pytest.raises(RequestError, match="UINT8 \\[H, W, 3\\]"):
+            inst.handle({"seed": np.array([4]), "prompt": np.array([b"a cat walks"], object),
+                         "image": image.astype(np.float32)})
+    cond = text_embeds_from_prompt("a cat walks", load_manifest_of(root), str(folder), image=str(root / "first.png"))
+    with Runtime(root / "out", "onnxruntime") as rt:
+        rt.sample(noise_for(rt.manifest, 4), cond)
+        want = rt.decode().numpy()
+    np.testing.assert_array_equal(got["frames"], want)
+
+
+def load_manifest_of(root):
+    from ertacache.contract import load_manifest
+
+    return load_manifest(root / "out")
