@@ -51,7 +51,8 @@ class FakeBundle:
     def latent_shape(self, frames, height, width):
         return (4, frames, height, width)
 
-    def encode(self, prompts, negative_prompt, n_branches):
+    def encode(self, prompts, negative_prompt, n_branches, images=None, size=None):
+        assert images is None  # a text-to-video model: the stages pass no images
         rows = list(prompts) + [negative_prompt] * len(prompts) * (n_branches - 1)
         out = []
         for p in rows:
