@@ -9,30 +9,32 @@ import numpy as np
 import pytest
 import torch
 
-from ertacache.cli import export as export_cli
 from ertacache.cli import profile as profile_cli
 from ertacache.cli import run as run_cli
 
-pytestmark = pytest.mark.slow  # profile + ONNX export + runs: ~20 s on 2 cores
+pytestmark = pytest.mark.slow  # the export fixture, profiles and runs: ~20 s on 2 cores
 
 SIZE = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "8"]
 
 
 @pytest.fixture(scope="module")
-def i2v_export(tmp_path_factory):
-    from PIL import Image
+def i2v_export(i2v_folder_export):
+    """(root, model folder): root holds the export (out/) and first.png, as the session fixture wrote them."""
+    assert i2v_folder_export.out.parent == i2v_folder_export.image.parent
+    return i2v_folder_export.out.parent, i2v_folder_export.folder
 
-    from ertacache.models.images import sample_images
-    from tests.models.test_wan_i2v_recipe import write_i2v_folder
 
-    root = tmp_path_factory.mktemp("wan-i2v-cli")
-    folder = write_i2v_folder(root / "folder")
+def test_profile_calibrates_an_i2v_model_on_the_sample_photographs(i2v_export, tmp_path):
+    from ertacache.profile.artifact import load_profile
+
+    _, folder = i2v_export
     model = ["--model", "wan2.1-i2v", "--model-path", str(folder), "--dtype", "fp32", "--quiet"]
-    assert profile_cli.main([*model, *SIZE, "--out", str(root / "profile")]) == 0
-    assert export_cli.main([*model, "--profile", str(root / "profile"), "--engines", str(root / "out"),
-                            "--targets", "onnx", "--timing-repeats", "0"]) == 0
-    Image.fromarray(sample_images(1, offset=7)[0]).save(root / "first.png")
-    return root, folder
+    assert profile_cli.main([*model, *SIZE, "--out", str(tmp_path / "profile")]) == 0
+    with_image = [*model, *SIZE, "--image", str(i2v_export[0] / "first.png"), "--out", str(tmp_path / "p2")]
+    assert profile_cli.main(with_image) == 0
+    a, b = load_profile(tmp_path / "profile"), load_profile(tmp_path / "p2")
+    assert a.steps == b.steps == 8 and a.full_steps < 8
+    assert not torch.equal(a.corr_a, b.corr_a)  # the calibration images matter
 
 
 def test_the_folder_samples_prompt_and_image_like_the_eager_sampler(i2v_export):
@@ -48,7 +50,7 @@ def test_the_folder_samples_prompt_and_image_like_the_eager_sampler(i2v_export):
     root, folder = i2v_export
     manifest = load_manifest(root / "out")
     assert manifest.conditioning == ("text_embeds", "image_embeds", "image_latents")
-    profile = load_profile(root / "profile")
+    profile = load_profile(root / "out" / "profile")
     assert profile.calibration["prompts"]  # calibrated on the recipe's prompts with the sample photographs
     bundle = load_bundle("wan2.1-i2v", folder, dtype="fp32")
     cond = text_embeds_from_prompt("a cat walks", manifest, str(folder), image=str(root / "first.png"))

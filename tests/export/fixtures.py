@@ -192,3 +192,25 @@ def flux_onnx_export(tmp_path_factory):
     ExportPackage(ExportConfig(out=out, targets=("onnx",), timing_repeats=0), log=lambda s: None)(
         adapter, profile, identity, FLUX_SHAPES, decoder)
     return SimpleNamespace(out=out, model=model, adapter=adapter, profile=profile, decoder=decoder)
+
+
+@pytest.fixture(scope="session")
+def i2v_folder_export(tmp_path_factory):
+    """A tiny random Wan2.1 I2V diffusers-format folder and one ONNX export of it through the CLI, calibrated on
+    the built-in sample photographs (~10 s on 2 cores): .folder, .out, .image (a conditioning PNG)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from ertacache.cli import export as export_cli
+    from ertacache.models.images import sample_images
+    from tests.models.test_wan_i2v_recipe import write_i2v_folder
+
+    root = tmp_path_factory.mktemp("wan-i2v-export")
+    folder = write_i2v_folder(root / "folder")
+    rc = export_cli.main(["--model", "wan2.1-i2v", "--model-path", str(folder), "--height", "32", "--width", "32",
+                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--dtype", "fp32",
+                          "--targets", "onnx", "--timing-repeats", "0", "--engines", str(root / "out"), "--quiet"])
+    assert rc == 0
+    Image.fromarray(sample_images(1, offset=7)[0]).save(root / "first.png")
+    return SimpleNamespace(folder=folder, out=root / "out", image=root / "first.png")

@@ -6,6 +6,7 @@ Models (all over tests/export/fixtures.py exports, ONNX Runtime on the CPU):
     tiny_stream  tiny, decoupled: one progress response per step, then the result
     tiny_rows    tiny with max_batch_size 2: Triton batches requests into rows
     flux         a tiny random FLUX (embedded guidance, K = 3): prompt_embeds and pooled_prompt_embeds, + latents
+    i2v          the tiny diffusers-format Wan2.1 I2V folder: prompt + image (UMT5, CLIP vision, VAE bundled)
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from ertacache.runtime import Runtime
 from ertacache.runtime.inputs import encode_prompt, noise_for
 from ertacache.serving import RepositoryConfig, write_repository
 
-MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux")
+MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux", "i2v")
 
 
 @pytest.fixture(scope="session")
-def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_export):
+def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_export, i2v_folder_export):
     """(repository folder, {name: RepositoryReport})."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     options = {"wan": dict(engines=wan_folder_export, latents=True),
                "tiny": dict(engines=onnx_export.out, latents=True),
                "tiny_stream": dict(engines=onnx_export.out, decoupled=True),
                "tiny_rows": dict(engines=onnx_export.out, max_batch_size=2),
-               "flux": dict(engines=flux_onnx_export.out, latents=True)}
+               "flux": dict(engines=flux_onnx_export.out, latents=True),
+               "i2v": dict(engines=i2v_folder_export.out, model_path=i2v_folder_export.folder)}
     return repo, {name: write_repository(RepositoryConfig(repo=repo, name=name, **o)) for name, o in options.items()}
 
 

@@ -86,6 +86,29 @@ def test_a_flux_model_answers_with_the_direct_runtimes_bytes(server, direct, pro
                                                            "prompt_embeds": text["prompt_embeds"]}))
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_image_to_video_model_answers_prompt_and_image(server, i2v_folder_export, protocol):
+    """The image (UINT8 [H, W, 3], any size) goes with the prompt; the bundled text and image encoders in the
+    server's model give the bytes the direct runtime gives for the same prompt and image file."""
+    import torch
+
+    from ertacache.models.images import load_image
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for, text_embeds_from_prompt
+
+    image = load_image(i2v_folder_export.image)
+    r = infer(server, protocol, "i2v", make_inputs(protocol, seed=6, prompt=PROMPT, image=image))
+    with Runtime(i2v_folder_export.out, "onnxruntime") as rt:
+        cond = text_embeds_from_prompt(PROMPT, rt.manifest, str(i2v_folder_export.folder),
+                                       image=str(i2v_folder_export.image))
+        rt.sample(noise_for(rt.manifest, 6), cond)
+        want = rt.decode().numpy()
+    assert r.as_numpy("frames").tobytes() == want.tobytes()
+    assert torch.is_tensor(cond["image_latents"])
+    with pytest.raises(InferenceServerException, match="together with 'prompt'"):
+        infer(server, protocol, "i2v", make_inputs(protocol, seed=6, prompt=PROMPT))
+
+
 def test_the_served_config_is_the_written_one(server):
     client = connect("http", server.http_url)
     config = client.get_model_config("wan")
