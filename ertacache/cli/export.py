@@ -164,8 +164,9 @@ def _main(argv: list[str] | None) -> int:
     probe = (profile.calibration.get("prompts") or list(bundle.recipe.calibration_prompts))[:1]
     from ertacache.models.images import images_for
 
-    encoded = bundle.encode(probe, negative, profile.n_branches, images_for(bundle.family, 1),
-                            (profile.frames, profile.height, profile.width))  # an I2V model: a sample image
+    size = (profile.frames, profile.height, profile.width)
+    encoded = bundle.encode(probe, negative, profile.n_branches, images_for(bundle.family, 1, size=size),
+                            size)  # an I2V model: a sample image (only the shapes are kept)
     # one prompt's shape without the row axis: (L, D_text), or per input for a family with several (FLUX)
     text_shape = ({name: tuple(t.shape[1:]) for name, t in encoded.items()} if isinstance(encoded, dict)
                   else tuple(encoded.shape[1:]))

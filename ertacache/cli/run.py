@@ -29,6 +29,37 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     add_digest_arg(p)
 
 
+def check_image_args(args) -> None:
+    """``--image`` against ``--prompt`` and the folder's model, before any engine loads: it goes with a prompt, an
+    image-to-video folder's prompt needs it, and the file must be an image we can read."""
+    from ertacache.errors import UserError
+
+    if args.image is None:
+        if args.prompt is not None and _folder_takes_images(args.engines):
+            raise UserError("this export folder's model is image-to-video: give the conditioning image with "
+                            "--image FILE")
+        return
+    if args.prompt is None:
+        raise UserError("--image goes with --prompt; with --text-embeds the .npz already holds the image inputs")
+    from ertacache.models.images import load_image
+
+    load_image(args.image)  # a missing or unreadable file is named now, not after the engines load
+
+
+def _folder_takes_images(engines) -> bool:
+    """Whether the folder's model (by its recipe) is image-conditioned; False when that cannot be told yet (the
+    full manifest check that follows names a broken folder)."""
+    from ertacache.contract import load_manifest
+    from ertacache.errors import UserError
+    from ertacache.models.family import family_named
+    from ertacache.models.recipes import load_recipe
+
+    try:
+        return family_named(load_recipe(load_manifest(engines, verify_files=False).model.id).family).takes_images
+    except UserError:
+        return False
+
+
 def open_runtime(args):
     """The folder's Runtime, its arguments checked first, with --threads applied (torch's pool for aoti/torch,
     ONNX Runtime's intra-op threads) and the folder pinned to --expect-digest when given."""
@@ -37,6 +68,7 @@ def open_runtime(args):
     check_args(args)
     check_digest_arg(args.expect_digest)
     check_folder_arg(args.engines, "--engines", "ertacache-export --engines")
+    check_image_args(args)
     apply_threads(args.threads)
     providers = args.providers.split(",") if args.providers else None
     return Runtime(args.engines, args.backend, device=args.device, providers=providers, model_path=args.model_path,
@@ -49,10 +81,6 @@ def request(args, manifest):
     if args.prompt is not None:
         text = text_embeds_from_prompt(args.prompt, manifest, args.model_path, image=args.image)
     else:
-        if args.image is not None:
-            from ertacache.errors import UserError
-
-            raise UserError("--image goes with --prompt; with --text-embeds the .npz already holds the image inputs")
         text = text_embeds_from_npy(args.text_embeds, manifest)
     return noise_for(manifest, args.seed), text
 

@@ -23,7 +23,7 @@ from ertacache.eval.fidelity import adherence, score
 from ertacache.eval.plans import Plan, StaticPlan, plain_tables
 from ertacache.eval.record import CalibrationRecord, record_calibration
 from ertacache.models.family import ModelFamily
-from ertacache.models.images import HELD_OUT_IMAGE_OFFSET, images_for
+from ertacache.models.images import images_for
 from ertacache.models.loading import ModelBundle
 from ertacache.profile.build import calibration_set
 from ertacache.profile.calibrate import CalibrationSet
@@ -114,9 +114,10 @@ class EvalContext:
 
     def samples(self, prompts: Sequence[str], seeds: Sequence[int]) -> SampleSet:
         noise = initial_latents(self.latent_shape, list(seeds), self.bundle.device)
-        images = images_for(self.bundle.family, len(prompts), offset=HELD_OUT_IMAGE_OFFSET)  # None for text-only
         s = self.settings
-        text = self.bundle.encode(list(prompts), s.negative_prompt, s.n_branches, images, (s.frames, s.height, s.width))
+        size = (s.frames, s.height, s.width)
+        images = images_for(self.bundle.family, len(prompts), held_out=True, size=size)  # None for text-only
+        text = self.bundle.encode(list(prompts), s.negative_prompt, s.n_branches, images, size)
         return SampleSet(list(prompts), [int(s) for s in seeds], noise, text, self.bundle.family,
                          self.settings.n_branches)
 

@@ -29,6 +29,7 @@ import torch
 from ertacache.eval.config import TeaCacheConfig
 from ertacache.eval.plans import PlanOutput
 from ertacache.eval.record import CalibrationRecord
+from ertacache.models.family import ROWS_PER_BRANCH, ROWS_PER_SAMPLE
 from ertacache.profile.calibrate import CalibrationSet, rel_l1_per_sample
 from ertacache.profile.schedule import forced_full
 from ertacache.sampling.steps import (
@@ -133,7 +134,7 @@ class TeaCachePlan:
         v = torch.empty_like(x_in, dtype=torch.float32)
         full = _rows(np.flatnonzero(compute), batch, nb)
         if len(full):
-            v_full, r_full = full_velocity(adapter, x_in[full], t[full], _select(full_cond, full, x_in.shape[0]))
+            v_full, r_full = full_velocity(adapter, x_in[full], t[full], _select(adapter.family, full_cond, full, batch))
             v[full] = v_full
             if residual is None:
                 residual = torch.zeros((x_in.shape[0], *r_full.shape[1:]), dtype=r_full.dtype, device=r_full.device)
@@ -141,7 +142,7 @@ class TeaCachePlan:
         reuse = _rows(np.flatnonzero(~compute), batch, nb)
         if len(reuse):
             v[reuse] = cached_velocity(adapter, x_in[reuse], t[reuse], residual[reuse],
-                                       _select(cached_cond, reuse, x_in.shape[0]))
+                                       _select(adapter.family, cached_cond, reuse, batch))
         return v, residual
 
 
@@ -159,14 +160,22 @@ def _open_loop_threshold(record, rescaler, target, forced) -> float:
     return hi
 
 
-def _select(cond, rows, n_rows: int):
-    """Rows ``rows`` of a step's conditioning: a tensor, or each tensor of a mapping that has one row per branch
-    row (a shared input, without that axis, as it is); None stays None."""
+def _select(family, cond, rows, batch: int):
+    """The conditioning of branch rows ``rows`` (indices into the nb*B rows): a tensor's rows; in a mapping, each
+    input by its row rule: a per-branch input (and the per-row ``guidance``) those rows, a per-sample input
+    (B rows: Wan I2V's image inputs) the rows of those rows' samples (``rows % B``), so each selected row keeps
+    its own sample's image; a shared input as it is. None stays None."""
     if cond is None:
         return None
     if isinstance(cond, torch.Tensor):
         return cond[rows]
-    return {k: (v[rows] if v.ndim and v.shape[0] == n_rows else v) for k, v in cond.items()}
+    rules = {c.name: c.rows for c in family.conditioning}
+    sample_rows = torch.as_tensor(rows) % batch
+    out = {}
+    for name, value in cond.items():
+        rule = rules.get(name, ROWS_PER_BRANCH)  # "guidance": one value per row, like a branch input
+        out[name] = value[rows] if rule == ROWS_PER_BRANCH else value[sample_rows] if rule == ROWS_PER_SAMPLE else value
+    return out
 
 
 def solve_teacache(cal: CalibrationSet, record: CalibrationRecord, target: int, config: TeaCacheConfig,

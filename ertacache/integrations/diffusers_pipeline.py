@@ -1,4 +1,4 @@
-"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a ``WanPipeline`` or a ``FluxPipeline``.
+"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a diffusers pipeline (Wan, Wan I2V, FLUX, HunyuanVideo).
 
 Two pieces, both through public diffusers extension points:
 
@@ -156,7 +156,8 @@ class ERTACacheHook(ModelHook):
 
 
 def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
-    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline or FluxPipeline) with ``profile``; returns ``pipe``.
+    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline, WanImageToVideoPipeline, FluxPipeline or
+    HunyuanVideoPipeline: any whose transformer's family adapter translates its call) with ``profile``; returns ``pipe``.
 
     Call the pipeline with ``num_inference_steps=profile.steps`` and the profile's height/width
     (/frames); the guidance scale must be the profile's (an embedded one is checked on every call).

@@ -103,7 +103,7 @@ class TransformerCall:
     """
 
     latents: torch.Tensor  # in the adapter's layout: (rows, C, F, H, W) video, (rows, C, H, W) image
-    timestep: torch.Tensor  # (rows,) as the model takes it (sigma x the family's timestep scale)
+    timestep: torch.Tensor  # (rows,) as the model takes it (sigma x the family's timestep scale); (rows, N) per token
     cond: Any  # what a full step's ``pre`` reads (a tensor, or a mapping by conditioning name)
     cached_cond: Any  # what a cached step's ``pre`` reads (None, or the mapping of the cached_step inputs)
     to_output: Callable[[torch.Tensor], torch.Tensor]  # velocity in the adapter's layout -> the forward's

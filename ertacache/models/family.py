@@ -25,7 +25,10 @@ transformer's class (:func:`family_for_model`, keyed like the adapter registry).
 A *variant* (``variant_of``) is a family that loads other components (e.g. the
 testbed: Wan's transformer class with a tiny text encoder and a pixel VAE) but
 must agree with its base on everything the stages use, so a lookup by class
-(which cannot tell the two apart) answers the base and is still right.
+(which cannot tell the two apart) answers the base and is still right. Where one transformer
+class serves two kinds of checkpoint that differ in what the stages use (Wan's text-to-video and
+image-to-video), each is a base family with a ``claims`` rule on the model's config, and the
+lookup by class picks by config.
 
 This module imports no torch: reading a recipe and its family stays cheap.
 """
@@ -397,6 +400,9 @@ class ModelFamily:
                 raise ValueError(f"{where}: {name} must be a loader callable (folder, torch dtype) -> component")
         if self.image_encoder is not None and not callable(self.image_encoder):
             raise ValueError(f"{where}: image_encoder must be a loader callable or None")
+        if self.image_encoder is not None and len(self.conditioning) < 2:
+            raise ValueError(f"{where}: an image_encoder makes image inputs, so the conditioning must list them "
+                             "beside the text input")
         if not self.required_files:
             raise ValueError(f"{where}: required_files must list what a model folder holds (e.g. transformer/config.json)")
         if self.variant_of == self.name:
@@ -564,13 +570,15 @@ def find_family(model) -> ModelFamily | None:
 
 
 def family_for_model(model) -> ModelFamily:
-    """The (base) family of a transformer, by its class name; a clear :class:`UserError` for an unknown class."""
+    """The (base) family of a transformer, by its class name (and config, where the class has several: ``claims``);
+    a clear :class:`UserError` for a class or config no family takes."""
     family = find_family(model)
     if family is None:
         name = type(model).__name__
         if name in _BY_CLASS:
-            raise UserError(f"no ERTACache model family takes this {name} (config: none of "
-                            f"{_BY_CLASS[name]} claims it)")
+            raise UserError(f"no ERTACache model family takes this {name}: its config matches none of the families "
+                            f"of the class ({_BY_CLASS[name]}); a checkpoint of another kind (e.g. another input "
+                            "layout) needs its own family entry with a `claims` rule (docs/families.md)")
         raise UserError(f"no ERTACache model family for model class {name!r}; supported classes: "
                         f"{sorted(_BY_CLASS)}. Add one with register_family(ModelFamily(transformer_class={name!r}, "
                         "...)) next to its adapter (docs/families.md)")

@@ -284,6 +284,11 @@ def _load_hunyuan_vae(path: Path, dtype: torch.dtype) -> HunyuanLatentDecoder:
                                                                           torch_dtype=dtype).eval())
 
 
+def _text_to_video(config) -> bool:
+    """HunyuanVideo text-to-video; HunyuanVideo-I2V (``image_condition_type`` set) is another kind of model."""
+    return getattr(config, "image_condition_type", None) is None
+
+
 HUNYUAN_T2V = register_family(ModelFamily(
     name="hunyuanvideo",
     description="HunyuanVideo text-to-video (Llama + CLIP text encoders, AutoencoderKLHunyuanVideo, guidance-distilled)",
@@ -300,4 +305,5 @@ HUNYUAN_T2V = register_family(ModelFamily(
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json",
                     "text_encoder_2/config.json", "tokenizer", "tokenizer_2"),
     weight_folders=("transformer", "text_encoder", "text_encoder_2", "vae"),
+    claims=_text_to_video,
 ))

@@ -35,46 +35,63 @@ def load_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()  # (H, W, 3)
     except UnidentifiedImageError:
         raise UserError(f"--image {path} is not an image PIL can read; give a PNG or JPEG image") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"--image {path} declares too many pixels (PIL refuses it as a decompression bomb); give an "
+                        f"image under {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except OSError as e:
         raise UserError(f"--image {path} cannot be read ({e}); give a PNG or JPEG image") from None
 
 
-def sample_images(n: int, offset: int = 0, size: int = 256) -> list[np.ndarray]:
-    """``n`` distinct (size, size, 3) uint8 crops of scikit-learn's two sample photographs.
+#: how many distinct crops :func:`sample_images` gives (2 photographs x 36 windows x 2 offsets); it cycles after
+SAMPLE_CROPS = 144
 
-    Crop k (counting from ``offset``) alternates between the photographs and walks a grid of
-    windows over each, so calibration (offset 0) and held-out evaluation (another offset) get
-    different images. Deterministic: the same call gives the same crops everywhere.
+
+def sample_images(n: int, offset: int = 0, size: int = 256, aspect: float = 1.0,
+                  held_out: bool = False) -> list[np.ndarray]:
+    """``n`` crops of scikit-learn's two sample photographs, (size, round(size * aspect), 3) uint8.
+
+    ``aspect`` (width / height): the video's, so the crop is not stretched when it is resized to the
+    video. Crop k (counting from ``offset``) alternates between the photographs and walks a 9 x 4 grid
+    of windows over each, then the same grid shifted by half a step: :data:`SAMPLE_CROPS` distinct
+    crops, then the walk repeats. ``held_out``: the crops mirrored left to right, so held-out
+    evaluation never sees a calibration image. Deterministic: the same call gives the same crops.
     """
     from sklearn.datasets import load_sample_images
 
+    if not (0.1 <= aspect <= 10):
+        raise ValueError(f"aspect (width / height) must be between 0.1 and 10, got {aspect}")
     photos = load_sample_images().images  # two (427, 640, 3) uint8 arrays
+    cols, rows = 9, 4
     out = []
     for k in range(offset, offset + n):
         photo = photos[k % len(photos)]
         h, w = photo.shape[:2]
-        side = min(h, w) * 3 // 4  # 320 px windows of the 427 x 640 photographs: 3 rows x 5 columns of them
-        cols, rows = 5, 3  # 15 windows per photograph, then the walk repeats shifted by half a column step
-        j = k // len(photos)
-        shift = (j // (cols * rows)) % 2 * side // 8  # half a column step: off the first walk's grid
-        y = (j // cols) % rows * (h - side) // (rows - 1)
-        x = ((j % cols) * (w - side) // (cols - 1) + shift) % (w - side + 1)
-        crop = photo[y : y + side, x : x + side]  # (side, side, 3)
-        out.append(_resize(crop, size))
+        wh = int(min(h, w / aspect) * 0.75)  # window height; the width follows the aspect
+        ww = max(1, min(w, round(wh * aspect)))
+        j = (k // len(photos)) % (SAMPLE_CROPS // len(photos))
+        half = j // (cols * rows)  # 0: the grid, 1: the grid shifted by half a step
+        cell = j % (cols * rows)
+        y = ((cell // cols) * 2 + half) * (h - wh) // (2 * rows - 1)
+        x = ((cell % cols) * 2 + half) * (w - ww) // (2 * cols - 1)
+        crop = photo[y : y + wh, x : x + ww]  # (wh, ww, 3)
+        if held_out:
+            crop = crop[:, ::-1]
+        out.append(_resize(crop, size, max(1, round(size * aspect))))
     return out
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
-def images_for(family, n: int, given=None, offset: int = 0) -> list[np.ndarray] | None:
+def images_for(family, n: int, given=None, held_out: bool = False, size: tuple[int, int, int] | None = None):
     """One conditioning image per prompt for an image-conditioned ``family``; None for a text-only one.
 
     ``given`` (the user's ``--image`` files, loaded) are cycled over the ``n`` prompts; without them the
-    built-in :func:`sample_images` from ``offset`` (calibration 0, held-out evaluation another range).
+    built-in :func:`sample_images` (``held_out``: the mirrored ones, for evaluation) cropped to the
+    aspect of ``size`` = (frames, height, width) when given.
     """
     if not family.takes_images:
         if given:
@@ -82,8 +99,5 @@ def images_for(family, n: int, given=None, offset: int = 0) -> list[np.ndarray] 
         return None
     if given:
         return [given[k % len(given)] for k in range(n)]
-    return sample_images(n, offset)
-
-
-#: where held-out evaluation images start in :func:`sample_images` (calibration uses 0, 1, ...)
-HELD_OUT_IMAGE_OFFSET = 101
+    aspect = 1.0 if size is None else size[2] / size[1]
+    return sample_images(n, aspect=aspect, held_out=held_out)

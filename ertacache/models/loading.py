@@ -23,7 +23,7 @@ from ertacache.errors import ModelFilesError, ModelNotFoundError, UserError
 from ertacache.io import safetensors_problem
 from ertacache.models.adapter import ModelAdapter, adapter_for
 from ertacache.models.components import LatentDecoder, PromptEncoder
-from ertacache.models.family import LatentLayout, ModelFamily, family_named, known_families
+from ertacache.models.family import LatentLayout, ModelFamily, family_for_model, family_named, known_families
 from ertacache.models.recipes import Recipe, load_recipe
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -220,9 +220,11 @@ class ModelBundle:
         if images is not None and not family.takes_images:
             raise UserError(f"{self.model_id} is not image-conditioned: it takes no --image")
         if family.takes_images:
-            if images is None or len(images) != len(prompts) or size is None:
+            if images is None or len(images) != len(prompts):
                 raise UserError(f"{self.model_id} is image-to-video: give one conditioning image per prompt "
                                 "(--image FILE)")
+            if size is None:
+                raise ValueError("ModelBundle.encode needs the video size (frames, height, width) for the image inputs")
         rows = list(prompts) + [negative_prompt] * len(prompts) * (n_branches - 1)
         with torch.no_grad():
             encoded = self.prompt_encoder.encode(rows)
@@ -235,6 +237,17 @@ class ModelBundle:
             raise ValueError(f"{type(self.prompt_encoder).__name__} returned {sorted(encoded)}; the {self.family.name} "
                              f"family's conditioning inputs are {names}")
         return {name: encoded[name].to(self.device, self.dtype) for name in names}  # in the family's order
+
+
+def _check_family_of(transformer: nn.Module, family: ModelFamily, recipe: Recipe, path: Path) -> None:
+    """Refuse, right after the transformer loads, a checkpoint of another family than the recipe's (an I2V folder
+    given to a text-to-video id, or the reverse), before the other components load and long work starts."""
+    found = family_for_model(transformer)  # a UserError for a class or config no family takes
+    want = family.variant_of or family.name
+    if found.name != want:
+        raise UserError(f"the transformer in {path} is a {found.name!r} model ({found.description or found.name}), "
+                        f"but --model {recipe.model} expects the {want!r} family; pass the matching --model id or "
+                        "the matching --model-path")
 
 
 def add_image_conditioning(family: ModelFamily, text, image_encoder, images, size: tuple[int, int, int]) -> dict:
@@ -260,6 +273,7 @@ def load_bundle(
     family = family_named(recipe.family)  # an unknown family is refused before any file is touched
     path = resolve_model_path(recipe, model_path)
     transformer = family.transformer(path, torch_dtype).to(device).eval()
+    _check_family_of(transformer, family, recipe, path)
     encoder = family.prompt_encoder(path, torch_dtype)
     if isinstance(encoder, nn.Module) or callable(getattr(encoder, "to", None)):
         encoder.to(device)  # a module, or a component that moves its own modules (FluxPromptEncoder)

@@ -45,9 +45,17 @@ class _WanBlockInputs:
     rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, N, 1, head_dim) each
 
 
+def _per_row(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-sample input (B, ...) for ``rows`` = nb*B latent rows (cond rows, then uncond rows): repeated nb times."""
+    if rows % value.shape[0]:
+        raise ValueError(f"{value.shape[0]} per-sample rows cannot serve {rows} latent rows: give one image row per "
+                         "sample (the CFG branches share it), or select the rows of each chosen sample")
+    return value.repeat(rows // value.shape[0], *([1] * (value.ndim - 1)))  # (B, ...) -> (nb*B, ...)
+
+
 @register_adapter("WanTransformer3DModel")
 class WanAdapter(ModelAdapter):
-    """diffusers ``WanTransformer3DModel`` (Wan2.1 T2V 1.3B/14B and the testbed).
+    """diffusers ``WanTransformer3DModel`` (Wan2.1 T2V 1.3B/14B and I2V 14B, Wan2.2 TI2V-5B, the testbeds).
 
     Mirrors ``WanTransformer3DModel.forward`` for text-to-video and, for a model with an image
     embedder (``image_dim`` set, Wan2.1 I2V), image-to-video: then ``text`` is a mapping with
@@ -103,8 +111,7 @@ class WanAdapter(ModelAdapter):
 
         x = latents
         if image_latents is not None:  # one row per sample: repeated for the CFG branches
-            cond = image_latents.to(latents.dtype).repeat(b // image_latents.shape[0], 1, 1, 1, 1)
-            x = torch.cat([latents, cond], dim=1)  # (B, C, F, H, W) + (B, 4 + C, F, H, W) -> (B, 2C + 4, F, H, W)
+            x = torch.cat([latents, _per_row(image_latents.to(latents.dtype), b)], dim=1)  # (B, C, F, H, W) + (B, 4 + C, F, H, W) -> (B, 2C + 4, F, H, W)
         tokens = model.patch_embedding(x)  # (B, D, F', H', W')
         tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, N, D), N = F'*H'*W'
         dtype = text.dtype if text is not None else tokens.dtype
@@ -120,7 +127,7 @@ class WanAdapter(ModelAdapter):
         if self.image_to_video:
             if image_embeds is None:
                 raise UserError("this Wan model is image-to-video: a full step needs image_embeds (the CLIP image states)")
-            image = ce.image_embedder(image_embeds.repeat(b // image_embeds.shape[0], 1, 1))  # (B, 257, D)
+            image = ce.image_embedder(_per_row(image_embeds, b))  # (B, 257, D)
             context = torch.cat([image, context], dim=1)  # (B, 257 + L, D): image tokens first, as the model does
         block_inputs = _WanBlockInputs(
             text=context,
@@ -139,6 +146,11 @@ class WanAdapter(ModelAdapter):
         if not self.image_to_video:
             bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states"), args, kwargs,
                               ignored=("encoder_hidden_states_image", "attention_kwargs"), owner=owner)
+            t = bound["timestep"]
+            if t.ndim == 2 and not torch.equal(t, t[:, :1].expand_as(t)):  # one host read: the hook runs eagerly
+                raise UserError(f"{owner}: the pipeline passes per-token timesteps that differ (Wan2.2 TI2V's "
+                                "image-to-video mode keeps the first frame clean); the ERTACache hook supports "
+                                "its text-to-video mode only (WanPipeline)")
             return TransformerCall(latents=bound["hidden_states"], timestep=bound["timestep"],
                                    cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
         bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
@@ -159,8 +171,8 @@ class WanAdapter(ModelAdapter):
         text, image_embeds, image_latents = self._inputs(text)
         if image_latents is not None:
             rows = latents.shape[0]
-            latents = torch.cat([latents, image_latents.repeat(rows // image_latents.shape[0], 1, 1, 1, 1)], dim=1)
-            image_embeds = image_embeds.repeat(rows // image_embeds.shape[0], 1, 1)
+            latents = torch.cat([latents, _per_row(image_latents, rows)], dim=1)
+            image_embeds = _per_row(image_embeds, rows)
         return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
                           encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
@@ -253,23 +265,31 @@ class WanImageConditioner:
 
     @torch.no_grad()
     def encode(self, images, height: int, width: int, frames: int) -> dict[str, torch.Tensor]:
-        """images: one (H, W, 3) uint8 array per sample -> ``image_embeds`` and ``image_latents`` (B rows each)."""
+        """images: one (H, W, 3) uint8 array per sample -> ``image_embeds`` and ``image_latents`` (B rows each).
+
+        One image at a time through CLIP and the VAE: a video's worth of VAE activations per image
+        (GBs at 480p) must not be multiplied by the number of calibration prompts.
+        """
+        embeds, latents = zip(*(self._encode_one(im, height, width, frames) for im in images))
+        return {"image_embeds": torch.cat(embeds), "image_latents": torch.cat(latents)}
+
+    def _encode_one(self, image, height: int, width: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
-        pil = [Image.fromarray(im) for im in images]
+        pil = Image.fromarray(image)
         pixels = self.processor(images=pil, return_tensors="pt").pixel_values.to(self.clip.device, self.clip.dtype)
-        states = self.clip(pixels, output_hidden_states=True).hidden_states[-2]  # (B, T, D_clip)
-        first = self.video_processor.preprocess(pil, height=height, width=width)  # (B, 3, H, W) in [-1, 1]
+        states = self.clip(pixels, output_hidden_states=True).hidden_states[-2]  # (1, T, D_clip)
+        first = self.video_processor.preprocess(pil, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
         device, dtype = self.vae.device, self.vae.dtype
-        video = torch.cat([first.unsqueeze(2), first.new_zeros(len(pil), 3, frames - 1, height, width)], dim=2)
-        z = self.vae.encode(video.to(device, dtype)).latent_dist.mode()  # (B, C, F', H', W')
+        video = torch.cat([first.unsqueeze(2), first.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+        z = self.vae.encode(video.to(device, dtype)).latent_dist.mode()  # (1, C, F', H', W')
         cfg, c = self.vae.config, int(self.vae.config.z_dim)
         mean = torch.tensor(cfg.latents_mean, device=device, dtype=z.dtype).view(1, c, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, device=device, dtype=z.dtype).view(1, c, 1, 1, 1)
         z = (z - mean) / std
-        mask = torch.zeros(z.shape[0], 4, *z.shape[2:], device=device, dtype=z.dtype)  # (B, 4, F', H', W')
+        mask = torch.zeros(1, 4, *z.shape[2:], device=device, dtype=z.dtype)  # (1, 4, F', H', W')
         mask[:, :, 0] = 1.0  # the first latent frame (the given image's temporal_factor frames) is known
-        return {"image_embeds": states, "image_latents": torch.cat([mask, z], dim=1)}  # (B, 4 + C, F', H', W')
+        return states, torch.cat([mask, z], dim=1)  # (1, T, D_clip), (1, 4 + C, F', H', W')
 
 
 def _load_wan_image_conditioner(path: Path, dtype: torch.dtype) -> WanImageConditioner:
@@ -278,7 +298,8 @@ def _load_wan_image_conditioner(path: Path, dtype: torch.dtype) -> WanImageCondi
 
     return WanImageConditioner(
         CLIPImageProcessor.from_pretrained(path / "image_processor"),
-        CLIPVisionModel.from_pretrained(path / "image_encoder", torch_dtype=dtype).eval(),
+        # float32 whatever the transformer's dtype, as the pipeline's documented set-up loads it (0.6B parameters)
+        CLIPVisionModel.from_pretrained(path / "image_encoder", torch_dtype=torch.float32).eval(),
         # float32, as WanImageToVideoPipeline keeps its VAE (it encodes the image in the pipeline's dtype)
         AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval(),
     )
@@ -288,8 +309,10 @@ def _load_wan_image_conditioner(path: Path, dtype: torch.dtype) -> WanImageCondi
 WAN_TEXT = ConditioningInput("text_embeds", doc="(nb*B, L, D_text) text-encoder states: cond rows, then uncond rows")
 
 def _text_to_video(config) -> bool:
-    """A Wan checkpoint without an image embedder (Wan2.1 T2V; the testbeds)."""
-    return getattr(config, "image_dim", None) is None
+    """A Wan checkpoint without an image embedder whose input is its output's latents alone (Wan2.1 T2V, Wan2.2
+    TI2V-5B, the testbeds); not Wan2.2 I2V-A14B, which concatenates a condition on channels without CLIP."""
+    out = getattr(config, "out_channels", None)
+    return getattr(config, "image_dim", None) is None and (out is None or out == getattr(config, "in_channels", None))
 
 
 def _image_to_video(config) -> bool:

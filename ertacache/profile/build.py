@@ -55,18 +55,20 @@ def calibration_set(
     sample photographs (:func:`ertacache.models.images.images_for`).
 
     Both stay in host memory: the passes move one micro-batch at a time to the model's device,
-    so device memory does not grow with the number of prompts.
+    so device memory does not grow with the number of prompts (an image-to-video model's images are
+    encoded one at a time, then kept on the host with the text).
     """
     if not prompts:
         raise UserError("no calibration prompts: pass --prompts FILE with one prompt per line")
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     nb = settings.n_branches
+    size = (settings.frames, settings.height, settings.width)
     return CalibrationSet(
         adapter=bundle.adapter,
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
         text_embeds=move_conditioning(bundle.encode(list(prompts), settings.negative_prompt, nb,
-                                                    images_for(bundle.family, len(prompts), images),
-                                                    (settings.frames, settings.height, settings.width)), "cpu"),
+                                                    images_for(bundle.family, len(prompts), images, size=size),
+                                                    size), "cpu"),
         guidance_scale=settings.guidance_scale,
         nominal_sigmas=request_sigmas(bundle, settings),
         n_branches=nb,

@@ -7,6 +7,8 @@ the configuration it was given still matches its folder (an operator may edit th
 Inputs (Triton names; ``B`` the folder's static batch, ``nb`` 2 with classifier-free guidance):
 
     prompt          TYPE_STRING [1]             when the text encoder is in the repository
+    image           TYPE_UINT8  [H, W, 3]       with the prompt, for an image-to-video model (any size, RGB;
+                                                its image encoder is in the repository too)
     text_embeds     TYPE_FP32   [nb*B, L, D]    precomputed embeddings: cond rows, then uncond rows
                                                 (a family with several conditioning tensors has one
                                                 input per tensor instead, each required: FLUX's

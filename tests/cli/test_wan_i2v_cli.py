@@ -114,3 +114,22 @@ def load_manifest_of(root):
     from ertacache.contract import load_manifest
 
     return load_manifest(root / "out")
+
+
+def test_image_flags_are_checked_before_the_engines_load(i2v_export, tmp_path, capsys, monkeypatch):
+    """A missing --image for an I2V folder, --image without --prompt, and an unreadable file are refused before
+    the Runtime is built (the engines are never opened)."""
+    import ertacache.runtime
+
+    root, _ = i2v_export
+
+    def no_runtime(*a, **k):
+        raise AssertionError("the engines were opened before the flags were checked")
+
+    monkeypatch.setattr(ertacache.runtime, "Runtime", no_runtime)
+    (tmp_path / "text.png").write_text("not an image")
+    base = ["--engines", str(root / "out"), "--out", str(tmp_path / "v.gif")]
+    for args, match in ((["--prompt", "a cat"], "image-to-video: give the conditioning image"),
+                        (["--prompt", "a cat", "--image", str(tmp_path / "text.png")], "is not an image PIL can read")):
+        assert run_cli.main([*base, *args]) == 2
+        assert match in capsys.readouterr().err

@@ -47,8 +47,22 @@ def test_the_split_equals_the_forward_with_per_token_timesteps():
         expanded = adapter.modulated_input(adapter.pre(latents, torch.full((2, n), 700.0), text))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert pre.head_inputs.temb.shape[:2] == (2, n) and pre.block_inputs.timestep_proj.shape[:3] == (2, n, 6)
-    assert per_token.shape == same.shape
     torch.testing.assert_close(expanded, same, rtol=1e-6, atol=1e-6)  # equal per-token timesteps = one per sample
+    assert (per_token[:, :6] - same[:, :6]).abs().max() > 1e-3  # the first tokens' own timestep (0) counts
+
+
+def test_the_hook_refuses_differing_per_token_timesteps():
+    """TI2V's image-to-video mode (a clean first frame) is not the text-to-video path the hook mirrors."""
+    from ertacache.errors import UserError
+
+    adapter = adapter_for(tiny_wan())
+    latents, text = _latents_and_text()
+    t = torch.full((2, 12), 500.0)
+    call = adapter.transformer_call(latents, t, text)  # equal per-token timesteps: text-to-video
+    assert call.timestep.shape == (2, 12)
+    t[:, :6] = 0.0
+    with pytest.raises(UserError, match="per-token timesteps that differ"):
+        adapter.transformer_call(latents, t, text)
 
 
 def _pipeline(model):

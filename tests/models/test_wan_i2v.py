@@ -55,6 +55,16 @@ def test_the_family_is_chosen_by_the_models_config():
     assert family_named("wan-i2v") is i2v
 
 
+def test_a_wan_config_no_family_takes_is_refused_by_name():
+    """Wan2.2 I2V-A14B's transformer: a condition concatenated on channels (in 36, out 16) but no image embedder."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                  in_channels=2 * C + 4, out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32,
+                                  num_layers=1, rope_max_seq_len=64)
+    with pytest.raises(UserError, match="its config matches none of the families of the class"):
+        family_for_model(model)
+
+
 def test_a_family_without_a_claims_rule_cannot_share_a_class():
     import dataclasses
 
@@ -201,3 +211,32 @@ def test_enable_ertacache_on_the_i2v_pipeline_equals_our_cached_sampler():
     disable_ertacache(pipe)
     plain = _run(pipe, noise, image, cond["text_embeds"], STEPS, 32, 5)
     assert (plain - got).abs().max() > 1e-4
+
+
+def test_teacache_keeps_each_samples_image_when_samples_decide_apart():
+    """A batch of 2 where sample 0 computes and sample 1 reuses: each row gets its own sample's image inputs
+    (the per-sample rows are picked by sample, not passed whole)."""
+    import numpy as np
+
+    from ertacache.eval.teacache import TeaCachePlan
+    from ertacache.sampling.steps import cached_velocity, step_conditioning
+
+    model = tiny_wan_i2v()
+    adapter = adapter_for(model)
+    family = adapter.family
+    x = torch.randn(2, C, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+    cond = i2v_cond(batch=2)
+    x_in, t = torch.cat([x, x]), torch.full((4,), 500.0)  # rows: sample 0, sample 1 (cond), then (uncond)
+    g = torch.tensor(GUIDANCE)
+    conds = (step_conditioning(family, cond, g, 4, cached=False), step_conditioning(family, cond, g, 4, cached=True))
+    with torch.no_grad():
+        v, _ = TeaCachePlan._velocity(adapter, x_in, t, conds, None, np.array([True, False]), 2, 2)
+        own = {"text_embeds": cond["text_embeds"][[0, 2]], "image_embeds": cond["image_embeds"][:1],
+               "image_latents": cond["image_latents"][:1]}
+        computed = adapter.forward(x_in[[0, 2]], t[[0, 2]], own)
+        reused = cached_velocity(adapter, x_in[[1, 3]], t[[1, 3]], torch.zeros(2, 8, 16),
+                                 {"image_latents": cond["image_latents"][1:2]})
+    torch.testing.assert_close(v[[0, 2]], computed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v[[1, 3]], reused, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 per-sample rows cannot serve 3 latent rows"):
+        adapter.pre(x_in[:3], t[:3], cond)

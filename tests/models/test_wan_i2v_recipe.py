@@ -87,12 +87,18 @@ def test_encode_demands_one_image_per_prompt_and_samples(i2v_bundle):
     assert not torch.equal(result.latents, other.latents)  # the image conditions the video
 
 
-def test_sample_images_are_distinct_and_deterministic():
-    a, b = sample_images(20), sample_images(20)
+def test_sample_images_are_distinct_deterministic_and_shaped_like_the_video():
+    from ertacache.models.images import SAMPLE_CROPS
+
+    a, b = sample_images(SAMPLE_CROPS + 2), sample_images(SAMPLE_CROPS + 2)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert len({x.tobytes() for x in a}) == 20 and a[0].shape == (256, 256, 3) and a[0].dtype == np.uint8
-    held_out = sample_images(4, offset=101)
-    assert not any(np.array_equal(x, y) for x in held_out for y in a)
+    assert len({x.tobytes() for x in a[:SAMPLE_CROPS]}) == SAMPLE_CROPS  # then the walk repeats
+    assert np.array_equal(a[SAMPLE_CROPS], a[0]) and a[0].shape == (256, 256, 3) and a[0].dtype == np.uint8
+    held_out = sample_images(SAMPLE_CROPS, held_out=True)
+    seen = {x.tobytes() for x in a}
+    assert not any(x.tobytes() in seen for x in held_out)  # mirrored: never a calibration image
+    wide = sample_images(3, size=60, aspect=832 / 480)
+    assert wide[0].shape == (60, 104, 3)  # the video's aspect: no stretching when resized to 480 x 832
 
 
 def test_generate_takes_image_and_refuses_it_where_it_does_not_apply(i2v_folder, tmp_path, capsys):
@@ -107,8 +113,8 @@ def test_generate_takes_image_and_refuses_it_where_it_does_not_apply(i2v_folder,
     assert (tmp_path / "v.gif").stat().st_size > 0
     capsys.readouterr()
     for args, match in (([], "image-to-video: give the conditioning image with --image FILE"),
-                        (["--image", str(tmp_path / "missing.png")], "--image"),
-                        (["--image", str(tmp_path / "v.gif.txt")], "does not exist")):
+                        (["--image", str(tmp_path / "missing.png")], "missing.png does not exist or is not a file"),
+                        (["--image", str(tmp_path)], "is not a file; give a PNG or JPEG image")):
         assert generate_cli.main([*base, *args, "--out", str(tmp_path / "bad.gif")]) == 2
         assert match in capsys.readouterr().err
     (tmp_path / "text.png").write_text("not an image")
@@ -118,6 +124,12 @@ def test_generate_takes_image_and_refuses_it_where_it_does_not_apply(i2v_folder,
                             str(tmp_path / "first.png"), "--out", str(tmp_path / "bad.gif")])
     assert rc == 2 and "takes no --image" in capsys.readouterr().err
     assert not (tmp_path / "bad.gif").exists()
+
+
+def test_a_folder_of_the_other_wan_family_is_refused_when_it_loads(i2v_folder):
+    """An I2V folder given to the text-to-video id (or the reverse) stops right after the transformer loads."""
+    with pytest.raises(UserError, match="is a 'wan-i2v' model .* --model wan2.1 expects the 'wan' family"):
+        load_bundle("wan2.1", i2v_folder, dtype="fp32")
 
 
 def test_load_image_reads_rgb(tmp_path):
