@@ -214,3 +214,10 @@ def i2v_folder_export(tmp_path_factory):
     assert rc == 0
     Image.fromarray(sample_images(1, offset=7)[0]).save(root / "first.png")
     return SimpleNamespace(folder=folder, out=root / "out", image=root / "first.png")
+
+
+def program_runner(programs):
+    """The exported programs (``torch.export``, what AOTInductor and ONNX start from) run as modules."""
+    from ertacache.export.runners import EagerRunner
+
+    return EagerRunner({name: program.module() for name, program in programs.items()})

@@ -21,19 +21,7 @@ from tests.integrations.test_flux_pipeline import GUIDANCE, flux_profile
 from tests.models.test_flux_adapter import tiny_flux
 
 from tests.export.fixtures import FLUX_SHAPES as SHAPES  # one prompt's, without the batch axis
-
-
-class _ProgramRunner:
-    """The exported programs run as modules (what AOTInductor and ONNX start from)."""
-
-    def __init__(self, programs):
-        self.modules = {name: p.module() for name, p in programs.items()}
-
-    def full(self, *args):
-        return self.modules[FULL_STEP](*args)
-
-    def cached(self, *args):
-        return self.modules[CACHED_STEP](*args)
+from tests.export.fixtures import program_runner
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +67,7 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(flux_graphs
         ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
         flat = (cond["prompt_embeds"], cond["pooled_prompt_embeds"])
         eager = run_schedule(EagerRunner(graphs.modules), profile.mask, noise, flat, GUIDANCE, profile.history)
-        exported = run_schedule(_ProgramRunner(graphs.programs), profile.mask, noise, flat, GUIDANCE, profile.history)
+        exported = run_schedule(program_runner(graphs.programs), profile.mask, noise, flat, GUIDANCE, profile.history)
     torch.testing.assert_close(eager, ref, rtol=0, atol=1e-6)
     assert relative_l2(exported, ref) < 1e-5
 

@@ -17,24 +17,12 @@ from ertacache.export.onnx_target import OnnxFromExportedProgram
 from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
+from tests.export.fixtures import program_runner
 from tests.integrations.test_hunyuan_pipeline import LATENT, hunyuan_profile
 from tests.models.test_hunyuan_video import GUIDANCE, POOLED_DIM, SEQ, TEXT_DIM, hunyuan_cond, tiny_hunyuan
 
 SHAPES = {"prompt_embeds": (SEQ, TEXT_DIM), "prompt_attention_mask": (SEQ,), "pooled_prompt_embeds": (POOLED_DIM,)}
 NAMES = tuple(SHAPES)
-
-
-class _ProgramRunner:
-    """The exported programs run as modules (what AOTInductor and ONNX start from)."""
-
-    def __init__(self, programs):
-        self.modules = {name: p.module() for name, p in programs.items()}
-
-    def full(self, *args):
-        return self.modules[FULL_STEP](*args)
-
-    def cached(self, *args):
-        return self.modules[CACHED_STEP](*args)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(hunyuan_gra
     with torch.no_grad():
         ref = CachedSampler(adapter, profile.tables(), profile.mask)(noise, cond, GUIDANCE).latents
         eager = run_schedule(EagerRunner(graphs.modules), profile.mask, noise, flat, GUIDANCE, profile.history)
-        exported = run_schedule(_ProgramRunner(graphs.programs), profile.mask, noise, flat, GUIDANCE, profile.history)
+        exported = run_schedule(program_runner(graphs.programs), profile.mask, noise, flat, GUIDANCE, profile.history)
     torch.testing.assert_close(eager, ref, rtol=0, atol=1e-6)
     assert relative_l2(exported, ref) < 1e-5
 

@@ -15,23 +15,13 @@ from ertacache.export.onnx_target import OnnxFromExportedProgram
 from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
+from tests.export.fixtures import program_runner
 from tests.models.test_wan_i2v import (C, GUIDANCE, IMAGE_DIM, IMAGE_TOKENS, LATENT, TEXT_DIM, TEXT_LEN, i2v_cond,
                                        i2v_profile, tiny_wan_i2v)
 
 SHAPES = {"text_embeds": (TEXT_LEN, TEXT_DIM), "image_embeds": (IMAGE_TOKENS, IMAGE_DIM),
           "image_latents": (4 + C, *LATENT[1:])}
 NAMES = tuple(SHAPES)
-
-
-class _ProgramRunner:
-    def __init__(self, programs):
-        self.modules = {name: p.module() for name, p in programs.items()}
-
-    def full(self, *args):
-        return self.modules[FULL_STEP](*args)
-
-    def cached(self, *args):
-        return self.modules[CACHED_STEP](*args)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def test_each_input_is_a_named_graph_input_with_its_row_rule(i2v_graphs):
 def test_exported_programs_equal_the_eager_sampler_over_the_schedule(i2v_graphs):
     adapter, profile, graphs = i2v_graphs
     assert _schedule_error(EagerRunner(graphs.modules), adapter, profile, seed=31) < 1e-6
-    assert _schedule_error(_ProgramRunner(graphs.programs), adapter, profile, seed=32) < 1e-5
+    assert _schedule_error(program_runner(graphs.programs), adapter, profile, seed=32) < 1e-5
 
 
 @pytest.mark.slow  # ONNX export of both graphs
