@@ -28,6 +28,24 @@ class LatentDecoder(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
+def diffusers_loader(class_name: str, subfolder: str, wrap=None, float32: bool = False):
+    """A family loader ``(folder, dtype) -> component``: diffusers' ``class_name`` from ``subfolder`` of a
+    diffusers-format model folder, in eval mode, optionally wrapped (a decoder around its VAE).
+
+    float32: load in float32 whatever the requested dtype (the Wan pipelines keep their VAE there).
+    The class is looked up in diffusers when the loader runs, so defining a family imports no diffusers.
+    """
+    def load(path, dtype):
+        import diffusers
+
+        model = getattr(diffusers, class_name).from_pretrained(path, subfolder=subfolder,
+                                                                torch_dtype=torch.float32 if float32 else dtype)
+        return model.eval() if wrap is None else wrap(model.eval())
+
+    load.__qualname__ = load.__name__ = f"load_{class_name}"
+    return load
+
+
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

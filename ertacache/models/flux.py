@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
-from ertacache.models.components import to_uint8_frames
+from ertacache.models.components import diffusers_loader, to_uint8_frames
 from ertacache.models.family import EMBEDDED, IMAGE, ConditioningInput, ModelFamily, SigmaSchedule, register_family
 
 #: the T5 states: (B, L, joint_attention_dim); only the block stack reads them
@@ -257,12 +256,6 @@ class FluxLatentDecoder:
         return to_uint8_frames(image.unsqueeze(2))  # (B, 3, 1, H, W) -> (B, 1, H, W, 3)
 
 
-def _load_flux_transformer(path: Path, dtype: torch.dtype) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-
-
 def _load_flux_text(path: Path, dtype: torch.dtype) -> FluxPromptEncoder:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -272,12 +265,6 @@ def _load_flux_text(path: Path, dtype: torch.dtype) -> FluxPromptEncoder:
         T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
         T5EncoderModel.from_pretrained(path / "text_encoder_2", torch_dtype=dtype).eval(),
     )
-
-
-def _load_flux_vae(path: Path, dtype: torch.dtype) -> FluxLatentDecoder:
-    from diffusers import AutoencoderKL
-
-    return FluxLatentDecoder(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).eval())
 
 
 FLUX_T2I = register_family(ModelFamily(
@@ -291,9 +278,9 @@ FLUX_T2I = register_family(ModelFamily(
     sigma_schedule=SigmaSchedule(kind="dynamic", base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096),
     guidance=EMBEDDED,
     block_stacks=("transformer_blocks", "single_transformer_blocks"),
-    transformer=_load_flux_transformer,
+    transformer=diffusers_loader("FluxTransformer2DModel", "transformer"),
     prompt_encoder=_load_flux_text,
-    decoder=_load_flux_vae,
+    decoder=diffusers_loader("AutoencoderKL", "vae", wrap=FluxLatentDecoder),
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json",
                     "text_encoder_2/config.json", "tokenizer", "tokenizer_2"),
     weight_folders=("transformer", "text_encoder", "text_encoder_2", "vae"),

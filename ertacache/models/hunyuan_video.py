@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
-from ertacache.models.components import to_uint8_frames
+from ertacache.models.components import diffusers_loader, to_uint8_frames
 from ertacache.models.family import EMBEDDED, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule, register_family
 
 #: the Llama states: (B, L, text_embed_dim); only the full step reads them
@@ -260,12 +259,6 @@ class HunyuanLatentDecoder:
         return to_uint8_frames(video)
 
 
-def _load_hunyuan_transformer(path: Path, dtype: torch.dtype) -> nn.Module:
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    return HunyuanVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-
-
 def _load_hunyuan_text(path: Path, dtype: torch.dtype) -> HunyuanPromptEncoder:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
@@ -275,13 +268,6 @@ def _load_hunyuan_text(path: Path, dtype: torch.dtype) -> HunyuanPromptEncoder:
         CLIPTokenizer.from_pretrained(path / "tokenizer_2"),
         CLIPTextModel.from_pretrained(path / "text_encoder_2", torch_dtype=dtype).eval(),
     )
-
-
-def _load_hunyuan_vae(path: Path, dtype: torch.dtype) -> HunyuanLatentDecoder:
-    from diffusers import AutoencoderKLHunyuanVideo
-
-    return HunyuanLatentDecoder(AutoencoderKLHunyuanVideo.from_pretrained(path, subfolder="vae",
-                                                                          torch_dtype=dtype).eval())
 
 
 def _text_to_video(config) -> bool:
@@ -299,9 +285,9 @@ HUNYUAN_T2V = register_family(ModelFamily(
     sigma_schedule=SigmaSchedule(kind="ramp"),  # linspace(1, 0, T + 1)[:-1], statically shifted (7.0)
     guidance=EMBEDDED,
     block_stacks=("transformer_blocks", "single_transformer_blocks"),
-    transformer=_load_hunyuan_transformer,
+    transformer=diffusers_loader("HunyuanVideoTransformer3DModel", "transformer"),
     prompt_encoder=_load_hunyuan_text,
-    decoder=_load_hunyuan_vae,
+    decoder=diffusers_loader("AutoencoderKLHunyuanVideo", "vae", wrap=HunyuanLatentDecoder),
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json",
                     "text_encoder_2/config.json", "tokenizer", "tokenizer_2"),
     weight_folders=("transformer", "text_encoder", "text_encoder_2", "vae"),

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
-from ertacache.models.components import LatentDecoder, PromptEncoder, UMT5PromptEncoder, WanLatentDecoder
+from ertacache.models.components import PromptEncoder, UMT5PromptEncoder, WanLatentDecoder, diffusers_loader
 from ertacache.models.family import (CFG, ROWS_PER_SAMPLE, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule,
                                      register_family)
 
@@ -218,12 +217,6 @@ class WanAdapter(ModelAdapter):
 
 
 
-def _load_wan_transformer(path: Path, dtype: torch.dtype) -> nn.Module:
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-
-
 def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -232,11 +225,9 @@ def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
     return UMT5PromptEncoder(tokenizer, encoder)
 
 
-def _load_wan_vae(path: Path, dtype: torch.dtype) -> LatentDecoder:
-    from diffusers import AutoencoderKLWan
-
-    # WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
-    return WanLatentDecoder(AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval())
+_load_wan_transformer = diffusers_loader("WanTransformer3DModel", "transformer")
+# WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
+_load_wan_vae = diffusers_loader("AutoencoderKLWan", "vae", wrap=WanLatentDecoder, float32=True)
 
 
 class WanImageConditioner:

@@ -328,7 +328,7 @@ class ModelInstance:
         return self
 
     def _load_encoder(self, manifest):
-        from ertacache.models.family import family_named, is_known_family, known_families
+        from ertacache.models.family import is_known_family, known_families
 
         if not self.params.text_encoder:
             raise UserError("config.pbtxt declares a 'prompt' input but names no text_encoder folder; remove the "

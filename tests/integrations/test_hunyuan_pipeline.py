@@ -6,8 +6,6 @@ an adjusted sigma table (so the test sees whether the pipeline runs the profile'
 Lagrange predictor with a bias and a non-zero correction.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
