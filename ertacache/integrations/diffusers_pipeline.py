@@ -163,6 +163,9 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
     (/frames); the guidance scale must be the profile's (an embedded one is checked on every call).
     """
     transformer = pipe.transformer
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise UserError("this pipeline has two transformers (a two-expert model such as Wan2.2 A14B); ERTACache "
+                        "does not support two-expert models yet")
     family = family_for_model(transformer)  # refuses a transformer class no family knows
     if not family.accepts_guidance(profile.guidance) or len(profile.latent_shape) != family.latent_rank:
         raise UserError(f"the profile ({profile.model}: {profile.guidance} guidance, {len(profile.latent_shape)}-axis "

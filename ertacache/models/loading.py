@@ -272,6 +272,10 @@ def load_bundle(
     torch_dtype = TORCH_DTYPES[dtype_name]
     family = family_named(recipe.family)  # an unknown family is refused before any file is touched
     path = resolve_model_path(recipe, model_path)
+    if (path / "transformer_2").is_dir():  # Wan2.2 A14B: a high-noise and a low-noise expert
+        raise UserError(f"{path} holds two transformers (transformer/ and transformer_2/: a two-expert model such as "
+                        "Wan2.2 A14B); ertacache does not support two-expert models yet, and running the first "
+                        "expert alone would give wrong videos")
     transformer = family.transformer(path, torch_dtype).to(device).eval()
     _check_family_of(transformer, family, recipe, path)
     encoder = family.prompt_encoder(path, torch_dtype)
