@@ -221,3 +221,21 @@ def program_runner(programs):
     from ertacache.export.runners import EagerRunner
 
     return EagerRunner({name: program.module() for name, program in programs.items()})
+
+
+@pytest.fixture(scope="session")
+def hunyuan_folder_export(tmp_path_factory):
+    """A tiny random HunyuanVideo diffusers-format folder and one ONNX export of it through the CLI (~8 s on 2
+    cores): .folder, .out."""
+    from types import SimpleNamespace
+
+    from ertacache.cli import export as export_cli
+    from tests.models.test_hunyuan_recipe import write_hunyuan_folder
+
+    root = tmp_path_factory.mktemp("hunyuan-export")
+    folder = write_hunyuan_folder(root / "folder")
+    rc = export_cli.main(["--model", "hunyuanvideo", "--model-path", str(folder), "--height", "32", "--width", "32",
+                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--dtype", "fp32",
+                          "--targets", "onnx", "--timing-repeats", "0", "--engines", str(root / "out"), "--quiet"])
+    assert rc == 0
+    return SimpleNamespace(folder=folder, out=root / "out")

@@ -66,6 +66,10 @@ def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(i2v_graphs, tmp_p
     paths = {n: target(n, graphs.programs[n], graphs.example_inputs[n], graphs.specs[n], tmp_path).path
              for n in (FULL_STEP, CACHED_STEP)}
     assert _schedule_error(OnnxRuntimeRunner(paths, graphs.specs), adapter, profile, seed=33) < 1e-4
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(paths[FULL_STEP]), load_external_data=False).graph.node}
+    assert "ScatterND" not in ops  # the export-time rope rewrite covered the I2V attention too
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ Models (all over tests/export/fixtures.py exports, ONNX Runtime on the CPU):
     tiny_rows    tiny with max_batch_size 2: Triton batches requests into rows
     flux         a tiny random FLUX (embedded guidance, K = 3): prompt_embeds and pooled_prompt_embeds, + latents
     i2v          the tiny diffusers-format Wan2.1 I2V folder: prompt + image (UMT5, CLIP vision, VAE bundled)
+    hunyuan      the tiny diffusers-format HunyuanVideo folder: prompt (Llama + CLIP bundled) or its three tensors
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from ertacache.runtime import Runtime
 from ertacache.runtime.inputs import encode_prompt, noise_for
 from ertacache.serving import RepositoryConfig, write_repository
 
-MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux", "i2v")
+MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux", "i2v", "hunyuan")
 
 
 @pytest.fixture(scope="session")
-def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_export, i2v_folder_export):
+def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_export, i2v_folder_export,
+                hunyuan_folder_export):
     """(repository folder, {name: RepositoryReport})."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     options = {"wan": dict(engines=wan_folder_export, latents=True),
@@ -32,7 +34,8 @@ def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_expo
                "tiny_stream": dict(engines=onnx_export.out, decoupled=True),
                "tiny_rows": dict(engines=onnx_export.out, max_batch_size=2),
                "flux": dict(engines=flux_onnx_export.out, latents=True),
-               "i2v": dict(engines=i2v_folder_export.out, model_path=i2v_folder_export.folder)}
+               "i2v": dict(engines=i2v_folder_export.out, model_path=i2v_folder_export.folder),
+               "hunyuan": dict(engines=hunyuan_folder_export.out, model_path=hunyuan_folder_export.folder)}
     return repo, {name: write_repository(RepositoryConfig(repo=repo, name=name, **o)) for name, o in options.items()}
 
 

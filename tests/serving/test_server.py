@@ -109,6 +109,20 @@ def test_an_image_to_video_model_answers_prompt_and_image(server, i2v_folder_exp
         infer(server, protocol, "i2v", make_inputs(protocol, seed=6, prompt=PROMPT))
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_hunyuanvideo_model_encodes_the_prompt_with_its_bundled_encoders(server, hunyuan_folder_export, protocol):
+    """Llama (template, mask) and CLIP in the server's model: the same bytes as the direct runtime on the prompt."""
+    from ertacache.runtime import Runtime
+    from ertacache.runtime.inputs import noise_for, text_embeds_from_prompt
+
+    prompt = "a red cat walks on the grass"
+    r = infer(server, protocol, "hunyuan", make_inputs(protocol, seed=2, prompt=prompt))
+    with Runtime(hunyuan_folder_export.out, "onnxruntime") as rt:
+        rt.sample(noise_for(rt.manifest, 2), text_embeds_from_prompt(prompt, rt.manifest, str(hunyuan_folder_export.folder)))
+        want = rt.decode().numpy()
+    assert r.as_numpy("frames").tobytes() == want.tobytes()
+
+
 def test_the_served_config_is_the_written_one(server):
     client = connect("http", server.http_url)
     config = client.get_model_config("wan")
