@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "model", "eager", "calibration", "export", "runtime eager", "runtime torch.compile",
-            "runtime aoti", "precision")
+            "runtime aoti", "precision", "families")
 RUNTIME_KEYS = {"full_ms", "cached_ms", "c", "uncached_s", "cached_s", "speedup", "ideal", "measured_over_ideal",
                 "host_syncs_per_step", "torch_allocs_per_step", "torch_bytes_per_step", "peak_gib", "open_s",
                 "cuda_graphs", "final_finite"}
@@ -57,6 +57,10 @@ def test_dry_run_writes_every_section(dry_run):
     assert cal["peak_ratio_last_over_first"] <= 1.05
     prec = sections["precision"]
     assert prec["bf16_finite"] and prec["fp32_finite"] and 0 < prec["rel_l2_bf16_vs_fp32"] < 0.1
+    families = {k: v for k, v in sections["families"].items() if isinstance(v, dict)}
+    assert set(families) == {"hunyuanvideo", "wan-i2v", "flux"}
+    assert all(r["eager_graphs_rel_l2"] < 1e-3 for r in families.values())  # the dry run compiles no AOTI
+    assert families["wan-i2v"]["inputs"] == ["text_embeds", "image_embeds", "image_latents"]
     md = (out / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| aoti |" in md and "Not measured" not in md
 

@@ -22,6 +22,8 @@ text tokens) with a 20-step schedule by default, it measures, each in its own se
                   measured vs the ideal bound T / (N_full + N_cached c), host syncs and allocations
                   per step inside the loop, peak device memory of the runtime
     precision     the whole bf16 schedule vs the same schedule in fp32 (relative L2, NaN check)
+    families      HunyuanVideo, Wan2.1 I2V and FLUX step graphs (small random models at the real head
+                  size) baked, AOTInductor-compiled for the device and validated over a schedule
 
 Every section is timed, its failure is recorded (not fatal), and the JSON is rewritten after each
 section, so a run cut short by the device's time limit still returns what it measured. Sections
@@ -323,6 +325,91 @@ def section_precision(s: Setup) -> dict:
             "fp32_finite": bool(torch.isfinite(fp32).all()), "schedule": "cached (the calibration's 2x mask)"}
 
 
+#: one small random model per family beyond Wan T2V, at the real checkpoints' head size (the step graphs'
+#: structure, not their cost, is what this checks): (name, builder, latent shape, conditioning shapes)
+def _family_models(dry: bool):
+    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    head = 16 if dry else 128
+    rope = (2, 6, 8) if dry else (16, 56, 56)
+    text = 16 if dry else 4096
+    return [
+        ("hunyuanvideo", lambda: HunyuanVideoTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=head, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+            text_embed_dim=text, pooled_projection_dim=32 if dry else 768, rope_axes_dim=rope, in_channels=16,
+            out_channels=16), (16, 3, 16, 16),
+         {"prompt_embeds": (32, text), "prompt_attention_mask": (32,), "pooled_prompt_embeds": (32 if dry else 768,)}),
+        ("wan-i2v", lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head, in_channels=36, out_channels=16,
+            text_dim=text, freq_dim=32 if dry else 256, ffn_dim=4 * head, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=32 if dry else 1280, added_kv_proj_dim=2 * head,
+            rope_max_seq_len=1024), (16, 3, 16, 16),
+         {"text_embeds": (512, text), "image_embeds": (9 if dry else 257, 32 if dry else 1280),
+          "image_latents": (20, 3, 16, 16)}),
+        ("flux", lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=head,
+            num_attention_heads=2, joint_attention_dim=text, pooled_projection_dim=32 if dry else 768,
+            guidance_embeds=True, axes_dims_rope=rope), (16, 32, 32),
+         {"prompt_embeds": (32, text), "pooled_prompt_embeds": (32 if dry else 768,)}),
+    ]
+
+
+def section_families(s: Setup, work: Path) -> dict:
+    """The other families' step graphs on the device: baked (three reused steps between full ones), run eagerly
+    and, off the dry run, AOTInductor-compiled for the device; each validated over the schedule against the eager
+    sampler in bf16. Random weights and a hand-written reuse profile: this checks that the graphs build and run
+    on the device, not speed or fidelity."""
+    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
+    from ertacache.export.graphs import BakeStepGraphs
+    from ertacache.export.runners import AotiRunner, EagerRunner, relative_l2, run_schedule
+    from ertacache.profile.artifact import Profile
+
+    steps, out = 8, {}
+    mask = [True, True, False, True, False, False, True, True]
+    for name, build, latent, shapes in _family_models(s.dry):
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(s.device):
+            model = build().eval().to(s.dtype)
+        adapter = adapter_for(model)
+        family = adapter.family
+        guided = family.guidance != "cfg"
+        nb = 1 if guided else 2
+        seq = latent[-1] * latent[-2] // 4
+        nominal = family.sigmas(steps, shift=3.0, seq_len=seq)
+        c = latent[0]
+        profile = Profile(f"{name}-random", fingerprint_module(model), steps, 3.0, 8 * latent[-2], 8 * latent[-1],
+                          4 * (latent[1] - 1) + 1 if len(latent) == 4 else None, list(latent), 4.0, nb, 0.0,
+                          mask, list(nominal), list(nominal), [1.0] * steps, torch.zeros(steps, nb, c),
+                          torch.zeros(steps, nb, c), {}, {}, guidance="embedded" if guided else "cfg")
+        graphs = BakeStepGraphs(batch_size=1, dtype=s.dtype, text_shape=shapes)(adapter, profile)
+        gen = torch.Generator().manual_seed(3)
+        noise = torch.randn((1, *latent), generator=gen).to(s.device)
+        cond = {}
+        for spec in family.conditioning:
+            rows = spec.expected_rows(1, nb)
+            shape = ((rows,) if rows is not None else ()) + tuple(shapes[spec.name])
+            value = torch.randn(shape, generator=gen) * 0.5
+            if spec.name == "prompt_attention_mask":
+                value = (torch.arange(shape[-1]) < shape[-1] // 2).float().expand(shape)  # half the tokens real
+            cond[spec.name] = value.to(s.device, s.dtype)
+        flat = tuple(cond[n] for n in family.input_names)
+        with torch.no_grad():
+            ref = CachedSampler(adapter, profile.tables(), mask)(noise, cond, 4.0).latents
+            row = {"class": type(model).__name__, "inputs": list(family.input_names),
+                   "eager_graphs_rel_l2": relative_l2(run_schedule(EagerRunner(graphs.modules), mask, noise, flat,
+                                                                   4.0), ref)}
+            if not s.dry:
+                folder = work / name
+                target = AotiPackageFromExportedProgram()
+                runner = AotiRunner({g: target(g, graphs.programs[g], folder).path for g in graphs.programs})
+                row["aoti_rel_l2"] = relative_l2(run_schedule(runner, mask, noise, flat, 4.0), ref)
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        out[name] = row
+        del model, adapter, graphs
+    return out
+
+
 def render_markdown(report: dict) -> str:
     secs = report["sections"]
     env = secs.get("env", {})
@@ -368,6 +455,13 @@ def render_markdown(report: dict) -> str:
     if prec.get("status") == "ok":
         lines += [f"Precision: whole cached schedule bf16 vs fp32: relative L2 {prec['rel_l2_bf16_vs_fp32']:.3e}, "
                   f"max |diff| {prec['max_abs']:.3e}, finite: bf16 {prec['bf16_finite']}, fp32 {prec['fp32_finite']}."]
+    fam = secs.get("families", {})
+    if fam.get("status") == "ok":
+        rows = [f"{name} ({r['class']}, inputs {', '.join(r['inputs'])}): eager graphs {r['eager_graphs_rel_l2']:.1e}"
+                + (f", AOTInductor {r['aoti_rel_l2']:.2e}" if "aoti_rel_l2" in r else "") + f" ({r['wall_s']:.0f} s)"
+                for name, r in fam.items() if isinstance(r, dict)]
+        lines += [f"Other families, bf16 step graphs vs the eager sampler over an 8-step reuse schedule (relative L2 "
+                  f"of the final latents): {'; '.join(rows)}."]
     bad = [f"{k}: {v['status']} ({v.get('error') or v.get('reason')})" for k, v in secs.items()
            if v.get("status") != "ok"]
     if bad:
@@ -435,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             run(f"runtime {backend}", lambda b=backend: section_runtime(setup, b, args.repeats, args.e2e_repeats),
                 needs=("export",))
     run("precision", lambda: section_precision(setup), needs=("calibration",))
+    with tempfile.TemporaryDirectory(prefix="ertacache-gpu-check-families-") as tmp:
+        run("families", lambda: section_families(setup, Path(tmp)))
     check.save()
     print(render_markdown(check.report))
     failed = [k for k, v in check.report["sections"].items() if v["status"] == "error"]
