@@ -59,7 +59,7 @@ def generate(
     sampler = sampler_for(bundle, settings, profile)
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     text = bundle.encode(list(prompts), settings.negative_prompt, sampler.tables.n_branches, images,
-                         (settings.frames, settings.height, settings.width))
+                         settings.video_size)
     noise = initial_latents(shape, seeds, bundle.device)
     start = time.perf_counter()
     result = sampler(noise, text, settings.guidance_scale)

@@ -47,6 +47,21 @@ def wan_adapter(wan_model):
     return adapter_for(wan_model)
 
 
+def tiny_umt5(words: list[str]):
+    """(word-level fast tokenizer over ``words`` + pad/eos/unk, random UMT5 encoder with 16-d states): Wan's text path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = ["<pad>", "</s>", "<unk>", *words]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, relative_attention_num_buckets=8)).eval()
+    return tokenizer, text_encoder
+
+
 def save_tiny_wan_folder(path):
     """A diffusers-format Wan2.1 folder (tokenizer, UMT5, transformer, VAE) with tiny random weights.
 
@@ -54,16 +69,8 @@ def save_tiny_wan_folder(path):
     out, so --model wan2.1 --model-path PATH exercises the real loading code.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-    words = ["<pad>", "</s>", "<unk>", "a", "cat", "walks", "on", "the", "grass", "dog", "runs", "red", "car"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2, relative_attention_num_buckets=8)).eval()
+    tokenizer, text_encoder = tiny_umt5("a cat walks on the grass dog runs red car".split())
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=tiny_wan(), vae=vae.eval(),

@@ -51,12 +51,11 @@ def _folder_takes_images(engines) -> bool:
     full manifest check that follows names a broken folder)."""
     from ertacache.contract import load_manifest
     from ertacache.errors import UserError
-    from ertacache.models.family import family_named
-    from ertacache.models.recipes import load_recipe
+    from ertacache.models.recipes import takes_images
 
     try:
-        return family_named(load_recipe(load_manifest(engines, verify_files=False).model.id).family).takes_images
-    except UserError:
+        return takes_images(load_manifest(engines, verify_files=False).model.id)
+    except UserError:  # an unreadable manifest: Runtime's full check names it
         return False
 
 

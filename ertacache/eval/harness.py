@@ -115,9 +115,8 @@ class EvalContext:
     def samples(self, prompts: Sequence[str], seeds: Sequence[int]) -> SampleSet:
         noise = initial_latents(self.latent_shape, list(seeds), self.bundle.device)
         s = self.settings
-        size = (s.frames, s.height, s.width)
-        images = images_for(self.bundle.family, len(prompts), held_out=True, size=size)  # None for text-only
-        text = self.bundle.encode(list(prompts), s.negative_prompt, s.n_branches, images, size)
+        images = images_for(self.bundle.family, len(prompts), held_out=True, size=s.video_size)  # None: text-only
+        text = self.bundle.encode(list(prompts), s.negative_prompt, s.n_branches, images, s.video_size)
         return SampleSet(list(prompts), [int(s) for s in seeds], noise, text, self.bundle.family,
                          self.settings.n_branches)
 

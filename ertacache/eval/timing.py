@@ -25,7 +25,7 @@ def sampler_step_costs(sampler: CachedSampler, bundle, settings, prompt: str, re
     """Median seconds of one full and one cached step of ``sampler`` (batch 1, CFG as configured)."""
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     x = initial_latents(shape, [0], bundle.device)
-    size = (settings.frames, settings.height, settings.width)
+    size = settings.video_size
     text = bundle.encode([prompt], settings.negative_prompt, sampler.tables.n_branches,
                          images_for(bundle.family, 1, size=size), size)
     g = torch.tensor(settings.guidance_scale, device=bundle.device)

@@ -331,9 +331,11 @@ class ModelFamily:
         (looked up in ``ertacache.export``; e.g. ``"wan_stack_rope"``).
     transformer, prompt_encoder, decoder: loaders ``(folder, torch dtype) -> component`` (the
         prompt encoder and decoder behind :mod:`ertacache.models.components`' interfaces).
-    image_encoder: for an image-conditioned family (Wan2.1 I2V), the loader of its image path: a
-        component whose ``encode(images, height, width, frames)`` returns the family's image
-        conditioning inputs by name (one row per image); None for text-only families.
+    image_encoder: for an image-conditioned family (Wan2.1 I2V), the loader of its image path,
+        ``(folder, torch dtype, decoder=None) -> component`` (given the loaded decoder, it may share its
+        VAE instead of loading a second copy): a component whose ``encode(images, height, width, frames)``
+        returns the family's image conditioning inputs by name (one row per image); None for
+        text-only families.
     required_files: paths a model folder must have; ``weight_folders``: subfolders whose
         ``*.safetensors`` are checked before loading; ``require_safetensors``: each must hold one.
     variant_of: the base family this one only loads differently (see the module docstring).

@@ -285,6 +285,6 @@ def load_bundle(
         encoder.text_encoder.to(device)
     decoder = family.decoder(path, torch_dtype)
     decoder.vae.to(device)
-    image_encoder = None if family.image_encoder is None else family.image_encoder(path, torch_dtype).to(device)
+    image_encoder = None if family.image_encoder is None else family.image_encoder(path, torch_dtype, decoder).to(device)
     fingerprint = fingerprint_module(transformer)
     return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype, image_encoder)

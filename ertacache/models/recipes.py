@@ -95,3 +95,14 @@ def load_recipe(model: str) -> Recipe:
     if model not in files:
         raise UserError(f"unknown model id {model!r}; choose one of {sorted(files)} (recipes live in export/)")
     return Recipe.from_dict(json.loads(files[model].read_text()))
+
+
+def takes_images(model: str) -> bool:
+    """Whether model id ``model`` is image-conditioned (its recipe's family has an image encoder): a prompt for it
+    needs a conditioning image too. False for an id without a recipe (a model built in code)."""
+    from ertacache.models.family import family_named
+
+    try:
+        return family_named(load_recipe(model).family).takes_images
+    except UserError:
+        return False

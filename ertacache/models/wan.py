@@ -244,10 +244,7 @@ class WanImageConditioner:
         from diffusers.video_processor import VideoProcessor
 
         self.processor, self.clip, self.vae = processor, clip_vision, vae
-        cfg = vae.config
-        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", 8))
-        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", 4))
-        self.video_processor = VideoProcessor(vae_scale_factor=self.spatial_factor)
+        self.video_processor = VideoProcessor(vae_scale_factor=int(getattr(vae.config, "scale_factor_spatial", 8)))
 
     def to(self, device) -> "WanImageConditioner":
         self.clip.to(device)
@@ -283,16 +280,17 @@ class WanImageConditioner:
         return states, torch.cat([mask, z], dim=1)  # (1, T, D_clip), (1, 4 + C, F', H', W')
 
 
-def _load_wan_image_conditioner(path: Path, dtype: torch.dtype) -> WanImageConditioner:
-    from diffusers import AutoencoderKLWan
+def _load_wan_image_conditioner(path: Path, dtype: torch.dtype, decoder: WanLatentDecoder | None = None
+                                ) -> WanImageConditioner:
+    """The image path; it encodes with the decoder's float32 VAE when given one (a model bundle), else loads it
+    (the runtime and the Triton model, which decode with an exported graph)."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     return WanImageConditioner(
         CLIPImageProcessor.from_pretrained(path / "image_processor"),
         # float32 whatever the transformer's dtype, as the pipeline's documented set-up loads it (0.6B parameters)
         CLIPVisionModel.from_pretrained(path / "image_encoder", torch_dtype=torch.float32).eval(),
-        # float32, as WanImageToVideoPipeline keeps its VAE (it encodes the image in the pipeline's dtype)
-        AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval(),
+        decoder.vae if decoder is not None else _load_wan_vae(path, dtype).vae,
     )
 
 

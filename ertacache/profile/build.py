@@ -62,7 +62,7 @@ def calibration_set(
         raise UserError("no calibration prompts: pass --prompts FILE with one prompt per line")
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     nb = settings.n_branches
-    size = (settings.frames, settings.height, settings.width)
+    size = settings.video_size
     return CalibrationSet(
         adapter=bundle.adapter,
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),

@@ -44,6 +44,11 @@ class SampleSettings:
         return f"{self.height}x{self.width}" if self.frames is None else f"{self.frames}x{self.height}x{self.width}"
 
     @property
+    def video_size(self) -> tuple[int | None, int, int]:
+        """(frames, height, width): the size an image-to-video model's condition latents are made for."""
+        return self.frames, self.height, self.width
+
+    @property
     def n_branches(self) -> int:
         """Rows per sample the transformer sees (2: cond and uncond with CFG)."""
         return guidance_branches(self.guidance, self.guidance_scale)

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from ertacache.contract import FULL_STEP, VAE_DECODE, ExportManifest
 from ertacache.errors import UserError
+from ertacache.models.recipes import takes_images
 
 PROMPT, TEXT_EMBEDS, SEED, GUIDANCE = "prompt", "text_embeds", "seed", "guidance_scale"
 #: an image-to-video model's conditioning image (H, W, 3) uint8, sent with the prompt (any size: it is resized)
@@ -93,7 +94,7 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     inputs = []
     if prompt:
         inputs.append(TensorIO(PROMPT, "TYPE_STRING", (1,), optional=True))
-        if prompt_takes_image(manifest):
+        if takes_images(manifest.model.id):
             inputs.append(TensorIO(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=True))
     for name in conditioning:  # Wan: text_embeds; FLUX: prompt_embeds, pooled_prompt_embeds
         spec = manifest.spec(FULL_STEP, name)
@@ -110,18 +111,6 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     if decoupled:
         outputs.append(TensorIO(STEP, "TYPE_INT64", (1,)))
     return ServedIO(tuple(inputs), tuple(outputs))
-
-
-def prompt_takes_image(manifest: ExportManifest) -> bool:
-    """Whether a prompt request for this folder also needs a conditioning image (an image-to-video model)."""
-    from ertacache.models.family import family_named
-    from ertacache.models.recipes import load_recipe
-
-    try:
-        recipe = load_recipe(manifest.model.id)
-    except UserError:
-        return False  # no recipe: no bundled encoders, so no prompt input either
-    return family_named(recipe.family).takes_images
 
 
 def conditioning_names(io: ServedIO) -> tuple[str, ...]:

@@ -146,15 +146,20 @@ def aoti_export(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def wan_folder_export(tiny_wan_folder, tmp_path_factory):
     """One ONNX export of the tiny Wan2.1 folder through the CLI (no AOTInductor: one AOTI build per suite)."""
-    from ertacache.cli import export as export_cli
-
     root = tmp_path_factory.mktemp("runtime-cli")
     prompts = root / "prompts.txt"
     prompts.write_text("a cat walks on the grass\na dog runs\n")
-    out = root / "engine"
-    rc = export_cli.main(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), "--height", "32", "--width", "32",
-                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--prompts", str(prompts),
-                          "--dtype", "fp32", "--targets", "onnx", "--timing-repeats", "0", "--out", str(out), "--quiet"])
+    return cli_export("wan2.1", tiny_wan_folder, root / "engine", "--prompts", str(prompts))
+
+
+def cli_export(model: str, folder, out, *extra):
+    """``ertacache-export`` of a tiny diffusers-format ``folder``: 5 x 32 x 32, 8 steps, a 2x open-loop profile,
+    fp32 ONNX, no timing; returns ``out``."""
+    from ertacache.cli import export as export_cli
+
+    rc = export_cli.main(["--model", model, "--model-path", str(folder), "--height", "32", "--width", "32",
+                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--dtype", "fp32",
+                          "--targets", "onnx", "--timing-repeats", "0", "--engines", str(out), "--quiet", *extra])
     assert rc == 0
     return out
 
@@ -202,16 +207,12 @@ def i2v_folder_export(tmp_path_factory):
 
     from PIL import Image
 
-    from ertacache.cli import export as export_cli
     from ertacache.models.images import sample_images
     from tests.models.test_wan_i2v_recipe import write_i2v_folder
 
     root = tmp_path_factory.mktemp("wan-i2v-export")
     folder = write_i2v_folder(root / "folder")
-    rc = export_cli.main(["--model", "wan2.1-i2v", "--model-path", str(folder), "--height", "32", "--width", "32",
-                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--dtype", "fp32",
-                          "--targets", "onnx", "--timing-repeats", "0", "--engines", str(root / "out"), "--quiet"])
-    assert rc == 0
+    cli_export("wan2.1-i2v", folder, root / "out")
     Image.fromarray(sample_images(1, offset=7)[0]).save(root / "first.png")
     return SimpleNamespace(folder=folder, out=root / "out", image=root / "first.png")
 
@@ -229,13 +230,8 @@ def hunyuan_folder_export(tmp_path_factory):
     cores): .folder, .out."""
     from types import SimpleNamespace
 
-    from ertacache.cli import export as export_cli
     from tests.models.test_hunyuan_recipe import write_hunyuan_folder
 
     root = tmp_path_factory.mktemp("hunyuan-export")
     folder = write_hunyuan_folder(root / "folder")
-    rc = export_cli.main(["--model", "hunyuanvideo", "--model-path", str(folder), "--height", "32", "--width", "32",
-                          "--frames", "5", "--steps", "8", "--speedup", "2", "--loop", "open", "--dtype", "fp32",
-                          "--targets", "onnx", "--timing-repeats", "0", "--engines", str(root / "out"), "--quiet"])
-    assert rc == 0
-    return SimpleNamespace(folder=folder, out=root / "out")
+    return SimpleNamespace(folder=folder, out=cli_export("hunyuanvideo", folder, root / "out"))

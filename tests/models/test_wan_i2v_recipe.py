@@ -15,6 +15,7 @@ from ertacache.models.images import load_image, sample_images
 from ertacache.models.loading import load_bundle
 from ertacache.models.recipes import load_recipe
 from ertacache.sampling.settings import SampleSettings
+from tests.conftest import tiny_umt5
 from tests.models.test_wan_i2v import tiny_clip_vision, tiny_wan_i2v, tiny_wan_vae
 
 SIZE, FRAMES = 32, 5
@@ -22,16 +23,8 @@ SIZE, FRAMES = 32, 5
 
 def write_i2v_folder(path):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-    words = ["<pad>", "</s>", "<unk>", "a", "cat", "walks", "on", "the", "grass", "camera", "pans", "slowly"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2, relative_attention_num_buckets=8)).eval()
+    tokenizer, text_encoder = tiny_umt5("a cat walks on the grass camera pans slowly".split())
     vision, processor = tiny_clip_vision()
     pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=vision,
                                    image_processor=processor, transformer=tiny_wan_i2v(), vae=tiny_wan_vae(),
@@ -57,6 +50,7 @@ def test_the_image_path_equals_the_pipelines(i2v_folder, i2v_bundle):
     from PIL import Image
 
     assert i2v_bundle.family.name == "wan-i2v" and i2v_bundle.image_encoder is not None
+    assert i2v_bundle.image_encoder.vae is i2v_bundle.decoder.vae  # one VAE in memory, not a second copy
     pipe = WanImageToVideoPipeline.from_pretrained(i2v_folder)
     images = sample_images(2, size=48)
     ours = i2v_bundle.image_encoder.encode(images, SIZE, SIZE, FRAMES)
