@@ -53,14 +53,21 @@ class SceneSpec:
     """Geometry and look of one clip; validated so bad combinations fail before rendering.
 
     The defaults give 8 frames of 64x64 RGB: with the pixel VAE (space-to-depth 4) and
-    Wan's (1, 2, 2) patches that is 8 x 8 x 8 = 512 tokens per sample.
+    Wan's (1, 2, 2) patches that is 8 x 8 x 8 = 512 tokens per sample, each token 8 x 8 px.
+
+    Why a 32 px object moving 4 px per frame: two CPU training runs with a 16 px object (2 x 2
+    tokens) moving 2 px per frame learned colour and background but left shape and direction at
+    chance; the model painted the colour as token-sized fragments (``docs/testbed.md``). At 4 x 4
+    tokens a shape is a pattern over tokens, not inside two of them, and a 28 px track is a
+    direction the centre of mass cannot miss.
     """
 
     frames: int = 8
     height: int = 64
     width: int = 64
-    object_size: int = 16
-    speed: int = 2  # px per frame of the prompted object along its direction
+    object_size: int = 32
+    speed: int = 4  # px per frame of the prompted object along its direction
+    distractor_size: int = 16  # px of each white digit distractor
     distractor_speed: int = 1  # px per frame of the digit distractor
     distractors: int = 1  # white digits drawn under the prompted object (0 = none)
     max_pan: int = 1  # camera pan: each axis moves a random integer in [-max_pan, max_pan] px per frame
@@ -72,13 +79,17 @@ class SceneSpec:
     saturation: float = 0.4  # background chroma is scaled by this (objects keep full colour)
 
     def __post_init__(self) -> None:
-        if min(self.frames, self.height, self.width, self.object_size, self.speed, self.grid) <= 0:
-            raise ValueError(f"frames, height, width, object_size, speed and grid must be positive: {self}")
+        if min(self.frames, self.height, self.width, self.object_size, self.speed, self.grid,
+               self.distractor_size) <= 0:
+            raise ValueError(f"frames, height, width, object_size, distractor_size, speed and grid must be "
+                             f"positive: {self}")
         if self.distractors < 0 or self.distractor_speed < 0 or self.max_pan < 0:
             raise ValueError("distractors, distractor_speed and max_pan must be >= 0")
-        if self.object_size + self.travel > min(self.height, self.width):
-            raise ValueError(f"an object of size {self.object_size} moving {self.travel} px does not fit a "
-                             f"{self.height}x{self.width} canvas; lower speed or frames, or enlarge the canvas")
+        for what, size, travel in (("an object", self.object_size, self.travel),
+                                   ("a distractor", self.distractor_size, self.distractor_speed * (self.frames - 1))):
+            if size + travel > min(self.height, self.width):
+                raise ValueError(f"{what} of size {size} moving {travel} px does not fit a "
+                                 f"{self.height}x{self.width} canvas; lower speed or frames, or enlarge the canvas")
         if not 0 < self.photo_scale <= 1 or not 0 < self.train_fraction < 1 or not 0 <= self.saturation <= 1:
             raise ValueError("photo_scale must be in (0, 1], train_fraction in (0, 1), saturation in [0, 1]")
         pan = self.max_pan * (self.frames - 1)
@@ -255,7 +266,7 @@ class SceneSampler:
         self.split = split
         self.regions = {b: photo_region(b, split, self.spec) for b in BACKGROUNDS}  # each (h, w', 3)
         digits, _ = digit_images(split)
-        self.digits = upsample_digits(digits, self.spec.object_size).numpy()  # (N, s, s) in [0, 1]
+        self.digits = upsample_digits(digits, self.spec.distractor_size).numpy()  # (N, d, d) in [0, 1]
         self.masks = shape_masks(self.spec.object_size)
         self.rng = np.random.default_rng(seed)
 
@@ -278,17 +289,18 @@ class SceneSampler:
                   _start_on_axis(pan[1], rw - spec.width, abs(pan[1]) * (spec.frames - 1), 1, rng))
         distractors = []
         dtravel = spec.distractor_speed * (spec.frames - 1)
+        gy, gx = spec.height - spec.distractor_size, spec.width - spec.distractor_size
         for _ in range(spec.distractors):
             ddy, ddx = [(0, 0), *_DIRECTION_STEP.values()][rng.integers(5)]
             distractors.append((int(rng.integers(len(self.digits))),
-                                _start_on_axis(ddy, fy, dtravel, 1, rng), _start_on_axis(ddx, fx, dtravel, 1, rng),
+                                _start_on_axis(ddy, gy, dtravel, 1, rng), _start_on_axis(ddx, gx, dtravel, 1, rng),
                                 ddy, ddx))
         return Scene(colour, shape, direction, background, start, window, pan, tuple(distractors))
 
     def render(self, scene: Scene) -> np.ndarray:
         """One clip, float32 (F, H, W, 3) in [0, 1]: background window, distractors, then the object."""
         spec = self.spec
-        s, n_f, h, w = spec.object_size, spec.frames, spec.height, spec.width
+        s, d, n_f, h, w = spec.object_size, spec.distractor_size, spec.frames, spec.height, spec.width
         region = self.regions[scene.background]
         clip = np.empty((n_f, h, w, 3), dtype=np.float32)  # (F, H, W, 3)
         dy, dx = _DIRECTION_STEP[scene.direction]
@@ -299,8 +311,8 @@ class SceneSampler:
             clip[f] = region[wy:wy + h, wx:wx + w]
             for idx, y0, x0, ddy, ddx in scene.distractors:
                 y, x = y0 + ddy * spec.distractor_speed * f, x0 + ddx * spec.distractor_speed * f
-                alpha = self.digits[idx][..., None]  # (s, s, 1) digit ink as coverage
-                patch = clip[f, y:y + s, x:x + s]  # (s, s, 3) view
+                alpha = self.digits[idx][..., None]  # (d, d, 1) digit ink as coverage
+                patch = clip[f, y:y + d, x:x + d]  # (d, d, 3) view
                 patch += alpha * (0.95 - patch)  # white ink over the background
             y, x = scene.start[0] + dy * spec.speed * f, scene.start[1] + dx * spec.speed * f
             patch = clip[f, y:y + s, x:x + s]

@@ -35,7 +35,7 @@ SOFT_LO, SOFT_HI = 0.4, 0.6  # soft object coverage ramps between these chromas
 MIN_OBJECT_PIXELS = 12  # per frame; fewer and the frame shows no object
 MIN_SPEED = 0.5  # px/frame; a slower track counts as "none"
 POOL = 4  # background features are computed on POOL x POOL cell means
-CROP = 24  # shape crop (px) around the object's centre of mass; object_size 16 + margin
+CROP_MARGIN = 8  # the shape crop around the object's centre of mass is object_size + this (px)
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "direction", "background")
 
 
@@ -138,17 +138,22 @@ def predict_directions(frames_uint8) -> list[str]:
     return _directions(_Analysis(frames_uint8))
 
 
-def shape_features(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) soft masks -> (N, (CROP/2)^2) features: a CROP x CROP window around the centre, 2x2-pooled."""
+def shape_crop(spec: SceneSpec) -> int:
+    """Side (px, even) of the window the shape judge reads: the object plus a margin for a drifting centre."""
+    return 2 * ((spec.object_size + CROP_MARGIN + 1) // 2)
+
+
+def shape_features(masks: np.ndarray, crop: int) -> np.ndarray:
+    """(N, H, W) soft masks -> (N, (crop/2)^2) features: a crop x crop window around the centre, 2x2-pooled."""
     n, h, w = masks.shape
-    padded = np.pad(masks, ((0, 0), (CROP, CROP), (CROP, CROP)))  # (N, H+2C, W+2C): crops never leave it
+    padded = np.pad(masks, ((0, 0), (crop, crop), (crop, crop)))  # (N, H+2C, W+2C): crops never leave it
     com, _ = _centres(masks)  # (N, 2)
-    feats = np.empty((n, (CROP // 2) ** 2), dtype=np.float32)
+    feats = np.empty((n, (crop // 2) ** 2), dtype=np.float32)
     for i in range(n):
-        y0 = int(round(com[i, 0] - (CROP - 1) / 2)) + CROP
-        x0 = int(round(com[i, 1] - (CROP - 1) / 2)) + CROP
-        patch = padded[i, y0:y0 + CROP, x0:x0 + CROP]  # (CROP, CROP)
-        feats[i] = patch.reshape(CROP // 2, 2, CROP // 2, 2).mean(axis=(1, 3)).reshape(-1)
+        y0 = int(round(com[i, 0] - (crop - 1) / 2)) + crop
+        x0 = int(round(com[i, 1] - (crop - 1) / 2)) + crop
+        patch = padded[i, y0:y0 + crop, x0:x0 + crop]  # (crop, crop)
+        feats[i] = patch.reshape(crop // 2, 2, crop // 2, 2).mean(axis=(1, 3)).reshape(-1)  # (crop/2 * crop/2,)
     return feats
 
 
@@ -201,7 +206,7 @@ def shape_classifier(spec: SceneSpec = SceneSpec()):
     a, scenes = _training_analysis(spec, 160, seed=101)
     n, f, h, w = a.masks.shape
     y = np.repeat([SHAPES.index(sc.shape) for sc in scenes], f)  # (N*F,)
-    return _fit_logistic(shape_features(a.masks.reshape(n * f, h, w)), y)
+    return _fit_logistic(shape_features(a.masks.reshape(n * f, h, w), shape_crop(spec)), y)  # frames as samples
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,7 +218,8 @@ def background_classifier(spec: SceneSpec = SceneSpec()):
 
 def _shapes(a: _Analysis, spec: SceneSpec) -> list[str]:
     b, f, h, w = a.masks.shape
-    pred = shape_classifier(spec).predict(shape_features(a.masks.reshape(b * f, h, w))).reshape(b, f)  # (B, F)
+    feats = shape_features(a.masks.reshape(b * f, h, w), shape_crop(spec))  # (B*F, (crop/2)^2)
+    pred = shape_classifier(spec).predict(feats).reshape(b, f)  # (B, F)
     seen = a.masks.sum(axis=(-2, -1)) >= MIN_OBJECT_PIXELS / 2  # (B, F)
     out = []
     for i in range(b):

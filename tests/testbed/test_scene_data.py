@@ -57,6 +57,22 @@ def test_spec_rejects_geometry_that_does_not_fit():
         sd.SceneSpec(height=128, width=128, photo_scale=0.25)
     with pytest.raises(ValueError):
         sd.SceneSpec(distractors=-1)
+    with pytest.raises(ValueError, match="a distractor of size 60"):
+        sd.SceneSpec(distractor_size=60, distractor_speed=1)
+
+
+def test_distractor_digits_have_their_own_size():
+    """The prompted object and the white digit are sized separately (32 px vs 16 px by default)."""
+    spec = dataclasses.replace(SMALL, distractor_size=12)
+    sampler = sd.SceneSampler("train", spec=spec, seed=4)
+    assert sampler.digits.shape[1:] == (12, 12)
+    scene = sampler.draw_scene()
+    for _, y0, x0, ddy, ddx in scene.distractors:  # the whole track stays on the canvas
+        for f in (0, spec.frames - 1):
+            y, x = y0 + ddy * spec.distractor_speed * f, x0 + ddx * spec.distractor_speed * f
+            assert 0 <= y <= spec.height - 12 and 0 <= x <= spec.width - 12
+    assert sampler.render(scene).shape == (spec.frames, spec.height, spec.width, 3)
+    assert sd.SceneSpec().object_size == 32 and sd.SceneSpec().distractor_size == 16
 
 
 def test_batch_layout_range_and_prompts():

@@ -79,7 +79,7 @@ def test_accuracy_needs_one_prompt_per_clip(held_out):
 
 @pytest.mark.slow
 def test_every_judge_is_accurate_at_the_shipped_clip_size():
-    """The wan2.1-small geometry (8 frames of 64x64, 16 px objects) on 120 held-out clips."""
+    """The wan2.1-small geometry (8 frames of 64x64, a 32 px object, a 16 px digit) on 120 held-out clips."""
     frames, scenes = sd.real_clip_batch("held_out", 120, seed=3)
     acc = sj.attribute_accuracy(frames, [sc.prompt for sc in scenes])
     assert acc["colour"] == 1.0 and acc["direction"] == 1.0, acc

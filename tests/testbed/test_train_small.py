@@ -118,3 +118,11 @@ def test_written_folder_loads_with_from_pretrained_and_samples(tmp_path):
     tb = load_testbed(out)
     frames = sample_frames(tb, ["red circle moving left on flower"], [0])
     assert frames.shape == (1, 2, 32, 32, 3) and frames.dtype == torch.uint8
+
+
+def test_bf16_autocast_trains_in_float32_weights_and_resumes_with_its_config(tmp_path):
+    run = tst.Run(tst.SmallTrainConfig(steps=2, batch_size=2, warmup=2, bf16=True), TINY_MODEL, TINY_SCENE)
+    tst.train(run, tmp_path, minutes=10, checkpoint_every=1)
+    assert all(torch.isfinite(torch.tensor(run.losses))) and len(run.losses) == 2
+    assert all(p.dtype == torch.float32 for p in run.transformer.parameters())  # autocast, not a cast
+    assert tst.Run.from_checkpoint(tmp_path / tst.CHECKPOINT, steps=3).cfg.bf16 is True
