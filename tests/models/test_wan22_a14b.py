@@ -107,3 +107,54 @@ def test_a_cached_step_reads_only_its_own_experts_residuals():
     bad[b] = False
     with pytest.raises(UserError, match=f"step {b}, the first step of expert 1"):
         CachedSampler(adapters, tables, bad, experts)
+
+
+def _calibration_set(steps=12, prompts=3):
+    from ertacache.profile.calibrate import CalibrationSet
+
+    high, low = tiny_wan(seed=0), tiny_wan(seed=1)
+    sigmas = adapter_for(high).family.sigmas(steps, shift=SHIFT)
+    experts = _experts_for(sigmas)
+    g = torch.Generator().manual_seed(7)
+    cal = CalibrationSet(adapter_for(high), torch.randn(prompts, 4, 2, 4, 6, generator=g),
+                         torch.randn(2 * prompts, 5, 16, generator=g), GUIDANCE, sigmas, 2, experts=experts,
+                         more_adapters=(adapter_for(low),))
+    return cal, experts, sigmas
+
+
+@pytest.mark.parametrize("kind,order,loop", [("taylor", 1, "closed"), ("taylor", 1, "open"), ("reuse", 0, "open"),
+                                             ("reuse", 0, "closed")])
+def test_calibration_keeps_each_expert_to_itself(kind, order, loop):
+    """The mask restarts at the switch, the weights read one expert's residuals, the adjusted sigmas keep
+    every step on its expert's side of the boundary, and the profile's tables run in the sampler."""
+    from ertacache.profile.calibrate import calibrate
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.profile.predictor import PredictorConfig
+
+    cal, experts, sigmas = _calibration_set()
+    config = CalibrationConfig(speedup=2.0, loop=loop, batch_size=2, predictor=PredictorConfig(kind=kind, order=order),
+                               phi_max=1.5, phi_rule="lsq")
+    res = calibrate(cal, config, progress=False, log=lambda s: None).result
+    b, k = experts.starts[1], order + 1
+    validate_mask(res.mask, 12, k, experts.starts)  # the rule per expert holds
+    assert all(res.mask[b:b + k]) and all(res.mask[:k])
+    if kind == "taylor":
+        np.testing.assert_allclose(res.pred_w.numpy(), taylor_weights(res.mask, k, experts.starts), atol=1e-6)
+    assert res.sigmas[b] == pytest.approx(sigmas[b]) and (res.sigmas[:b] >= BOUNDARY).all()
+    assert (res.sigmas[b:-1] < BOUNDARY).all() and res.sigmas[-1] == 0.0
+    with torch.no_grad():
+        out = CachedSampler([cal.adapter, *cal.more_adapters], res.tables(), res.mask, experts)(
+            cal.latents, cal.text_embeds, 0.0).latents
+    assert torch.isfinite(out).all()
+
+
+def test_the_time_adjustment_lands_on_the_switch_and_respects_the_floor():
+    from ertacache.profile.timeadjust import adjusted_sigmas
+
+    nominal = np.array([1.0, 0.95, 0.9, 0.8, 0.6, 0.3, 0.0])
+    phi = np.array([1.0, 2.0, 1.0, 1.0, 0.5, 1.0])
+    one = adjusted_sigmas(nominal, phi)
+    two = adjusted_sigmas(nominal, phi, starts=(0, 3), floors=(0.875, 0.0))
+    assert two[3] == 0.8 and two[-1] == 0.0 and one[3] != 0.8  # each segment lands on the next one's nominal sigma
+    assert (two[:3] >= 0.875).all() and adjusted_sigmas(nominal, phi, starts=(0, 3))[2] < 0.875  # floor at work
+    np.testing.assert_allclose(adjusted_sigmas(nominal, phi, (0,), None), one)
