@@ -226,6 +226,8 @@ def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
 
 
 _load_wan_transformer = diffusers_loader("WanTransformer3DModel", "transformer")
+#: Wan2.2 A14B's low-noise expert: the same class and shape in transformer_2/
+_load_wan_expert = diffusers_loader("WanTransformer3DModel", "transformer_2")
 # WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
 _load_wan_vae = diffusers_loader("AutoencoderKLWan", "vae", wrap=WanLatentDecoder, float32=True)
 
@@ -320,6 +322,7 @@ WAN_T2V = register_family(ModelFamily(
     guidance=CFG,
     export_rewrites=("wan_stack_rope",),  # ertacache.export.attention: rope without ScatterND
     transformer=_load_wan_transformer,
+    expert_transformer=_load_wan_expert,
     prompt_encoder=_load_umt5,
     decoder=_load_wan_vae,
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),

@@ -49,7 +49,7 @@ from ertacache.profile.schedule import (
     solve_lambda,
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
-from ertacache.sampling.experts import Experts
+from ertacache.models.experts import Experts
 from ertacache.sampling.steps import (
     Conditioning,
     StepTables,

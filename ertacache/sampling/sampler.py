@@ -15,7 +15,7 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
-from ertacache.sampling.experts import Experts
+from ertacache.models.experts import Experts
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
@@ -36,7 +36,7 @@ def validate_mask(mask: Sequence[bool], steps: int, history: int = 1, starts: Se
 
     history: K, the residual slots the cached step reads; each must hold a full step's residual
     before the first cached step.
-    starts: the first step of each expert (:class:`~ertacache.sampling.experts.Experts`); the history
+    starts: the first step of each expert (:class:`~ertacache.models.experts.Experts`); the history
     starts empty at each, so the rule holds per expert.
     """
     mask = tuple(bool(m) for m in mask)

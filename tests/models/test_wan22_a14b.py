@@ -15,7 +15,7 @@ from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
 from ertacache.profile.predictor import taylor_weights
 from ertacache.sampling import CachedSampler
-from ertacache.sampling.experts import Experts
+from ertacache.models.experts import Experts
 from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.steps import StepTables
 from tests.conftest import tiny_wan
@@ -158,3 +158,125 @@ def test_the_time_adjustment_lands_on_the_switch_and_respects_the_floor():
     assert two[3] == 0.8 and two[-1] == 0.0 and one[3] != 0.8  # each segment lands on the next one's nominal sigma
     assert (two[:3] >= 0.875).all() and adjusted_sigmas(nominal, phi, starts=(0, 3))[2] < 0.875  # floor at work
     np.testing.assert_allclose(adjusted_sigmas(nominal, phi, (0,), None), one)
+
+
+def _a14b_folder(tmp_path):
+    from tests.conftest import save_tiny_wan_folder
+
+    folder = save_tiny_wan_folder(tmp_path / "a14b")
+    tiny_wan(seed=1).save_pretrained(folder / "transformer_2")  # the low-noise expert: same shape, other weights
+    return folder
+
+
+def test_the_wan22_id_loads_both_experts_and_other_ids_refuse_the_folder(tmp_path):
+    from ertacache.errors import ModelNotFoundError
+    from ertacache.models.loading import fingerprint_module, load_bundle
+    from tests.conftest import save_tiny_wan_folder
+
+    folder = _a14b_folder(tmp_path)
+    bundle = load_bundle("wan2.2", folder, dtype="fp32")
+    assert bundle.transformer_2 is not None and len(bundle.adapters) == 2
+    assert bundle.fingerprint == f"{fingerprint_module(bundle.transformer)}+{fingerprint_module(bundle.transformer_2)}"
+    with pytest.raises(UserError, match=r"holds two transformers .* use a two-expert id \(wan2.2\)"):
+        load_bundle("wan2.1", folder, dtype="fp32")
+    with pytest.raises(ModelNotFoundError, match="no transformer_2/ folder"):
+        load_bundle("wan2.2", save_tiny_wan_folder(tmp_path / "one"), dtype="fp32")
+
+
+def test_a14b_profile_generate_and_pipeline_hook_agree(tmp_path):
+    """ertacache-profile's path makes a schema-3 profile with the switch; generate and the hook on a two-expert
+    WanPipeline (both transformers hooked, the profile's two CFG scales) give the same latents."""
+    from ertacache.generation import generate
+    from ertacache.integrations import enable_ertacache
+    from ertacache.models.loading import load_bundle
+    from ertacache.profile.artifact import load_profile
+    from ertacache.profile.build import build_profile
+    from ertacache.profile.config import CalibrationConfig
+    from ertacache.profile.predictor import PredictorConfig
+    from ertacache.sampling.settings import SampleSettings
+
+    bundle = load_bundle("wan2.2", _a14b_folder(tmp_path), dtype="fp32")
+    settings = SampleSettings.from_recipe(bundle.recipe, height=32, width=48, frames=5, steps=10)
+    assert (settings.guidance_scale, settings.guidance_scale_2, settings.shift) == (4.0, 3.0, 12.0)
+    config = CalibrationConfig(speedup=2.0, batch_size=2, predictor=PredictorConfig(kind="taylor", order=1))
+    profile = build_profile(bundle, config, settings, ["a cat walks", "a red car"], progress=False,
+                            log=lambda s: None)
+    assert profile.experts == bundle.experts(profile.nominal_sigmas, settings) and profile.schema_version == 3
+    profile.save(tmp_path / "profile")
+    loaded = load_profile(tmp_path / "profile")
+    assert loaded.experts == profile.experts and loaded.mask == profile.mask
+    b = profile.experts.starts[1]
+    assert 0 < b < 10 and profile.mask[b] and profile.mask[b + 1]  # the low-noise expert's warm-up
+
+    result = generate(bundle, ["a dog runs"], [7], settings, loaded, decode=False)
+    assert result.full_steps == profile.full_steps
+
+    pipe = WanPipeline(tokenizer=bundle.prompt_encoder.tokenizer, text_encoder=bundle.prompt_encoder.text_encoder,
+                       transformer=bundle.transformer, transformer_2=bundle.transformer_2, vae=None,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=settings.shift), boundary_ratio=0.875)
+    pipe.set_progress_bar_config(disable=True)
+    enable_ertacache(pipe, loaded)
+    text = bundle.encode(["a dog runs"], settings.negative_prompt, 2)
+    from ertacache.sampling.sampler import initial_latents
+
+    noise = initial_latents(profile.latent_shape, [7])
+    with torch.no_grad():
+        got = pipe(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=32, width=48, num_frames=5,
+                   num_inference_steps=10, guidance_scale=4.0, guidance_scale_2=3.0, latents=noise,
+                   output_type="latent", return_dict=False)[0]
+    torch.testing.assert_close(got, result.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_a14b_profiles_are_checked_and_unsupported_stages_refuse(tmp_path, capsys):
+    import json
+
+    from ertacache.cli.export import main as export_main
+    from ertacache.errors import ProfileError
+    from ertacache.profile.artifact import load_profile
+
+    cal, experts, sigmas = _calibration_set(steps=10, prompts=2)
+    # a hand-made profile folder from a calibration of the two tiny experts
+    from ertacache.profile.calibrate import calibrate
+    from ertacache.profile.config import CalibrationConfig
+    from tests.integrations.test_wan_pipeline import make_profile
+
+    res = calibrate(cal, CalibrationConfig(speedup=2.0, batch_size=2), progress=False, log=lambda s: None).result
+    profile = make_profile(tiny_wan(), cal.adapter)
+    profile.steps, profile.mask, profile.nominal_sigmas = 10, list(res.mask), [float(s) for s in sigmas]
+    profile.sigmas, profile.phi = [float(s) for s in res.sigmas], [float(p) for p in res.phi]
+    profile.corr_a, profile.corr_b, profile.pred_w, profile.pred_b = res.corr_a, res.corr_b, res.pred_w, res.pred_b
+    profile.experts = experts
+    profile.save(tmp_path / "p")
+    assert load_profile(tmp_path / "p").experts == experts
+    meta = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert meta["schema_version"] == 3
+    meta["experts"]["starts"] = [0, experts.starts[1] + 1]  # a step moved to the other expert
+    (tmp_path / "p" / "profile.json").write_text(json.dumps(meta))
+    with pytest.raises(ProfileError, match="disagrees with the switch"):
+        load_profile(tmp_path / "p")
+    assert export_main(["--model", "wan2.2", "--engines", str(tmp_path / "e")]) == 2
+    assert "does not take two-expert models yet" in capsys.readouterr().err
+
+
+def test_profile_and_generate_command_lines_take_the_two_experts(tmp_path, capsys):
+    from ertacache.cli import generate as generate_cli
+    from ertacache.cli import profile as profile_cli
+    from ertacache.profile.artifact import load_profile
+
+    folder = _a14b_folder(tmp_path)
+    base = ["--model", "wan2.2", "--model-path", str(folder), "--dtype", "fp32", "--height", "32", "--width", "48",
+            "--frames", "5", "--steps", "20"]  # 2x: 10 full steps, 7 forced (K = 3 per expert, the last)
+    rc = profile_cli.main([*base[:-1], "10", "--quiet", "--out", str(tmp_path / "q")])
+    assert rc == 2 and "the two experts force 7" in capsys.readouterr().err  # before any calibration pass
+    assert profile_cli.main([*base, "--quiet", "--guidance-scale-2", "2.5", "--out", str(tmp_path / "p")]) == 0
+    profile = load_profile(tmp_path / "p")
+    assert profile.experts.guidance_scales == (4.0, 2.5)
+    assert generate_cli.main([*base[:6], "--prompt", "a cat", "--profile", str(tmp_path / "p"),
+                              "--out", str(tmp_path / "v.gif")]) == 0  # the profile's two scales
+    assert (tmp_path / "v.gif").is_file()
+    rc = generate_cli.main([*base[:6], "--prompt", "a cat", "--profile", str(tmp_path / "p"), "--guidance-scale-2",
+                            "3.5", "--out", str(tmp_path / "w.gif")])
+    assert rc == 2 and "profile again" in capsys.readouterr().err
+    rc = generate_cli.main(["--model", "wan2.1-tiny", "--prompt", "digit 1 moving up", "--guidance-scale-2", "2",
+                            "--out", str(tmp_path / "x.gif")])
+    assert rc == 2 and "has one transformer" in capsys.readouterr().err
