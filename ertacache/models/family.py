@@ -496,6 +496,7 @@ _BY_CLASS: dict[str, list[str]] = {}  # transformer class -> its base families (
 FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
     "wan-i2v": "ertacache.models.wan",
+    "wan-i2v-a14b": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
     "hunyuanvideo": "ertacache.models.hunyuan_video",
     "testbed": "ertacache.testbed.family",

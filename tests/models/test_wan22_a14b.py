@@ -177,7 +177,7 @@ def test_the_wan22_id_loads_both_experts_and_other_ids_refuse_the_folder(tmp_pat
     bundle = load_bundle("wan2.2", folder, dtype="fp32")
     assert bundle.transformer_2 is not None and len(bundle.adapters) == 2
     assert bundle.fingerprint == f"{fingerprint_module(bundle.transformer)}+{fingerprint_module(bundle.transformer_2)}"
-    with pytest.raises(UserError, match=r"holds two transformers .* use a two-expert id \(wan2.2\)"):
+    with pytest.raises(UserError, match=r"holds two transformers .* use a two-expert id \(wan2.2, wan2.2-i2v\)"):
         load_bundle("wan2.1", folder, dtype="fp32")
     with pytest.raises(ModelNotFoundError, match="no transformer_2/ folder"):
         load_bundle("wan2.2", save_tiny_wan_folder(tmp_path / "one"), dtype="fp32")
@@ -280,3 +280,105 @@ def test_profile_and_generate_command_lines_take_the_two_experts(tmp_path, capsy
     rc = generate_cli.main(["--model", "wan2.1-tiny", "--prompt", "digit 1 moving up", "--guidance-scale-2", "2",
                             "--out", str(tmp_path / "x.gif")])
     assert rc == 2 and "has one transformer" in capsys.readouterr().err
+
+
+def tiny_wan_i2v_a14b(seed: int):
+    """Wan2.2 I2V-A14B's expert at toy size: latents + 4 mask + condition channels in, no image embedder."""
+    from diffusers import WanTransformer3DModel
+
+    from tests.models.test_wan_i2v import C, TEXT_DIM
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                 in_channels=2 * C + 4, out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32,
+                                 num_layers=2, cross_attn_norm=True, rope_max_seq_len=64).eval()
+
+
+def test_i2v_a14b_sampler_and_hook_equal_the_two_expert_i2v_pipeline():
+    """WanImageToVideoPipeline with two experts and no CLIP: the condition latents from the VAE alone (our
+    conditioner), the all-full sampler equals the pipeline, and the hook on both transformers equals the sampler."""
+    from diffusers import WanImageToVideoPipeline
+
+    from ertacache.integrations import enable_ertacache
+    from ertacache.models.wan import WanImageConditioner
+    from tests.models.test_wan_i2v import C, TEXT_DIM, TEXT_LEN, conditioning_image, pipeline_condition, tiny_wan_vae
+
+    high, low = tiny_wan_i2v_a14b(0), tiny_wan_i2v_a14b(1)
+    adapters = [adapter_for(high), adapter_for(low)]
+    assert adapters[0].family.name == "wan-i2v-a14b"
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=None, image_processor=None,
+                                   transformer=high, transformer_2=low, vae=tiny_wan_vae(), boundary_ratio=0.9,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    pipe.set_progress_bar_config(disable=True)
+    size, frames, steps = 32, 5, 8
+    image = conditioning_image(size)
+    pil_rgb = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # the same picture as uint8
+    ours_cond = WanImageConditioner(None, None, pipe.vae).encode([pil_rgb], size, size, frames)
+    assert sorted(ours_cond) == ["image_latents"]
+    torch.testing.assert_close(ours_cond["image_latents"], pipeline_condition(pipe, image, frames, size),
+                               rtol=1e-3, atol=2e-3)  # uint8 rounding of the picture
+    g = torch.Generator().manual_seed(2)
+    text = torch.randn(2, TEXT_LEN, TEXT_DIM, generator=g)
+    cond = {"text_embeds": text, "image_latents": pipeline_condition(pipe, image, frames, size)}
+    noise = torch.randn(1, C, 2, 4, 4, generator=g)
+    sigmas = adapters[0].family.sigmas(steps, shift=SHIFT)
+    experts = Experts.from_boundary(sigmas, 0.9, (GUIDANCE, GUIDANCE_2))
+    tables = StepTables(sigmas, n_branches=2, channels=C)
+
+    def run_pipe():
+        with torch.no_grad():
+            return pipe(image=image, prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=size, width=size,
+                        num_frames=frames, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                        guidance_scale_2=GUIDANCE_2, latents=noise, output_type="latent", return_dict=False)[0]
+
+    with torch.no_grad():
+        ours = CachedSampler(adapters, tables, [True] * steps, experts)(noise, cond, 0.0).latents
+    torch.testing.assert_close(ours, run_pipe(), rtol=1e-5, atol=1e-5)
+
+    b = experts.starts[1]
+    mask = [True] * steps
+    for i in (b - 1, b + 2):  # one cached step per expert, each after its expert's own full steps
+        if i >= 2 and i != b and i != b + 1:
+            mask[i] = False
+    from ertacache.models.loading import fingerprint_modules
+    from ertacache.profile.artifact import Profile
+
+    zeros = torch.zeros(steps, 2, C)
+    profile = Profile("wan2.2-i2v-test", fingerprint_modules([high, low]), steps, SHIFT, size, size, frames,
+                      [C, 2, 4, 4], GUIDANCE, 2, 0.1, mask, [float(s) for s in sigmas], [float(s) for s in sigmas],
+                      [1.0] * steps, zeros, zeros, {}, {}, experts=experts)
+    enable_ertacache(pipe, profile)
+    got = run_pipe()
+    with torch.no_grad():
+        want = CachedSampler(adapters, profile.tables(), mask, experts)(noise, cond, 0.0).latents
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - ours).abs().max() > 1e-5  # the cached steps changed something
+
+
+def test_the_wan22_i2v_id_loads_a_two_expert_folder_without_clip_and_generates(tmp_path):
+    """A folder as WanImageToVideoPipeline.save_pretrained writes Wan2.2 I2V-A14B (no image_encoder/, two
+    transformers): the id loads it, the image path is the VAE alone, and generate runs both experts."""
+    from diffusers import WanImageToVideoPipeline
+
+    from ertacache.generation import generate
+    from ertacache.models.images import sample_images
+    from ertacache.models.loading import load_bundle
+    from ertacache.sampling.settings import SampleSettings
+    from tests.conftest import tiny_umt5
+    from tests.models.test_wan_i2v import tiny_wan_vae
+
+    tokenizer, text_encoder = tiny_umt5("a cat walks on the grass camera pans slowly".split())
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=None,
+                                   image_processor=None, transformer=tiny_wan_i2v_a14b(0),
+                                   transformer_2=tiny_wan_i2v_a14b(1), vae=tiny_wan_vae(), boundary_ratio=0.9,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    pipe.save_pretrained(tmp_path / "folder")
+    bundle = load_bundle("wan2.2-i2v", tmp_path / "folder", dtype="fp32")
+    assert bundle.family.name == "wan-i2v-a14b" and bundle.transformer_2 is not None
+    assert bundle.image_encoder.clip is None and bundle.image_encoder.vae is bundle.decoder.vae
+    settings = SampleSettings.from_recipe(bundle.recipe, height=32, width=32, frames=5, steps=6)
+    cond = bundle.encode(["a cat walks"], "", 2, sample_images(1), (5, 32, 32))
+    assert list(cond) == ["text_embeds", "image_latents"]
+    a = generate(bundle, ["a cat walks"], [0], settings, None, images=sample_images(1))
+    b = generate(bundle, ["a cat walks"], [0], settings, None, images=sample_images(1, offset=1))
+    assert a.frames.shape == (1, 5, 32, 32, 3) and not torch.equal(a.latents, b.latents)
