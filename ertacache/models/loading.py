@@ -23,9 +23,9 @@ from ertacache.errors import ModelFilesError, ModelNotFoundError, UserError
 from ertacache.io import safetensors_problem
 from ertacache.models.adapter import ModelAdapter, adapter_for
 from ertacache.models.components import LatentDecoder, PromptEncoder
+from ertacache.models.experts import Experts
 from ertacache.models.family import LatentLayout, ModelFamily, family_for_model, family_named, known_families
 from ertacache.models.recipes import Recipe, load_recipe
-from ertacache.models.experts import Experts
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
-from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
 from ertacache.models.experts import Experts
+from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
 from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables

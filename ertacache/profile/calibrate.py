@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ertacache.errors import NumericalError
 from ertacache.models.adapter import ModelAdapter
+from ertacache.models.experts import Experts
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
@@ -49,7 +50,6 @@ from ertacache.profile.schedule import (
     solve_lambda,
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
-from ertacache.models.experts import Experts
 from ertacache.sampling.steps import (
     Conditioning,
     StepTables,
