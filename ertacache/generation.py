@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ertacache.errors import UserError
 from ertacache.models.loading import ModelBundle
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import CachedSampler, initial_latents
@@ -32,15 +33,20 @@ class GenerationResult:
 
 def sampler_for(bundle: ModelBundle, settings: SampleSettings, profile: Profile | None) -> CachedSampler:
     """The cached sampler of ``profile``, or plain Euler (all steps full, nominal sigmas) without one."""
+    nominal = request_sigmas(bundle, settings)
+    experts = bundle.experts(nominal, settings)  # a two-expert model's switch (None: one transformer)
     if profile is None:
         c = bundle.latent_shape(settings.frames, settings.height, settings.width)[0]
-        tables = StepTables(request_sigmas(bundle, settings), n_branches=settings.n_branches, channels=c)
+        tables = StepTables(nominal, n_branches=settings.n_branches, channels=c)
         mask = [True] * settings.steps
     else:
         profile.check_matches(model=bundle.model_id, fingerprint=bundle.fingerprint, steps=settings.steps,
                               height=settings.height, width=settings.width, frames=settings.frames)
         tables, mask = profile.tables(), profile.mask
-    return CachedSampler(bundle.adapter, tables.to(bundle.device), mask)
+        if experts is not None and profile.experts != experts:
+            raise UserError(f"the profile was made with the experts {profile.experts}, this run asks for {experts} "
+                            "(guidance scales or switch); use the profile's guidance scales or profile again")
+    return CachedSampler(bundle.adapters, tables.to(bundle.device), mask, experts)
 
 
 def generate(

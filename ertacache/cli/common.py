@@ -162,6 +162,8 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: recipe)")
     parser.add_argument("--frames", type=int, default=None, help="number of video frames, video models only (default: recipe)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; <= 1 disables CFG")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="CFG scale of a two-expert model's low-noise expert (Wan2.2 A14B; default: recipe)")
     parser.add_argument("--shift", type=float, default=None, help="flow-matching sigma shift (default: recipe)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: recipe)")
 

@@ -132,7 +132,7 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.export.package import ExportPackage, ModelIdentity, is_export_folder
     from ertacache.models.loading import load_bundle
     from ertacache.video import example_output
-    from ertacache.models.recipes import load_recipe
+    from ertacache.models.recipes import load_recipe, refuse_two_experts
     from ertacache.profile.artifact import load_profile
     from ertacache.profile.schedule import mask_summary
 
@@ -143,6 +143,7 @@ def _main(argv: list[str] | None) -> int:
         check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
         timing_repeats=args.timing_repeats,
     )
+    refuse_two_experts(recipe, "ertacache-export (two graph pairs, one per expert)")
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None:  # a profile of another model is named as such, before any dtype/machine check
         _check_profile_flags(args, profile)

@@ -38,6 +38,7 @@ def _settings(args, recipe, profile):
         return SampleSettings.from_recipe(
             recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
             shift=args.shift, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+            guidance_scale_2=args.guidance_scale_2,
         )
     for flag, value, have in (("--steps", args.steps, profile.steps), ("--height", args.height, profile.height),
                               ("--width", args.width, profile.width), ("--frames", args.frames, profile.frames),
@@ -50,6 +51,8 @@ def _settings(args, recipe, profile):
         args.guidance_scale if args.guidance_scale is not None else profile.guidance_scale,
         args.negative_prompt if args.negative_prompt is not None else profile.calibration.get("negative_prompt", ""),
         guidance=profile.guidance,
+        guidance_scale_2=args.guidance_scale_2 if args.guidance_scale_2 is not None else
+        (profile.experts.guidance_scales[1] if profile.experts is not None else None),
     )
     if settings.n_branches != profile.n_branches:
         raise UserError(f"--guidance-scale {settings.guidance_scale} turns CFG "

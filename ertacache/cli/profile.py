@@ -56,7 +56,7 @@ def _main(argv: list[str] | None) -> int:
     # are refused here, before the model loads
     settings = SampleSettings.from_recipe(
         recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps, shift=args.shift,
-        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, guidance_scale_2=args.guidance_scale_2,
     )
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)

@@ -41,6 +41,7 @@ _BOUNDS: list[tuple[str, str, str, float | None, float | None, bool]] = [
     ("--max-batch-size", "max_batch_size", "int", 0, MAX_BATCH, True),
     ("--intra-op-threads", "intra_op_threads", "int", 0, 4_096, True),
     ("--guidance-scale", "guidance_scale", "float", 0.0, 1e4, True),
+    ("--guidance-scale-2", "guidance_scale_2", "float", 0.0, 1e4, True),
     ("--shift", "shift", "float", 0.0, 1e4, False),
     ("--speedup", "speedup", "float", 1.0, 1e4, True),
     ("--lambda", "lam", "float", 0.0, 1e6, True),

@@ -145,6 +145,10 @@ class ExportPackage:
         cfg = self.config
         cfg.check_machine()
         check_replaceable(cfg.out.absolute(), cfg.force, "export folder", is_export_folder)  # before minutes of work
+        if profile.experts is not None:
+            raise UserError(f"the profile {profile.model} has two experts; exporting two-expert models (a graph pair "
+                            "per expert) is not supported yet: run it with ertacache-generate --profile or the "
+                            "diffusers integration")
         if identity.fingerprint != profile.model_fingerprint:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")

@@ -34,7 +34,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
 from ertacache.models.family import family_for_model
-from ertacache.models.loading import fingerprint_module
+from ertacache.models.loading import fingerprint_modules
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.steps import cached_velocity, full_velocity, predict_residual, rectify, timestep_scale
@@ -79,9 +79,12 @@ class ERTACacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, expert: int = 0):
         super().__init__()
-        self.mask = validate_mask(profile.mask, profile.steps, profile.history)
+        self.mask = validate_mask(profile.mask, profile.steps, profile.history, profile.expert_starts)
+        # a two-expert model: this hook sits on expert ``expert``'s transformer and keeps its own history, so
+        # nothing crosses the switch; the expert of each step is the profile's (by step), checked per call
+        self.expert, self.experts = expert, profile.experts
         self.corr_a, self.corr_b = profile.corr_a, profile.corr_b
         tables = profile.tables()
         self.k, self.reuse = tables.history, tables.plain_reuse()
@@ -132,7 +135,14 @@ class ERTACacheHook(ModelHook):
                             f"embeds {embedded:g}; call it with guidance_scale={self.guidance_scale:g} or profile "
                             "at that scale")
         state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
-        if self.n_branches == 2 and branch == 0 and i > 0 and self._last_step.get(1) != i - 1:
+        first = 0
+        if self.experts is not None:
+            if self.experts.expert(i) != self.expert:
+                raise UserError(f"the pipeline ran transformer{'' if self.expert == 0 else '_2'} at step {i}, which "
+                                f"the profile gives to the other expert; leave the pipeline's boundary_ratio "
+                                f"({self.experts.boundary_ratio:g}) and scheduler as enable_ertacache set them")
+            first = self.experts.segment_start(i)
+        if self.n_branches == 2 and branch == 0 and i > first and self._last_step.get(1) != i - 1:
             raise UserError(f"this profile was made with 2 branches ({self.guidance} guidance) but the pipeline made "
                             f"no 'uncond' call at step {i - 1}; call it with guidance (a negative prompt, and for "
                             f"FluxPipeline true_cfg_scale={self.guidance_scale:g}) or profile without CFG")
@@ -161,11 +171,20 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
 
     Call the pipeline with ``num_inference_steps=profile.steps`` and the profile's height/width
     (/frames); the guidance scale must be the profile's (an embedded one is checked on every call).
+    A two-expert WanPipeline (Wan2.2 A14B: ``transformer_2`` and ``boundary_ratio``) gets a hook on each
+    transformer; call it with the profile's ``guidance_scale`` and ``guidance_scale_2``
+    (``profile.experts.guidance_scales``: the pipeline combines CFG itself, so the hooks cannot check them).
     """
-    transformer = pipe.transformer
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise UserError("this pipeline has two transformers (a two-expert model such as Wan2.2 A14B); ERTACache "
-                        "does not support two-expert models yet")
+    transformer, transformer_2 = pipe.transformer, getattr(pipe, "transformer_2", None)
+    if (transformer_2 is not None) != (profile.experts is not None):
+        have = "two transformers (a two-expert model such as Wan2.2 A14B)" if transformer_2 is not None else "one"
+        raise UserError(f"this pipeline has {have}, the profile ({profile.model}) was made for "
+                        f"{'two experts' if profile.experts is not None else 'one transformer'}; profile this model")
+    if transformer_2 is not None:
+        ratio = getattr(pipe.config, "boundary_ratio", None)
+        if ratio is None or abs(float(ratio) - profile.experts.boundary_ratio) > 1e-9:
+            raise UserError(f"the pipeline switches experts at boundary_ratio {ratio}, the profile at "
+                            f"{profile.experts.boundary_ratio:g}; load the pipeline the profile was made for")
     family = family_for_model(transformer)  # refuses a transformer class no family knows
     if not family.accepts_guidance(profile.guidance) or len(profile.latent_shape) != family.latent_rank:
         raise UserError(f"the profile ({profile.model}: {profile.guidance} guidance, {len(profile.latent_shape)}-axis "
@@ -173,14 +192,15 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
                         f"{type(transformer).__name__} ({family.name}: {family.guidance} guidance, "
                         f"{family.latent_rank}-axis latents); profile this model first")
     if check_fingerprint:
-        have = fingerprint_module(transformer)
+        have = fingerprint_modules([transformer, transformer_2])
         if have != profile.model_fingerprint:
             raise UserError(f"the profile was made for model weights {profile.model_fingerprint} "
                             f"({profile.model}), this pipeline's transformer is {have}; profile this model first")
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME)
-    registry.register_hook(ERTACacheHook(profile), HOOK_NAME)
+    for expert, module in enumerate(t for t in (transformer, transformer_2) if t is not None):
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        if registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME)
+        registry.register_hook(ERTACacheHook(profile, expert), HOOK_NAME)
     scheduler = ProfileSigmaScheduler(shift=1.0)
     scheduler.profile_sigmas = [float(s) for s in profile.sigmas]
     pipe._ertacache_original_scheduler = pipe.scheduler
@@ -190,7 +210,9 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
 
 def disable_ertacache(pipe):
     """Remove the hook and restore the scheduler ``enable_ertacache`` replaced."""
-    HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(HOOK_NAME)
+    for module in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if module is not None:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME)
     original = getattr(pipe, "_ertacache_original_scheduler", None)
     if original is not None:
         pipe.scheduler = original

@@ -338,6 +338,9 @@ class ModelFamily:
         text-only families.
     required_files: paths a model folder must have; ``weight_folders``: subfolders whose
         ``*.safetensors`` are checked before loading; ``require_safetensors``: each must hold one.
+    expert_transformer: for a family with two-expert checkpoints (Wan2.2 A14B), the loader of the
+        second (low-noise) transformer (``transformer_2/``), same class as the first; a recipe with a
+        ``boundary_ratio`` needs it. None: one transformer per checkpoint.
     variant_of: the base family this one only loads differently (see the module docstring).
     block_stacks: the transformer's block lists (attribute names, in execution order): what peer
         caching libraries hook and the eval counts (Wan ``blocks``; FLUX double- then single-stream).
@@ -366,6 +369,7 @@ class ModelFamily:
     block_stacks: tuple[str, ...] = ("blocks",)
     claims: Callable[[Any], bool] | None = field(default=None, compare=False)
     image_encoder: Loader | None = None
+    expert_transformer: Loader | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -400,6 +404,8 @@ class ModelFamily:
         for name in ("transformer", "prompt_encoder", "decoder"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"{where}: {name} must be a loader callable (folder, torch dtype) -> component")
+        if self.expert_transformer is not None and not callable(self.expert_transformer):
+            raise ValueError(f"{where}: expert_transformer must be a loader callable or None")
         if self.image_encoder is not None and not callable(self.image_encoder):
             raise ValueError(f"{where}: image_encoder must be a loader callable or None")
         if self.image_encoder is not None and len(self.conditioning) < 2:
@@ -490,6 +496,7 @@ _BY_CLASS: dict[str, list[str]] = {}  # transformer class -> its base families (
 FAMILY_MODULES = {
     "wan": "ertacache.models.wan",
     "wan-i2v": "ertacache.models.wan",
+    "wan-i2v-a14b": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
     "hunyuanvideo": "ertacache.models.hunyuan_video",
     "testbed": "ertacache.testbed.family",

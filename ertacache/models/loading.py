@@ -23,6 +23,7 @@ from ertacache.errors import ModelFilesError, ModelNotFoundError, UserError
 from ertacache.io import safetensors_problem
 from ertacache.models.adapter import ModelAdapter, adapter_for
 from ertacache.models.components import LatentDecoder, PromptEncoder
+from ertacache.models.experts import Experts
 from ertacache.models.family import LatentLayout, ModelFamily, family_for_model, family_named, known_families
 from ertacache.models.recipes import Recipe, load_recipe
 
@@ -175,6 +176,7 @@ class ModelBundle:
     fingerprint: str
     dtype: torch.dtype  # compute dtype of the transformer (some of its modules stay fp32 by design)
     image_encoder: Any = None  # an image-conditioned family's image path (family.image_encoder), else None
+    transformer_2: nn.Module | None = None  # a two-expert model's low-noise expert (Wan2.2 A14B), else None
 
     @property
     def model_id(self) -> str:
@@ -182,7 +184,21 @@ class ModelBundle:
 
     @property
     def adapter(self) -> ModelAdapter:
+        """The (first) transformer's adapter."""
         return adapter_for(self.transformer)
+
+    @property
+    def adapters(self) -> list[ModelAdapter]:
+        """One adapter per expert, in the order the experts run (one for a one-transformer model)."""
+        return [adapter_for(t) for t in (self.transformer, self.transformer_2) if t is not None]
+
+    def experts(self, nominal_sigmas, settings) -> Experts | None:
+        """The step -> expert table of a two-expert model for the nominal sigma table of ``settings`` (its steps
+        and shift decide where the switch falls) with its CFG scales; None for one transformer."""
+        if self.transformer_2 is None:
+            return None
+        g2 = settings.guidance_scale if settings.guidance_scale_2 is None else settings.guidance_scale_2
+        return Experts.from_boundary(nominal_sigmas, self.recipe.boundary_ratio, (settings.guidance_scale, g2))
 
     @property
     def device(self) -> torch.device:
@@ -272,12 +288,20 @@ def load_bundle(
     torch_dtype = TORCH_DTYPES[dtype_name]
     family = family_named(recipe.family)  # an unknown family is refused before any file is touched
     path = resolve_model_path(recipe, model_path)
-    if (path / "transformer_2").is_dir():  # Wan2.2 A14B: a high-noise and a low-noise expert
+    two = (path / "transformer_2").is_dir()  # Wan2.2 A14B: a high-noise and a low-noise expert
+    if two and recipe.boundary_ratio is None:
         raise UserError(f"{path} holds two transformers (transformer/ and transformer_2/: a two-expert model such as "
-                        "Wan2.2 A14B); ertacache does not support two-expert models yet, and running the first "
-                        "expert alone would give wrong videos")
+                        f"Wan2.2 A14B), but {recipe.model} is a one-transformer model and running the first expert "
+                        f"alone would give wrong videos; use a two-expert id ({', '.join(two_expert_models())})")
+    if recipe.boundary_ratio is not None and not (two and family.expert_transformer is not None):
+        raise ModelNotFoundError(f"{recipe.model} is a two-expert model but {path} has no transformer_2/ folder (the "
+                                 "low-noise expert); " + (_download_hint(recipe) if recipe.hub_id else ""))
     transformer = family.transformer(path, torch_dtype).to(device).eval()
     _check_family_of(transformer, family, recipe, path)
+    transformer_2 = None
+    if recipe.boundary_ratio is not None:
+        transformer_2 = family.expert_transformer(path, torch_dtype).to(device).eval()
+        _check_family_of(transformer_2, family, recipe, path)
     encoder = family.prompt_encoder(path, torch_dtype)
     if isinstance(encoder, nn.Module) or callable(getattr(encoder, "to", None)):
         encoder.to(device)  # a module, or a component that moves its own modules (FluxPromptEncoder)
@@ -286,5 +310,19 @@ def load_bundle(
     decoder = family.decoder(path, torch_dtype)
     decoder.vae.to(device)
     image_encoder = None if family.image_encoder is None else family.image_encoder(path, torch_dtype, decoder).to(device)
-    fingerprint = fingerprint_module(transformer)
-    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype, image_encoder)
+    fingerprint = fingerprint_modules([transformer, transformer_2])
+    return ModelBundle(recipe, path, transformer, encoder, decoder, fingerprint, torch_dtype, image_encoder,
+                       transformer_2)
+
+
+def fingerprint_modules(transformers) -> str:
+    """The weights' identity of a model's transformer(s): one :func:`fingerprint_module`, or the experts' joined
+    by "+" in the order they run (a profile of a two-expert model is about both)."""
+    return "+".join(fingerprint_module(t) for t in transformers if t is not None)
+
+
+def two_expert_models() -> list[str]:
+    """Model ids whose recipe has two experts (what a two-transformer folder should be loaded as)."""
+    from ertacache.models.recipes import available_models
+
+    return [m for m in available_models() if load_recipe(m).boundary_ratio is not None]

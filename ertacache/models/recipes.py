@@ -28,6 +28,8 @@ class Defaults:
     dtype: str = "fp32"
     negative_prompt: str = ""
     calibration_batch_size: int = 1
+    #: a two-expert model's CFG scale for its second (low-noise) expert; None: ``guidance_scale``
+    guidance_scale_2: float | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -59,8 +61,15 @@ class Recipe:
     #: the sigma schedule kind when it is not the family's (``"ramp"`` for FLUX.1-schnell, whose
     #: scheduler has no dynamic shift); :func:`ertacache.sampling.sigmas.request_sigmas` applies it
     sigma_schedule: str | None = None
+    #: a two-expert model (Wan2.2 A14B): ``transformer`` runs while sigma >= this, ``transformer_2`` below
+    #: (the pipeline's ``boundary_ratio``, from its model_index.json); None: one transformer
+    boundary_ratio: float | None = None
 
     def __post_init__(self):
+        if self.boundary_ratio is not None and not 0.0 < self.boundary_ratio < 1.0:
+            raise ValueError(f"recipe {self.model!r}: boundary_ratio must be in (0, 1), got {self.boundary_ratio}")
+        if self.defaults.guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise ValueError(f"recipe {self.model!r}: guidance_scale_2 is the second expert's; it needs a boundary_ratio")
         if (self.hub_id is None) == (self.package_path is None):
             raise ValueError(f"recipe {self.model!r}: set exactly one of hub_id and package_path")
         if self.train_command is not None and self.package_path is None:
@@ -95,6 +104,14 @@ def load_recipe(model: str) -> Recipe:
     if model not in files:
         raise UserError(f"unknown model id {model!r}; choose one of {sorted(files)} (recipes live in export/)")
     return Recipe.from_dict(json.loads(files[model].read_text()))
+
+
+def refuse_two_experts(recipe: Recipe, stage: str) -> None:
+    """Refuse a two-expert model (Wan2.2 A14B) in a stage that runs one transformer, before it loads."""
+    if recipe.boundary_ratio is not None:
+        raise UserError(f"{recipe.model} has two experts (transformer and transformer_2, switched at boundary_ratio "
+                        f"{recipe.boundary_ratio:g}); {stage} does not take two-expert models yet. ertacache-profile, "
+                        "ertacache-generate and the diffusers integration (enable_ertacache) do")
 
 
 def takes_images(model: str) -> bool:

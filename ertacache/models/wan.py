@@ -80,7 +80,20 @@ class WanAdapter(ModelAdapter):
 
     @property
     def image_to_video(self) -> bool:
+        """Whether the model is conditioned on an image: CLIP image states (Wan2.1 I2V) or condition latents
+        concatenated on channels (both Wan2.1 I2V and Wan2.2 I2V-A14B, which has no image embedder)."""
+        return self.takes_image_embeds or self.takes_image_latents
+
+    @property
+    def takes_image_embeds(self) -> bool:
+        """An image embedder for CLIP states (``image_dim`` set): Wan2.1 I2V."""
         return self.model.config.image_dim is not None
+
+    @property
+    def takes_image_latents(self) -> bool:
+        """Condition latents concatenated on channels before the patch embedding (input channels > output's)."""
+        cfg = self.model.config
+        return cfg.out_channels is not None and cfg.in_channels != cfg.out_channels
 
     def _inputs(self, text):
         """(text states or None, image states or None, condition latents or None) from one tensor or a mapping."""
@@ -99,9 +112,9 @@ class WanAdapter(ModelAdapter):
     def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> PreOutput:
         model = self.model
         text, image_embeds, image_latents = self._inputs(text)
-        if self.image_to_video and image_latents is None:
-            raise UserError("this Wan model is image-to-video (image_dim is set): it needs image_latents on every "
-                            "step and image_embeds on full steps (the wan-i2v family's inputs; give --image)")
+        if self.takes_image_latents and image_latents is None:
+            raise UserError("this Wan model is image-to-video: it needs image_latents on every step (and, with an "
+                            "image embedder, image_embeds on full steps): the wan-i2v families' inputs; give --image")
         if not self.image_to_video and (image_latents is not None or image_embeds is not None):
             raise UserError("this Wan model is text-to-video (no image embedder): it takes no image conditioning")
         b, _, f, h, w = latents.shape
@@ -123,7 +136,7 @@ class WanAdapter(ModelAdapter):
         # (B, 6*D) -> (B, 6, D); per token (B, N, 6*D) -> (B, N, 6, D)
         timestep_proj = ce.time_proj(ce.act_fn(temb)).unflatten(temb.ndim - 1, (6, -1))
         context = ce.text_embedder(text)  # (B, L, text_dim) -> (B, L, D)
-        if self.image_to_video:
+        if self.takes_image_embeds:
             if image_embeds is None:
                 raise UserError("this Wan model is image-to-video: a full step needs image_embeds (the CLIP image states)")
             image = ce.image_embedder(_per_row(image_embeds, b))  # (B, 257, D)
@@ -154,13 +167,14 @@ class WanAdapter(ModelAdapter):
                                    cond=bound["encoder_hidden_states"], cached_cond=None, to_output=lambda v: v)
         bound = bind_call(("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
                           args, kwargs, ignored=("attention_kwargs",), owner=owner)
-        if bound.get("encoder_hidden_states_image") is None:
+        if self.takes_image_embeds and bound.get("encoder_hidden_states_image") is None:
             raise UserError(f"{owner} is image-to-video: the pipeline's call has no encoder_hidden_states_image")
         c = self.in_channels
         joint = bound["hidden_states"]  # (B, C + 4 + C, F, H, W): latents, then the condition
         cached = {"image_latents": joint[:, c:]}
-        cond = {"text_embeds": bound["encoder_hidden_states"], "image_embeds": bound["encoder_hidden_states_image"],
-                **cached}
+        cond = {"text_embeds": bound["encoder_hidden_states"], **cached}
+        if self.takes_image_embeds:
+            cond["image_embeds"] = bound["encoder_hidden_states_image"]
         return TransformerCall(latents=joint[:, :c], timestep=bound["timestep"], cond=cond, cached_cond=cached,
                                to_output=lambda v: v)
 
@@ -171,7 +185,7 @@ class WanAdapter(ModelAdapter):
         if image_latents is not None:
             rows = latents.shape[0]
             latents = torch.cat([latents, _per_row(image_latents, rows)], dim=1)
-            image_embeds = _per_row(image_embeds, rows)
+            image_embeds = None if image_embeds is None else _per_row(image_embeds, rows)
         return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
                           encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
@@ -226,6 +240,8 @@ def _load_umt5(path: Path, dtype: torch.dtype) -> PromptEncoder:
 
 
 _load_wan_transformer = diffusers_loader("WanTransformer3DModel", "transformer")
+#: Wan2.2 A14B's low-noise expert: the same class and shape in transformer_2/
+_load_wan_expert = diffusers_loader("WanTransformer3DModel", "transformer_2")
 # WanPipeline keeps the VAE in float32: its decode is sensitive to reduced precision.
 _load_wan_vae = diffusers_loader("AutoencoderKLWan", "vae", wrap=WanLatentDecoder, float32=True)
 
@@ -247,7 +263,8 @@ class WanImageConditioner:
         self.video_processor = VideoProcessor(vae_scale_factor=int(getattr(vae.config, "scale_factor_spatial", 8)))
 
     def to(self, device) -> "WanImageConditioner":
-        self.clip.to(device)
+        if self.clip is not None:
+            self.clip.to(device)
         self.vae.to(device)
         return self
 
@@ -259,14 +276,18 @@ class WanImageConditioner:
         (GBs at 480p) must not be multiplied by the number of calibration prompts.
         """
         embeds, latents = zip(*(self._encode_one(im, height, width, frames) for im in images))
+        if self.clip is None:  # Wan2.2 I2V-A14B: the condition latents alone
+            return {"image_latents": torch.cat(latents)}
         return {"image_embeds": torch.cat(embeds), "image_latents": torch.cat(latents)}
 
     def _encode_one(self, image, height: int, width: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
         pil = Image.fromarray(image)
-        pixels = self.processor(images=pil, return_tensors="pt").pixel_values.to(self.clip.device, self.clip.dtype)
-        states = self.clip(pixels, output_hidden_states=True).hidden_states[-2]  # (1, T, D_clip)
+        states = None
+        if self.clip is not None:
+            pixels = self.processor(images=pil, return_tensors="pt").pixel_values.to(self.clip.device, self.clip.dtype)
+            states = self.clip(pixels, output_hidden_states=True).hidden_states[-2]  # (1, T, D_clip)
         first = self.video_processor.preprocess(pil, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
         device, dtype = self.vae.device, self.vae.dtype
         video = torch.cat([first.unsqueeze(2), first.new_zeros(1, 3, frames - 1, height, width)], dim=2)
@@ -309,6 +330,19 @@ def _image_to_video(config) -> bool:
     return getattr(config, "image_dim", None) is not None
 
 
+def _latent_image_to_video(config) -> bool:
+    """A Wan checkpoint conditioned on an image by latents concatenated on channels alone, no image embedder
+    (Wan2.2 I2V-A14B: 36 input channels, 16 out)."""
+    out = getattr(config, "out_channels", None)
+    return getattr(config, "image_dim", None) is None and out is not None and out != getattr(config, "in_channels", None)
+
+
+def _load_wan_latent_conditioner(path: Path, dtype: torch.dtype, decoder: WanLatentDecoder | None = None
+                                 ) -> WanImageConditioner:
+    """Wan2.2 I2V-A14B's image path: the VAE alone (no CLIP in the checkpoint)."""
+    return WanImageConditioner(None, None, decoder.vae if decoder is not None else _load_wan_vae(path, dtype).vae)
+
+
 WAN_T2V = register_family(ModelFamily(
     name="wan",
     description="Wan2.1 text-to-video (UMT5 text encoder, AutoencoderKLWan)",
@@ -320,6 +354,7 @@ WAN_T2V = register_family(ModelFamily(
     guidance=CFG,
     export_rewrites=("wan_stack_rope",),  # ertacache.export.attention: rope without ScatterND
     transformer=_load_wan_transformer,
+    expert_transformer=_load_wan_expert,
     prompt_encoder=_load_umt5,
     decoder=_load_wan_vae,
     required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
@@ -353,4 +388,23 @@ WAN_I2V = register_family(ModelFamily(
                     "image_encoder/config.json", "image_processor"),
     weight_folders=("transformer", "text_encoder", "image_encoder", "vae"),
     claims=_image_to_video,
+))
+
+WAN_I2V_LATENT = register_family(ModelFamily(
+    name="wan-i2v-a14b",
+    description="Wan2.2 I2V-A14B: image-to-video by condition latents alone (no CLIP), two experts",
+    transformer_class="WanTransformer3DModel",
+    latent_kind=VIDEO,
+    conditioning=(WAN_TEXT, WAN_IMAGE_LATENTS),
+    timestep_scale=1000.0,
+    sigma_schedule=SigmaSchedule(kind="static"),
+    guidance=CFG,
+    export_rewrites=("wan_stack_rope",),
+    transformer=_load_wan_transformer,
+    expert_transformer=_load_wan_expert,
+    prompt_encoder=_load_umt5,
+    decoder=_load_wan_vae,
+    image_encoder=_load_wan_latent_conditioner,
+    required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
+    claims=_latent_image_to_video,
 ))

@@ -8,6 +8,9 @@
 Schema 2 added the predictor (``profile.json["predictor"]`` and the two tables). A schema-1
 profile (the paper's reuse only) still loads: it is read as the reuse predictor (K = 1, weight 1),
 which is exactly what it meant. Older code refuses a schema-2 profile by its version number.
+Schema 3 is a two-expert model's profile (Wan2.2 A14B): schema 2 plus ``profile.json["experts"]``
+(each expert's first step, CFG scale and the switch). Only such profiles are written as 3, so
+code that predates experts refuses them by their version instead of running one expert for all.
 
 A profile is only valid for the model, step count, shift and latent shape it
 was made for; :meth:`Profile.check_matches` refuses anything else with a
@@ -30,13 +33,17 @@ from safetensors.torch import load_file, save_file
 from ertacache.errors import ProfileError, brief
 from ertacache.io import atomic_directory, sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
+from ertacache.models.experts import Experts
 from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
+from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
 SCHEMA_VERSION = 2
+#: the schema of a two-expert profile (only those: a one-expert profile stays readable by older code)
+EXPERTS_SCHEMA_VERSION = 3
 #: schema versions this code reads (1: before the predictor; read as reuse)
-READABLE_SCHEMAS = (1, 2)
+READABLE_SCHEMAS = (1, 2, 3)
 PROFILE_JSON = "profile.json"
 CORRECTION_FILE = "correction.safetensors"
 PLOT_FILE = "error_profile.png"
@@ -106,12 +113,23 @@ class Profile:
     predictor: dict[str, Any] = field(default_factory=lambda: {"kind": "reuse", "order": 0, "history": 1})
     #: the model family's guidance mode (ertacache.models.family): "cfg" (profiles before it was recorded), ...
     guidance: str = CFG
+    #: a two-expert model's step -> expert table and CFG scales (None: one transformer)
+    experts: Experts | None = None
 
     def __post_init__(self):
         if self.pred_w is None:
             self.pred_w = torch.ones(self.steps, 1, 1)
         if self.pred_b is None:
             self.pred_b = torch.zeros(self.steps, 1)
+
+    @property
+    def schema_version(self) -> int:
+        return EXPERTS_SCHEMA_VERSION if self.experts is not None else SCHEMA_VERSION
+
+    @property
+    def expert_starts(self) -> tuple[int, ...]:
+        """Each expert's first step ((0,) for one transformer): where the residual history restarts."""
+        return (0,) if self.experts is None else self.experts.starts
 
     @property
     def history(self) -> int:
@@ -170,7 +188,7 @@ class Profile:
 
     def to_json(self, correction_sha256: str) -> dict[str, Any]:
         d = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
             "steps": self.steps,
@@ -197,6 +215,8 @@ class Profile:
             "predictor": self.predictor,
             "guidance": self.guidance,
         }
+        if self.experts is not None:
+            d["experts"] = self.experts.to_json()
         return d
 
     def save(self, out_dir: str | os.PathLike, force: bool = False, plot: bool = True) -> Path:
@@ -205,7 +225,7 @@ class Profile:
             tables = {"a": self.corr_a.contiguous(), "b": self.corr_b.contiguous(),
                       "pred_w": self.pred_w.float().contiguous(), "pred_b": self.pred_b.float().contiguous()}
             save_file(tables, str(tmp / CORRECTION_FILE),
-                      metadata={"format": "ertacache-correction", "schema_version": str(SCHEMA_VERSION)})
+                      metadata={"format": "ertacache-correction", "schema_version": str(self.schema_version)})
             meta = self.to_json(sha256_file(tmp / CORRECTION_FILE))
             (tmp / PROFILE_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False))  # NaN is not JSON
             if plot:
@@ -325,6 +345,38 @@ def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
             validate_sigma_table(meta[key], steps, what=f"{key!r}")
         except Exception as e:  # UserError with the precise reason
             raise _fail(path, str(e)) from None
+    if meta["schema_version"] == EXPERTS_SCHEMA_VERSION:
+        _validate_experts(path, meta)
+
+
+def _validate_experts(path: Path, meta: dict[str, Any]) -> Experts:
+    """A schema-3 profile's experts: well-formed, the switch where the nominal sigmas put it, the mask rule per expert.
+
+    The starts are re-derived from the nominal table and the boundary, so an edited start (which would run a
+    step on the other transformer than the pipeline does) is refused, not trusted.
+    """
+    raw = meta.get("experts")
+    try:
+        experts = Experts.from_json(raw)
+        ok = (experts.count == 2 and experts.boundary_ratio is not None
+              and all(_finite(g) and g >= 0 for g in experts.guidance_scales))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise _fail(path, f"'experts' must hold two experts' 'starts', 'guidance_scales' and a 'boundary_ratio' in "
+                          f"(0, 1), got {brief(raw, 80)}")
+    try:
+        derived = Experts.from_boundary(meta["nominal_sigmas"], experts.boundary_ratio, experts.guidance_scales)
+    except Exception as e:  # UserError: the switch leaves one expert without a step
+        raise _fail(path, str(e)) from None
+    if derived.starts != experts.starts:
+        raise _fail(path, f"'experts.starts' {list(experts.starts)} disagrees with the switch the nominal sigmas and "
+                          f"boundary {experts.boundary_ratio:g} give ({list(derived.starts)})")
+    try:
+        validate_mask(meta["mask"], meta["steps"], meta["predictor"]["history"], experts.starts)
+    except Exception as e:  # UserError naming the rule
+        raise _fail(path, str(e)) from None
+    return experts
 
 
 def _load_correction(path: Path, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,5 +462,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
         pred_b=pred_b,
         predictor=dict(meta["predictor"]),
         guidance=meta.get("guidance", CFG),
+        experts=Experts.from_json(meta["experts"]) if meta["schema_version"] == EXPERTS_SCHEMA_VERSION else None,
     )
 

@@ -63,14 +63,17 @@ def calibration_set(
     shape = bundle.latent_shape(settings.frames, settings.height, settings.width)
     nb = settings.n_branches
     size = settings.video_size
+    nominal = request_sigmas(bundle, settings)
     return CalibrationSet(
         adapter=bundle.adapter,
+        experts=bundle.experts(nominal, settings),
+        more_adapters=tuple(bundle.adapters[1:]),
         latents=initial_latents(shape, [seed + k for k in range(len(prompts))], "cpu"),
         text_embeds=move_conditioning(bundle.encode(list(prompts), settings.negative_prompt, nb,
                                                     images_for(bundle.family, len(prompts), images, size=size),
                                                     size), "cpu"),
         guidance_scale=settings.guidance_scale,
-        nominal_sigmas=request_sigmas(bundle, settings),
+        nominal_sigmas=nominal,
         n_branches=nb,
     )
 
@@ -90,6 +93,12 @@ def build_profile(
     if config.speedup is not None:
         config.target_full_steps(settings.steps)  # refuse an impossible speedup before any compute
     cal = calibration_set(bundle, prompts, settings, seed, images)
+    if config.speedup is not None and cal.experts.count > 1:  # each expert's warm-up counts too: refuse before any pass
+        target, forced = config.target_full_steps(settings.steps), int(cal.forced(config).sum())
+        if forced > target:
+            raise UserError(f"--speedup {config.speedup:g} leaves {target} full steps of {settings.steps}, but the two "
+                            f"experts force {forced} (each starts with {config.warmup_steps} full steps, and the "
+                            "last step computes); lower --speedup, raise --steps or lower --predictor-order")
     start = time.perf_counter()
     outcome = calibrate(cal, config, progress=progress, log=log)
     return profile_from_outcome(outcome, cal, config, settings, bundle.model_id, bundle.fingerprint, prompts, seed,
@@ -152,4 +161,5 @@ def profile_from_outcome(
         predictor={**config.predictor.describe(), "phi_rule": config.phi_rule, "phi_at_bound": res.phi_at_bound,
                    "uncached_passes": round(outcome.uncached_passes, 3)},
         guidance=settings.guidance,
+        experts=cal.experts if cal.experts.count > 1 else None,
     )

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ertacache.errors import NumericalError
 from ertacache.models.adapter import ModelAdapter
+from ertacache.models.experts import Experts
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
@@ -85,6 +86,10 @@ class CalibrationSet:
     guidance_scale: float
     nominal_sigmas: np.ndarray
     n_branches: int = 2
+    #: a two-expert model (Wan2.2 A14B): the step -> expert table and each expert's CFG scale, and the
+    #: adapters of the experts after the first (``adapter`` is expert 0's); None for one transformer
+    experts: Experts | None = None
+    more_adapters: tuple[ModelAdapter, ...] = ()
     store: HostStore = field(init=False, repr=False)
 
     #: block-stack evaluations (prompt-steps) the passes over this set have made: the calibration cost
@@ -94,6 +99,23 @@ class CalibrationSet:
 
     def __post_init__(self):
         self.store = HostStore(self.device)
+        if self.experts is None:
+            self.experts = Experts.single(self.guidance_scale)
+        if self.experts.count != 1 + len(self.more_adapters):
+            raise ValueError(f"{self.experts.count} expert(s) but {1 + len(self.more_adapters)} adapter(s)")
+
+    def adapter_at(self, step: int) -> ModelAdapter:
+        """The transformer that runs ``step`` (expert 0's adapter for a one-transformer model)."""
+        return (self.adapter, *self.more_adapters)[self.experts.expert(step)]
+
+    def guidance_at(self, step: int) -> float:
+        """The CFG scale of ``step``'s expert."""
+        return self.experts.guidance_at(step)
+
+    def forced(self, config: CalibrationConfig) -> np.ndarray:
+        """(T,) steps that always compute: the warm-up and final steps, and each expert's own warm-up."""
+        return forced_full(self.steps, config.warmup_steps, config.final_steps) | self.experts.forced_full(
+            self.steps, config.warmup_steps)
 
     @property
     def device(self) -> torch.device:
@@ -221,11 +243,11 @@ def _uncached_steps(cal: CalibrationSet, sl: slice, sig: torch.Tensor):
     for i in range(cal.steps):
         x_in = expand_branches(x, cal.n_branches).to(cal.dtype)
         t = model_timestep(sig[i], x_in.shape[0], scale)
-        v, r = full_velocity(cal.adapter, x_in, t, text)
+        v, r = full_velocity(cal.adapter_at(i), x_in, t, text)
         cal.block_evals += sl.stop - sl.start
         _check_finite(v, i, sl)
         yield i, x_in, t, text, v, r
-        x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_scale, cal.n_branches)
+        x = x + (sig[i + 1] - sig[i]) * combine_cfg(v, cal.guidance_at(i), cal.n_branches)
 
 
 def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np.ndarray,
@@ -257,8 +279,10 @@ class ResidualBank:
     per (full steps, step), so a bisection's probes share what they have in common.
     """
 
-    def __init__(self, slices: list[slice], n_branches: int, steps: int, device: torch.device):
+    def __init__(self, slices: list[slice], n_branches: int, steps: int, device: torch.device,
+                 starts: tuple[int, ...] = (0,)):
         self.slices, self.n_branches, self.steps, self.device = slices, n_branches, steps, device
+        self.starts = starts  # each expert's first step
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
         self.prompts = sum(sl.stop - sl.start for sl in slices)
@@ -292,6 +316,8 @@ class ResidualBank:
         """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
         mask, positions, errs = [], [], np.zeros(self.steps)
         for i in range(self.steps):
+            if i in self.starts:
+                positions = []  # a residual never crosses the expert switch
             full = bool(forced[i]) or len(positions) < history
             if not full:
                 errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive)
@@ -319,7 +345,7 @@ def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool
     if cal.bank is not None:
         return cal.bank
     slices = cal.micro_batches(config.batch_size)
-    bank = ResidualBank(slices, cal.n_branches, cal.steps, cal.device)
+    bank = ResidualBank(slices, cal.n_branches, cal.steps, cal.device, cal.experts.starts)
     cal.bank = bank  # attached while it fills, so memory accounting sees it as the set's host state
     sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.device)
     try:
@@ -425,11 +451,10 @@ def cached_pass(
     if mask is not None:
         from ertacache.sampling.sampler import validate_mask
 
-        mask = validate_mask(mask, steps, history)
-    forced = forced_full(steps, config.warmup_steps, config.final_steps)
+        mask = validate_mask(mask, steps, history, cal.experts.starts)
+    forced = cal.forced(config)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
     device = cal.device
-    g = torch.tensor(float(cal.guidance_scale), device=device)
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     traj = _Trajectories(cal, config.batch_size)
     channels = cal.latents.shape[1]
@@ -448,6 +473,12 @@ def cached_pass(
 
     for i in tqdm(range(steps), desc="closed-loop calibration", disable=not progress, leave=False):
         sig_i = torch.tensor(sigmas[i], dtype=torch.float32, device=device)
+        adapter, g = cal.adapter_at(i), torch.tensor(cal.guidance_at(i), device=device)
+        if i > 0 and i in cal.experts.starts:  # a new expert: no residual of the last one is read again
+            positions = []
+            for k, _ in traj:
+                for j in range(history):
+                    traj.put(k, ("h", j), None)
         # a step may be cached unless it is forced (or the given mask computes it)
         may_cache = not forced[i] and (mask is None or not mask[i]) and len(positions) >= history
         res_change_sum = 0.0
@@ -457,7 +488,7 @@ def cached_pass(
             for k, sl in traj:
                 x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)  # (nb*b, C, F, H, W)
                 text = cal.step_cond(sl, x_in.shape[0], cached=False)
-                v_true, r_true = full_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), text)
+                v_true, r_true = full_velocity(adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), text)
                 cal.block_evals += sl.stop - sl.start
                 _check_finite(v_true, i, sl)
                 if may_cache and pred.kind == "fitted":
@@ -511,7 +542,7 @@ def cached_pass(
                 for k, sl in traj:
                     x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)
                     cond = cal.step_cond(sl, x_in.shape[0], cached=True)  # None for Wan
-                    v_cached = cached_velocity(cal.adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale),
+                    v_cached = cached_velocity(adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale),
                                                traj.get(k, "r_hat"), cond)
                     if acc is not None:
                         acc.update(v_cached, v_cached - traj.get(k, "v_true"))
@@ -552,7 +583,7 @@ def cached_pass(
                                 0.0, config.phi_eps)
             phi[i] = float(np.clip(raw, config.phi_min, config.phi_max))
             phi_bound += int(not config.phi_min < raw < config.phi_max)
-            sigmas = adjusted_sigmas(nominal, phi)
+            sigmas = adjusted_sigmas(nominal, phi, cal.experts.starts, _segment_floors(cal.experts))
 
         # (6) the Euler update along the (possibly adjusted) sigma table; state moves one step on
         sig_next = torch.tensor(sigmas[i + 1], dtype=torch.float32, device=device)
@@ -590,6 +621,18 @@ def cached_pass(
     )
 
 
+def _segment_floors(experts: Experts) -> tuple[float, ...]:
+    """The lowest adjusted sigma each expert's steps may reach: the boundary for all but the last.
+
+    ``WanPipeline`` picks the expert from the timestep it feeds (``t >= boundary_ratio * 1000``), so
+    in the diffusers integration a time-adjusted sigma below the boundary would run the other expert.
+    A hair above the boundary keeps float32 rounding on the right side of that comparison.
+    """
+    if experts.boundary_ratio is None:
+        return (0.0,) * experts.count
+    return (*(experts.boundary_ratio * (1 + 1e-6),) * (experts.count - 1), 0.0)
+
+
 def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, progress: bool,
                              log: Callable[[str], None], target: int) -> "CalibrationOutcome":
     """A predictor profile for a full-step budget in three passes' worth of model calls, no bisection.
@@ -601,7 +644,7 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
        one last closed-loop pass fits phi, the correction (and fitted weights) along it.
     """
     bank = residual_bank(cal, config, progress)
-    forced = forced_full(cal.steps, config.warmup_steps, config.final_steps)
+    forced = cal.forced(config)
     lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive")
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
@@ -660,7 +703,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
 
     if config.loop == "open" and config.predictor.kind != "reuse":
         bank = residual_bank(cal, config, progress)
-        forced = forced_full(steps, config.warmup_steps, config.final_steps)
+        forced = cal.forced(config)
         adaptive = config.predictor.kind == "adaptive"
         lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced, adaptive)
         mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive)
@@ -677,7 +720,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
             raise ValueError(f"errors must be ({steps}, {steps}) for {steps} steps, got {errors.shape}")
 
         def open_probe(lam):
-            m = mask_from_error_matrix(errors, lam, config.warmup_steps, config.final_steps)
+            m = mask_from_error_matrix(errors, lam, config.warmup_steps, config.final_steps, cal.forced(config))
             return sum(m), m
 
         if target is None:

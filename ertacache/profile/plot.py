@@ -26,6 +26,10 @@ def plot_profile(profile, path: str | os.PathLike) -> None:
         err = np.asarray(stats["residual_error"])
         ax1.plot(steps[~mask], err[~mask], "o", color="tab:red", ms=4, label="cached residual error (reused steps)")
     ax1.axhline(profile.lam, color="tab:red", ls="--", lw=1, label=f"lambda = {profile.lam:.4g}")
+    experts = getattr(profile, "experts", None)
+    for b in (experts.starts[1:] if experts is not None else ()):  # a two-expert model's switch
+        for ax in (ax1, ax2):
+            ax.axvline(b - 0.5, color="tab:purple", lw=1.5, label="expert switch" if ax is ax1 else None)
     ax1.set_ylabel("relative L1")
     ax1.set_title(
         f"{profile.model}: {profile.full_steps}/{profile.steps} full steps (shaded), "

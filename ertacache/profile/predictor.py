@@ -115,17 +115,18 @@ def lower_order_candidates(newest_first: Sequence[int], step: int) -> list[np.nd
     return out
 
 
-def last_full_steps(mask: Sequence[bool], step: int, history: int) -> list[int]:
-    """The (up to ``history``) full steps before ``step``, newest first."""
-    out = [j for j in range(step - 1, -1, -1) if mask[j]]
+def last_full_steps(mask: Sequence[bool], step: int, history: int, start: int = 0) -> list[int]:
+    """The (up to ``history``) full steps in ``[start, step)``, newest first (``start``: the expert's first step)."""
+    out = [j for j in range(step - 1, start - 1, -1) if mask[j]]
     return out[:history]
 
 
-def taylor_weights(mask: Sequence[bool], history: int) -> np.ndarray:
+def taylor_weights(mask: Sequence[bool], history: int, starts: Sequence[int] = (0,)) -> np.ndarray:
     """(T, K, 1) Lagrange weights for every cached step of ``mask``; [1, 0, ...] on full steps.
 
-    A cached step with fewer than K full steps before it would need slots that hold nothing:
-    refused here, as the samplers refuse such a mask.
+    A cached step with fewer than K full steps before it (in its expert's segment, ``starts``:
+    the residual history restarts at each expert's first step) would need slots that hold
+    nothing: refused here, as the samplers refuse such a mask.
     """
     steps = len(mask)
     w = np.zeros((steps, history, 1))
@@ -133,7 +134,7 @@ def taylor_weights(mask: Sequence[bool], history: int) -> np.ndarray:
     for i, full in enumerate(mask):
         if full:
             continue
-        pos = last_full_steps(mask, i, history)
+        pos = last_full_steps(mask, i, history, max(s for s in starts if s <= i))
         if len(pos) < history:
             raise UserError(f"step {i} is cached but only {len(pos)} full step(s) precede it; the predictor reads "
                             f"{history}: raise --warmup-steps to at least {history} or lower --predictor-order")

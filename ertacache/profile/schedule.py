@@ -23,10 +23,15 @@ def forced_full(steps: int, warmup_steps: int, final_steps: int) -> np.ndarray:
     return forced
 
 
-def mask_from_error_matrix(errors: np.ndarray, lam: float, warmup_steps: int, final_steps: int) -> tuple[bool, ...]:
-    """Greedy walk over errors[j, i] = error of reusing step j's residual at step i (j < i)."""
+def mask_from_error_matrix(errors: np.ndarray, lam: float, warmup_steps: int, final_steps: int,
+                           forced: np.ndarray | None = None) -> tuple[bool, ...]:
+    """Greedy walk over errors[j, i] = error of reusing step j's residual at step i (j < i).
+
+    ``forced``: (T,) steps that compute whatever lambda says, if not just the warm-up and final ones
+    (a two-expert model forces each expert's first steps too).
+    """
     steps = errors.shape[0]
-    forced = forced_full(steps, warmup_steps, final_steps)
+    forced = forced_full(steps, warmup_steps, final_steps) if forced is None else forced
     mask, last = [], 0
     for i in range(steps):
         full = bool(forced[i]) or not errors[last, i] < lam

@@ -14,6 +14,8 @@ fed the adjusted sigma at every later step.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -31,17 +33,30 @@ def phi_value(err: float, change: float, scale: float, phi_min: float, phi_eps: 
     return float(np.clip(1.0 - err / (change + guard), phi_min, 1.0))
 
 
-def adjusted_sigmas(nominal: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """Fold per-step phi (T,) into a sigma table (T+1,) that starts at nominal[0] and ends at 0."""
+def adjusted_sigmas(nominal: np.ndarray, phi: np.ndarray, starts: Sequence[int] = (0,),
+                    floors: Sequence[float] | None = None) -> np.ndarray:
+    """Fold per-step phi (T,) into a sigma table (T+1,) that starts at nominal[0] and ends at 0.
+
+    starts: the first step of each expert (two-expert models): the fold runs per segment, each
+    landing exactly on the nominal sigma of the next expert's first step, which always computes,
+    so the switch happens where the nominal table puts it.
+    floors: per segment, the lowest sigma its steps may take (the expert boundary: a model that
+    picks its expert by timestep must see each step on its own side); None: no floor.
+    """
     nominal = np.asarray(nominal, dtype=np.float64)
     phi = np.asarray(phi, dtype=np.float64)
     steps = nominal.shape[0] - 1
     if phi.shape != (steps,):
         raise ValueError(f"phi must have {steps} entries, got {phi.shape}")
+    floors = (0.0,) * len(starts) if floors is None else floors
     out = np.empty_like(nominal)
-    out[0] = nominal[0]
-    for i in range(steps):
-        stretch = out[i] / nominal[i]  # remaining actual / remaining nominal time
-        out[i + 1] = out[i] - phi[i] * stretch * (nominal[i] - nominal[i + 1])
-    out[-1] = 0.0  # the last step always computes (phi = 1): land exactly, not to rounding
+    for s, e, floor in zip(starts, [*starts[1:], steps], floors):
+        out[s] = nominal[s]
+        end = nominal[e]  # where this segment must land
+        for i in range(s, e):
+            stretch = (out[i] - end) / (nominal[i] - end)  # remaining actual / remaining nominal time
+            out[i + 1] = out[i] - phi[i] * stretch * (nominal[i] - nominal[i + 1])
+            if i + 1 < e and floor > 0.0:
+                out[i + 1] = max(out[i + 1], floor)
+        out[e] = end  # the next segment's first step (or the last step) computes: land exactly, not to rounding
     return out

@@ -15,6 +15,7 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
+from ertacache.models.experts import Experts
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
@@ -30,22 +31,32 @@ def initial_latents(
     return torch.stack(noise).to(device)  # (B, C, F, H, W)
 
 
-def validate_mask(mask: Sequence[bool], steps: int, history: int = 1) -> tuple[bool, ...]:
+def validate_mask(mask: Sequence[bool], steps: int, history: int = 1, starts: Sequence[int] = (0,)) -> tuple[bool, ...]:
     """The mask as bools; refuses a length that is not ``steps`` and a cached step before ``history`` full ones.
 
     history: K, the residual slots the cached step reads; each must hold a full step's residual
     before the first cached step.
+    starts: the first step of each expert (:class:`~ertacache.models.experts.Experts`); the history
+    starts empty at each, so the rule holds per expert.
     """
     mask = tuple(bool(m) for m in mask)
     if len(mask) != steps:
         raise UserError(f"reuse mask has {len(mask)} entries but the sigma table has {steps} steps")
     if not mask[0]:
         raise UserError("the first step must compute (mask[0] must be true): there is no residual to reuse yet")
-    first_cached = mask.index(False) if False in mask else steps
-    if history > first_cached:
-        raise UserError(f"the predictor reads the last {history} full-step residuals but only {first_cached} full "
-                        f"step(s) precede the first cached step (step {first_cached}); make the first {history} "
-                        "steps full (--warmup-steps) or use a lower predictor order")
+    ends = [*starts[1:], steps]
+    for e, (s, end) in enumerate(zip(starts, ends)):
+        seg = mask[s:end]
+        first_cached = seg.index(False) if False in seg else len(seg)
+        where = ""
+        if len(starts) > 1:
+            where = f" of expert {e} (steps {s}..{end - 1}; residuals never cross the expert switch)"
+        if not seg[0]:
+            raise UserError(f"step {s}, the first step{where}, must compute: there is no residual of that expert yet")
+        if history > first_cached:
+            raise UserError(f"the predictor reads the last {history} full-step residuals but only {first_cached} full "
+                            f"step(s) precede the first cached step{where} (step {s + first_cached}); make the first "
+                            f"{history} steps full (--warmup-steps) or use a lower predictor order")
     return mask
 
 
@@ -78,21 +89,30 @@ class CachedSampler:
     """Runs ``full if mask[i] else cached`` for i in range(T) in eager PyTorch.
 
     With an all-true mask and the nominal sigma table this is plain
-    flow-matching Euler sampling with CFG.
+    flow-matching Euler sampling with CFG. A two-expert model (Wan2.2 A14B) passes one adapter
+    per expert and their :class:`Experts`: step i runs expert ``experts.expert(i)`` with its CFG
+    scale, and the residual history is emptied at each expert's first step.
     """
 
-    def __init__(self, adapter: ModelAdapter, tables: StepTables, mask: Sequence[bool]):
+    def __init__(self, adapter: ModelAdapter | Sequence[ModelAdapter], tables: StepTables, mask: Sequence[bool],
+                 experts: Experts | None = None):
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+        self.experts = experts or Experts((0,), (0.0,))  # one expert: the call's guidance scale is used
+        if len(adapters) != self.experts.count:
+            raise UserError(f"{self.experts.count} expert(s) in the schedule but {len(adapters)} transformer(s) given")
         self.tables = tables
-        self.mask = validate_mask(mask, tables.steps, tables.history)
-        self.family = adapter.family
-        self.full_step = FullStep(adapter, tables)
-        self.cached_step = CachedStep(adapter, tables)
+        self.mask = validate_mask(mask, tables.steps, tables.history, self.experts.starts)
+        self.family = adapters[0].family
+        self.full_steps = [FullStep(a, tables) for a in adapters]
+        self.cached_steps = [CachedStep(a, tables) for a in adapters]
+        self.full_step, self.cached_step = self.full_steps[0], self.cached_steps[0]
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, text_embeds: Conditioning, guidance_scale: float,
                  check_finite: bool = True) -> SampleResult:
         """latents: (B, C, F, H, W) float32 noise; text_embeds: (nb*B, L, D), cond rows first
         (or, for a family with several conditioning inputs, a mapping of them: see ``steps``).
+        ``guidance_scale`` is the CFG scale of one expert; with two experts, theirs (``Experts``) are used.
 
         With ``check_finite`` a NaN/Inf in the result raises :class:`NumericalError` naming the
         first step that produced it (one isfinite check after the loop; a replay only on failure).
@@ -110,19 +130,23 @@ class CachedSampler:
         device = latents.device
         self.tables.to(device)
         steps = torch.arange(self.tables.steps, device=device)  # int64 step indices, made once
-        g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
+        scales = self.experts.guidance_scales if self.experts.count > 1 else (guidance_scale,)
+        gs = [torch.tensor(float(g), dtype=torch.float32, device=device) for g in scales]  # one per expert, made once
         x = latents.float()
-        history: list[torch.Tensor] = []  # the last K full-step residuals, newest first
+        history: list[torch.Tensor] = []  # the last K full-step residuals of this expert, newest first
         for i, full in enumerate(self.mask):
+            e = self.experts.expert(i)
+            if i == self.experts.starts[e]:
+                history = []  # a residual never crosses the expert switch
             if full:
-                x, residual = self.full_step(x, steps[i], text_embeds, g)
+                x, residual = self.full_steps[e](x, steps[i], text_embeds, gs[e])
                 history = [residual, *history[: self.tables.history - 1]]
             else:
-                x = self.cached_step(x, steps[i], text_embeds, g, *history)
+                x = self.cached_steps[e](x, steps[i], text_embeds, gs[e], *history)
             if name_bad_step and not torch.isfinite(x).all():
                 raise NumericalError(
                     f"NaN/Inf in the latents after step {i} of {len(self.mask)} ({'full' if full else 'cached'} "
                     f"step, sigma {float(self.tables.sigmas[i]):.4g} -> {float(self.tables.sigmas[i + 1]):.4g}, "
-                    f"guidance {float(guidance_scale):g}); check that step's tables in the profile (sigmas, "
+                    f"guidance {float(scales[e]):g}); check that step's tables in the profile (sigmas, "
                     "correction a/b) and the model's precision")
         return SampleResult(latents=x, full_steps=sum(self.mask))

@@ -30,6 +30,8 @@ class SampleSettings:
     guidance_scale: float
     negative_prompt: str = ""
     guidance: str = CFG
+    #: a two-expert model's CFG scale for the second (low-noise) expert; None: ``guidance_scale``
+    guidance_scale_2: float | None = None
 
     def __post_init__(self):
         if self.steps < 2:
@@ -37,6 +39,13 @@ class SampleSettings:
         if not (self.shift > 0 and math.isfinite(self.shift)):
             raise UserError(f"shift must be a positive number, got {self.shift}")
         check_guidance(self.guidance, self.guidance_scale)
+        if self.guidance_scale_2 is not None:
+            if self.guidance != CFG or not (math.isfinite(self.guidance_scale_2) and self.guidance_scale_2 >= 0):
+                raise UserError(f"guidance_scale_2 must be a number >= 0 for a CFG model, got {self.guidance_scale_2}")
+            if (self.guidance_scale_2 > 1) != (self.guidance_scale > 1):
+                raise UserError(f"guidance scales {self.guidance_scale:g} and {self.guidance_scale_2:g} must both be "
+                                "above 1 (CFG for both experts) or both at most 1 (no CFG): one batch layout serves "
+                                "both experts")
 
     @property
     def size(self) -> str:
@@ -64,10 +73,12 @@ class SampleSettings:
         d = recipe.defaults
         values = dict(height=d.height, width=d.width, frames=d.frames if family.is_video else None, steps=d.steps,
                       shift=d.shift, guidance_scale=d.guidance_scale, negative_prompt=d.negative_prompt,
-                      guidance=recipe.guidance or family.guidance)
+                      guidance=recipe.guidance or family.guidance, guidance_scale_2=d.guidance_scale_2)
         if not family.accepts_guidance(values["guidance"]):
             raise UserError(f"recipe {recipe.model} asks for {values['guidance']!r} guidance, which the "
                             f"{family.name} family ({family.guidance} guidance) does not run")
+        if overrides.get("guidance_scale_2") is not None and recipe.boundary_ratio is None:
+            raise UserError(f"--guidance-scale-2 is the second expert's CFG scale; {recipe.model} has one transformer")
         if overrides.get("guidance_scale") is not None:
             check_guidance(values["guidance"], float(overrides["guidance_scale"]), recipe.model)  # names the model
         values.update({k: v for k, v in overrides.items() if v is not None})

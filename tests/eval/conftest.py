@@ -45,6 +45,13 @@ class FakeBundle:
         return adapter_for(self.transformer)
 
     @property
+    def adapters(self):
+        return [self.adapter]
+
+    def experts(self, nominal_sigmas, settings):
+        return None  # one transformer
+
+    @property
     def family(self):
         return self.adapter.family
 

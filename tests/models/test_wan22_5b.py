@@ -152,20 +152,3 @@ def test_offline_names_the_download(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFoundError, match="hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers --local-dir"):
         load_bundle("wan2.2-5b")
-
-
-def test_two_expert_models_are_refused_before_anything_runs(tmp_path):
-    """Wan2.2 A14B (transformer/ + transformer_2/): a folder and a pipeline are refused by name, since running the
-    high-noise expert alone would give wrong videos."""
-    from ertacache.errors import UserError
-
-    folder = save_tiny_wan_folder(tmp_path / "a14b")
-    tiny_wan(seed=1).save_pretrained(folder / "transformer_2")
-    with pytest.raises(UserError, match="two transformers .* two-expert models"):
-        load_bundle("wan2.1", folder, dtype="fp32")
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_wan(), transformer_2=tiny_wan(seed=1),
-                       vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), boundary_ratio=0.875)
-    from tests.integrations.test_wan_pipeline import make_profile
-
-    with pytest.raises(UserError, match="two transformers"):
-        enable_ertacache(pipe, make_profile(pipe.transformer, adapter_for(pipe.transformer)))

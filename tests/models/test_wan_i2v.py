@@ -55,14 +55,14 @@ def test_the_family_is_chosen_by_the_models_config():
     assert family_named("wan-i2v") is i2v
 
 
-def test_a_wan_config_no_family_takes_is_refused_by_name():
-    """Wan2.2 I2V-A14B's transformer: a condition concatenated on channels (in 36, out 16) but no image embedder."""
+def test_a_condition_on_channels_without_an_image_embedder_is_wan22_i2v_a14b():
+    """Wan2.2 I2V-A14B's transformer: a condition concatenated on channels (in 36, out 16), no image embedder."""
     torch.manual_seed(0)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                   in_channels=2 * C + 4, out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32,
                                   num_layers=1, rope_max_seq_len=64)
-    with pytest.raises(UserError, match="its config matches none of the families of the class"):
-        family_for_model(model)
+    family = family_for_model(model)
+    assert family.name == "wan-i2v-a14b" and family.input_names == ("text_embeds", "image_latents")
 
 
 def test_a_family_without_a_claims_rule_cannot_share_a_class():

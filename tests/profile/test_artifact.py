@@ -98,9 +98,10 @@ def test_a_predictor_needs_its_history_before_the_first_cached_step(tmp_path):
 
 
 def test_a_profile_of_a_future_schema_is_refused(tmp_path):
+    """4 is the first unknown one (3: a two-expert profile; a one-expert profile marked 3 lacks its experts)."""
     make_profile().save(tmp_path / "p")
-    _rewrite(tmp_path / "p", lambda meta: meta.update(schema_version=3))
-    with pytest.raises(ProfileError, match="schema_version 3 is not one this ertacache reads"):
+    _rewrite(tmp_path / "p", lambda meta: meta.update(schema_version=4))
+    with pytest.raises(ProfileError, match="schema_version 4 is not one this ertacache reads"):
         load_profile(tmp_path / "p")
 
 
@@ -276,4 +277,12 @@ def test_the_guidance_mode_and_frames_are_checked_on_load(tmp_path, change, matc
     make_profile().save(tmp_path / "p", plot=False)
     _edit(tmp_path / "p", lambda m: m.update(change))
     with pytest.raises(ProfileError, match=match):
+        load_profile(tmp_path / "p")
+
+
+def test_a_one_expert_profile_marked_schema_3_is_refused(tmp_path):
+    make_profile().save(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["schema_version"] == 2  # one expert stays 2
+    _rewrite(tmp_path / "p", lambda meta: meta.update(schema_version=3))
+    with pytest.raises(ProfileError, match="'experts' must hold two experts"):
         load_profile(tmp_path / "p")
