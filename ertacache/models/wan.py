@@ -19,7 +19,7 @@ cached step reads them too). The two families tell their models apart by ``image
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -390,21 +390,12 @@ WAN_I2V = register_family(ModelFamily(
     claims=_image_to_video,
 ))
 
-WAN_I2V_LATENT = register_family(ModelFamily(
+#: Wan2.2 I2V-A14B: the text-to-video entry plus the condition latents and their VAE-only image path
+WAN_I2V_LATENT = register_family(replace(
+    WAN_T2V,
     name="wan-i2v-a14b",
     description="Wan2.2 I2V-A14B: image-to-video by condition latents alone (no CLIP), two experts",
-    transformer_class="WanTransformer3DModel",
-    latent_kind=VIDEO,
     conditioning=(WAN_TEXT, WAN_IMAGE_LATENTS),
-    timestep_scale=1000.0,
-    sigma_schedule=SigmaSchedule(kind="static"),
-    guidance=CFG,
-    export_rewrites=("wan_stack_rope",),
-    transformer=_load_wan_transformer,
-    expert_transformer=_load_wan_expert,
-    prompt_encoder=_load_umt5,
-    decoder=_load_wan_vae,
     image_encoder=_load_wan_latent_conditioner,
-    required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
     claims=_latent_image_to_video,
 ))
