@@ -165,9 +165,10 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     from ertacache.models.recipes import load_recipe, refuse_two_experts
 
-    refuse_two_experts(load_recipe(args.model), "ertacache-eval")
+    recipe = load_recipe(args.model)
+    refuse_two_experts(recipe, "ertacache-eval")
     settings = SampleSettings.from_recipe(  # refuses flags the model cannot take before it loads
-        load_recipe(args.model), height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+        recipe, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
         shift=args.shift, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     )
     with loading_model(args.model, args.model_path):

@@ -29,6 +29,11 @@ import numpy as np
 from ertacache.errors import UserError
 
 
+def segments(starts: Sequence[int], steps: int) -> list[tuple[int, int]]:
+    """[(first, end)) step ranges of the experts whose first steps are ``starts``, over ``steps`` steps."""
+    return list(zip(starts, [*starts[1:], steps]))
+
+
 @dataclass(frozen=True)
 class Experts:
     """The segment each step belongs to, and each segment's CFG scale.
@@ -85,18 +90,13 @@ class Experts:
         """The first step of ``step``'s expert: where its residual history began."""
         return self.starts[self.expert(step)]
 
-    def expert_table(self, steps: int) -> list[int]:
-        """(T,) the expert of every step."""
-        return [self.expert(i) for i in range(steps)]
-
     def guidance_at(self, step: int) -> float:
         return self.guidance_scales[self.expert(step)]
 
     def forced_full(self, steps: int, warmup: int) -> np.ndarray:
         """(T,) bool: the first ``warmup`` steps of every segment (each starts with an empty history)."""
         forced = np.zeros(steps, dtype=bool)
-        ends = [*self.starts[1:], steps]
-        for s, e in zip(self.starts, ends):
+        for s, e in segments(self.starts, steps):
             forced[s:min(e, s + warmup)] = True
         return forced
 

@@ -25,7 +25,7 @@ from ertacache.models.adapter import ModelAdapter, adapter_for
 from ertacache.models.components import LatentDecoder, PromptEncoder
 from ertacache.models.experts import Experts
 from ertacache.models.family import LatentLayout, ModelFamily, family_for_model, family_named, known_families
-from ertacache.models.recipes import Recipe, load_recipe
+from ertacache.models.recipes import Recipe, available_models, load_recipe
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -323,6 +323,4 @@ def fingerprint_modules(transformers) -> str:
 
 def two_expert_models() -> list[str]:
     """Model ids whose recipe has two experts (what a two-transformer folder should be loaded as)."""
-    from ertacache.models.recipes import available_models
-
     return [m for m in available_models() if load_recipe(m).boundary_ratio is not None]

@@ -87,13 +87,12 @@ class WanAdapter(ModelAdapter):
     @property
     def takes_image_embeds(self) -> bool:
         """An image embedder for CLIP states (``image_dim`` set): Wan2.1 I2V."""
-        return self.model.config.image_dim is not None
+        return _has_image_embedder(self.model.config)
 
     @property
     def takes_image_latents(self) -> bool:
         """Condition latents concatenated on channels before the patch embedding (input channels > output's)."""
-        cfg = self.model.config
-        return cfg.out_channels is not None and cfg.in_channels != cfg.out_channels
+        return _has_condition_channels(self.model.config)
 
     def _inputs(self, text):
         """(text states or None, image states or None, condition latents or None) from one tensor or a mapping."""
@@ -318,23 +317,32 @@ def _load_wan_image_conditioner(path: Path, dtype: torch.dtype, decoder: WanLate
 #: the text-embedding input of every Wan step graph
 WAN_TEXT = ConditioningInput("text_embeds", doc="(nb*B, L, D_text) text-encoder states: cond rows, then uncond rows")
 
+def _has_image_embedder(config) -> bool:
+    """The config has an image embedder for CLIP image states (``image_dim``): Wan2.1 I2V."""
+    return getattr(config, "image_dim", None) is not None
+
+
+def _has_condition_channels(config) -> bool:
+    """The config's input adds condition channels to the latents it outputs (I2V: mask + image latents)."""
+    out = getattr(config, "out_channels", None)
+    return out is not None and out != getattr(config, "in_channels", None)
+
+
 def _text_to_video(config) -> bool:
     """A Wan checkpoint without an image embedder whose input is its output's latents alone (Wan2.1 T2V, Wan2.2
     TI2V-5B, the testbeds); not Wan2.2 I2V-A14B, which concatenates a condition on channels without CLIP."""
-    out = getattr(config, "out_channels", None)
-    return getattr(config, "image_dim", None) is None and (out is None or out == getattr(config, "in_channels", None))
+    return not _has_image_embedder(config) and not _has_condition_channels(config)
 
 
 def _image_to_video(config) -> bool:
     """A Wan checkpoint with an image embedder for CLIP image states (Wan2.1 I2V 480P/720P)."""
-    return getattr(config, "image_dim", None) is not None
+    return _has_image_embedder(config)
 
 
 def _latent_image_to_video(config) -> bool:
     """A Wan checkpoint conditioned on an image by latents concatenated on channels alone, no image embedder
     (Wan2.2 I2V-A14B: 36 input channels, 16 out)."""
-    out = getattr(config, "out_channels", None)
-    return getattr(config, "image_dim", None) is None and out is not None and out != getattr(config, "in_channels", None)
+    return not _has_image_embedder(config) and _has_condition_channels(config)
 
 
 def _load_wan_latent_conditioner(path: Path, dtype: torch.dtype, decoder: WanLatentDecoder | None = None

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ertacache.models.experts import segments
+
 
 def phi_value(err: float, change: float, scale: float, phi_min: float, phi_eps: float) -> float:
     """phi for one reused step from calibration means.
@@ -50,7 +52,7 @@ def adjusted_sigmas(nominal: np.ndarray, phi: np.ndarray, starts: Sequence[int] 
         raise ValueError(f"phi must have {steps} entries, got {phi.shape}")
     floors = (0.0,) * len(starts) if floors is None else floors
     out = np.empty_like(nominal)
-    for s, e, floor in zip(starts, [*starts[1:], steps], floors):
+    for (s, e), floor in zip(segments(starts, steps), floors):
         out[s] = nominal[s]
         end = nominal[e]  # where this segment must land
         for i in range(s, e):

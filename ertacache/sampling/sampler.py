@@ -15,7 +15,7 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter
-from ertacache.models.experts import Experts
+from ertacache.models.experts import Experts, segments
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
@@ -44,8 +44,7 @@ def validate_mask(mask: Sequence[bool], steps: int, history: int = 1, starts: Se
         raise UserError(f"reuse mask has {len(mask)} entries but the sigma table has {steps} steps")
     if not mask[0]:
         raise UserError("the first step must compute (mask[0] must be true): there is no residual to reuse yet")
-    ends = [*starts[1:], steps]
-    for e, (s, end) in enumerate(zip(starts, ends)):
+    for e, (s, end) in enumerate(segments(starts, steps)):
         seg = mask[s:end]
         first_cached = seg.index(False) if False in seg else len(seg)
         where = ""

@@ -33,7 +33,7 @@ def test_the_switch_is_where_the_pipeline_switches():
     experts = _experts_for(sigmas)
     b = experts.starts[1]
     assert sigmas[b - 1] * 1000 >= BOUNDARY * 1000 > sigmas[b] * 1000  # WanPipeline: t >= boundary -> transformer
-    assert experts.expert_table(10) == [0] * b + [1] * (10 - b)
+    assert [experts.expert(i) for i in range(10)] == [0] * b + [1] * (10 - b)
     assert (experts.segment_start(b + 1), experts.guidance_at(b - 1), experts.guidance_at(b)) == (b, 4.0, 3.0)
     assert list(np.flatnonzero(experts.forced_full(10, 2))) == [0, 1, b, b + 1]
     with pytest.raises(UserError, match="one of the two transformers would never run"):
