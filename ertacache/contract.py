@@ -3,7 +3,7 @@
 Export writes a folder; engines, the runtime, Triton serving and outside tools read it. What
 they must agree on lives here, and only here:
 
-    graph names        FULL_STEP, CACHED_STEP, VAE_DECODE
+    graph names        FULL_STEP, CACHED_STEP, VAE_DECODE; expert_graph(g, e) for a second expert's pair
     tensor names       STEP_INPUTS, FULL_OUTPUTS, cached_inputs(K), ... (the runtime binds by name)
     tensor specs       TensorSpec / GraphSpec (static shape + dtype name of each graph input/output)
     dtype tables       TENSOR_DTYPES (manifest names -> torch), MODEL_DTYPES (fp32/fp16/bf16 -> torch)
@@ -41,6 +41,14 @@ before it (:func:`residual_slots`). With K = 1 the names are exactly those of sc
 
 Schema history: 2 added the predictor (``profile.history``, ``profile.predictor``, the K slots).
 A schema-1 folder cannot be migrated (its graphs are baked); it is refused with the fix: re-export.
+3 is a two-expert folder (Wan2.2 A14B), and only such a folder is written as 3: ``profile.experts``
+(each expert's first step, CFG scale, and the boundary) and a graph pair per expert
+(:func:`expert_graph`: ``full_step_2``, ``cached_step_2`` for the second, I/O identical to the
+first's). The reader re-derives the switch from the nominal sigmas and the boundary and refuses a
+folder whose ``starts`` disagree (an edited start would run a step on the other transformer), and
+the mask rule holds per expert (each opens with K full steps). One-transformer folders stay schema
+2, readable by older ertacache; an older ertacache refuses schema 3 instead of running expert 0
+for every step.
 
 :func:`folder_digest` is the sha256 of ``manifest.json`` itself; since the manifest holds the
 sha256 of every other file and every file must be listed, this one value pins the whole folder
@@ -60,7 +68,7 @@ import math
 import os
 import posixpath
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -69,6 +77,7 @@ import torch
 from ertacache.errors import UserError
 from ertacache.io import sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
+from ertacache.models.experts import Experts, segments
 from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
 
 FULL_STEP = "full_step"
@@ -131,6 +140,34 @@ IO_NAMES = {FULL_STEP: (STEP_INPUTS, FULL_OUTPUTS), CACHED_STEP: (CACHED_INPUTS,
             VAE_DECODE: (DECODE_INPUTS, DECODE_OUTPUTS)}
 
 LOOP = "for i in range(steps): full_step if mask[i] else cached_step"
+#: the loop of a two-expert folder (Wan2.2 A14B): the graph pair of the step's expert
+EXPERTS_LOOP = ("for i in range(steps): e = expert of step i (profile.experts.starts); "
+                "full_step[_e] if mask[i] else cached_step[_e], with guidance_scales[e]")
+
+
+def expert_graph(graph: str, expert: int) -> str:
+    """The name of ``graph`` (full_step / cached_step) for expert ``expert`` (0-based).
+
+    Expert 0 keeps the plain names, so a one-transformer folder is unchanged; expert 1 (Wan2.2
+    A14B's low-noise ``transformer_2``) gets diffusers' suffix: ``full_step_2``, ``cached_step_2``.
+    """
+    if graph not in STEP_GRAPHS:
+        raise ValueError(f"only the step graphs {list(STEP_GRAPHS)} exist per expert, not {graph!r}")
+    return graph if expert == 0 else f"{graph}_{expert + 1}"
+
+
+def graph_role(name: str) -> tuple[str, int]:
+    """(base graph, expert) of a graph name: ``cached_step_2`` -> (``cached_step``, 1); unknown -> (name, 0)."""
+    for base in STEP_GRAPHS:
+        suffix = name[len(base) + 1:]
+        if name.startswith(base + "_") and suffix.isdigit() and int(suffix) >= 2 and str(int(suffix)) == suffix:
+            return base, int(suffix) - 1
+    return name, 0
+
+
+def step_graph_names(experts: int = 1) -> tuple[str, ...]:
+    """Every step graph of a folder with ``experts`` experts: full_step, cached_step[, full_step_2, cached_step_2]."""
+    return tuple(expert_graph(g, e) for e in range(experts) for g in STEP_GRAPHS)
 
 #: tensor dtype names in manifests <-> torch
 TENSOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -142,6 +179,10 @@ MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 MANIFEST = "manifest.json"
 FORMAT = "ertacache-export"
 SCHEMA_VERSION = 2
+#: a two-expert folder (Wan2.2 A14B: a graph pair per expert, ``profile.experts``). Only such folders
+#: carry it, so one-transformer folders stay readable by older ertacache and an older ertacache refuses
+#: a two-expert folder by version instead of running expert 0 for every step.
+EXPERTS_SCHEMA_VERSION = 3
 #: what each older schema lacks, for the refusal (graphs are baked: no migration, a re-export)
 _OLD_SCHEMAS = {1: "before the multi-residual predictor: its cached_step reads one residual slot and the manifest "
                    "records no predictor"}
@@ -303,6 +344,21 @@ class Schedule:
     predictor: Mapping[str, Any] = field(default_factory=lambda: {"kind": "reuse", "history": 1})
     #: the model family's guidance mode (absent from folders exported before it was recorded: all CFG)
     guidance: str = CFG
+    #: a two-expert folder's step -> expert table and per-expert CFG scales (schema 3); None: one transformer
+    experts: Experts | None = None
+
+    @property
+    def expert_count(self) -> int:
+        return 1 if self.experts is None else self.experts.count
+
+    def expert(self, step: int) -> int:
+        """The expert whose graph pair runs ``step`` (0 for a one-transformer folder)."""
+        return 0 if self.experts is None else self.experts.expert(step)
+
+    @property
+    def guidance_scales(self) -> tuple[float, ...]:
+        """One CFG scale per expert (the profile's; a request may override them)."""
+        return (self.guidance_scale,) if self.experts is None else self.experts.guidance_scales
 
     @property
     def full_steps(self) -> int:
@@ -422,16 +478,16 @@ class ExportManifest:
             raise fail(f"it was written by an older ertacache (manifest schema_version {version}, "
                        f"{_OLD_SCHEMAS[version]}; this version reads schema {SCHEMA_VERSION}). Its graphs are baked, "
                        "so it cannot be migrated: re-export it with this ertacache version (same flags as before)")
-        if type(version) is not int or version != SCHEMA_VERSION:
-            raise fail(f"schema_version {_short(version)} is not {SCHEMA_VERSION} (written by another ertacache "
-                       "version)")
+        if type(version) is not int or version not in (SCHEMA_VERSION, EXPERTS_SCHEMA_VERSION):
+            raise fail(f"schema_version {_short(version)} is not {SCHEMA_VERSION} or {EXPERTS_SCHEMA_VERSION} "
+                       "(written by another ertacache version)")
         m = r.obj(r.get(data, "model", "manifest"), "model")
         model = ModelRef(r.str(r.get(m, "id", "model"), "model.id"),
                          r.str(r.get(m, "fingerprint", "model"), "model.fingerprint"),
                          r.str(m.get("class", ""), "model.class"), r.opt_str(m.get("path"), "model.path"))
         enc = r.obj(r.get(data, "text_encoder", "manifest"), "text_encoder")
         negative = r.str(enc.get("negative_prompt", ""), "text_encoder.negative_prompt")
-        schedule = _schedule(r, r.obj(r.get(data, "profile", "manifest"), "profile"))
+        schedule = _schedule(r, r.obj(r.get(data, "profile", "manifest"), "profile"), version)
         shapes = _shapes(r, r.obj(r.get(data, "shapes", "manifest"), "shapes"))
         dtype = r.str(r.get(data, "dtype", "manifest"), "dtype")
         if dtype not in MODEL_DTYPES:
@@ -465,7 +521,34 @@ def _failer(root: Path) -> Callable[[str], ManifestError]:
     return fail
 
 
-def _schedule(r: _Reader, p: dict) -> Schedule:
+def _experts(r: _Reader, p: dict, version: int, steps: int, nominal: Sequence[float],
+             guidance_scale: float) -> Experts | None:
+    """profile.experts of a schema-3 folder, re-derived from the nominal sigmas and the boundary (a moved start
+    would run a step on the other transformer); refused in any other schema."""
+    if version != EXPERTS_SCHEMA_VERSION:
+        if "experts" in p:
+            raise r.fail(f"profile.experts is only read in schema {EXPERTS_SCHEMA_VERSION} (two-expert) folders")
+        return None
+    e = r.obj(r.get(p, "experts", "profile"), "profile.experts")
+    starts = tuple(r.list(r.get(e, "starts", "profile.experts"), "profile.experts.starts",
+                          lambda v, w: r.int(v, w, 0, steps - 1)))
+    scales = tuple(r.list(r.get(e, "guidance_scales", "profile.experts"), "profile.experts.guidance_scales", r.num))
+    ratio = r.num(r.get(e, "boundary_ratio", "profile.experts"), "profile.experts.boundary_ratio")
+    try:
+        experts = Experts(starts, scales, ratio)
+        derived = Experts.from_boundary(nominal, ratio, scales)
+    except (ValueError, UserError) as err:
+        raise r.fail(f"profile.experts: {err}") from None
+    if experts.count != 2 or derived.starts != starts:
+        raise r.fail(f"profile.experts.starts {list(starts)} disagrees with the switch the nominal sigmas and "
+                     f"boundary_ratio {ratio:g} give ({list(derived.starts)})")
+    if not math.isclose(scales[0], guidance_scale, rel_tol=1e-9):
+        raise r.fail(f"profile.experts.guidance_scales[0] {scales[0]} differs from profile.guidance_scale "
+                     f"{guidance_scale}")
+    return experts
+
+
+def _schedule(r: _Reader, p: dict, version: int = SCHEMA_VERSION) -> Schedule:
     steps = r.int(r.get(p, "steps", "profile"), "profile.steps", 1, MAX_STEPS)
     mask = tuple(r.list(r.get(p, "mask", "profile"), "profile.mask", r.bool))
     sigmas = tuple(r.list(r.get(p, "sigmas", "profile"), "profile.sigmas", r.num))
@@ -487,15 +570,20 @@ def _schedule(r: _Reader, p: dict) -> Schedule:
                  r.num(p.get("lambda", 0.0), "profile.lambda"),
                  r.num(r.get(p, "guidance_scale", "profile"), "profile.guidance_scale"), nb, mask, sigmas, nominal,
                  phi, history, dict(predictor), r.str(p.get("guidance", CFG), "profile.guidance"))
+    if len(nominal) == steps + 1:
+        s = replace(s, experts=_experts(r, p, version, steps, nominal, s.guidance_scale))
     if s.guidance not in GUIDANCE_MODES:
         raise r.fail(f"profile.guidance {_short(s.guidance)} is not one of {list(GUIDANCE_MODES)}")
     if not (len(mask) == steps == len(sigmas) - 1 == len(nominal) - 1 == len(phi)) or not mask[0]:
         raise r.fail(f"the schedule is inconsistent ({len(mask)} mask entries, {steps} steps, {len(sigmas)} sigmas, "
                      f"{len(phi)} phi, first step {'full' if mask and mask[0] else 'cached'})")
-    first_cached = mask.index(False) if False in mask else steps
-    if history > first_cached:
-        raise r.fail(f"its {kind} predictor reads the last {history} full-step residuals but only {first_cached} full "
-                     f"step(s) precede the first cached step (step {first_cached})")
+    for e, (start, end) in enumerate(segments(s.experts.starts if s.experts else (0,), steps)):
+        seg = mask[start:end]  # each expert's history starts empty: K full steps open every segment
+        first_cached = seg.index(False) if False in seg else len(seg)
+        if history > first_cached:
+            where = f" of expert {e}" if s.experts is not None else ""
+            raise r.fail(f"its {kind} predictor reads the last {history} full-step residuals but only {first_cached} "
+                         f"full step(s) precede the first cached step{where} (step {start + first_cached})")
     if nb != guidance_branches(s.guidance, s.guidance_scale):
         raise r.fail(f"profile.guidance_scale {s.guidance_scale} and n_branches {nb} disagree (CFG is on exactly "
                      f"when guidance > 1; guidance {s.guidance!r})")
@@ -573,17 +661,23 @@ def _target_files(targets: Mapping[str, Any], target: str) -> dict[str, str]:
 
 def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> None:
     """The step graphs have the contract's I/O, shapes agree, and every target's graph files are listed."""
-    for name in STEP_GRAPHS:
+    experts = m.schedule.expert_count
+    step_graphs = step_graph_names(experts)
+    for name in step_graphs:
         if name not in m.graphs:
-            raise fail(f"there is no {name!r} graph")
+            raise fail(f"there is no {name!r} graph" + (f" (a {experts}-expert folder has {list(step_graphs)})"
+                                                         if experts > 1 else ""))
     for name, spec in m.graphs.items():
-        if name not in IO_NAMES:
-            raise fail(f"unknown graph {_short(name)} (known: {list(IO_NAMES)})")
-        ins, outs = io_names(name, m.schedule.history, m.conditioning)
+        base, expert = graph_role(name)
+        if base not in IO_NAMES or expert >= experts:
+            raise fail(f"unknown graph {_short(name)} (known: {[*step_graphs, VAE_DECODE]})")
+        ins, outs = io_names(base, m.schedule.history, m.conditioning)
         if tuple(spec.input_names) != ins or tuple(spec.output_names) != outs:
             raise fail(f"graph {name!r} has I/O {spec.input_names} -> {spec.output_names}, this runtime expects "
                        f"{list(ins)} -> {list(outs)}"
-                       + (f" (profile.history is {m.schedule.history})" if name == CACHED_STEP else ""))
+                       + (f" (profile.history is {m.schedule.history})" if base == CACHED_STEP else ""))
+        if expert and spec.to_json() != m.graphs[base].to_json():  # the runtime binds one set of buffers
+            raise fail(f"graph {name!r} (expert {expert}) differs in shapes or dtypes from {base!r}")
     full = m.graphs[FULL_STEP]
     if m.shapes.latents[:1] != (m.shapes.batch_size,):
         raise fail(f"shapes.batch_size {m.shapes.batch_size} is not the latents' batch {list(m.shapes.latents)[:1]}")
@@ -634,7 +728,7 @@ def _check_contract(m: ExportManifest, fail: Callable[[str], ManifestError]) -> 
                 raise fail(str(e)) from None
             if rel not in m.files:
                 raise fail(f"{rel} ({target} {graph}) is not listed in files, so it is not covered by a sha256")
-        missing = [g for g in STEP_GRAPHS if g not in files]
+        missing = [g for g in step_graphs if g not in files]
         if missing:
             raise fail(f"targets.{target} has no file for {missing}")
 

@@ -112,6 +112,13 @@ def print_summary(report) -> None:
     slots = [i["name"] for i in m["graphs"]["cached_step"]["inputs"] if i["name"].startswith("residual")]
     print(f"predictor {prof.get('predictor', {}).get('kind', 'reuse')} over the last {prof.get('history', 1)} "
           f"full-step residual(s), cached_step slots {', '.join(slots)}")
+    experts = prof.get("experts")
+    if experts:  # a two-expert model: which pair runs which steps, with which CFG scale
+        ends = [*experts["starts"][1:], prof["steps"]]
+        pairs = [("full_step, cached_step" if e == 0 else f"full_step_{e + 1}, cached_step_{e + 1}")
+                 + f": steps {s}..{end - 1}, CFG {g:g}"
+                 for e, (s, end, g) in enumerate(zip(experts["starts"], ends, experts["guidance_scales"]))]
+        print(f"experts   {'; '.join(pairs)} (switch at boundary_ratio {experts['boundary_ratio']:g})")
     if report.validation:
         print(f"validation (final latents vs eager, {m['dtype']}, whole schedule):")
         print(f"  {'target':8s} {'rel L2':>10s} {'max |diff|':>11s} {'decode':>7s}")
@@ -132,7 +139,7 @@ def _main(argv: list[str] | None) -> int:
     from ertacache.export.package import ExportPackage, ModelIdentity, is_export_folder
     from ertacache.models.loading import load_bundle
     from ertacache.video import example_output
-    from ertacache.models.recipes import load_recipe, refuse_two_experts
+    from ertacache.models.recipes import load_recipe
     from ertacache.profile.artifact import load_profile
     from ertacache.profile.schedule import mask_summary
 
@@ -143,7 +150,6 @@ def _main(argv: list[str] | None) -> int:
         check_tensorrt_ops=not args.no_trt_op_check, decode_graph=not args.no_decode_graph,
         timing_repeats=args.timing_repeats,
     )
-    refuse_two_experts(recipe, "ertacache-export (two graph pairs, one per expert)")
     profile = load_profile(args.profile) if args.profile else None
     if profile is not None:  # a profile of another model is named as such, before any dtype/machine check
         _check_profile_flags(args, profile)
@@ -172,7 +178,7 @@ def _main(argv: list[str] | None) -> int:
     text_shape = ({name: tuple(t.shape[1:]) for name, t in encoded.items()} if isinstance(encoded, dict)
                   else tuple(encoded.shape[1:]))
     identity = ModelIdentity.from_bundle(bundle, text_shape, negative)
-    report = ExportPackage(config)(bundle.adapter, profile, identity, text_shape, bundle.decoder, profile_dir)
+    report = ExportPackage(config)(bundle.adapters, profile, identity, text_shape, bundle.decoder, profile_dir)
     print_summary(report)
     backend = "onnxruntime" if "onnx" in config.targets else config.targets[0]
     print(f"next: ertacache-run --engines {config.out} --backend {backend} --prompt \"...\" --out {example_output(bundle.family.is_video)}")

@@ -46,7 +46,7 @@ def _main(argv: list[str] | None) -> int:
                                       "folder's weights")
         profile = load_profile(m.profile_dir)
         noise, text = request(args, m)
-        report = verify_runtime(rt, bundle.adapter, profile, noise, text, bundle.decoder, args.tolerance)
+        report = verify_runtime(rt, bundle.adapters, profile, noise, text, bundle.decoder, args.tolerance)
     print(f"{report.backend} ({report.dtype}) vs eager cached sampler, {report.full_steps}/{report.steps} full steps, "
           f"predictor {report.predictor} (K = {report.history}):")
     print(f"  final latents rel L2 {report.rel_l2:.3e} (tolerance {report.tolerance:g})  max |diff| {report.max_abs:.3e}")

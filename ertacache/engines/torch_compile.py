@@ -22,15 +22,18 @@ from ertacache.engines.base import BoundCall, Engine, copy_outputs_call
 from ertacache.engines.cuda_graph import CudaGraphCall
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.contract import (CACHED_STEP, DEFAULT_CONDITIONING, FULL_STEP, VAE_DECODE, ExportManifest,
-                                 io_names)
+                                 expert_graph, graph_role, io_names)
 from ertacache.models.adapter import ModelAdapter
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep
 
 def input_order(graph: str, history: int = 1,
                 conditioning: tuple[str, ...] = DEFAULT_CONDITIONING) -> tuple[str, ...]:
-    """The input names of ``graph``'s forward in call order; the cached step takes K residual slots."""
-    return io_names(graph, history, conditioning)[0]
+    """The input names of ``graph``'s forward in call order; the cached step takes K residual slots.
+
+    A second expert's graphs (``full_step_2``, ``cached_step_2``) take the same inputs as the first's.
+    """
+    return io_names(graph_role(graph)[0], history, conditioning)[0]
 
 
 def module_conditioning(modules: Mapping[str, nn.Module]) -> tuple[str, ...]:
@@ -45,12 +48,19 @@ def module_history(modules: Mapping[str, nn.Module]) -> int:
     return int(modules[CACHED_STEP].tables.history)
 
 
-def step_modules(adapter: ModelAdapter, profile: Profile, device: torch.device | str = "cpu",
+def step_modules(adapter: ModelAdapter | list[ModelAdapter], profile: Profile, device: torch.device | str = "cpu",
                  decoder=None) -> dict[str, nn.Module]:
-    """FullStep / CachedStep (and DecodeGraph with a decoder) with ``profile``'s tables on ``device``."""
+    """FullStep / CachedStep (and DecodeGraph with a decoder) with ``profile``'s tables on ``device``.
+
+    ``adapter``: one per expert (a list, in order) for a two-expert profile: each gets its own pair,
+    named as the export names them (``full_step_2``, ``cached_step_2`` for the second).
+    """
+    adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
     tables = profile.tables().to(device)
-    modules: dict[str, nn.Module] = {FULL_STEP: FullStep(adapter, tables).eval(),
-                                     CACHED_STEP: CachedStep(adapter, tables).eval()}
+    modules: dict[str, nn.Module] = {}
+    for e, a in enumerate(adapters):
+        modules[expert_graph(FULL_STEP, e)] = FullStep(a, tables).eval()
+        modules[expert_graph(CACHED_STEP, e)] = CachedStep(a, tables).eval()
     if decoder is not None:
         modules[VAE_DECODE] = DecodeGraph(decoder).eval()
     return modules
@@ -82,7 +92,7 @@ class StepModulesFromManifest:
             raise EngineMismatchError(f"the export folder {self.folder} records a predictor over "
                                       f"{self.manifest.schedule.history} residuals, its profile/ one over "
                                       f"{profile.history}; re-export the folder")
-        return step_modules(bundle.adapter, profile, self.device, bundle.decoder)
+        return step_modules(bundle.adapters, profile, self.device, bundle.decoder)
 
 
 class TorchCompileEngine(Engine):

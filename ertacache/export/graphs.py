@@ -41,6 +41,10 @@ profile)`` returns :class:`StepGraphs`:
 
    ``cached_step`` keeps its (unused) ``text_embeds`` input so both graphs bind
    the same feeds; exporters keep it (TensorRT's parser may drop it).
+   A two-expert model (Wan2.2 A14B: ``profile.experts``) gets one pair per expert, baked from the
+   same tables (they are indexed by the global step): expert 0's ``full_step`` / ``cached_step``
+   and expert 1's ``full_step_2`` / ``cached_step_2`` (:func:`ertacache.contract.expert_graph`),
+   with identical I/O, so the runtime binds one set of buffers to both and picks the pair by step.
 3. With a decoder, a third graph ``vae_decode(latents) -> frames`` (uint8,
    (B, F, H, W, 3)) is exported the same way.
 4. While exporting, the export-time rewrites the model's family declares are
@@ -66,12 +70,13 @@ from torch import nn
 
 from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECODE_INPUTS, DECODE_OUTPUTS,
                                  DTYPE_NAMES, FULL_OUTPUTS, FULL_STEP, STEP_GRAPHS, STEP_INPUTS, VAE_DECODE, GraphSpec,
-                                 TensorSpec, cached_inputs, step_inputs)
+                                 TensorSpec, cached_inputs, expert_graph, step_inputs)
 from ertacache.errors import UserError
 from ertacache.export.attention import WAN_STACK_ROPE, family_rewrites
 from ertacache.export.errors import GraphExportError, failing_op
 from ertacache.models.adapter import ModelAdapter
 from ertacache.models.components import LatentDecoder
+from ertacache.models.experts import Experts
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.sampler import validate_mask
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep, StepTables
@@ -93,10 +98,18 @@ class StepGraphs:
     rewrites: tuple[str, ...] = ()  # every export-time rewrite of the model's family that was applied
     conditioning: tuple[str, ...] = ("text_embeds",)  # the family's conditioning inputs (graph-input names)
     export_s: dict[str, float] = field(default_factory=dict)
+    #: a two-expert model's step -> expert table (None: one transformer, one graph pair)
+    experts: Experts | None = None
 
     @property
     def names(self) -> list[str]:
         return list(self.programs)
+
+    @property
+    def adapters(self) -> list[ModelAdapter]:
+        """One adapter per expert (the eager modules' own), for the reference sampler."""
+        count = 1 if self.experts is None else self.experts.count
+        return [self.modules[expert_graph(FULL_STEP, e)].adapter for e in range(count)]
 
     @property
     def history(self) -> int:
@@ -152,9 +165,13 @@ class BakeStepGraphs:
         self.swap_attention = swap_attention
         self.strict = strict
 
-    def _check(self, adapter: ModelAdapter, profile: Profile) -> None:
-        model = adapter.model
-        if model.training:
+    def _check(self, adapters: list[ModelAdapter], profile: Profile) -> None:
+        experts = 1 if profile.experts is None else profile.experts.count
+        if len(adapters) != experts:
+            raise UserError(f"the profile has {experts} expert(s) but {len(adapters)} transformer(s) were given; "
+                            "load the model the profile was made for")
+        adapter = adapters[0]
+        if any(a.model.training for a in adapters):
             raise ValueError("export needs the model in eval mode (call .eval())")
         if len(profile.latent_shape) != adapter.family.latent_rank or profile.latent_shape[0] != adapter.in_channels:
             raise UserError(f"the profile's latent shape {profile.latent_shape} does not fit a model with "
@@ -166,20 +183,24 @@ class BakeStepGraphs:
             raise UserError(f"the profile's predictor {profile.predictor} says history "
                             f"{profile.predictor.get('history')} but its weight table pred_w reads {profile.history} "
                             "residuals; re-profile (the profile is inconsistent)")
-        validate_mask(profile.mask, profile.steps, profile.history)  # K full steps before the first cached one
+        # K full steps before the first cached one, of each expert
+        validate_mask(profile.mask, profile.steps, profile.history, profile.expert_starts)
 
-    def __call__(self, adapter: ModelAdapter, profile: Profile) -> StepGraphs:
-        self._check(adapter, profile)
+    def __call__(self, adapter: ModelAdapter | list[ModelAdapter], profile: Profile) -> StepGraphs:
+        """``adapter``: the model's adapter, or one per expert for a two-expert profile (its order)."""
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+        self._check(adapters, profile)
+        adapter = adapters[0]
         conditioning = adapter.family.input_names  # the graph-input names of the family's conditioning tensors
         if len(conditioning) > 1 and not isinstance(self.text_shape, dict):
             raise UserError(f"the {adapter.family.name} family has the conditioning inputs {list(conditioning)}; "
                             "give the export one shape per input (a mapping name -> shape without the batch axis)")
         tables = profile.tables()  # sigmas (T+1,), corr_a/b (T, nb, C), pred_w (T, K, Dw), pred_b (T, Db): buffers
         nb = tables.n_branches
-        modules: dict[str, nn.Module] = {
-            FULL_STEP: FullStep(adapter, tables).eval(),
-            CACHED_STEP: CachedStep(adapter, tables).eval(),
-        }
+        modules: dict[str, nn.Module] = {}
+        for e, a in enumerate(adapters):  # one pair per expert over the same tables (indexed by the global step)
+            modules[expert_graph(FULL_STEP, e)] = FullStep(a, tables).eval()
+            modules[expert_graph(CACHED_STEP, e)] = CachedStep(a, tables).eval()
         device = next(adapter.model.parameters()).device
         tables.to(device)
         step_in = example_step_inputs(profile.latent_shape, self.batch_size, nb, self.text_shape, self.dtype,
@@ -193,14 +214,15 @@ class BakeStepGraphs:
         # K residual slots, newest first: the full step's residual and scaled copies (distinct values, so no
         # exporter can mistake one slot for another; only shapes and dtypes are baked)
         slots = tuple(residual * (1.0 - 0.25 * k) for k in range(tables.history))
-        examples = {FULL_STEP: step_in, CACHED_STEP: (*step_in, *slots)}
-        specs = {
-            FULL_STEP: GraphSpec(FULL_STEP, tuple(map(TensorSpec.of, step_inputs(conditioning), step_in)),
-                                 tuple(map(TensorSpec.of, FULL_OUTPUTS, (latents_out, residual)))),
-            CACHED_STEP: GraphSpec(CACHED_STEP, tuple(map(TensorSpec.of, cached_inputs(tables.history, conditioning),
-                                                          examples[CACHED_STEP])),
-                                   (TensorSpec.of("latents_out", latents_out),)),
-        }
+        full_spec = (tuple(map(TensorSpec.of, step_inputs(conditioning), step_in)),
+                     tuple(map(TensorSpec.of, FULL_OUTPUTS, (latents_out, residual))))
+        cached_spec = (tuple(map(TensorSpec.of, cached_inputs(tables.history, conditioning), (*step_in, *slots))),
+                       (TensorSpec.of("latents_out", latents_out),))
+        examples, specs = {}, {}
+        for e in range(len(adapters)):  # every expert's pair has the same I/O (same class and shapes)
+            full, cached = expert_graph(FULL_STEP, e), expert_graph(CACHED_STEP, e)
+            examples[full], examples[cached] = step_in, (*step_in, *slots)
+            specs[full], specs[cached] = GraphSpec(full, *full_spec), GraphSpec(cached, *cached_spec)
         if self.decoder is not None:
             modules[VAE_DECODE] = DecodeGraph(self.decoder).eval()
             examples[VAE_DECODE] = (step_in[0],)
@@ -210,8 +232,10 @@ class BakeStepGraphs:
                                           (TensorSpec.of("frames", frames),))
 
         programs, times = {}, {}
-        rewrites = family_rewrites(adapter.model) if self.swap_attention else contextlib.nullcontext(())
-        with rewrites as applied, torch.no_grad():
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            applied = ()
+            for a in adapters:  # each expert's model gets its family's rewrites (the same ones)
+                applied = stack.enter_context(family_rewrites(a.model)) if self.swap_attention else ()
             for name, module in modules.items():
                 start = time.perf_counter()
                 try:
@@ -221,7 +245,7 @@ class BakeStepGraphs:
                 times[name] = time.perf_counter() - start
         return StepGraphs(modules, programs, examples, specs, tables, list(profile.mask), self.dtype,
                           self.batch_size, attention_swapped=WAN_STACK_ROPE in applied, rewrites=tuple(applied),
-                          conditioning=tuple(conditioning), export_s=times)
+                          conditioning=tuple(conditioning), export_s=times, experts=profile.experts)
 
 
 #: the contract's names and specs live in ertacache.contract; re-exported here for the pass's callers

@@ -2,7 +2,8 @@
 
     out/
       manifest.json         what everything is (ertacache.export.manifest)
-      onnx/<graph>.onnx     full_step, cached_step, vae_decode (+ <graph>.onnx.data past 2 GB)
+      onnx/<graph>.onnx     full_step, cached_step, vae_decode (+ <graph>.onnx.data past 2 GB); a
+                            two-expert model (Wan2.2 A14B) also full_step_2, cached_step_2
       aoti/<graph>.pt2      the same graphs as AOTInductor packages
       profile/              a copy of the profile folder the graphs were baked from
 
@@ -25,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from ertacache.contract import (CACHED_STEP, FORMAT, FULL_STEP, LOOP, MANIFEST, SCHEMA_VERSION, STEP_GRAPHS,
-                                VAE_DECODE, folder_digest)
+from ertacache.contract import (CACHED_STEP, EXPERTS_LOOP, EXPERTS_SCHEMA_VERSION, FORMAT, FULL_STEP, LOOP, MANIFEST,
+                                SCHEMA_VERSION, VAE_DECODE, folder_digest, step_graph_names)
 from ertacache.errors import UserError
 from ertacache.export.config import ExportConfig
 from ertacache.export.errors import GraphExportError
@@ -139,22 +140,20 @@ class ExportPackage:
         self.log(f"[{tag}] done in {stage_s[name]:.1f} s ({time.perf_counter() - self._start:.0f} s so far)")
         return out
 
-    def __call__(self, adapter: ModelAdapter, profile: Profile, identity: ModelIdentity,
+    def __call__(self, adapter: ModelAdapter | list[ModelAdapter], profile: Profile, identity: ModelIdentity,
                  text_shape, decoder: LatentDecoder | None = None,
                  profile_dir: Path | None = None) -> ExportReport:
+        """``adapter``: the model's adapter, or one per expert (in order) for a two-expert profile."""
         cfg = self.config
         cfg.check_machine()
         check_replaceable(cfg.out.absolute(), cfg.force, "export folder", is_export_folder)  # before minutes of work
-        if profile.experts is not None:
-            raise UserError(f"the profile {profile.model} has two experts; exporting two-expert models (a graph pair "
-                            "per expert) is not supported yet: run it with ertacache-generate --profile or the "
-                            "diffusers integration")
         if identity.fingerprint != profile.model_fingerprint:
             raise UserError(f"the profile was made for weights {profile.model_fingerprint}, this model is "
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")
         stage_s: dict[str, float] = {}
         self._start, self._stages_done = time.perf_counter(), 0
-        self._stages_total = self._count_stages(2 + (decoder is not None and cfg.decode_graph))
+        experts = 1 if profile.experts is None else profile.experts.count
+        self._stages_total = self._count_stages(2 * experts + (decoder is not None and cfg.decode_graph))
         bake = BakeStepGraphs(cfg.batch_size, cfg.torch_dtype, text_shape,
                               decoder=decoder if cfg.decode_graph else None)
         graphs = self._stage("bake", stage_s, bake, adapter, profile)
@@ -177,9 +176,9 @@ class ExportPackage:
     # ---- stages ---------------------------------------------------------------------------------
 
     def _compile_check(self, graphs: StepGraphs) -> dict[str, int]:
-        """Graph breaks of torch.compile(fullgraph=True) on both step modules (must be 0)."""
+        """Graph breaks of torch.compile(fullgraph=True) on every step module (must be 0)."""
         breaks = {}
-        for name in STEP_GRAPHS:
+        for name in step_graph_names(1 if graphs.experts is None else graphs.experts.count):
             torch._dynamo.reset()
             with torch.no_grad():
                 explanation = torch._dynamo.explain(graphs.modules[name])(*graphs.example_inputs[name])
@@ -241,14 +240,14 @@ class ExportPackage:
         """Final-latent error of every target over the whole schedule vs the eager cached sampler."""
         cfg = self.config
         latents, text = _validation_inputs(graphs, cfg.seed)
-        eager = CachedSampler(graphs.modules[FULL_STEP].adapter, graphs.tables, graphs.mask)
-        ref = eager(latents, text, guidance_scale).latents  # (B, C, F', H', W')
+        eager = CachedSampler(graphs.adapters, graphs.tables, graphs.mask, graphs.experts)
+        ref = eager(latents, text, guidance_scale).latents  # (B, C, F', H', W'); two experts: their own scales
         results, runners = {}, {}
         flat = tuple(text.values()) if isinstance(text, dict) else text  # graph-input order
         for target, target_paths in paths.items():
             runner = runners[target] = self._runner(target, target_paths, graphs)
             with torch.no_grad():
-                got = run_schedule(runner, graphs.mask, latents, flat, guidance_scale, graphs.history)
+                got = run_schedule(runner, graphs.mask, latents, flat, guidance_scale, graphs.history, graphs.experts)
             row = {"rel_l2": relative_l2(got, ref), "max_abs": float((got - ref).abs().max())}
             if VAE_DECODE in target_paths:
                 frames = runner.decode(ref)
@@ -314,8 +313,9 @@ class ExportPackage:
                   details, compile_check, validation, timing) -> dict[str, Any]:
         cfg = self.config
         specs = graphs.specs
+        experts = {} if profile.experts is None else {"experts": profile.experts.to_json()}
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if profile.experts is None else EXPERTS_SCHEMA_VERSION,
             "format": FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"id": identity.model_id, "fingerprint": identity.fingerprint, "class": identity.model_class,
@@ -333,7 +333,7 @@ class ExportPackage:
                         "nominal_sigmas": [float(s) for s in profile.nominal_sigmas],
                         "phi": [float(p) for p in profile.phi],
                         "history": graphs.history, "predictor": dict(profile.predictor),
-                        "guidance": profile.guidance},
+                        "guidance": profile.guidance, **experts},
             "conditioning": list(graphs.conditioning),
             "shapes": {"batch_size": cfg.batch_size, "height": profile.height, "width": profile.width,
                        "frames": profile.frames, "latents": list(specs[FULL_STEP].inputs[0].shape),
@@ -355,7 +355,7 @@ class ExportPackage:
                        "attention_processor": "StackRopeWanAttnProcessor" if graphs.attention_swapped else None},
             "files": file_entries(tmp),
             "versions": package_versions(),
-            "runtime": {"loop": LOOP,
+            "runtime": {"loop": LOOP if profile.experts is None else EXPERTS_LOOP,
                         "state": "latents (float32) and K = profile.history residual slots: a full step writes "
                                  "residual_out into the oldest slot, which becomes the newest; cached_step reads "
                                  "them newest first (residual, residual_1, ...)",

@@ -11,10 +11,13 @@ A runner exposes the two step functions with the graphs' contract:
     cached(latents, step, text_embeds, guidance_scale, residual, *older) -> latents_out
     decode(latents) -> frames            (when the vae_decode graph exists)
 
+    call(graph, *args) -> outputs        (any graph by name: full_step_2 of a second expert)
+
 ``cached`` takes the K residual slots newest first (``residual``, ``residual_1``, ...).
 :func:`run_schedule` is the runtime's loop in its plainest form (``full if
 mask[i] else cached``, keeping the last K full-step residuals like the eager
-sampler); validation and timing both use it.
+sampler; with two experts, the step's expert's pair and CFG scale, the history
+emptied at the switch); validation and timing both use it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import numpy as np
 import torch
 
 from ertacache.export.errors import GraphExportError, TargetDtypeError
+from ertacache.contract import expert_graph
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, GraphSpec
+from ertacache.models.experts import Experts
 from ertacache.timing import ideal_speedup, interleaved_medians
 
 
 class StepRunner(Protocol):
+    def call(self, graph: str, *args): ...
+
     def full(self, latents, step, text_embeds, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def cached(self, latents, step, text_embeds, guidance_scale, residual, *older) -> torch.Tensor: ...
@@ -43,16 +50,17 @@ class EagerRunner:
         self.modules = modules
 
     @torch.no_grad()
+    def call(self, graph: str, *args):
+        return self.modules[graph](*args)
+
     def full(self, *args):
-        return self.modules[FULL_STEP](*args)
+        return self.call(FULL_STEP, *args)
 
-    @torch.no_grad()
     def cached(self, *args):
-        return self.modules[CACHED_STEP](*args)
+        return self.call(CACHED_STEP, *args)
 
-    @torch.no_grad()
     def decode(self, latents):
-        return self.modules[VAE_DECODE](latents)
+        return self.call(VAE_DECODE, latents)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -84,20 +92,20 @@ class OnnxRuntimeRunner:
                     ) from None
                 raise GraphExportError(name, "ONNX Runtime session", e) from e
 
-    def _run(self, name, args):
-        spec = self.specs[name]
+    def call(self, graph: str, *args):
+        spec = self.specs[graph]
         feeds = {s.name: _np(a) for s, a in zip(spec.inputs, args)}
-        return [torch.from_numpy(o) for o in self.sessions[name].run(spec.output_names, feeds)]
+        out = [torch.from_numpy(o) for o in self.sessions[graph].run(spec.output_names, feeds)]
+        return tuple(out) if len(out) > 1 else out[0]
 
     def full(self, *args):
-        latents, residual = self._run(FULL_STEP, args)
-        return latents, residual
+        return self.call(FULL_STEP, *args)
 
     def cached(self, *args):
-        return _single(self._run(CACHED_STEP, args))
+        return self.call(CACHED_STEP, *args)
 
     def decode(self, latents):
-        return _single(self._run(VAE_DECODE, (latents,)))
+        return self.call(VAE_DECODE, latents)
 
 
 class AotiRunner:
@@ -108,15 +116,18 @@ class AotiRunner:
 
         self.models = {name: AotiModelFromPackage(path)() for name, path in paths.items()}
 
+    def call(self, graph: str, *args):
+        out = self.models[graph](*args)
+        return tuple(out) if isinstance(out, (list, tuple)) and len(out) > 1 else _single(out)
+
     def full(self, *args):
-        latents, residual = self.models[FULL_STEP](*args)
-        return latents, residual
+        return self.call(FULL_STEP, *args)
 
     def cached(self, *args):
-        return _single(self.models[CACHED_STEP](*args))
+        return self.call(CACHED_STEP, *args)
 
     def decode(self, latents):
-        return _single(self.models[VAE_DECODE](latents))
+        return self.call(VAE_DECODE, latents)
 
 
 def _single(out):
@@ -129,31 +140,41 @@ def _single(out):
 
 
 def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor, text_embeds,
-                 guidance_scale: float, history: int = 1) -> torch.Tensor:
+                 guidance_scale: float, history: int = 1, experts: Experts | None = None) -> torch.Tensor:
     """``for i in range(T): full if mask[i] else cached``; returns the final latents (B, C, F', H', W').
 
     text_embeds: the one conditioning tensor, or a tuple of a family's conditioning tensors in the
     graphs' input order (each becomes one graph input).
     history: K, the residual slots the cached step reads; the loop keeps the last K full-step
     residuals, newest first, exactly as :class:`ertacache.sampling.CachedSampler` does.
+    experts: a two-expert folder's table: step i runs the pair of expert ``experts.expert(i)``
+    (``runner.call``) with that expert's CFG scale (``guidance_scale`` is then unused), and the
+    residual history starts empty at each expert's first step.
     """
     conds = tuple(text_embeds) if isinstance(text_embeds, (tuple, list)) else (text_embeds,)
+    experts = experts or Experts((0,), (float(guidance_scale),))
     if not mask or not mask[0]:
         raise ValueError("the first step must be a full step")
-    first_cached = list(mask).index(False) if False in mask else len(mask)
-    if history > first_cached:
-        raise ValueError(f"the cached step reads {history} residuals but only {first_cached} full step(s) come first")
+    for e, start in enumerate(experts.starts):
+        seg = list(mask[start:experts.starts[e + 1] if e + 1 < experts.count else len(mask)])
+        first_cached = seg.index(False) if False in seg else len(seg)
+        if history > first_cached:
+            raise ValueError(f"the cached step reads {history} residuals but only {first_cached} full step(s) come "
+                             f"first" + (f" in expert {e}'s steps" if experts.count > 1 else ""))
     device = latents.device
-    g = torch.tensor(float(guidance_scale), dtype=torch.float32, device=device)
+    scales = [torch.tensor(float(g), dtype=torch.float32, device=device) for g in experts.guidance_scales]
     steps = torch.arange(len(mask), dtype=torch.int64, device=device)  # made once: no host->device copy per step
     x, residuals = latents.float(), []  # the last K full-step residuals, newest first
     for i, full in enumerate(mask):
-        step = steps[i]
+        e = experts.expert(i)
+        if i == experts.starts[e]:
+            residuals = []  # a new expert: the other one's residuals are never read
+        step, g = steps[i], scales[e]
         if full:
-            x, residual = runner.full(x, step, *conds, g)
+            x, residual = runner.call(expert_graph(FULL_STEP, e), x, step, *conds, g)
             residuals = [residual, *residuals[: history - 1]]
         else:
-            x = runner.cached(x, step, *conds, g, *residuals)
+            x = runner.call(expert_graph(CACHED_STEP, e), x, step, *conds, g, *residuals)
         if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
             raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
     return x

@@ -111,7 +111,8 @@ def refuse_two_experts(recipe: Recipe, stage: str) -> None:
     if recipe.boundary_ratio is not None:
         raise UserError(f"{recipe.model} has two experts (transformer and transformer_2, switched at boundary_ratio "
                         f"{recipe.boundary_ratio:g}); {stage} does not take two-expert models yet. ertacache-profile, "
-                        "ertacache-generate and the diffusers integration (enable_ertacache) do")
+                        "ertacache-generate, ertacache-export / -run / -verify and the diffusers integration "
+                        "(enable_ertacache) do")
 
 
 def takes_images(model: str) -> bool:

@@ -59,6 +59,7 @@ def check_against_profile(manifest: ExportManifest) -> None:
         ("predictor history K", s.history, profile.history),
         ("predictor kind", s.predictor.get("kind"), profile.predictor.get("kind")),
         ("latent shape", list(sh.latents[1:]), list(profile.latent_shape)),
+        ("experts", s.experts, profile.experts),
         ("height x width x frames", (sh.height, sh.width, sh.frames), (profile.height, profile.width, profile.frames)),
     ]
     for name, have, want in checks:

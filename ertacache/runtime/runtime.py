@@ -20,6 +20,14 @@ residual, no allocation, no host synchronisation (the step indices are on the
 device before the loop). Non-finite values are looked for once after
 the loop; when there are some, the schedule is replayed step by step from the
 saved noise to name the first step and graph that produced them.
+
+A two-expert folder (Wan2.2 A14B) has a graph pair per expert (``full_step``,
+``cached_step``, ``full_step_2``, ``cached_step_2``) with identical I/O: both pairs
+are bound to the same buffers, each with its own guidance-scale buffer, and the plan
+takes the pair of the step's expert from the manifest's table (fixed by step index,
+so still no host synchronisation). The ring needs no reset at the switch: every
+expert opens with at least K full steps (checked when the manifest is read), so a
+cached step only ever reads residuals of its own expert.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from ertacache.contract import CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, TensorSpec, residual_slots
+from ertacache.contract import (CACHED_STEP, FULL_STEP, VAE_DECODE, ExportManifest, TensorSpec, expert_graph,
+                                residual_slots)
 from ertacache.engines.base import BoundCall, Engine, backend_info
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.errors import NumericalError, UserError
 from ertacache.runtime.checks import check_inputs, conditioning_inputs, open_folder
+from ertacache.sampling.sampler import validate_mask
 from ertacache.timing import StepClock, interleaved_medians
 
 
@@ -71,7 +81,8 @@ class RuntimeState:
         ``residual`` is ``residuals[0]`` (the only one with K = 1).
     conditioning: one buffer per conditioning input of the folder, by name (Wan: ``text_embeds``
         (nb*B, L, D_text); FLUX: ``prompt_embeds``, ``pooled_prompt_embeds``); ``text_embeds`` is
-        the one of a one-input folder. guidance_scale (), step () int64: the other step inputs.
+        the one of a one-input folder. guidance_scale (), step () int64: the other step inputs;
+        ``guidance_scales``: one () buffer per expert (``guidance_scale`` is expert 0's).
     steps: (T,) int64 step indices on the device; ``step_views[i]`` is ``steps[i]``, made once.
     noise: a copy of the initial latents, for the NaN diagnosis replay.
     frames: (B, F, H, W, 3) uint8 output of vae_decode, when the folder has that graph.
@@ -85,7 +96,9 @@ class RuntimeState:
         res = manifest.spec(FULL_STEP, "residual_out")
         self.residuals = tuple(_empty(res, device) for _ in range(manifest.schedule.history))
         self.conditioning = {name: _empty(manifest.spec(FULL_STEP, name), device) for name in manifest.conditioning}
-        self.guidance_scale = _empty(manifest.spec(FULL_STEP, "guidance_scale"), device)
+        self.guidance_scales = tuple(_empty(manifest.spec(FULL_STEP, "guidance_scale"), device)
+                                     for _ in range(manifest.schedule.expert_count))
+        self.guidance_scale = self.guidance_scales[0]
         self.step = _empty(manifest.spec(FULL_STEP, "step"), device)
         self.steps = torch.arange(steps, dtype=torch.int64, device=device)
         self.step_views = [self.steps[i] for i in range(steps)]
@@ -111,7 +124,8 @@ class RuntimeState:
     def buffers(self) -> dict[str, torch.Tensor]:
         out = {"latents_0": self.latents[0], "latents_1": self.latents[1], "noise": self.noise,
                **{f"residual_slot_{j}": r for j, r in enumerate(self.residuals)},
-               **self.conditioning, "guidance_scale": self.guidance_scale, "step": self.step}
+               **self.conditioning, **{f"guidance_scale_{e}": g for e, g in enumerate(self.guidance_scales)},
+               "step": self.step}
         if self.frames is not None:
             out["frames"] = self.frames
         return out
@@ -137,19 +151,6 @@ class StepTimes:
         return statistics.median(self.cached_s) if self.cached_s else float("nan")
 
 
-def validate_mask(mask: Sequence[bool], steps: int, history: int = 1) -> tuple[bool, ...]:
-    """The mask as bools; refuses another length, and a cached step before ``history`` (K) full steps."""
-    mask = tuple(bool(m) for m in mask)
-    if len(mask) != steps:
-        raise UserError(f"the mask has {len(mask)} entries, the folder's schedule {steps} steps")
-    if not mask[0]:
-        raise UserError("the first step must be a full step (there is no residual to reuse yet)")
-    first_cached = mask.index(False) if False in mask else steps
-    if history > first_cached:
-        raise UserError(f"the cached step reads the last {history} full-step residuals but only {first_cached} full "
-                        f"step(s) precede the first cached step (step {first_cached}); re-profile with the first "
-                        f"{history} steps full, or with a lower predictor order")
-    return mask
 
 
 def ring_rotations(mask: Sequence[bool], history: int) -> list[int]:
@@ -175,7 +176,7 @@ def make_engine(folder: Path, manifest: ExportManifest, backend: str, device: to
     ``intra_op_threads``: ONNX Runtime's threads per session (0: all cores); a server running N
     instances on one CPU gives each cores / N, or they fight over the same cores.
     """
-    graphs = [g for g in (FULL_STEP, CACHED_STEP, VAE_DECODE) if g in manifest.graphs]
+    graphs = list(manifest.graphs)  # every step graph (of each expert) and vae_decode
     targets = manifest.targets
     if backend == "onnxruntime":
         from ertacache.engines.onnxruntime import OnnxRuntimeEngine
@@ -230,8 +231,12 @@ class Runtime:
         self.engine = engine or make_engine(self.folder, self.manifest, backend, dev, providers, model_path,
                                             compile_backend, cuda_graphs, intra_op_threads)
         self.device = self.engine.device
-        self.history = self.manifest.schedule.history
-        self.mask = validate_mask(self.manifest.schedule.mask, self.manifest.schedule.steps, self.history)
+        schedule = self.manifest.schedule
+        self.history = schedule.history
+        self.mask = validate_mask(schedule.mask, schedule.steps, self.history,
+                                  schedule.experts.starts if schedule.experts else (0,))
+        #: per step, the expert whose graph pair runs it (all 0 for a one-transformer folder)
+        self.experts = [schedule.expert(i) for i in range(schedule.steps)]
         self.state: RuntimeState | None = None
         #: (graph, latent parity, ring rotation) -> bound call: 2K full-step and 2K cached-step calls
         self._calls: dict[tuple[str, int, int], BoundCall] = {}
@@ -266,33 +271,43 @@ class Runtime:
         (An engine may drop an unused input such as text_embeds, never a residual slot: a torch engine
         built from a profile of another K would otherwise run silently with the wrong history.)
         """
-        want = self.manifest.graphs[CACHED_STEP].input_names
-        have = self.engine.input_names(CACHED_STEP)
-        extra = [n for n in have if n not in want]
-        missing = [n for n in residual_slots(self.history) if n not in have]
-        if extra or missing:
-            raise EngineMismatchError(f"the {self.backend} engine's cached_step reads {list(have)}, export folder "
-                                      f"{self.folder}'s reads {list(want)} (K = {self.history} residual slots); "
-                                      "build the engine from this folder's profile")
+        for e in range(self.manifest.schedule.expert_count):
+            graph = expert_graph(CACHED_STEP, e)
+            want = self.manifest.graphs[graph].input_names
+            have = self.engine.input_names(graph)
+            extra = [n for n in have if n not in want]
+            missing = [n for n in residual_slots(self.history) if n not in have]
+            if extra or missing:
+                raise EngineMismatchError(f"the {self.backend} engine's {graph} reads {list(have)}, export folder "
+                                          f"{self.folder}'s reads {list(want)} (K = {self.history} residual slots); "
+                                          "build the engine from this folder's profile")
 
     def _allocate_and_bind(self) -> None:
         self._check_engine_inputs()
         st = self.state = RuntimeState(self.manifest, self.device, self.has_decode)
-        st.guidance_scale.fill_(self.manifest.schedule.guidance_scale)
+        self._fill_guidance(None)
         k, slots = self.history, residual_slots(self.history)
-        for parity in (0, 1):
-            x_in, x_out = st.latents[parity], st.latents[1 - parity]
-            common = {"latents": x_in, "step": st.step, **st.conditioning, "guidance_scale": st.guidance_scale}
-            for r in range(k):  # ring rotation: buffer r is the newest residual
-                self._calls[FULL_STEP, parity, r] = self.engine.bind(
-                    FULL_STEP, common, {"latents_out": x_out, "residual_out": st.residuals[r]})
-                ring = {name: st.residuals[(r - j) % k] for j, name in enumerate(slots)}  # newest first
-                self._calls[CACHED_STEP, parity, r] = self.engine.bind(
-                    CACHED_STEP, {**common, **ring}, {"latents_out": x_out})
+        for e, g in enumerate(st.guidance_scales):  # one graph pair per expert, the same buffers
+            full, cached = expert_graph(FULL_STEP, e), expert_graph(CACHED_STEP, e)
+            for parity in (0, 1):
+                x_in, x_out = st.latents[parity], st.latents[1 - parity]
+                common = {"latents": x_in, "step": st.step, **st.conditioning, "guidance_scale": g}
+                for r in range(k):  # ring rotation: buffer r is the newest residual
+                    self._calls[full, parity, r] = self.engine.bind(
+                        full, common, {"latents_out": x_out, "residual_out": st.residuals[r]})
+                    ring = {name: st.residuals[(r - j) % k] for j, name in enumerate(slots)}  # newest first
+                    self._calls[cached, parity, r] = self.engine.bind(
+                        cached, {**common, **ring}, {"latents_out": x_out})
         if st.frames is not None:
             self._decode = self.engine.bind(VAE_DECODE, {"latents": st.final}, {"frames": st.frames})
         st.reset()  # binding may have run the graphs once (checks, CUDA graph warm-up)
-        st.guidance_scale.fill_(self.manifest.schedule.guidance_scale)
+        self._fill_guidance(None)
+
+    def _fill_guidance(self, scales: Sequence[float] | None) -> None:
+        """Each expert's guidance buffer: ``scales`` (one per expert) or the profile's."""
+        st = self._require()
+        for buf, value in zip(st.guidance_scales, scales or self.manifest.schedule.guidance_scales):
+            buf.fill_(value)
 
     def _require(self) -> RuntimeState:
         if self.state is None:
@@ -316,24 +331,50 @@ class Runtime:
     def _plan(self, mask: Sequence[bool]) -> list[tuple[torch.Tensor, BoundCall]]:
         st = self._require()
         rotations = ring_rotations(mask, self.history)
-        return [(st.step_views[i], self._calls[FULL_STEP if full else CACHED_STEP, i % 2, rotations[i]])
+        return [(st.step_views[i], self._calls[self.graph_at(i, full), i % 2, rotations[i]])
                 for i, full in enumerate(mask)]
 
+    def graph_at(self, step: int, full: bool) -> str:
+        """The graph that runs ``step``: its expert's full or cached step."""
+        return expert_graph(FULL_STEP if full else CACHED_STEP, self.experts[step])
+
+    def request_guidance(self, guidance_scale: float | None = None,
+                         guidance_scale_2: float | None = None) -> tuple[float, ...]:
+        """One CFG scale per expert for a request (checked), the profile's where none is given.
+
+        A two-expert folder reads ``guidance_scale`` for expert 0 and ``guidance_scale_2`` for
+        expert 1; as in diffusers' ``WanPipeline``, a ``guidance_scale`` given alone is used by
+        both. A one-transformer folder refuses ``guidance_scale_2``.
+        """
+        schedule = self.manifest.schedule
+        if schedule.experts is None:
+            if guidance_scale_2 is not None:
+                raise UserError("this export folder has one transformer, so it takes no guidance_scale_2 (only "
+                                "Wan2.2 A14B's two-expert folders do); leave it out")
+            if guidance_scale is None:
+                return schedule.guidance_scales
+            return (check_guidance(guidance_scale, schedule.n_branches, schedule.guidance),)
+        if guidance_scale is None and guidance_scale_2 is None:
+            return schedule.guidance_scales
+        first = schedule.guidance_scales[0] if guidance_scale is None else guidance_scale
+        second = guidance_scale_2 if guidance_scale_2 is not None else first
+        return tuple(check_guidance(g, schedule.n_branches, schedule.guidance) for g in (first, second))
+
     def load_inputs(self, latents: torch.Tensor, text_embeds,
-                    guidance_scale: float | None = None) -> None:
+                    guidance_scale: float | None = None, guidance_scale_2: float | None = None) -> None:
         """Copy a request into the buffers (checked against the folder's shapes first).
 
         ``text_embeds``: the one conditioning tensor, or a mapping by the folder's conditioning names.
+        ``guidance_scale_2``: a two-expert folder's second CFG scale (:meth:`request_guidance`).
         """
         st = self._require()
         check_inputs(self.manifest, latents, text_embeds)
+        scales = self.request_guidance(guidance_scale, guidance_scale_2)
         st.latents[0].copy_(latents)
         st.noise.copy_(latents)
         for name, t in conditioning_inputs(self.manifest, text_embeds).items():
             st.conditioning[name].copy_(t)
-        schedule = self.manifest.schedule
-        st.guidance_scale.fill_(schedule.guidance_scale if guidance_scale is None
-                                else check_guidance(guidance_scale, schedule.n_branches, schedule.guidance))
+        self._fill_guidance(scales)
 
     def run_plan(self, plan: list[tuple[torch.Tensor, BoundCall]],
                  on_step: Callable[[int], bool] | None = None) -> int:
@@ -356,7 +397,8 @@ class Runtime:
         return len(plan)
 
     def sample(self, latents: torch.Tensor, text_embeds, guidance_scale: float | None = None,
-               times: StepTimes | None = None, check_finite: bool = True) -> torch.Tensor:
+               times: StepTimes | None = None, check_finite: bool = True,
+               guidance_scale_2: float | None = None) -> torch.Tensor:
         """Run the whole schedule; returns the final latents (a view of the runtime's buffer).
 
         ``times``: record each step's wall time into it (CUDA events on a GPU, read after the loop).
@@ -364,7 +406,7 @@ class Runtime:
         step and graph that produced it.
         """
         st = self._require()
-        self.load_inputs(latents, text_embeds, guidance_scale)
+        self.load_inputs(latents, text_embeds, guidance_scale, guidance_scale_2)
         plan = self.plan()
         if times is None:
             self.run_plan(plan)
@@ -400,7 +442,7 @@ class Runtime:
         for i, ((index, call), full) in enumerate(zip(plan, mask)):
             st.step.copy_(index)
             call()
-            graph = FULL_STEP if full else CACHED_STEP
+            graph = self.graph_at(i, full)
             out = st.latents[(i + 1) % 2]
             written = st.residuals[rotations[i]] if full else None  # the ring buffer this full step wrote
             bad = [name for name, t in (("latents_out", out), ("residual_out", written))

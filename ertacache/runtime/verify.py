@@ -45,13 +45,18 @@ class VerifyReport:
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
-def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: torch.Tensor, text: Conditioning,
-                   decoder=None, tolerance: float | None = None) -> VerifyReport:
-    """Run ``rt`` and the eager samplers (cached, uncached) on ``noise`` / ``text``; compare."""
+def verify_runtime(rt: Runtime, adapter: ModelAdapter | list[ModelAdapter], profile: Profile, noise: torch.Tensor,
+                   text: Conditioning, decoder=None, tolerance: float | None = None) -> VerifyReport:
+    """Run ``rt`` and the eager samplers (cached, uncached) on ``noise`` / ``text``; compare.
+
+    ``adapter``: one per expert (a list) for a two-expert folder; both samplers then run each step
+    on its expert with that expert's CFG scale, as the runtime does.
+    """
     m = rt.manifest
-    device = next(adapter.model.parameters()).device
+    adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    device = next(adapters[0].model.parameters()).device
     noise_d, text_d = noise.to(device), move_conditioning(text, device)
-    cached = CachedSampler(adapter, profile.tables().to(device), profile.mask)
+    cached = CachedSampler(adapters, profile.tables().to(device), profile.mask, profile.experts)
     ref = cached(noise_d, text_d, profile.guidance_scale).latents
     got = rt.sample(noise.to(rt.device), move_conditioning(text, rt.device)).clone().to(ref.device)
     row = dict(rel_l2=relative_l2(got, ref), max_abs=float((got - ref).abs().max()))
@@ -59,9 +64,9 @@ def verify_runtime(rt: Runtime, adapter: ModelAdapter, profile: Profile, noise: 
     if decoder is not None:
         channels = profile.latent_shape[0]
         # the profile's own nominal table: the family's schedule at the profiled size
-        plain = CachedSampler(adapter, StepTables(profile.nominal_sigmas,
-                                                  n_branches=profile.n_branches, channels=channels).to(device),
-                              [True] * profile.steps)
+        plain = CachedSampler(adapters, StepTables(profile.nominal_sigmas,
+                                                   n_branches=profile.n_branches, channels=channels).to(device),
+                              [True] * profile.steps, profile.experts)
         uncached = decoder.decode(plain(noise_d, text_d, profile.guidance_scale).latents).cpu().numpy()
         frames = (rt.decode() if rt.has_decode else decoder.decode(got)).cpu().numpy()
         p_rt = psnr(uncached, frames)

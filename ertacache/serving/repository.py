@@ -243,6 +243,9 @@ def write_repository(cfg: RepositoryConfig, log: Callable[[str], None] = lambda 
     # never deploy a tampered folder: every file listed and hashed, paths confined, schedule = profile/
     manifest = load_manifest(cfg.engines, verify_files=True, expect_digest=cfg.expect_digest)
     check_against_profile(manifest)
+    if manifest.schedule.experts is not None:
+        raise UserError(f"export folder {cfg.engines} is a two-expert model ({manifest.model.id}: a graph pair per "
+                        "expert); Triton serving does not take two-expert folders yet. Run it with ertacache-run")
     _check_backend_target(manifest, cfg)
     name = cfg.name or default_name(manifest.model.id)
     encoder = None if cfg.text_encoder is False else find_text_encoder(manifest, cfg.model_path)

@@ -230,7 +230,7 @@ def test_a14b_profile_generate_and_pipeline_hook_agree(tmp_path):
 def test_a14b_profiles_are_checked_and_unsupported_stages_refuse(tmp_path, capsys):
     import json
 
-    from ertacache.cli.export import main as export_main
+    from ertacache.cli.eval import main as eval_main
     from ertacache.errors import ProfileError
     from ertacache.profile.artifact import load_profile
 
@@ -254,8 +254,8 @@ def test_a14b_profiles_are_checked_and_unsupported_stages_refuse(tmp_path, capsy
     (tmp_path / "p" / "profile.json").write_text(json.dumps(meta))
     with pytest.raises(ProfileError, match="disagrees with the switch"):
         load_profile(tmp_path / "p")
-    assert export_main(["--model", "wan2.2", "--engines", str(tmp_path / "e")]) == 2
-    assert "does not take two-expert models yet" in capsys.readouterr().err
+    assert eval_main(["--model", "wan2.2", "--out", str(tmp_path / "e")]) == 2
+    assert "ertacache-eval does not take two-expert models yet" in capsys.readouterr().err
 
 
 def test_profile_and_generate_command_lines_take_the_two_experts(tmp_path, capsys):

@@ -196,7 +196,7 @@ def test_nan_diagnosis_replays_the_ring(onnx_export_k3, tmp_path, request_inputs
 def test_runtime_refuses_a_cached_step_before_k_full_steps():
     validate_mask(K3_MASK, 8, 3)
     with pytest.raises(UserError, match=r"reads the last 3 full-step residuals but only 2 full step\(s\) precede "
-                                        r"the first cached step \(step 2\); re-profile"):
+                                        r"the first cached step \(step 2\); make the first 3 steps full"):
         validate_mask([True, True, False, True, True, True, True, True], 8, 3)
 
 

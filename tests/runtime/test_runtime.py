@@ -90,8 +90,11 @@ def test_missing_file_is_refused(onnx_export, tmp_path):
 
 def test_other_schema_version_is_refused(onnx_export, tmp_path):
     folder = copy_folder(onnx_export.out, tmp_path / "f")
-    edit_manifest(folder, lambda m: m.update(schema_version=3))
-    with pytest.raises(UserError, match="schema_version 3 is not 2"):
+    edit_manifest(folder, lambda m: m.update(schema_version=4))
+    with pytest.raises(UserError, match="schema_version 4 is not 2 or 3"):
+        Runtime(folder, "onnxruntime")
+    edit_manifest(folder, lambda m: m.update(schema_version=3))  # the two-expert schema needs the experts
+    with pytest.raises(UserError, match="profile lacks the field 'experts'"):
         Runtime(folder, "onnxruntime")
 
 
