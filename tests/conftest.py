@@ -87,7 +87,7 @@ def tiny_wan_folder(tmp_path_factory):
 #: fixtures that export, compile or calibrate for tens of seconds on 2 cores: every test that uses one is
 #: marked slow, so the fast lane (pytest -m "not slow") never builds them
 SLOW_FIXTURES = frozenset({"aoti_export", "aoti_export_k3", "wan_folder_export", "cli_export", "evaluated",
-                           "i2v_folder_export", "hunyuan_folder_export"})
+                           "i2v_folder_export", "hunyuan_folder_export", "a14b_folder_export"})
 
 
 def pytest_collection_modifyitems(config, items):

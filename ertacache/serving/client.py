@@ -17,7 +17,7 @@ from types import ModuleType
 import numpy as np
 
 from ertacache.errors import UserError
-from ertacache.serving.spec import GUIDANCE, IMAGE, PROMPT, SEED, TEXT_EMBEDS
+from ertacache.serving.spec import GUIDANCE, GUIDANCE_2, IMAGE, PROMPT, SEED, TEXT_EMBEDS
 
 PROTOCOLS = ("http", "grpc")
 
@@ -59,9 +59,11 @@ def connect(protocol: str, url: str, concurrency: int = 1):
 
 
 def make_inputs(protocol: str, seed: int, prompt: str | None = None, text_embeds: np.ndarray | None = None,
-                guidance: float | None = None, batched: bool = False, image: np.ndarray | None = None) -> list:
+                guidance: float | None = None, batched: bool = False, image: np.ndarray | None = None,
+                guidance_2: float | None = None) -> list:
     """The request tensors (one row; ``batched`` adds Triton's batch dim for max_batch_size > 0 models);
-    ``image``: an image-to-video model's conditioning image, (H, W, 3) uint8, sent with the prompt."""
+    ``image``: an image-to-video model's conditioning image, (H, W, 3) uint8, sent with the prompt;
+    ``guidance_2``: a two-expert model's second CFG scale."""
     module = client_module(protocol)
     arrays = {SEED: np.array([seed], np.int64)}
     if prompt is not None:
@@ -72,6 +74,8 @@ def make_inputs(protocol: str, seed: int, prompt: str | None = None, text_embeds
         arrays[TEXT_EMBEDS] = np.ascontiguousarray(text_embeds, np.float32)
     if guidance is not None:
         arrays[GUIDANCE] = np.array([guidance], np.float32)
+    if guidance_2 is not None:
+        arrays[GUIDANCE_2] = np.array([guidance_2], np.float32)
     return tensors(protocol, {k: (v[None] if batched else v) for k, v in arrays.items()}, module)
 
 

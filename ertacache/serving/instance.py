@@ -31,7 +31,7 @@ from ertacache.engines.base import BACKENDS
 from ertacache.contract import ExportManifest
 from ertacache.errors import ErtaCacheError, UserError, brief
 from ertacache.limits import MAX_PROMPT_CHARS, MAX_SEED
-from ertacache.serving.spec import (FRAMES, GUIDANCE, IMAGE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
+from ertacache.serving.spec import (FRAMES, GUIDANCE, GUIDANCE_2, IMAGE, LATENTS, PROMPT, SEED, TEXT_EMBEDS, ServedIO,
                                     check_model_config, conditioning_names)
 
 
@@ -118,6 +118,7 @@ class Job:
     prompt: str | None = None
     text_embeds: np.ndarray | dict[str, np.ndarray] | None = None  # (nb*B, L, D_text), or one per input
     guidance: float | None = None
+    guidance_2: float | None = None  # a two-expert folder's second CFG scale (None: as guidance, else the profile's)
     image: np.ndarray | None = None  # (H, W, 3) uint8: an image-to-video model's conditioning image
 
 
@@ -174,12 +175,12 @@ def _text_embeds(arr: np.ndarray, dims: tuple[int, ...], name: str = TEXT_EMBEDS
     return arr
 
 
-def _guidance(arr: np.ndarray, default: float) -> float:
+def _guidance(arr: np.ndarray, default: float, name: str = GUIDANCE) -> float:
     if arr.dtype.kind != "f":
-        raise RequestError(f"input 'guidance_scale' has data type {arr.dtype}, give a float (FP32)")
+        raise RequestError(f"input {name!r} has data type {arr.dtype}, give a float (FP32)")
     value = float(arr.reshape(-1)[0])
     if not math.isfinite(value) or value < 0:
-        raise RequestError(f"guidance_scale is {value}; give a finite number >= 0 (this model's default is "
+        raise RequestError(f"{name} is {value}; give a finite number >= 0 (this model's default is "
                            f"{default}), as ertacache-run and ertacache-generate require")
     return value
 
@@ -198,7 +199,7 @@ def _image(arr: np.ndarray) -> np.ndarray:
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, batched: bool,
-                  default_guidance: float) -> list[Job]:
+                  default_guidance: float | tuple[float, ...]) -> list[Job]:
     """The jobs of one request (one, or one per row when Triton batches), every input checked.
 
     Triton checks declared data types and shapes before a request reaches the model; these
@@ -234,9 +235,13 @@ def parse_request(inputs: Mapping[str, np.ndarray], io: ServedIO, batch: int, ba
             for r in range(_rows(arrays, batched))]
 
 
-def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidance: float) -> Job:
-    """One row of a request (the whole request without Triton batching) as a checked job."""
-    for name in (SEED, PROMPT, GUIDANCE):
+def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidance: float | tuple[float, ...]) -> Job:
+    """One row of a request (the whole request without Triton batching) as a checked job.
+
+    ``default_guidance``: the profile's scale, or one per expert (named in the refusal of a bad value).
+    """
+    defaults = tuple(default_guidance) if isinstance(default_guidance, (tuple, list)) else (default_guidance,)
+    for name in (SEED, PROMPT, GUIDANCE, GUIDANCE_2):
         if name in row and row[name].size != 1:
             raise RequestError(f"input {name!r} has shape {list(row[name].shape)}, this model takes [1]")
     job = Job(_seed(row[SEED], batch))
@@ -250,7 +255,9 @@ def _job(row: Mapping[str, np.ndarray], io: ServedIO, batch: int, default_guidan
     else:
         job.text_embeds = {n: _text_embeds(row[n], io.input(n).dims, n) for n in conds}
     if GUIDANCE in row:
-        job.guidance = _guidance(row[GUIDANCE], default_guidance)
+        job.guidance = _guidance(row[GUIDANCE], defaults[0])
+    if GUIDANCE_2 in row:
+        job.guidance_2 = _guidance(row[GUIDANCE_2], defaults[-1], GUIDANCE_2)
     return job
 
 
@@ -363,7 +370,7 @@ class ModelInstance:
 
     def parse(self, inputs: Mapping[str, np.ndarray]) -> list[Job]:
         m = self.manifest
-        return parse_request(inputs, self.io, m.shapes.batch_size, self.batched, m.schedule.guidance_scale)
+        return parse_request(inputs, self.io, m.shapes.batch_size, self.batched, m.schedule.guidance_scales)
 
     def _text(self, job: Job):
         from ertacache.runtime.inputs import encode_prompt
@@ -388,7 +395,8 @@ class ModelInstance:
 
         rt = self.runtime
         # load_inputs copies the text (one tensor or one per input) into the runtime's device buffers
-        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), self._text(job), job.guidance)
+        rt.load_inputs(noise_for(self.manifest, job.seed).to(rt.device), self._text(job), job.guidance,
+                       job.guidance_2)
         plan = rt.plan()
         step_cb = None if on_step is None else (lambda i: on_step(done_before + i + 1))
         ran = rt.run_plan(plan, step_cb)

@@ -187,7 +187,8 @@ def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposit
     head = [
         f"# Written by ertacache-triton {__version__} from an export folder of {manifest.model.id}:",
         f"# {prof.steps} steps ({prof.full_steps} full), batch {manifest.shapes.batch_size}, "
-        f"{manifest.dtype}. Per request: {text_in}, seed, optional guidance_scale (with CFG).",
+        f"{manifest.dtype}. Per request: {text_in}, seed, optional guidance_scale"
+        f"{' and guidance_scale_2 (two experts)' if prof.expert_count > 1 else ''} (with CFG).",
         "# Operators tune the parameters below; inputs and outputs are the export folder's static shapes.",
         f'name: "{name}"',
         'backend: "python"',
@@ -202,6 +203,9 @@ def render_config(name: str, io: ServedIO, params: ModelParameters, cfg: Reposit
         head.append("model_transaction_policy {\n  decoupled: true\n}")
     info = {"steps": str(prof.steps), "full_steps": str(prof.full_steps),
             "default_guidance_scale": str(prof.guidance_scale), "ertacache_version": __version__}
+    if prof.experts is not None:  # which steps each expert's graph pair runs, and its default scale
+        info.update(expert_starts=",".join(map(str, prof.experts.starts)),
+                    default_guidance_scale_2=str(prof.guidance_scales[1]))
     params_text = [_parameter(k, v) for k, v in {**params.to_strings(), **info}.items()]
     return "\n".join(head + params_text) + "\n"
 
@@ -243,9 +247,6 @@ def write_repository(cfg: RepositoryConfig, log: Callable[[str], None] = lambda 
     # never deploy a tampered folder: every file listed and hashed, paths confined, schedule = profile/
     manifest = load_manifest(cfg.engines, verify_files=True, expect_digest=cfg.expect_digest)
     check_against_profile(manifest)
-    if manifest.schedule.experts is not None:
-        raise UserError(f"export folder {cfg.engines} is a two-expert model ({manifest.model.id}: a graph pair per "
-                        "expert); Triton serving does not take two-expert folders yet. Run it with ertacache-run")
     _check_backend_target(manifest, cfg)
     name = cfg.name or default_name(manifest.model.id)
     encoder = None if cfg.text_encoder is False else find_text_encoder(manifest, cfg.model_path)

@@ -15,6 +15,9 @@ Inputs (Triton names; ``B`` the folder's static batch, ``nb`` 2 with classifier-
                                                 prompt_embeds [B, L, D_t5], pooled_prompt_embeds [B, D_clip])
     seed            TYPE_INT64  [1]             noise seed; sample k of the batch uses seed + k
     guidance_scale  TYPE_FP32   [1]             optional, only with CFG (default: the profile's)
+    guidance_scale_2 TYPE_FP32  [1]             optional, only for a two-expert folder (Wan2.2 A14B) with
+                                                CFG: the second expert's scale (default: the profile's; a
+                                                guidance_scale given alone sets both, as in WanPipeline)
 
 Exactly one of ``prompt`` / ``text_embeds`` per request (both are optional where both exist).
 :func:`conditioning_names` lists a model's conditioning inputs from its declared inputs.
@@ -37,6 +40,8 @@ from ertacache.errors import UserError
 from ertacache.models.recipes import takes_images
 
 PROMPT, TEXT_EMBEDS, SEED, GUIDANCE = "prompt", "text_embeds", "seed", "guidance_scale"
+#: a two-expert folder's second CFG scale (WanPipeline's argument name)
+GUIDANCE_2 = "guidance_scale_2"
 #: an image-to-video model's conditioning image (H, W, 3) uint8, sent with the prompt (any size: it is resized)
 IMAGE = "image"
 FRAMES, LATENTS, STEP = "frames", "latents", "step"
@@ -102,6 +107,8 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
     inputs.append(TensorIO(SEED, "TYPE_INT64", (1,)))
     if manifest.schedule.n_branches == 2:
         inputs.append(TensorIO(GUIDANCE, "TYPE_FP32", (1,), optional=True))
+        if manifest.schedule.expert_count > 1:
+            inputs.append(TensorIO(GUIDANCE_2, "TYPE_FP32", (1,), optional=True))
     outputs = []
     if has_decoder(manifest):
         frames = manifest.spec(VAE_DECODE, "frames")
@@ -114,8 +121,8 @@ def expected_io(manifest: ExportManifest, prompt: bool, latents: bool, max_batch
 
 
 def conditioning_names(io: ServedIO) -> tuple[str, ...]:
-    """The model's conditioning inputs (every input but the prompt, its image, the seed and the guidance scale)."""
-    return tuple(t.name for t in io.inputs if t.name not in (PROMPT, IMAGE, SEED, GUIDANCE))
+    """The model's conditioning inputs (every input but the prompt, its image, the seed and the guidance scales)."""
+    return tuple(t.name for t in io.inputs if t.name not in (PROMPT, IMAGE, SEED, GUIDANCE, GUIDANCE_2))
 
 
 def io_from_model_config(config: Mapping[str, Any]) -> ServedIO:

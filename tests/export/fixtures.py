@@ -217,6 +217,20 @@ def i2v_folder_export(tmp_path_factory):
     return SimpleNamespace(folder=folder, out=root / "out", image=root / "first.png")
 
 
+@pytest.fixture(scope="session")
+def a14b_folder_export(tmp_path_factory):
+    """A Wan2.2 A14B-style folder (two tiny random experts, transformer_2/) and one ONNX export of it through the
+    CLI: 16 steps so that both experts have cached steps (~30 s on 2 cores): .folder, .out."""
+    from types import SimpleNamespace
+
+    from tests.models.test_wan22_a14b import _a14b_folder
+
+    root = tmp_path_factory.mktemp("a14b-export")
+    folder = _a14b_folder(root)
+    return SimpleNamespace(folder=folder, out=cli_export("wan2.2", folder, root / "out", "--steps", "16",
+                                                         "--speedup", "1.6"))
+
+
 def program_runner(programs):
     """The exported programs (``torch.export``, what AOTInductor and ONNX start from) run as modules."""
     from ertacache.export.runners import EagerRunner

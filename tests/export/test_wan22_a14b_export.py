@@ -105,41 +105,21 @@ def test_aoti_packages_of_both_experts_equal_the_eager_sampler(a14b, tmp_path):
     assert relative_l2(got, ref) < 1e-4
 
 
-# ---- the command lines: profile, export (ONNX), run, verify ------------------------------------------------------
-
-CLI_SIZE = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "16"]
-
-
-@pytest.fixture(scope="module")
-def a14b_export(tmp_path_factory):
-    """ertacache-profile + ertacache-export of a two-expert folder (ONNX, with the decode graph; ~30 s)."""
-    from types import SimpleNamespace
-
-    from ertacache.cli import export as export_cli
-    from ertacache.cli import profile as profile_cli
-
-    root = tmp_path_factory.mktemp("a14b-export")
-    folder = _a14b_folder(root)
-    model = ["--model", "wan2.2", "--model-path", str(folder), "--dtype", "fp32"]
-    assert profile_cli.main([*model, *CLI_SIZE, "--speedup", "1.6", "--quiet", "--out", str(root / "p")]) == 0
-    assert export_cli.main([*model, "--profile", str(root / "p"), "--engines", str(root / "out"), "--targets",
-                            "onnx", "--timing-repeats", "0", "--quiet"]) == 0
-    return SimpleNamespace(root=root, folder=folder, out=root / "out")
-
+# ---- the command lines: export (ONNX; tests/export/fixtures.py a14b_folder_export), run, verify ------------------
 
 @pytest.mark.slow
-def test_the_folder_runs_each_step_on_its_expert_like_the_eager_sampler(a14b_export):
+def test_the_folder_runs_each_step_on_its_expert_like_the_eager_sampler(a14b_folder_export):
     from ertacache.models.loading import load_bundle
     from ertacache.profile.artifact import load_profile
     from ertacache.runtime import Runtime
     from ertacache.runtime.inputs import noise_for
 
-    manifest = load_manifest(a14b_export.out)
-    profile = load_profile(a14b_export.out / "profile")
+    manifest = load_manifest(a14b_folder_export.out)
+    profile = load_profile(a14b_folder_export.out / "profile")
     assert manifest.schema_version == 3 and manifest.schedule.experts == profile.experts
     assert set(step_graph_names(2)) <= set(manifest.graphs) and manifest.schedule.guidance_scales == (4.0, 3.0)
     assert set(step_graph_names(2)) <= set(manifest.graph_files("onnx"))
-    bundle = load_bundle("wan2.2", a14b_export.folder, dtype="fp32")
+    bundle = load_bundle("wan2.2", a14b_folder_export.folder, dtype="fp32")
     text = bundle.encode(["a red car"], "", 2)
     b = profile.experts.starts[1]
 
@@ -148,7 +128,7 @@ def test_the_folder_runs_each_step_on_its_expert_like_the_eager_sampler(a14b_exp
         with torch.no_grad():
             return CachedSampler(bundle.adapters, profile.tables(), profile.mask, experts)(noise, text, 0.0).latents
 
-    with Runtime(a14b_export.out, "onnxruntime") as rt:
+    with Runtime(a14b_folder_export.out, "onnxruntime") as rt:
         noise = noise_for(rt.manifest, 3)
         assert [rt.graph_at(i, True) for i in (0, b - 1, b, profile.steps - 1)] == [
             "full_step", "full_step", "full_step_2", "full_step_2"]
@@ -161,27 +141,28 @@ def test_the_folder_runs_each_step_on_its_expert_like_the_eager_sampler(a14b_exp
 
 
 @pytest.mark.slow
-def test_run_and_verify_take_the_two_expert_folder(a14b_export, tmp_path, capsys):
+def test_run_and_verify_take_the_two_expert_folder(a14b_folder_export, tmp_path, capsys):
     from ertacache.cli import run as run_cli
     from ertacache.cli import verify as verify_cli
 
-    assert verify_cli.main(["--engines", str(a14b_export.out), "--prompt", "a cat", "--seed", "1"]) == 0
+    assert verify_cli.main(["--engines", str(a14b_folder_export.out), "--prompt", "a cat", "--seed", "1"]) == 0
     assert "OK" in capsys.readouterr().out
-    assert run_cli.main(["--engines", str(a14b_export.out), "--prompt", "a cat", "--out",
+    assert run_cli.main(["--engines", str(a14b_folder_export.out), "--prompt", "a cat", "--out",
                          str(tmp_path / "v.gif")]) == 0
     assert (tmp_path / "v.gif").stat().st_size > 0
 
 
 @pytest.mark.slow
-def test_the_torch_backend_builds_both_experts_pairs(a14b_export):
+def test_the_torch_backend_builds_both_experts_pairs(a14b_folder_export):
     from ertacache.runtime import Runtime
     from ertacache.runtime.inputs import noise_for
 
-    text = torch.randn(2, *load_manifest(a14b_export.out).shapes.text_embeds[1:])
-    with Runtime(a14b_export.out, "onnxruntime") as rt:
+    text = torch.randn(2, *load_manifest(a14b_folder_export.out).shapes.text_embeds[1:])
+    with Runtime(a14b_folder_export.out, "onnxruntime") as rt:
         noise = noise_for(rt.manifest, 5)
         ref = rt.sample(noise, text).clone()
-    with Runtime(a14b_export.out, "torch", compile_backend="eager", model_path=str(a14b_export.folder)) as rt:
+    with Runtime(a14b_folder_export.out, "torch", compile_backend="eager",
+                 model_path=str(a14b_folder_export.folder)) as rt:
         got = rt.sample(noise, text).clone()
     assert relative_l2(got, ref) < 1e-4
 
@@ -195,23 +176,20 @@ def test_the_torch_backend_builds_both_experts_pairs(a14b_export):
     (lambda m: m["graphs"].pop("cached_step_2"), "there is no 'cached_step_2' graph"),
     (lambda m: m["profile"]["experts"].update(guidance_scales=[4.5, 3.0]), "differs from profile.guidance_scale"),
 ])
-def test_an_edited_two_expert_manifest_is_refused(a14b_export, tmp_path, edit, match):
+def test_an_edited_two_expert_manifest_is_refused(a14b_folder_export, tmp_path, edit, match):
     from ertacache.contract import ManifestError
     from tests.runtime.conftest import copy_folder, edit_manifest
 
-    folder = copy_folder(a14b_export.out, tmp_path / "f")
+    folder = copy_folder(a14b_folder_export.out, tmp_path / "f")
     edit_manifest(folder, edit)
     with pytest.raises(ManifestError, match=match):
         load_manifest(folder)
 
 
 @pytest.mark.slow
-def test_a_guidance_scale_2_needs_two_experts_and_triton_refuses_the_folder(a14b_export, wan_folder_export, tmp_path):
+def test_a_guidance_scale_2_needs_two_experts(wan_folder_export):
     from ertacache.runtime import Runtime
-    from ertacache.serving import RepositoryConfig, write_repository
 
-    with pytest.raises(UserError, match="Triton serving does not take two-expert folders yet"):
-        write_repository(RepositoryConfig(engines=a14b_export.out, repo=tmp_path / "repo"))
     with Runtime(wan_folder_export, "onnxruntime") as rt:
         with pytest.raises(UserError, match="takes no guidance_scale_2"):
             rt.request_guidance(4.0, 3.0)

@@ -8,6 +8,8 @@ Models (all over tests/export/fixtures.py exports, ONNX Runtime on the CPU):
     flux         a tiny random FLUX (embedded guidance, K = 3): prompt_embeds and pooled_prompt_embeds, + latents
     i2v          the tiny diffusers-format Wan2.1 I2V folder: prompt + image (UMT5, CLIP vision, VAE bundled)
     hunyuan      the tiny diffusers-format HunyuanVideo folder: prompt (Llama + CLIP bundled) or its three tensors
+    a14b         a tiny two-expert Wan2.2 A14B-style folder: prompt (UMT5 bundled) or text_embeds, guidance_scale
+                 and guidance_scale_2, + latents
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from ertacache.runtime import Runtime
 from ertacache.runtime.inputs import encode_prompt, noise_for
 from ertacache.serving import RepositoryConfig, write_repository
 
-MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux", "i2v", "hunyuan")
+MODELS = ("wan", "tiny", "tiny_stream", "tiny_rows", "flux", "i2v", "hunyuan", "a14b")
 
 
 @pytest.fixture(scope="session")
 def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_export, i2v_folder_export,
-                hunyuan_folder_export):
+                hunyuan_folder_export, a14b_folder_export):
     """(repository folder, {name: RepositoryReport})."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     options = {"wan": dict(engines=wan_folder_export, latents=True),
@@ -35,7 +37,8 @@ def served_repo(tmp_path_factory, onnx_export, wan_folder_export, flux_onnx_expo
                "tiny_rows": dict(engines=onnx_export.out, max_batch_size=2),
                "flux": dict(engines=flux_onnx_export.out, latents=True),
                "i2v": dict(engines=i2v_folder_export.out, model_path=i2v_folder_export.folder),
-               "hunyuan": dict(engines=hunyuan_folder_export.out, model_path=hunyuan_folder_export.folder)}
+               "hunyuan": dict(engines=hunyuan_folder_export.out, model_path=hunyuan_folder_export.folder),
+               "a14b": dict(engines=a14b_folder_export.out, model_path=a14b_folder_export.folder, latents=True)}
     return repo, {name: write_repository(RepositoryConfig(repo=repo, name=name, **o)) for name, o in options.items()}
 
 
@@ -57,9 +60,10 @@ class Direct:
         return torch.randn(m["shapes"]["text_embeds"], generator=gen)
 
     def __call__(self, name: str, seed: int, prompt: str | None = None, text_seed: int = 0,
-                 guidance: float | None = None) -> dict[str, np.ndarray]:
+                 guidance: float | None = None, guidance_2: float | None = None) -> dict[str, np.ndarray]:
         rt = self.runtimes[name]
-        latents = rt.sample(noise_for(rt.manifest, seed), self.text(name, prompt, text_seed), guidance)
+        latents = rt.sample(noise_for(rt.manifest, seed), self.text(name, prompt, text_seed), guidance,
+                            guidance_scale_2=guidance_2)
         out = {"latents": latents.numpy().copy()}
         if rt.has_decode:
             out["frames"] = rt.decode().numpy().copy()
@@ -71,7 +75,8 @@ class Direct:
 
 
 @pytest.fixture(scope="session")
-def direct(onnx_export, wan_folder_export, tiny_wan_folder, flux_onnx_export):
-    d = Direct({"wan": wan_folder_export, "tiny": onnx_export.out, "flux": flux_onnx_export.out}, tiny_wan_folder)
+def direct(onnx_export, wan_folder_export, tiny_wan_folder, flux_onnx_export, a14b_folder_export):
+    d = Direct({"wan": wan_folder_export, "tiny": onnx_export.out, "flux": flux_onnx_export.out,
+                "a14b": a14b_folder_export.out}, tiny_wan_folder)
     yield d
     d.close()

@@ -169,3 +169,28 @@ def test_a_flux_folder_takes_each_conditioning_tensor_as_an_input(instances, dir
     io = expected_io(instances["flux"].manifest, prompt=True, latents=True, max_batch_size=0, decoupled=False)
     assert [(t.name, t.optional) for t in io.inputs] == [("prompt", True), ("prompt_embeds", True),
                                                          ("pooled_prompt_embeds", True), ("seed", False)]
+
+
+def test_a_two_expert_folder_takes_a_guidance_scale_per_expert(instances, direct, served_repo):
+    """Wan2.2 A14B: guidance_scale and guidance_scale_2 (optional) reach each expert's graph pair; given alone,
+    guidance_scale sets both, as in WanPipeline. The bytes are the direct runtime's."""
+    _, reports = served_repo
+    names = [t.name for t in reports["a14b"].io.inputs]
+    assert names == ["prompt", "text_embeds", "seed", "guidance_scale", "guidance_scale_2"]
+    assert "guidance_scale_2" not in [t.name for t in reports["wan"].io.inputs]
+    text = embeds(direct, "a14b", text_seed=3)
+    inst = instances["a14b"]
+    for extra, want in (({}, direct("a14b", 2, text_seed=3)),
+                        ({"guidance_scale": np.array([5.0], np.float32)},
+                         direct("a14b", 2, text_seed=3, guidance=5.0, guidance_2=5.0)),
+                        ({"guidance_scale": np.array([5.0], np.float32), "guidance_scale_2": np.array([2.0], np.float32)},
+                         direct("a14b", 2, text_seed=3, guidance=5.0, guidance_2=2.0))):
+        got = inst.handle({"seed": np.array([2]), "text_embeds": text, **extra})
+        assert got["latents"].tobytes() == want["latents"].tobytes(), extra
+    plain = direct("a14b", 2, text_seed=3)["latents"]
+    assert np.abs(plain - direct("a14b", 2, text_seed=3, guidance_2=1.5)["latents"]).max() > 1e-4
+    with pytest.raises(RequestError, match="guidance_scale_2 is -1.0; give a finite number >= 0"):
+        inst.handle({"seed": np.array([2]), "text_embeds": text, "guidance_scale_2": np.array([-1.0], np.float32)})
+    with pytest.raises(RequestError, match=r"unknown input\(s\) \['guidance_scale_2'\]"):
+        instances["tiny"].handle({"seed": np.array([2]), "text_embeds": embeds(direct),
+                                  "guidance_scale_2": np.array([2.0], np.float32)})

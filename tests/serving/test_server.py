@@ -89,7 +89,13 @@ def test_a_flux_model_answers_with_the_direct_runtimes_bytes(server, direct, pro
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_an_image_to_video_model_answers_prompt_and_image(server, i2v_folder_export, protocol):
     """The image (UINT8 [H, W, 3], any size) goes with the prompt; the bundled text and image encoders in the
-    server's model give the bytes the direct runtime gives for the same prompt and image file."""
+    server's model give the frames the direct runtime gives for the same prompt and image file.
+
+    Within one level of 255, not byte for byte: the server's instance runs the CLIP image encoder and
+    ONNX Runtime with its own thread count (cores / instances), and on some CPUs (seen on an AMD EPYC)
+    another thread count changes a CLIP feature by one ulp (a float reduction order), which moves a
+    few pixels by one level. The text-only models are compared byte for byte.
+    """
     import torch
 
     from ertacache.models.images import load_image
@@ -103,10 +109,22 @@ def test_an_image_to_video_model_answers_prompt_and_image(server, i2v_folder_exp
                                        image=str(i2v_folder_export.image))
         rt.sample(noise_for(rt.manifest, 6), cond)
         want = rt.decode().numpy()
-    assert r.as_numpy("frames").tobytes() == want.tobytes()
+    diff = np.abs(r.as_numpy("frames").astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1 and diff.mean() < 0.01
     assert torch.is_tensor(cond["image_latents"])
     with pytest.raises(InferenceServerException, match="together with 'prompt'"):
         infer(server, protocol, "i2v", make_inputs(protocol, seed=6, prompt=PROMPT))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_two_expert_model_answers_with_each_experts_guidance_scale(server, direct, protocol):
+    """Wan2.2 A14B (a graph pair per expert): guidance_scale and guidance_scale_2 over the wire give the direct
+    runtime's bytes; a prompt is encoded by the bundled UMT5."""
+    text = direct.text("a14b", text_seed=1).numpy()
+    r = infer(server, protocol, "a14b", make_inputs(protocol, seed=4, text_embeds=text, guidance=5.0, guidance_2=2.0))
+    assert same(r, direct("a14b", 4, text_seed=1, guidance=5.0, guidance_2=2.0))
+    r = infer(server, protocol, "a14b", make_inputs(protocol, seed=4, prompt="a cat walks"))
+    assert r.as_numpy("frames").shape[0] == 1 and np.isfinite(r.as_numpy("latents")).all()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
