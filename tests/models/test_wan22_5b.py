@@ -152,3 +152,23 @@ def test_offline_names_the_download(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFoundError, match="hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers --local-dir"):
         load_bundle("wan2.2-5b")
+
+
+@pytest.mark.slow  # profile + ONNX export with the Wan2.2 VAE's decode graph + run + verify: ~40 s on 2 cores
+def test_the_5b_folder_exports_runs_and_verifies(tmp_path, capsys):
+    """Wan2.2 TI2V-5B as text-to-video through ertacache-export (the per-token-timestep model and the 16x Wan2.2
+    VAE as an ONNX decode graph, validated over the whole schedule), ertacache-verify and ertacache-run."""
+    from ertacache.cli import run as run_cli
+    from ertacache.cli import verify as verify_cli
+    from ertacache.contract import load_manifest
+    from tests.export.fixtures import cli_export
+
+    folder = save_tiny_wan_folder(tmp_path / "wan22")
+    tiny_wan22_vae().save_pretrained(folder / "vae")
+    out = cli_export("wan2.2-5b", folder, tmp_path / "out", "--height", "64", "--width", "64")
+    manifest = load_manifest(out)
+    assert manifest.has_decode and manifest.spec("vae_decode", "frames").shape == (1, 5, 64, 64, 3)
+    assert manifest["validation"]["results"]["onnx"]["rel_l2"] < 1e-4
+    assert verify_cli.main(["--engines", str(out), "--prompt", "a cat walks"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert run_cli.main(["--engines", str(out), "--prompt", "a cat walks", "--out", str(tmp_path / "v.gif")]) == 0
