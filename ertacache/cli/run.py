@@ -88,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
     p = new_parser(prog="ertacache-run", description="Run an export folder's step graphs with one backend "
                                 "(full if mask[i] else cached) and write the video.")
     add_runtime_args(p)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale of this run (default: the profile's; folders exported with CFG only)")
+    p.add_argument("--guidance-scale-2", type=float, default=None,
+                   help="a two-expert folder's (Wan2.2 A14B) low-noise expert's CFG scale (default: the profile's, "
+                        "or --guidance-scale when only that is given, as in WanPipeline)")
     p.add_argument("--out", required=True, help="output video: .gif, .mp4 or .png")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
@@ -105,11 +110,12 @@ def _main(argv: list[str] | None) -> int:
     runtime = open_runtime(args)
     with runtime as rt:
         open_s = time.perf_counter() - start
+        rt.request_guidance(args.guidance_scale, args.guidance_scale_2)  # refused before the prompt is encoded
         noise, text = request(args, rt.manifest)
         noise = noise.to(rt.device)  # the text (one tensor or one per input) is copied into the device buffers
         times = StepTimes()
         start = time.perf_counter()
-        rt.sample(noise, text, times=times)
+        rt.sample(noise, text, args.guidance_scale, times=times, guidance_scale_2=args.guidance_scale_2)
         frames = rt.decode()
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)

@@ -150,6 +150,9 @@ def test_run_and_verify_take_the_two_expert_folder(a14b_folder_export, tmp_path,
     assert run_cli.main(["--engines", str(a14b_folder_export.out), "--prompt", "a cat", "--out",
                          str(tmp_path / "v.gif")]) == 0
     assert (tmp_path / "v.gif").stat().st_size > 0
+    assert run_cli.main(["--engines", str(a14b_folder_export.out), "--prompt", "a cat", "--guidance-scale", "5",
+                         "--guidance-scale-2", "2", "--out", str(tmp_path / "w.gif")]) == 0
+    assert (tmp_path / "w.gif").read_bytes() != (tmp_path / "v.gif").read_bytes()  # other scales, another video
 
 
 @pytest.mark.slow
@@ -187,12 +190,17 @@ def test_an_edited_two_expert_manifest_is_refused(a14b_folder_export, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_guidance_scale_2_needs_two_experts(wan_folder_export):
+def test_a_guidance_scale_2_needs_two_experts(wan_folder_export, tmp_path, capsys):
+    from ertacache.cli import run as run_cli
     from ertacache.runtime import Runtime
 
     with Runtime(wan_folder_export, "onnxruntime") as rt:
         with pytest.raises(UserError, match="takes no guidance_scale_2"):
             rt.request_guidance(4.0, 3.0)
+    rc = run_cli.main(["--engines", str(wan_folder_export), "--prompt", "a cat", "--guidance-scale-2", "2",
+                       "--out", str(tmp_path / "v.gif")])
+    assert rc == 2 and "takes no guidance_scale_2" in capsys.readouterr().err
+    assert not (tmp_path / "v.gif").exists()
 
 
 @pytest.mark.slow
