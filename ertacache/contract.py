@@ -351,6 +351,11 @@ class Schedule:
     def expert_count(self) -> int:
         return 1 if self.experts is None else self.experts.count
 
+    @property
+    def expert_starts(self) -> tuple[int, ...]:
+        """Each expert's first step ((0,) for one transformer): where the residual history restarts."""
+        return (0,) if self.experts is None else self.experts.starts
+
     def expert(self, step: int) -> int:
         """The expert whose graph pair runs ``step`` (0 for a one-transformer folder)."""
         return 0 if self.experts is None else self.experts.expert(step)
@@ -577,7 +582,7 @@ def _schedule(r: _Reader, p: dict, version: int = SCHEMA_VERSION) -> Schedule:
     if not (len(mask) == steps == len(sigmas) - 1 == len(nominal) - 1 == len(phi)) or not mask[0]:
         raise r.fail(f"the schedule is inconsistent ({len(mask)} mask entries, {steps} steps, {len(sigmas)} sigmas, "
                      f"{len(phi)} phi, first step {'full' if mask and mask[0] else 'cached'})")
-    for e, (start, end) in enumerate(segments(s.experts.starts if s.experts else (0,), steps)):
+    for e, (start, end) in enumerate(segments(s.expert_starts, steps)):
         seg = mask[start:end]  # each expert's history starts empty: K full steps open every segment
         first_cached = seg.index(False) if False in seg else len(seg)
         if history > first_cached:

@@ -23,7 +23,7 @@ from ertacache.engines.cuda_graph import CudaGraphCall
 from ertacache.engines.errors import EngineMismatchError
 from ertacache.contract import (CACHED_STEP, DEFAULT_CONDITIONING, FULL_STEP, VAE_DECODE, ExportManifest,
                                  expert_graph, graph_role, io_names)
-from ertacache.models.adapter import ModelAdapter
+from ertacache.models.adapter import ModelAdapter, adapter_list
 from ertacache.profile.artifact import Profile
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep
 
@@ -55,7 +55,7 @@ def step_modules(adapter: ModelAdapter | list[ModelAdapter], profile: Profile, d
     ``adapter``: one per expert (a list, in order) for a two-expert profile: each gets its own pair,
     named as the export names them (``full_step_2``, ``cached_step_2`` for the second).
     """
-    adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    adapters = adapter_list(adapter)
     tables = profile.tables().to(device)
     modules: dict[str, nn.Module] = {}
     for e, a in enumerate(adapters):

@@ -74,7 +74,7 @@ from ertacache.contract import (CACHED_INPUTS, CACHED_OUTPUTS, CACHED_STEP, DECO
 from ertacache.errors import UserError
 from ertacache.export.attention import WAN_STACK_ROPE, family_rewrites
 from ertacache.export.errors import GraphExportError, failing_op
-from ertacache.models.adapter import ModelAdapter
+from ertacache.models.adapter import ModelAdapter, adapter_list
 from ertacache.models.components import LatentDecoder
 from ertacache.models.experts import Experts
 from ertacache.profile.artifact import Profile
@@ -166,7 +166,7 @@ class BakeStepGraphs:
         self.strict = strict
 
     def _check(self, adapters: list[ModelAdapter], profile: Profile) -> None:
-        experts = 1 if profile.experts is None else profile.experts.count
+        experts = len(profile.expert_starts)
         if len(adapters) != experts:
             raise UserError(f"the profile has {experts} expert(s) but {len(adapters)} transformer(s) were given; "
                             "load the model the profile was made for")
@@ -188,7 +188,7 @@ class BakeStepGraphs:
 
     def __call__(self, adapter: ModelAdapter | list[ModelAdapter], profile: Profile) -> StepGraphs:
         """``adapter``: the model's adapter, or one per expert for a two-expert profile (its order)."""
-        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+        adapters = adapter_list(adapter)
         self._check(adapters, profile)
         adapter = adapters[0]
         conditioning = adapter.family.input_names  # the graph-input names of the family's conditioning tensors

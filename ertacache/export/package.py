@@ -152,7 +152,7 @@ class ExportPackage:
                             f"{identity.fingerprint}; re-profile this model (or drop --profile to calibrate now)")
         stage_s: dict[str, float] = {}
         self._start, self._stages_done = time.perf_counter(), 0
-        experts = 1 if profile.experts is None else profile.experts.count
+        experts = len(profile.expert_starts)
         self._stages_total = self._count_stages(2 * experts + (decoder is not None and cfg.decode_graph))
         bake = BakeStepGraphs(cfg.batch_size, cfg.torch_dtype, text_shape,
                               decoder=decoder if cfg.decode_graph else None)

@@ -31,7 +31,7 @@ import torch
 from ertacache.export.errors import GraphExportError, TargetDtypeError
 from ertacache.contract import expert_graph
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, GraphSpec
-from ertacache.models.experts import Experts
+from ertacache.models.experts import Experts, segments
 from ertacache.timing import ideal_speedup, interleaved_medians
 
 
@@ -155,8 +155,8 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
     experts = experts or Experts((0,), (float(guidance_scale),))
     if not mask or not mask[0]:
         raise ValueError("the first step must be a full step")
-    for e, start in enumerate(experts.starts):
-        seg = list(mask[start:experts.starts[e + 1] if e + 1 < experts.count else len(mask)])
+    for e, (start, end) in enumerate(segments(experts.starts, len(mask))):
+        seg = list(mask[start:end])
         first_cached = seg.index(False) if False in seg else len(seg)
         if history > first_cached:
             raise ValueError(f"the cached step reads {history} residuals but only {first_cached} full step(s) come "

@@ -19,7 +19,7 @@ nothing else in the package branches on the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,12 @@ def adapter_for(model: nn.Module) -> "ModelAdapter":
             f"{sorted(_ADAPTERS)}. Add one with @register_adapter({name!r}) in ertacache/models/."
         )
     return _ADAPTERS[name](model)
+
+
+def adapter_list(adapter: "ModelAdapter | Sequence[ModelAdapter]") -> list["ModelAdapter"]:
+    """One adapter per expert, in order: ``adapter`` itself as a one-element list for a one-transformer model,
+    the given list or tuple for a two-expert one (Wan2.2 A14B)."""
+    return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
 
 
 @dataclass

@@ -233,8 +233,7 @@ class Runtime:
         self.device = self.engine.device
         schedule = self.manifest.schedule
         self.history = schedule.history
-        self.mask = validate_mask(schedule.mask, schedule.steps, self.history,
-                                  schedule.experts.starts if schedule.experts else (0,))
+        self.mask = validate_mask(schedule.mask, schedule.steps, self.history, schedule.expert_starts)
         #: per step, the expert whose graph pair runs it (all 0 for a one-transformer folder)
         self.experts = [schedule.expert(i) for i in range(schedule.steps)]
         self.state: RuntimeState | None = None

@@ -12,7 +12,7 @@ import torch
 
 from ertacache.export.runners import relative_l2
 from ertacache.metrics import psnr
-from ertacache.models.adapter import ModelAdapter
+from ertacache.models.adapter import ModelAdapter, adapter_list
 from ertacache.profile.artifact import Profile
 from ertacache.runtime.runtime import Runtime
 from ertacache.sampling.sampler import CachedSampler
@@ -53,7 +53,7 @@ def verify_runtime(rt: Runtime, adapter: ModelAdapter | list[ModelAdapter], prof
     on its expert with that expert's CFG scale, as the runtime does.
     """
     m = rt.manifest
-    adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    adapters = adapter_list(adapter)
     device = next(adapters[0].model.parameters()).device
     noise_d, text_d = noise.to(device), move_conditioning(text, device)
     cached = CachedSampler(adapters, profile.tables().to(device), profile.mask, profile.experts)

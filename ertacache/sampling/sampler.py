@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ertacache.errors import NumericalError, UserError
-from ertacache.models.adapter import ModelAdapter
+from ertacache.models.adapter import ModelAdapter, adapter_list
 from ertacache.models.experts import Experts, segments
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
@@ -95,7 +95,7 @@ class CachedSampler:
 
     def __init__(self, adapter: ModelAdapter | Sequence[ModelAdapter], tables: StepTables, mask: Sequence[bool],
                  experts: Experts | None = None):
-        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+        adapters = adapter_list(adapter)
         self.experts = experts or Experts((0,), (0.0,))  # one expert: the call's guidance scale is used
         if len(adapters) != self.experts.count:
             raise UserError(f"{self.experts.count} expert(s) in the schedule but {len(adapters)} transformer(s) given")
