@@ -26,6 +26,9 @@ so fp32 results agree to rounding).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
@@ -41,6 +44,8 @@ from ertacache.sampling.steps import cached_velocity, full_velocity, predict_res
 
 HOOK_NAME = "ertacache"
 _BRANCH = {"cond": 0, "uncond": 1}
+#: the context of a pipeline that batches both CFG branches in one call, uncond rows first (CogVideoXPipeline)
+BATCHED = "cond_uncond"
 
 
 class ProfileSigmaScheduler(FlowMatchEulerDiscreteScheduler):
@@ -50,6 +55,12 @@ class ProfileSigmaScheduler(FlowMatchEulerDiscreteScheduler):
     """
 
     profile_sigmas: list[float] | None = None
+    #: what pipelines written for DDPM-style schedulers read (CogVideoXPipeline): the noise is used as it is
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample, timestep=None):
+        """Flow matching feeds the latents unscaled (a DDPM-style pipeline calls this every step)."""
+        return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
         # sigmas / mu: what FluxPipeline passes (its ramp and its resolution shift); the profile's table
@@ -120,8 +131,10 @@ class ERTACacheHook(ModelHook):
 
     def new_forward(self, module, *args, return_dict=True, **kwargs):
         ctx = self.state_manager.context
+        if ctx.name == BATCHED:
+            return self._batched_forward(ctx, args, kwargs, return_dict)
         if ctx.name not in _BRANCH:
-            raise RuntimeError("ERTACache needs the pipeline's cache_context('cond'|'uncond')")
+            raise RuntimeError("ERTACache needs the pipeline's cache_context('cond'|'uncond'|'cond_uncond')")
         branch = _BRANCH[ctx.name]
         if branch >= self.n_branches:
             raise UserError(f"this profile was made with {self.n_branches} branch(es) ({self.guidance} guidance) but "
@@ -135,34 +148,62 @@ class ERTACacheHook(ModelHook):
                             f"embeds {embedded:g}; call it with guidance_scale={self.guidance_scale:g} or profile "
                             "at that scale")
         state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
-        first = 0
-        if self.experts is not None:
-            if self.experts.expert(i) != self.expert:
-                raise UserError(f"the pipeline ran transformer{'' if self.expert == 0 else '_2'} at step {i}, which "
-                                f"the profile gives to the other expert; leave the pipeline's boundary_ratio "
-                                f"({self.experts.boundary_ratio:g}) and scheduler as enable_ertacache set them")
-            first = self.experts.segment_start(i)
+        first = self._check_expert(i)
         if self.n_branches == 2 and branch == 0 and i > first and self._last_step.get(1) != i - 1:
             raise UserError(f"this profile was made with 2 branches ({self.guidance} guidance) but the pipeline made "
                             f"no 'uncond' call at step {i - 1}; call it with guidance (a negative prompt, and for "
                             f"FluxPipeline true_cfg_scale={self.guidance_scale:g}) or profile without CFG")
         self._last_step[branch] = i
+        v = self._velocity(state, i, call, slice(branch, branch + 1))
+        out = call.to_output(v.to(call.latents.dtype))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _batched_forward(self, ctx, args, kwargs, return_dict):
+        """One call with every CFG branch (diffusers' ``cat([uncond, cond])`` row order): reordered to the
+        profile's (cond rows, then uncond), run as the sampler runs a batched step, and put back."""
+        call = self.adapter.transformer_call(*args, **kwargs)
+        state, i = self.state_manager.get_state(), self._step(ctx, call.timestep)
+        self._check_expert(i)
+        rows = call.latents.shape[0]
+        if self.n_branches == 2 and rows % 2:
+            raise UserError(f"this profile was made with CFG (2 branches) but the pipeline's batched call has {rows} "
+                            "rows; call it with the profile's guidance scale")
+        if isinstance(call.cond, Mapping) or call.cached_cond is not None:
+            raise UserError(f"{type(self.adapter).__name__}: a batched-CFG call ('{BATCHED}') is supported for a "
+                            "family with one conditioning tensor read by full steps only")
+        flip = (lambda t: t.roll(rows // 2, dims=0)) if self.n_branches == 2 else (lambda t: t)  # swap the halves
+        call = replace(call, latents=flip(call.latents), cond=flip(call.cond))  # (rows, ...) cond rows first
+        v = self._velocity(state, i, call, slice(0, self.n_branches))
+        out = call.to_output(flip(v).to(call.latents.dtype))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _check_expert(self, i: int) -> int:
+        """Refuse a step the profile gives to the other expert; the first step of step ``i``'s expert."""
+        if self.experts is None:
+            return 0
+        if self.experts.expert(i) != self.expert:
+            raise UserError(f"the pipeline ran transformer{'' if self.expert == 0 else '_2'} at step {i}, which "
+                            f"the profile gives to the other expert; leave the pipeline's boundary_ratio "
+                            f"({self.experts.boundary_ratio:g}) and scheduler as enable_ertacache set them")
+        return self.experts.segment_start(i)
+
+    def _velocity(self, state, i: int, call, branches: slice):
+        """Step ``i``'s velocity for the call's rows (the CFG branches ``branches``, branch-major): computed and its
+        residual stored on a full step, predicted and rectified on a cached one."""
         x = call.latents
         if self.mask[i]:
             v, residual = full_velocity(self.adapter, x, call.timestep, call.cond)
             state.history = [residual, *state.history[: self.k - 1]]
-        else:
-            if len(state.history) < self.k:
-                raise RuntimeError(f"step {i} predicts from {self.k} residual(s) but {len(state.history)} full "
-                                  "step(s) ran before it")
-            residual = state.history[0] if self.reuse else predict_residual(
-                state.history, self.pred_w[i].to(x.device), self.pred_b[i].to(x.device))
-            v = cached_velocity(self.adapter, x, call.timestep, residual, call.cached_cond)
-            a = self.corr_a[i, branch : branch + 1].to(v.device)  # (1, C)
-            b = self.corr_b[i, branch : branch + 1].to(v.device)
-            v = rectify(v, a, b)
-        out = call.to_output(v.to(x.dtype))
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+            return v
+        if len(state.history) < self.k:
+            raise RuntimeError(f"step {i} predicts from {self.k} residual(s) but {len(state.history)} full "
+                               "step(s) ran before it")
+        residual = state.history[0] if self.reuse else predict_residual(
+            state.history, self.pred_w[i].to(x.device), self.pred_b[i].to(x.device))
+        v = cached_velocity(self.adapter, x, call.timestep, residual, call.cached_cond)
+        a = self.corr_a[i, branches].to(v.device)  # (branches, C)
+        b = self.corr_b[i, branches].to(v.device)
+        return rectify(v, a, b)
 
 
 def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
@@ -196,6 +237,7 @@ def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
         if have != profile.model_fingerprint:
             raise UserError(f"the profile was made for model weights {profile.model_fingerprint} "
                             f"({profile.model}), this pipeline's transformer is {have}; profile this model first")
+    adapter_for(transformer).bind_pipeline(pipe)  # e.g. CogVideoX's noise schedule, from the pipeline's scheduler
     for expert, module in enumerate(t for t in (transformer, transformer_2) if t is not None):
         registry = HookRegistry.check_if_exists_or_initialize(module)
         if registry.get_hook(HOOK_NAME) is not None:

@@ -165,6 +165,10 @@ class ModelAdapter:
         """Map block-stack output back to a velocity shaped like the latents."""
         raise NotImplementedError
 
+    def bind_pipeline(self, pipe) -> None:
+        """Read what the adapter needs from the diffusers pipeline ``enable_ertacache`` hooks (CogVideoX: its
+        scheduler's noise schedule); nothing for most families."""
+
     def transformer_call(self, *args, **kwargs) -> TransformerCall:
         """The model's forward arguments (without ``return_dict``) as a :class:`TransformerCall`.
 

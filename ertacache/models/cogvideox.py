@@ -1,7 +1,6 @@
-"""CogVideoX's forward split (issue 17, first piece): the adapter, before the family and its sampler.
+"""The CogVideoX text-to-video family (CogVideoX 1.0: 2B and 5B): adapter, noise schedule, loaders, family entry.
 
-diffusers' ``CogVideoXTransformer3DModel`` (CogVideoX-2B / -5B text-to-video) differs from the
-flow-matching families in three ways that matter here:
+diffusers' ``CogVideoXTransformer3DModel`` differs from the flow-matching families in three ways:
 
 * **the text is in the sequence**: ``patch_embed(text, video)`` returns the projected text tokens
   followed by the video tokens (with 2B's sincos positional table added over both, zero on the
@@ -10,11 +9,36 @@ flow-matching families in three ways that matter here:
   step needs is the video stream's; the text stream after the last block is never read.
 * **the latents are (B, F, C, H, W)**: the adapter transposes at its boundary, so the sampler, the
   per-channel correction tables (channel axis 1) and the graphs keep the project's (B, C, F, H, W).
-* **it is a v-prediction model under a DDIM scheduler**, not a flow-matching velocity under Euler:
-  the family entry, its step update and the pipeline integration are not written yet
-  (docs/families.md, "Not done yet in issue 17"), so this module registers no family, and no
-  stage can run a CogVideoX checkpoint yet. What is here, the split, is checked against the
-  model's own forward (tests/models/test_cogvideox_adapter.py).
+* **it is a v-prediction DDPM model sampled with DDIM** (``CogVideoXDDIMScheduler``), not a
+  flow-matching velocity under Euler.
+
+The third point is absorbed here, so that no stage changes: deterministic DDIM *is* flow-matching
+Euler after a change of variables. With ``a_t = sqrt(alphas_cumprod[t])`` and ``b_t = sqrt(1 - a_t^2)``,
+the flow-matching time and state of a DDPM latent ``z`` are
+
+    s = b / (a + b),    x = z / (a + b)        (so x = (1 - s) x0 + s eps, a straight line in s)
+
+and one DDIM step from t to t' (x0 and eps predicted at t, held fixed) lands exactly on
+``x' = x + (s' - s) (eps - x0)``: an Euler step in s with the velocity ``u = eps - x0``. For a
+v-prediction model, ``x0 = a z - b v`` and ``eps = b z + a v``, so with ``c = a + b = 1 / sqrt((1 - s)^2 + s^2)``
+
+    z = c x,    u = c^2 (2 s - 1) x + c v.
+
+So the family's "sigma" is s (the sigma table is the DDIM timesteps' s, ending at 0 where
+``final_alpha_cumprod`` is 1), its timestep scale is 1 (the adapter receives s), and the adapter maps
+in and out: ``pre`` scales the state to the model's z and turns s back into the model's timestep t
+(interpolated in the checkpoint's table of s(t), exact at the integer timesteps DDIM visits), and
+``head`` returns u. The sampler, the profile (reuse mask, predictor, rectification, time adjustment),
+the step graphs, the runtime and Triton see a flow-matching model. The time adjustment is meaningful in
+s; a time-adjusted step feeds the model a fractional timestep (the sinusoidal embedding takes any real t).
+The all-full sampler equals ``CogVideoXPipeline`` with its DDIM scheduler (tests/models/test_cogvideox_family.py).
+
+Supported scheduler configs (read from the checkpoint's ``scheduler/scheduler_config.json``;
+:class:`VPNoiseSchedule`): v-prediction, ``scaled_linear`` betas, the SNR shift and
+zero-terminal-SNR rescale CogVideoX uses, ``set_alpha_to_one``, ``trailing`` spacing and a step count
+that divides the training steps (DDIM steps to ``t - 1000 // T``, which is the next timestep only
+then). ``CogVideoXDPMScheduler`` (5B's default) is a second-order multistep solver over the same
+alphas; this family samples with DDIM, as ``CogVideoXPipeline`` does with ``CogVideoXDDIMScheduler``.
 
 5B's rotary embeddings are made by ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` and
 passed to the forward; :meth:`CogVideoXAdapter.rotary` builds them the same way from the latent grid
@@ -24,18 +48,126 @@ with diffusers' own ``get_3d_rotary_pos_embed`` (CogVideoX 1.0 layout; 1.5's tem
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ertacache.errors import UserError
-from ertacache.models.adapter import ModelAdapter, PreOutput, register_adapter
+from ertacache.models.adapter import ModelAdapter, PreOutput, TransformerCall, bind_call, register_adapter
+from ertacache.models.components import diffusers_loader, to_uint8_frames
+from ertacache.models.family import CFG, VIDEO, ConditioningInput, ModelFamily, SigmaSchedule, VP, register_family
+
+#: where a loaded (or pipeline-bound) transformer keeps its checkpoint's noise schedule
+NOISE_ATTR = "_ertacache_noise_schedule"
+#: under enable_ertacache the pipeline's timesteps are the flow-matching scheduler's: s x 1000
+PIPELINE_TIMESTEP_UNITS = 1000.0
+
+
+@dataclass(frozen=True)
+class VPNoiseSchedule:
+    """A CogVideoX DDIM scheduler's noise schedule, as data (numpy, float64), and its flow-matching view.
+
+    The fields are the ``CogVideoXDDIMScheduler`` config entries that decide ``alphas_cumprod`` and the
+    timesteps; :meth:`from_config` refuses configs this family does not sample exactly.
+    """
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    snr_shift_scale: float = 3.0
+    rescale_betas_zero_snr: bool = True
+
+    def __post_init__(self):
+        if self.beta_schedule != "scaled_linear":
+            raise UserError(f"CogVideoX scheduler: beta_schedule {self.beta_schedule!r} is not supported "
+                            "(CogVideoX's scaled_linear only)")
+        if not (0 < self.beta_start < self.beta_end < 1) or self.num_train_timesteps < 2 or self.snr_shift_scale <= 0:
+            raise UserError(f"CogVideoX scheduler: implausible config {self}")
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "the scheduler config") -> "VPNoiseSchedule":
+        """From a ``scheduler_config.json`` mapping; a :class:`UserError` names any entry sampled differently."""
+        want = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "set_alpha_to_one": True,
+                "steps_offset": 0, "trained_betas": None}
+        bad = {k: config.get(k) for k, v in want.items() if k in config and config.get(k) != v}
+        if bad:
+            raise UserError(f"{where}: {bad} is not supported; the cogvideox family samples CogVideoX's DDIM with "
+                            f"{want}")
+        names = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "snr_shift_scale",
+                 "rescale_betas_zero_snr")
+        return cls(**{k: config[k] for k in names if k in config})
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "VPNoiseSchedule":
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read the CogVideoX scheduler config ({e}); the model folder needs "
+                            "scheduler/scheduler_config.json as the hub checkpoint has it") from None
+        return cls.from_config(config, str(path))
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """(N,) float64, as ``CogVideoXDDIMScheduler.__init__`` makes it: betas, cumprod, SNR shift, zero-SNR rescale."""
+        n = self.num_train_timesteps
+        betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float64) ** 2
+        ab = np.cumprod(1.0 - betas)
+        ab = ab / (self.snr_shift_scale + (1.0 - self.snr_shift_scale) * ab)  # SNR / shift (SD3-style)
+        if self.rescale_betas_zero_snr:  # Lin et al. 2023, Algorithm 1, on sqrt(alphas_cumprod)
+            root = np.sqrt(ab)
+            first, last = root[0], root[-1]
+            root = (root - last) * (first / (first - last))
+            ab = root ** 2
+        return ab
+
+    def timestep_sigmas(self) -> np.ndarray:
+        """(N,) the flow-matching time s(t) = b / (a + b) of every training timestep t, increasing in t."""
+        ab = self.alphas_cumprod()
+        a, b = np.sqrt(ab), np.sqrt(1.0 - ab)
+        return b / (a + b)
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """The DDIM timesteps (T,) of ``trailing`` spacing; refuses a T whose DDIM step would skip them."""
+        n = self.num_train_timesteps
+        if steps < 1 or n % steps:
+            ok = [k for k in range(10, 101) if n % k == 0]
+            raise UserError(f"CogVideoX's DDIM steps from t to t - {n} // T, which is the next timestep only when T "
+                            f"divides {n}; {steps} steps does not. Use one of {ok}")
+        return np.arange(n, 0, -n // steps, dtype=np.int64) - 1
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """The flow-matching sigma table (T+1,) float64: s at each DDIM timestep, then 0 (final alpha 1)."""
+        return np.append(self.timestep_sigmas()[self.timesteps(steps)], 0.0)
+
+    def check_shift(self, shift: float) -> None:
+        """A request's ``shift`` is this schedule's ``snr_shift_scale``: the checkpoint fixes it."""
+        if abs(float(shift) - self.snr_shift_scale) > 1e-9:
+            raise UserError(f"CogVideoX's shift is its scheduler's snr_shift_scale ({self.snr_shift_scale:g} in this "
+                            f"checkpoint), which the model was trained with; got shift {shift:g}: drop --shift")
+
+
+def attach_noise_schedule(transformer, schedule) -> None:
+    """Give ``transformer`` its checkpoint's noise schedule (a :class:`VPNoiseSchedule`, a scheduler or its config).
+
+    The family's loader does it from the folder's ``scheduler/``; ``enable_ertacache`` from the pipeline's
+    scheduler; a model built in memory (tests) calls it by hand.
+    """
+    if not isinstance(schedule, VPNoiseSchedule):
+        config = getattr(schedule, "config", schedule)
+        schedule = VPNoiseSchedule.from_config(dict(config), f"{type(schedule).__name__}")
+    setattr(transformer, NOISE_ATTR, schedule)  # a plain attribute: not a parameter or buffer, so not fingerprinted
 
 
 @dataclass
 class _CogHeadInputs:
     temb: torch.Tensor  # (B, D) timestep embedding
     grid: tuple[int, int, int, int]  # (B, F, H', W'): latent frames (not patched in time) and the patch grid
+    state: torch.Tensor  # (B, C, F, H, W) the flow-matching state x the step was given (float32)
+    sigma: torch.Tensor  # (B, 1, 1, 1, 1) its flow-matching time s (float32)
 
 
 @dataclass
@@ -44,15 +176,56 @@ class _CogBlockInputs:
     rotary: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (F * H' * W', head_dim) each; None for 2B
 
 
+def fm_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """c = a + b = 1 / sqrt((1 - s)^2 + s^2): the DDPM latent is c times the flow-matching state (c = 1 at s = 0, 1)."""
+    return torch.rsqrt((1.0 - sigma) ** 2 + sigma ** 2)
+
+
+def model_timestep_of(sigma: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """The model's timestep t for flow-matching times ``sigma`` (rows,), by linear interpolation in ``knots``.
+
+    knots: (N,) s(t) for t = 0..N-1, increasing. Exact at a knot: there the interpolation weight is 0,
+    so the integer timesteps DDIM visits reach the model as those integers. Written with a comparison
+    and a sum (no searchsorted) so that it exports to ONNX as plain ops.
+    """
+    n = knots.shape[0]
+    below = (knots.unsqueeze(0) <= sigma.unsqueeze(1)).sum(dim=1)  # (rows, N) -> (rows,) knots at or below s
+    lo = (below - 1).clamp(0, n - 2)  # (rows,) the interval [lo, lo + 1] holding s (extrapolated at the ends)
+    s_lo, s_hi = knots.index_select(0, lo), knots.index_select(0, lo + 1)
+    return lo.to(sigma.dtype) + (sigma - s_lo) / (s_hi - s_lo)
+
+
 @register_adapter("CogVideoXTransformer3DModel")
 class CogVideoXAdapter(ModelAdapter):
-    """diffusers ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 text-to-video: 2B and 5B).
+    """diffusers ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 text-to-video: 2B and 5B), seen as a flow-matching model.
+
+    ``pre`` takes the flow-matching state x (B, C, F, H, W) and time s (B,) (the family's timestep scale
+    is 1); ``head`` returns the flow-matching velocity u (float32). See the module docstring for the
+    change of variables; it needs the checkpoint's noise schedule (:func:`attach_noise_schedule`).
 
     ``text`` is the T5 states (B, L, D_text) with L = ``max_text_seq_length`` (226), as the pipeline
     pads them: the positional table covers exactly that many text tokens. A cached step (``text``
     None) embeds the video tokens with an all-zero text (the video tokens do not depend on the
     text's values, only on its length).
     """
+
+    @property
+    def noise_schedule(self) -> VPNoiseSchedule:
+        """The checkpoint's DDIM noise schedule (attached by the loader, ``enable_ertacache`` or by hand)."""
+        schedule = getattr(self.model, NOISE_ATTR, None)
+        if schedule is None:
+            raise UserError("this CogVideoXTransformer3DModel has no noise schedule attached; load it with "
+                            "ertacache.models.loading.load_bundle (which reads scheduler/scheduler_config.json), or "
+                            "call ertacache.models.cogvideox.attach_noise_schedule(transformer, scheduler)")
+        return schedule
+
+    def _knots(self, device) -> torch.Tensor:
+        """(N,) float32 s(t) of every training timestep: a constant of the exported graphs."""
+        return torch.tensor(self.noise_schedule.timestep_sigmas(), dtype=torch.float32, device=device)
+
+    def bind_pipeline(self, pipe) -> None:
+        """``enable_ertacache`` hands over the pipeline: its DDIM scheduler's config is the noise schedule."""
+        attach_noise_schedule(self.model, pipe.scheduler)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -89,20 +262,25 @@ class CogVideoXAdapter(ModelAdapter):
                                        grid_size=(grid_h, grid_w), temporal_size=frames, device=device)
 
     def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> PreOutput:
+        """latents: the flow-matching state x (B, C, F, H, W); timestep: its time s (B,) (or one value)."""
         model = self.model
         self._check_supported()
         b, _, f, h, w = latents.shape
         _, p_h, p_w = self.patch_size
         grid = (b, f, h // p_h, w // p_w)
-        x = latents.transpose(1, 2)  # (B, C, F, H, W) -> (B, F, C, H, W), the model's layout
+        sigma = timestep.float().reshape(-1).expand(b)  # (B,)
+        c = fm_scale(sigma).reshape(b, 1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1, 1)
+        t = model_timestep_of(sigma, self._knots(latents.device))  # (B,) the model's DDPM timestep
+        z = (latents.float() * c).to(latents.dtype)  # the DDPM latent the model was trained on
+        x = z.transpose(1, 2)  # (B, C, F, H, W) -> (B, F, C, H, W), the model's layout
         # the model's own time path: sinusoidal projection, then the MLP (no timestep_cond for text-to-video)
-        temb = model.time_embedding(model.time_proj(timestep).to(x.dtype), None)  # (B, D)
+        temb = model.time_embedding(model.time_proj(t).to(x.dtype), None)  # (B, D)
         cfg = model.config
         words = text if text is not None else x.new_zeros(b, cfg.max_text_seq_length, cfg.text_embed_dim)
         joint = model.embedding_dropout(model.patch_embed(words, x))  # (B, L + N, D): text tokens, then video
         length = words.shape[1]
         tokens = joint[:, length:]  # (B, N, D), N = F * H' * W'
-        head_inputs = _CogHeadInputs(temb=temb, grid=grid)
+        head_inputs = _CogHeadInputs(temb=temb, grid=grid, state=latents.float(), sigma=sigma.reshape(b, 1, 1, 1, 1))
         if text is None:
             return PreOutput(hidden=tokens, head_inputs=head_inputs, block_inputs=None)
         return PreOutput(hidden=tokens, head_inputs=head_inputs,
@@ -134,4 +312,102 @@ class CogVideoXAdapter(ModelAdapter):
         out = model.proj_out(model.norm_out(model.norm_final(hidden), temb=pre.head_inputs.temb))  # (B, N, C*ph*pw)
         out = out.reshape(b, f, h, w, -1, p_h, p_w)  # (B, F, H', W', C, ph, pw)
         out = out.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, H', ph, W', pw)
-        return out.flatten(5, 6).flatten(3, 4)  # (B, C, F, H, W)
+        v = out.flatten(5, 6).flatten(3, 4).float()  # (B, C, F, H, W): the model's v-prediction
+        s, x = pre.head_inputs.sigma, pre.head_inputs.state
+        c = fm_scale(s)
+        return c * c * (2.0 * s - 1.0) * x + c * v  # u = eps - x0, the flow-matching velocity
+
+    def transformer_call(self, *args, **kwargs) -> TransformerCall:
+        """CogVideoXPipeline's call under ``enable_ertacache``: the hook's flow-matching scheduler makes the
+        pipeline's latents the flow-matching state x (B, F, C, H, W) and its timesteps s x 1000, and the
+        pipeline's update integrates the velocity u the hook returns. The rotary tables the pipeline passes are
+        dropped: ``pre`` builds the same ones from the grid."""
+        kwargs.pop("image_rotary_emb", None)
+        names = ("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond", "ofs")
+        bound = bind_call(names, args, kwargs, ignored=("attention_kwargs",), owner=type(self.model).__name__)
+        if bound.get("timestep_cond") is not None or bound.get("ofs") is not None:
+            raise UserError("CogVideoXTransformer3DModel: timestep_cond / ofs (CogVideoX 1.5) are not mirrored")
+        for name in names[:3]:
+            if bound.get(name) is None:
+                raise UserError(f"CogVideoXTransformer3DModel: the pipeline's call has no {name}")
+        text = bound["encoder_hidden_states"]
+        return TransformerCall(latents=bound["hidden_states"].transpose(1, 2),  # (B, F, C, H, W) -> (B, C, F, H, W)
+                               timestep=bound["timestep"].float() / PIPELINE_TIMESTEP_UNITS,
+                               cond=text, cached_cond=None, to_output=lambda u: u.transpose(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+class T5PromptEncoder:
+    """CogVideoXPipeline's text path: T5 encoder states of the prompt padded to ``max_length`` (226) tokens.
+
+    As the pipeline's ``_get_t5_prompt_embeds``: no attention mask and no zeroing of the padding (the
+    model was trained on the states of the padded sequence).
+    """
+
+    def __init__(self, tokenizer, text_encoder, max_length: int = 226):
+        self.tokenizer, self.text_encoder, self.max_length = tokenizer, text_encoder, max_length
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]  # (B, L, D)
+
+
+class CogVideoXLatentDecoder:
+    """``AutoencoderKLCogVideoX`` decode as CogVideoXPipeline's ``decode_latents``: latents / scaling_factor."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        cfg = vae.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)  # the pipeline's vae_scale_factor_spatial
+        self.temporal_factor = int(cfg.temporal_compression_ratio)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.float() / self.vae.config.scaling_factor  # (B, C, F', H', W'), the VAE's layout
+        video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, F, H, W)
+        return to_uint8_frames(video)
+
+
+def _load_transformer(path: Path, dtype):
+    """The transformer, with the folder's scheduler config attached (the sigma table and timestep map need it)."""
+    transformer = diffusers_loader("CogVideoXTransformer3DModel", "transformer")(path, dtype)
+    attach_noise_schedule(transformer, VPNoiseSchedule.from_folder(path))
+    return transformer
+
+
+def _load_text(path: Path, dtype) -> T5PromptEncoder:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    return T5PromptEncoder(AutoTokenizer.from_pretrained(path / "tokenizer"),
+                           T5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype).eval())
+
+
+def _text_to_video_1_0(config) -> bool:
+    """CogVideoX 1.0 text-to-video; 1.5 (temporal patch) and I2V (image latents on channels) are other models."""
+    return getattr(config, "patch_size_t", None) is None and config.in_channels == config.out_channels
+
+
+COGVIDEOX_T2V = register_family(ModelFamily(
+    name="cogvideox",
+    description="CogVideoX 1.0 text-to-video (2B / 5B; T5 text, AutoencoderKLCogVideoX; v-prediction DDIM run "
+                "as flow matching)",
+    transformer_class="CogVideoXTransformer3DModel",
+    latent_kind=VIDEO,
+    conditioning=(ConditioningInput("text_embeds", doc="(nb*B, 226, D_t5) T5 states, cond rows then uncond"),),
+    timestep_scale=1.0,  # the adapter receives the flow-matching time s and maps it to the model's timestep
+    sigma_schedule=SigmaSchedule(kind=VP),  # the checkpoint scheduler's DDIM timesteps, as flow-matching times
+    guidance=CFG,
+    block_stacks=("transformer_blocks",),
+    transformer=_load_transformer,
+    prompt_encoder=_load_text,
+    decoder=diffusers_loader("AutoencoderKLCogVideoX", "vae", wrap=CogVideoXLatentDecoder),
+    required_files=("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                    "scheduler/scheduler_config.json"),
+    weight_folders=("transformer", "text_encoder", "vae"),
+    claims=_text_to_video_1_0,
+))

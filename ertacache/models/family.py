@@ -192,9 +192,9 @@ def exponential_shift(sigma, mu: float):
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
 
 
-STATIC, DYNAMIC, RAMP = "static", "dynamic", "ramp"
+STATIC, DYNAMIC, RAMP, VP = "static", "dynamic", "ramp", "vp"
 #: every sigma schedule kind (a recipe's ``sigma_schedule`` names one to override its family's)
-SCHEDULE_KINDS = (STATIC, DYNAMIC, RAMP)
+SCHEDULE_KINDS = (STATIC, DYNAMIC, RAMP, VP)
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,11 @@ class SigmaSchedule:
     ``ramp``: the pipeline's ramp ``linspace(1, 1/T, T)`` with the static shift (the recipe's
     ``shift``): FluxPipeline with a scheduler whose ``use_dynamic_shifting`` is off, as FLUX.1-schnell
     ships (shift 1: the ramp itself).
+
+    ``vp``: a variance-preserving DDPM model sampled with DDIM (CogVideoX), run as flow-matching Euler
+    in its flow-matching time (:mod:`ertacache.models.cogvideox`). Its table depends on the checkpoint's
+    scheduler config, so the loaded model's adapter makes it (``adapter.noise_schedule.sigmas``), not
+    this object; :meth:`table` refuses.
 
     Every table has ``steps + 1`` float64 entries ending exactly at 0.
     """
@@ -251,6 +256,9 @@ class SigmaSchedule:
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         n = self.num_train_timesteps
+        if self.kind == VP:
+            raise ValueError("a 'vp' sigma table comes from the checkpoint's scheduler: ask the loaded model's "
+                             "adapter (adapter.noise_schedule.sigmas(steps)), as request_sigmas does")
         if self.kind == STATIC:
             if shift is None or not shift > 0:
                 raise UserError(f"shift must be > 0, got {shift}")
@@ -499,6 +507,7 @@ FAMILY_MODULES = {
     "wan-i2v-a14b": "ertacache.models.wan",
     "flux": "ertacache.models.flux",
     "hunyuanvideo": "ertacache.models.hunyuan_video",
+    "cogvideox": "ertacache.models.cogvideox",
     "testbed": "ertacache.testbed.family",
     "flux-testbed": "ertacache.testbed.family",
 }

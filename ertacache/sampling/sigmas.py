@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from ertacache.errors import UserError
-from ertacache.models.family import STATIC, SigmaSchedule
+from ertacache.models.family import STATIC, VP, SigmaSchedule
 
 
 def nominal_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -39,8 +39,13 @@ def request_sigmas(bundle, settings, steps: int | None = None) -> np.ndarray:
     override = getattr(getattr(bundle, "recipe", None), "sigma_schedule", None)  # e.g. FLUX.1-schnell's "ramp"
     if override is not None and override != schedule.kind:
         schedule = replace(schedule, kind=override)
+    steps = settings.steps if steps is None else steps
+    if schedule.kind == VP:  # CogVideoX: the table is the checkpoint scheduler's, which the adapter holds
+        noise = bundle.adapter.noise_schedule
+        noise.check_shift(settings.shift)
+        return noise.sigmas(steps)
     seq_len = None if schedule.uses_shift else bundle.layout.tokens(settings.height, settings.width, settings.frames)
-    return schedule.table(settings.steps if steps is None else steps, settings.shift, seq_len)
+    return schedule.table(steps, settings.shift, seq_len)
 
 
 def validate_sigma_table(sigmas: np.ndarray | list[float], steps: int, what: str = "sigma table") -> None:

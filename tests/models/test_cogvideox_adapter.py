@@ -2,9 +2,9 @@
 
 Tiny random ``CogVideoXTransformer3DModel`` configs stand in for 2B (sincos positional table over the
 joint text + video sequence, no rotary) and 5B (rotary embeddings, made here as CogVideoXPipeline
-makes them). The family entry and its DDIM sampler do not exist yet; what is checked is the split
-the rest will stand on: pre / blocks / head equal the forward, and a cached step's embedding with the
-exact residual gives the full step's output.
+makes them). The adapter sees the model in flow-matching coordinates (state x, time s, velocity u);
+the split is checked against the forward through the change of variables written out by hand here,
+and a cached step's embedding with the exact residual gives the full step's output.
 """
 
 import pytest
@@ -13,34 +13,52 @@ from diffusers import CogVideoXTransformer3DModel
 
 from ertacache.errors import UserError
 from ertacache.models.adapter import adapter_for
-from ertacache.models.cogvideox import CogVideoXAdapter
+from ertacache.models.cogvideox import CogVideoXAdapter, VPNoiseSchedule, attach_noise_schedule
 from ertacache.sampling.steps import cached_velocity, full_velocity
 
 TEXT_LEN, TEXT_DIM, C = 6, 12, 4
 LATENT = (C, 2, 4, 4)  # (C, F, H, W): 2 latent frames (5 video frames), 4 x 4 latents, patch 2 -> 2 x 2 tokens
 
 
-def tiny_cogvideox(rotary: bool, seed: int = 0) -> CogVideoXTransformer3DModel:
+def tiny_cogvideox(rotary: bool, seed: int = 0, snr_shift_scale: float = 3.0) -> CogVideoXTransformer3DModel:
+    """A tiny random transformer with CogVideoX-2B's scheduler config attached (5B's: ``snr_shift_scale=1``)."""
     torch.manual_seed(seed)
-    return CogVideoXTransformer3DModel(
+    model = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C, time_embed_dim=16,
         text_embed_dim=TEXT_DIM, num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
         max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=rotary).eval()
+    attach_noise_schedule(model, VPNoiseSchedule(snr_shift_scale=snr_shift_scale))
+    return model
 
 
 def _inputs(seed=1, batch=2):
+    """Flow-matching state, time s (at the DDIM timesteps 999 and 419 of a 50-step 2B schedule) and text."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, *LATENT, generator=g)  # (B, C, F, H, W), the project's layout
     text = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)
-    timestep = torch.tensor([999.0, 421.0][:batch])
+    s = VPNoiseSchedule().timestep_sigmas()
+    timestep = torch.tensor([s[999], s[419]][:batch], dtype=torch.float32)
     return latents, timestep, text
 
 
-def _model_output(model, latents, timestep, text, rotary):
+def _in_model_coordinates(sigma: torch.Tensor):
+    """The DDPM view of flow-matching time s, written out independently: timestep t, a = sqrt(ab), b = sqrt(1 - ab)."""
+    ab = torch.tensor(VPNoiseSchedule().alphas_cumprod())
+    s_t = (1 - ab).sqrt() / (ab.sqrt() + (1 - ab).sqrt())
+    t = torch.tensor([int((s_t.float() - x).abs().argmin()) for x in sigma])  # the integer timesteps of _inputs
+    return t, ab[t].sqrt().float(), (1 - ab[t]).sqrt().float()
+
+
+def _model_output(model, latents, sigma, text, rotary):
+    """The flow-matching velocity u = eps - x0 from the model's own forward at z = (a + b) x, timestep t(s)."""
+    t, a, b = _in_model_coordinates(sigma)
+    a, b = a.reshape(-1, 1, 1, 1, 1), b.reshape(-1, 1, 1, 1, 1)
+    z = (a + b) * latents
     with torch.no_grad():
-        out = model(hidden_states=latents.transpose(1, 2), encoder_hidden_states=text, timestep=timestep,
-                    image_rotary_emb=rotary, return_dict=False)[0]  # (B, F, C, H, W)
-    return out.transpose(1, 2)  # (B, C, F, H, W)
+        v = model(hidden_states=z.transpose(1, 2), encoder_hidden_states=text, timestep=t,
+                  image_rotary_emb=rotary, return_dict=False)[0].transpose(1, 2)  # (B, F, C, H, W) -> (B, C, F, H, W)
+    x0, eps = a * z - b * v, b * z + a * v  # v-prediction
+    return eps - x0
 
 
 def _pipeline_rotary(model, latents):
@@ -94,5 +112,10 @@ def test_unsupported_cogvideox_variants_are_refused_by_name():
     latents, timestep, text = _inputs()
     with pytest.raises(UserError, match="CogVideoX I2V concatenates image latents"):
         adapter_for(i2v).pre(latents, timestep, text)
-    with pytest.raises(UserError, match="no ERTACache model family for model class 'CogVideoXTransformer3DModel'"):
-        adapter_for(tiny_cogvideox(False)).family  # the family (and its DDIM sampler) is not written yet
+    with pytest.raises(UserError, match="no ERTACache model family takes this CogVideoXTransformer3DModel"):
+        adapter_for(i2v).family  # the family claims CogVideoX 1.0 text-to-video only
+    bare = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C,
+                                       time_embed_dim=16, text_embed_dim=TEXT_DIM, num_layers=1, sample_width=4,
+                                       sample_height=4, sample_frames=5, patch_size=2, max_text_seq_length=TEXT_LEN)
+    with pytest.raises(UserError, match="no noise schedule attached"):
+        adapter_for(bare).pre(latents, timestep, text)
