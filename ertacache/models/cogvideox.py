@@ -277,7 +277,7 @@ class CogVideoXAdapter(ModelAdapter):
         temb = model.time_embedding(model.time_proj(t).to(x.dtype), None)  # (B, D)
         cfg = model.config
         words = text if text is not None else x.new_zeros(b, cfg.max_text_seq_length, cfg.text_embed_dim)
-        joint = model.embedding_dropout(model.patch_embed(words, x))  # (B, L + N, D): text tokens, then video
+        joint = model.embedding_dropout(self._embed(words, x))  # (B, L + N, D): text tokens, then video
         length = words.shape[1]
         tokens = joint[:, length:]  # (B, N, D), N = F * H' * W'
         head_inputs = _CogHeadInputs(temb=temb, grid=grid, state=latents.float(), sigma=sigma.reshape(b, 1, 1, 1, 1))
@@ -286,6 +286,32 @@ class CogVideoXAdapter(ModelAdapter):
         return PreOutput(hidden=tokens, head_inputs=head_inputs,
                          block_inputs=_CogBlockInputs(text=joint[:, :length],
                                                       rotary=self.rotary(f, *grid[2:], latents.device)))
+
+    def _embed(self, words: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``patch_embed(words, x)`` (CogVideoX 1.0 path), with a sincos table for another size that exports.
+
+        At the config's sample size the module's own table is added, as its forward does. At any other size
+        its forward rebuilds the table through ``Tensor.data`` (a constant torch.export cannot trace), so the
+        table is built here from the same diffusers function and joined with ``cat``: the same values.
+        """
+        pe = self.model.patch_embed
+        b, f, c, h, w = x.shape  # (B, F, C, H, W)
+        frames = (f - 1) * pe.temporal_compression_ratio + 1  # the table is keyed by pixel-space frames
+        if not pe.use_positional_embeddings or (pe.sample_height, pe.sample_width, pe.sample_frames) == (h, w, frames):
+            return pe(words, x)
+        if pe.use_learned_positional_embeddings:
+            return pe(words, x)  # learned tables are fixed to the sample size; the module refuses another
+        from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+        text = pe.text_proj(words)  # (B, L, D)
+        video = pe.proj(x.reshape(-1, c, h, w))  # (B*F, C, H, W) -> (B*F, D, H', W')
+        video = video.view(b, f, *video.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)  # (B, F*H'*W', D)
+        p = pe.patch_size
+        table = get_3d_sincos_pos_embed(pe.embed_dim, (w // p, h // p), f, pe.spatial_interpolation_scale,
+                                        pe.temporal_interpolation_scale, device=x.device, output_type="pt")
+        table = table.flatten(0, 1).unsqueeze(0)  # (F, H'*W', D) -> (1, F*H'*W', D)
+        joint_table = torch.cat([table.new_zeros(1, text.shape[1], pe.embed_dim), table], dim=1)  # zero on the text
+        return torch.cat([text, video], dim=1) + joint_table.to(text.dtype)
 
     def modulated_input(self, pre: PreOutput) -> torch.Tensor:
         """First block's AdaLN-modulated video tokens (the signal TeaCache-style baselines watch): (B, N, D)."""

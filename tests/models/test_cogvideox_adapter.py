@@ -70,12 +70,15 @@ def _pipeline_rotary(model, latents):
     return pipe._prepare_rotary_positional_embeddings(h * 8, w * 8, f, latents.device)
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["2b-sincos", "5b-rotary"])
-def test_the_split_equals_the_forward(rotary):
+@pytest.mark.parametrize("rotary,frames", [(False, 2), (False, 3), (True, 2)],
+                         ids=["2b-sincos", "2b-sincos-other-size", "5b-rotary"])
+def test_the_split_equals_the_forward(rotary, frames):
+    """At the config's sample size (2 latent frames) and at another (3: the sincos table is rebuilt)."""
     model = tiny_cogvideox(rotary)
     adapter = adapter_for(model)
     assert isinstance(adapter, CogVideoXAdapter) and adapter.in_channels == C and adapter.patch_size == (1, 2, 2)
     latents, timestep, text = _inputs()
+    latents = torch.cat([latents, latents.flip(2)], dim=2)[:, :, :frames]  # (B, C, frames, H, W)
     tables = _pipeline_rotary(model, latents) if rotary else None
     want = _model_output(model, latents, timestep, text, tables)
     with torch.no_grad():
