@@ -1,4 +1,5 @@
-"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a diffusers pipeline (Wan, Wan I2V, FLUX, HunyuanVideo).
+"""The diffusers-native entry: ``enable_ertacache(pipe, profile)`` on a diffusers pipeline (Wan, Wan I2V, FLUX,
+HunyuanVideo, CogVideoX).
 
 Two pieces, both through public diffusers extension points:
 
@@ -13,6 +14,9 @@ Two pieces, both through public diffusers extension points:
 * the scheduler becomes flow-matching Euler over the profile's adjusted sigma
   table, so the model sees the adjusted timesteps and the update integrates
   over the adjusted intervals.
+
+A pipeline that batches both CFG branches in one call (CogVideoXPipeline: ``cache_context("cond_uncond")``,
+diffusers' uncond-first row order) is run as the sampler runs a batched step.
 
 The step comes from the cache context when the pipeline supplies it (WanPipeline's
 ``step_index``) and otherwise from the timestep, looked up in the profile's table
@@ -207,8 +211,9 @@ class ERTACacheHook(ModelHook):
 
 
 def enable_ertacache(pipe, profile: Profile, check_fingerprint: bool = True):
-    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline, WanImageToVideoPipeline, FluxPipeline or
-    HunyuanVideoPipeline: any whose transformer's family adapter translates its call) with ``profile``; returns ``pipe``.
+    """Turn on ERTACache for ``pipe`` (a diffusers WanPipeline, WanImageToVideoPipeline, FluxPipeline,
+    HunyuanVideoPipeline or CogVideoXPipeline: any whose transformer's family adapter translates its call) with
+    ``profile``; returns ``pipe``.
 
     Call the pipeline with ``num_inference_steps=profile.steps`` and the profile's height/width
     (/frames); the guidance scale must be the profile's (an embedded one is checked on every call).

@@ -33,7 +33,8 @@ def request_sigmas(bundle, settings, steps: int | None = None) -> np.ndarray:
     ``layout`` when the family's shift depends on the token count); ``settings``: a
     :class:`~ertacache.sampling.settings.SampleSettings`. Wan's static shift gives
     ``nominal_sigmas(settings.steps, settings.shift)`` exactly; a recipe's ``sigma_schedule`` overrides the
-    family's kind (FLUX.1-schnell: ``"ramp"``). ``steps`` overrides ``settings.steps``.
+    family's kind (FLUX.1-schnell: ``"ramp"``). A ``"vp"`` family's table (CogVideoX) is its checkpoint
+    scheduler's, held by the adapter. ``steps`` overrides ``settings.steps``.
     """
     schedule = bundle.adapter.family.sigma_schedule
     override = getattr(getattr(bundle, "recipe", None), "sigma_schedule", None)  # e.g. FLUX.1-schnell's "ramp"
