@@ -238,6 +238,26 @@ def program_runner(programs):
     return EagerRunner({name: program.module() for name, program in programs.items()})
 
 
+def onnx_runner(graphs, folder, names=("full_step", "cached_step")):
+    """ONNX Runtime sessions of baked ``graphs`` (a :class:`~ertacache.export.graphs.StepGraphs`), written to
+    ``folder``; returns (runner, {graph name: .onnx path})."""
+    from ertacache.export.onnx_target import OnnxFromExportedProgram
+    from ertacache.export.runners import OnnxRuntimeRunner
+
+    target = OnnxFromExportedProgram()
+    paths = {n: target(n, graphs.programs[n], graphs.example_inputs[n], graphs.specs[n], folder).path for n in names}
+    return OnnxRuntimeRunner(paths, graphs.specs), paths
+
+
+def aoti_runner(graphs, folder, names=("full_step", "cached_step")):
+    """AOTInductor packages of baked ``graphs``, compiled into ``folder`` (a minute or two on 2 cores)."""
+    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
+    from ertacache.export.runners import AotiRunner
+
+    target = AotiPackageFromExportedProgram()
+    return AotiRunner({n: target(n, graphs.programs[n], folder).path for n in names})
+
+
 @pytest.fixture(scope="session")
 def hunyuan_folder_export(tmp_path_factory):
     """A tiny random HunyuanVideo diffusers-format folder and one ONNX export of it through the CLI (~8 s on 2

@@ -10,13 +10,11 @@ AOTInductor packages must equal the eager sampler.
 import pytest
 import torch
 
-from ertacache.contract import CACHED_STEP, FULL_STEP
 from ertacache.export.graphs import BakeStepGraphs
-from ertacache.export.onnx_target import OnnxFromExportedProgram
-from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
+from ertacache.export.runners import EagerRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
-from tests.export.fixtures import program_runner
+from tests.export.fixtures import aoti_runner, onnx_runner, program_runner
 from tests.integrations.test_cogvideox_pipeline import cogvideox_profile
 from tests.models.test_cogvideox_adapter import LATENT, TEXT_DIM, TEXT_LEN, tiny_cogvideox
 from tests.models.test_cogvideox_family import GUIDANCE
@@ -52,19 +50,12 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(cogvideox_g
 @pytest.mark.slow  # ONNX export of both graphs
 def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(cogvideox_graphs, tmp_path):
     adapter, profile, graphs = cogvideox_graphs
-    target = OnnxFromExportedProgram()
-    paths = {n: target(n, graphs.programs[n], graphs.example_inputs[n], graphs.specs[n], tmp_path).path
-             for n in (FULL_STEP, CACHED_STEP)}
-    assert _schedule_error(OnnxRuntimeRunner(paths, graphs.specs), adapter, profile, seed=23) < 1e-4
+    runner, _ = onnx_runner(graphs, tmp_path)
+    assert _schedule_error(runner, adapter, profile, seed=23) < 1e-4
 
 
 @pytest.mark.slow
 def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(cogvideox_graphs, tmp_path):
     """AOTInductor packages of the CogVideoX graphs (a minute or two of compiling on 2 cores)."""
-    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
-    from ertacache.export.runners import AotiRunner
-
     adapter, profile, graphs = cogvideox_graphs
-    target = AotiPackageFromExportedProgram()
-    runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
-    assert _schedule_error(runner, adapter, profile, seed=24) < 1e-4
+    assert _schedule_error(aoti_runner(graphs, tmp_path), adapter, profile, seed=24) < 1e-4

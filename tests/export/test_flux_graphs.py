@@ -13,15 +13,14 @@ import torch
 from ertacache.contract import CACHED_STEP, FULL_STEP, cached_inputs, step_inputs
 from ertacache.errors import UserError
 from ertacache.export.graphs import BakeStepGraphs
-from ertacache.export.onnx_target import OnnxFromExportedProgram
-from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
+from ertacache.export.runners import EagerRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
 from tests.integrations.test_flux_pipeline import GUIDANCE, flux_profile
 from tests.models.test_flux_adapter import tiny_flux
 
 from tests.export.fixtures import FLUX_SHAPES as SHAPES  # one prompt's, without the batch axis
-from tests.export.fixtures import program_runner
+from tests.export.fixtures import aoti_runner, onnx_runner, program_runner
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +74,8 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(flux_graphs
 @pytest.mark.slow  # ~17 s of ONNX export on 2 cores
 def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_path):
     _, adapter, profile, graphs = flux_graphs
-    target = OnnxFromExportedProgram()
-    paths = {}
-    for name in (FULL_STEP, CACHED_STEP):
-        paths[name] = target(name, graphs.programs[name], graphs.example_inputs[name], graphs.specs[name], tmp_path).path
-    assert _schedule_error(OnnxRuntimeRunner(paths, graphs.specs), adapter, profile, seed=22) < 1e-4
+    runner, _ = onnx_runner(graphs, tmp_path)
+    assert _schedule_error(runner, adapter, profile, seed=22) < 1e-4
 
 
 def test_bad_export_shapes_are_refused(flux_graphs):
@@ -155,10 +151,5 @@ def test_ertacache_run_takes_an_npz_per_input_and_writes_a_png(flux_onnx_export,
 @pytest.mark.slow
 def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(flux_graphs, tmp_path):
     """AOTInductor packages of the FLUX graphs (a minute or two of compiling on 2 cores)."""
-    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
-    from ertacache.export.runners import AotiRunner
-
     _, adapter, profile, graphs = flux_graphs
-    target = AotiPackageFromExportedProgram()
-    runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
-    assert _schedule_error(runner, adapter, profile, seed=23) < 1e-4
+    assert _schedule_error(aoti_runner(graphs, tmp_path), adapter, profile, seed=23) < 1e-4

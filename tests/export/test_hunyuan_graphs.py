@@ -13,11 +13,10 @@ import torch
 
 from ertacache.contract import CACHED_STEP, FULL_STEP, cached_inputs, step_inputs
 from ertacache.export.graphs import BakeStepGraphs
-from ertacache.export.onnx_target import OnnxFromExportedProgram
-from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
+from ertacache.export.runners import EagerRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
-from tests.export.fixtures import program_runner
+from tests.export.fixtures import aoti_runner, onnx_runner, program_runner
 from tests.integrations.test_hunyuan_pipeline import LATENT, hunyuan_profile
 from tests.models.test_hunyuan_video import GUIDANCE, POOLED_DIM, SEQ, TEXT_DIM, hunyuan_cond, tiny_hunyuan
 
@@ -73,11 +72,7 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(hunyuan_gra
 @pytest.mark.slow  # ONNX export of both graphs
 def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(hunyuan_graphs, tmp_path):
     adapter, profile, graphs = hunyuan_graphs
-    target = OnnxFromExportedProgram()
-    paths = {}
-    for name in (FULL_STEP, CACHED_STEP):
-        paths[name] = target(name, graphs.programs[name], graphs.example_inputs[name], graphs.specs[name], tmp_path).path
-    runner = OnnxRuntimeRunner(paths, graphs.specs)
+    runner, _ = onnx_runner(graphs, tmp_path)
     assert _schedule_error(runner, adapter, profile, seed=22, real=3) < 1e-4
     assert _schedule_error(runner, adapter, profile, seed=23, real=SEQ) < 1e-4
 
@@ -85,10 +80,5 @@ def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(hunyuan_graphs, t
 @pytest.mark.slow
 def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(hunyuan_graphs, tmp_path):
     """AOTInductor packages of the HunyuanVideo graphs (a minute or two of compiling on 2 cores)."""
-    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
-    from ertacache.export.runners import AotiRunner
-
     adapter, profile, graphs = hunyuan_graphs
-    target = AotiPackageFromExportedProgram()
-    runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
-    assert _schedule_error(runner, adapter, profile, seed=24, real=3) < 1e-4
+    assert _schedule_error(aoti_runner(graphs, tmp_path), adapter, profile, seed=24, real=3) < 1e-4

@@ -14,11 +14,10 @@ from ertacache.contract import (CACHED_STEP, FULL_STEP, expert_graph, graph_role
 from ertacache.errors import UserError
 from ertacache.export.graphs import BakeStepGraphs
 from ertacache.export.runners import EagerRunner, relative_l2, run_schedule
-from ertacache.models.adapter import adapter_for
 from ertacache.models.experts import Experts
 from ertacache.sampling import CachedSampler
 from tests.export.fixtures import program_runner
-from tests.models.test_wan22_a14b import GUIDANCE, GUIDANCE_2, _a14b_folder, _calibration_set
+from tests.models.test_wan22_a14b import GUIDANCE, GUIDANCE_2, _calibration_set
 
 LATENT = (4, 2, 4, 6)  # (C, F', H', W') of the calibration set
 STEPS = 12

@@ -11,11 +11,10 @@ import torch
 
 from ertacache.contract import CACHED_STEP, FULL_STEP, step_inputs
 from ertacache.export.graphs import BakeStepGraphs
-from ertacache.export.onnx_target import OnnxFromExportedProgram
-from ertacache.export.runners import EagerRunner, OnnxRuntimeRunner, relative_l2, run_schedule
+from ertacache.export.runners import EagerRunner, relative_l2, run_schedule
 from ertacache.models.adapter import adapter_for
 from ertacache.sampling import CachedSampler
-from tests.export.fixtures import program_runner
+from tests.export.fixtures import aoti_runner, onnx_runner, program_runner
 from tests.models.test_wan_i2v import (C, GUIDANCE, IMAGE_DIM, IMAGE_TOKENS, LATENT, TEXT_DIM, TEXT_LEN, i2v_cond,
                                        i2v_profile, tiny_wan_i2v)
 
@@ -62,10 +61,8 @@ def test_exported_programs_equal_the_eager_sampler_over_the_schedule(i2v_graphs)
 @pytest.mark.slow  # ONNX export of both graphs
 def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(i2v_graphs, tmp_path):
     adapter, profile, graphs = i2v_graphs
-    target = OnnxFromExportedProgram()
-    paths = {n: target(n, graphs.programs[n], graphs.example_inputs[n], graphs.specs[n], tmp_path).path
-             for n in (FULL_STEP, CACHED_STEP)}
-    assert _schedule_error(OnnxRuntimeRunner(paths, graphs.specs), adapter, profile, seed=33) < 1e-4
+    runner, paths = onnx_runner(graphs, tmp_path)
+    assert _schedule_error(runner, adapter, profile, seed=33) < 1e-4
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(paths[FULL_STEP]), load_external_data=False).graph.node}
@@ -74,10 +71,5 @@ def test_onnx_graphs_equal_the_eager_sampler_over_the_schedule(i2v_graphs, tmp_p
 
 @pytest.mark.slow
 def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(i2v_graphs, tmp_path):
-    from ertacache.export.aoti_target import AotiPackageFromExportedProgram
-    from ertacache.export.runners import AotiRunner
-
     adapter, profile, graphs = i2v_graphs
-    target = AotiPackageFromExportedProgram()
-    runner = AotiRunner({n: target(n, graphs.programs[n], tmp_path).path for n in (FULL_STEP, CACHED_STEP)})
-    assert _schedule_error(runner, adapter, profile, seed=34) < 1e-4
+    assert _schedule_error(aoti_runner(graphs, tmp_path), adapter, profile, seed=34) < 1e-4
