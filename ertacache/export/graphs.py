@@ -65,6 +65,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -183,6 +184,10 @@ class BakeStepGraphs:
             raise UserError(f"the profile's predictor {profile.predictor} says history "
                             f"{profile.predictor.get('history')} but its weight table pred_w reads {profile.history} "
                             "residuals; re-profile (the profile is inconsistent)")
+        own = adapter.own_sigmas(profile.steps)  # a table the checkpoint fixes (CogVideoX's scheduler), else None
+        if own is not None and not np.allclose(own, profile.nominal_sigmas, rtol=0, atol=1e-9):
+            raise UserError(f"the profile's nominal sigma table is not this model's ({adapter.family.name}: the "
+                            "checkpoint's scheduler config decides it); re-profile this model")
         # K full steps before the first cached one, of each expert
         validate_mask(profile.mask, profile.steps, profile.history, profile.expert_starts)
 

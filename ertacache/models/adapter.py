@@ -165,6 +165,15 @@ class ModelAdapter:
         """Map block-stack output back to a velocity shaped like the latents."""
         raise NotImplementedError
 
+    def own_sigmas(self, steps: int):
+        """The nominal sigma table the *loaded model* fixes for ``steps`` steps (CogVideoX: its checkpoint's DDIM
+        schedule), or None when the table is a setting of the request (the flow-matching families' shift).
+
+        The export pass compares a profile's nominal table with it: graphs baked from this model must run the
+        table the profile was calibrated on.
+        """
+        return None
+
     def bind_pipeline(self, pipe) -> None:
         """Read what the adapter needs from the diffusers pipeline ``enable_ertacache`` hooks (CogVideoX: its
         scheduler's noise schedule); nothing for most families."""

@@ -219,6 +219,10 @@ class CogVideoXAdapter(ModelAdapter):
                             "call ertacache.models.cogvideox.attach_noise_schedule(transformer, scheduler)")
         return schedule
 
+    def own_sigmas(self, steps: int) -> np.ndarray:
+        """The checkpoint's DDIM timesteps as flow-matching times (T+1,), ending at 0."""
+        return self.noise_schedule.sigmas(steps)
+
     def _knots(self, device) -> torch.Tensor:
         """(N,) float32 s(t) of every training timestep: a constant of the exported graphs."""
         return torch.tensor(self.noise_schedule.timestep_sigmas(), dtype=torch.float32, device=device)

@@ -59,3 +59,14 @@ def test_aoti_packages_equal_the_eager_sampler_over_the_schedule(cogvideox_graph
     """AOTInductor packages of the CogVideoX graphs (a minute or two of compiling on 2 cores)."""
     adapter, profile, graphs = cogvideox_graphs
     assert _schedule_error(aoti_runner(graphs, tmp_path), adapter, profile, seed=24) < 1e-4
+
+
+def test_a_profile_of_another_scheduler_is_refused_before_export():
+    """Graphs bake the timestep map of the loaded checkpoint's scheduler; a profile calibrated on another
+    scheduler's table (here SNR shift 1, the model's is 3) would run mismatched tables."""
+    from ertacache.errors import UserError
+
+    profile = cogvideox_profile(tiny_cogvideox(False, snr_shift_scale=1.0))
+    with pytest.raises(UserError, match="not this model's"):
+        BakeStepGraphs(batch_size=1, dtype=torch.float32, text_shape=(TEXT_LEN, TEXT_DIM))(
+            adapter_for(tiny_cogvideox(False)), profile)
