@@ -265,6 +265,21 @@ class CogVideoXAdapter(ModelAdapter):
         return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
                                        grid_size=(grid_h, grid_w), temporal_size=frames, device=device)
 
+    def _model_coordinates(self, latents: torch.Tensor, timestep: torch.Tensor):
+        """Flow-matching (x (B, C, F, H, W), s) -> the model's (z (B, F, C, H, W), t (B,)), and s (B,) float32."""
+        b = latents.shape[0]
+        sigma = timestep.float().reshape(-1).expand(b)  # (B,)
+        c = fm_scale(sigma).reshape(b, 1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1, 1)
+        t = model_timestep_of(sigma, self._knots(latents.device))  # (B,) the model's DDPM timestep
+        z = (latents.float() * c).to(latents.dtype)  # the DDPM latent the model was trained on
+        return z.transpose(1, 2), t, sigma  # z: (B, C, F, H, W) -> (B, F, C, H, W), the model's layout
+
+    @staticmethod
+    def _velocity(v: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The model's v-prediction (B, C, F, H, W) -> u = eps - x0 = c^2 (2s - 1) x + c v (float32); s (B, 1, 1, 1, 1)."""
+        c = fm_scale(s)
+        return c * c * (2.0 * s - 1.0) * x.float() + c * v.float()
+
     def pre(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> PreOutput:
         """latents: the flow-matching state x (B, C, F, H, W); timestep: its time s (B,) (or one value)."""
         model = self.model
@@ -272,11 +287,7 @@ class CogVideoXAdapter(ModelAdapter):
         b, _, f, h, w = latents.shape
         _, p_h, p_w = self.patch_size
         grid = (b, f, h // p_h, w // p_w)
-        sigma = timestep.float().reshape(-1).expand(b)  # (B,)
-        c = fm_scale(sigma).reshape(b, 1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1, 1)
-        t = model_timestep_of(sigma, self._knots(latents.device))  # (B,) the model's DDPM timestep
-        z = (latents.float() * c).to(latents.dtype)  # the DDPM latent the model was trained on
-        x = z.transpose(1, 2)  # (B, C, F, H, W) -> (B, F, C, H, W), the model's layout
+        x, t, sigma = self._model_coordinates(latents, timestep)  # x: (B, F, C, H, W)
         # the model's own time path: sinusoidal projection, then the MLP (no timestep_cond for text-to-video)
         temb = model.time_embedding(model.time_proj(t).to(x.dtype), None)  # (B, D)
         cfg = model.config
@@ -342,10 +353,19 @@ class CogVideoXAdapter(ModelAdapter):
         out = model.proj_out(model.norm_out(model.norm_final(hidden), temb=pre.head_inputs.temb))  # (B, N, C*ph*pw)
         out = out.reshape(b, f, h, w, -1, p_h, p_w)  # (B, F, H', W', C, ph, pw)
         out = out.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, H', ph, W', pw)
-        v = out.flatten(5, 6).flatten(3, 4).float()  # (B, C, F, H, W): the model's v-prediction
-        s, x = pre.head_inputs.sigma, pre.head_inputs.state
-        c = fm_scale(s)
-        return c * c * (2.0 * s - 1.0) * x + c * v  # u = eps - x0, the flow-matching velocity
+        v = out.flatten(5, 6).flatten(3, 4)  # (B, C, F, H, W): the model's v-prediction
+        return self._velocity(v, pre.head_inputs.state, pre.head_inputs.sigma)  # u, the flow-matching velocity
+
+    def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text) -> torch.Tensor:
+        """The model's own forward as CogVideoXPipeline calls it (the DDPM latent, the timestep, the T5 states and
+        the rotary tables), seen in flow-matching coordinates like ``pre``/``head``: x, s in, u out."""
+        self._check_supported()
+        z, t, sigma = self._model_coordinates(latents, timestep)  # z: (B, F, C, H, W)
+        _, p_h, p_w = self.patch_size
+        rotary = self.rotary(z.shape[1], z.shape[3] // p_h, z.shape[4] // p_w, z.device)
+        v = self.model(hidden_states=z, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary,
+                       return_dict=False)[0].transpose(1, 2)  # (B, F, C, H, W) -> (B, C, F, H, W)
+        return self._velocity(v, latents, sigma.reshape(-1, 1, 1, 1, 1))
 
     def transformer_call(self, *args, **kwargs) -> TransformerCall:
         """CogVideoXPipeline's call under ``enable_ertacache``: the hook's flow-matching scheduler makes the

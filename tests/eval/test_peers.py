@@ -146,3 +146,31 @@ def test_diffusers_peers_hook_hunyuanvideos_two_block_stacks():
     with torch.no_grad():
         plain = PeerPlan(fbcache_peer(0.0), sigmas, 1).sample(adapter, noise, cond, 6.0)  # threshold 0: never reuse
     assert plain.computed.all()
+
+
+def test_diffusers_peers_hook_cogvideox_through_its_own_forward():
+    """CogVideoX's peers run the model's own (DDPM) forward, seen in flow-matching coordinates like the split:
+    with every step computed the peer's sample is the project's uncached sampler's; TaylorSeer computes on its
+    schedule over the joint text + video blocks."""
+    from ertacache.eval.peers import PeerPlan, fbcache_peer, stack_blocks
+    from ertacache.models.adapter import adapter_for
+    from ertacache.sampling import CachedSampler
+    from ertacache.sampling.steps import StepTables
+    from tests.models.test_cogvideox_adapter import LATENT, TEXT_DIM, TEXT_LEN, tiny_cogvideox
+
+    model = tiny_cogvideox(True)
+    adapter = adapter_for(model)
+    names = [n for n, _ in stack_blocks(model)]
+    assert names == ["transformer_blocks.0", "transformer_blocks.1"]
+    sigmas = adapter.own_sigmas(10)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, *LATENT, generator=g)
+    text = torch.randn(2, TEXT_LEN, TEXT_DIM, generator=g)  # cond, uncond
+    out = PeerPlan(taylorseer_peer(names, 1, interval=2, before=1, after=None), sigmas, 2).sample(adapter, noise, text, 6.0)
+    assert out.computed[0].tolist() == [True, False] * 5
+    with torch.no_grad():
+        plain = PeerPlan(fbcache_peer(0.0), sigmas, 2).sample(adapter, noise, text, 6.0)  # threshold 0: never reuse
+        ours = CachedSampler(adapter, StepTables(sigmas, n_branches=2, channels=LATENT[0]), [True] * 10)(
+            noise, text, 6.0).latents
+    assert plain.computed.all()
+    torch.testing.assert_close(plain.latents, ours, rtol=1e-4, atol=1e-4)

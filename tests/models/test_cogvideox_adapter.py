@@ -90,6 +90,8 @@ def test_the_split_equals_the_forward(rotary, frames):
             torch.testing.assert_close(a, b)
     else:
         assert mine is None
+    with torch.no_grad():  # the model's own forward as the pipeline calls it, which the peers' hooks sit on
+        torch.testing.assert_close(adapter.model_forward(latents, timestep, text), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_cached_step_with_the_exact_residual_gives_the_full_output():
