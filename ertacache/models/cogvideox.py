@@ -133,10 +133,7 @@ class VPNoiseSchedule:
     def timesteps(self, steps: int) -> np.ndarray:
         """The DDIM timesteps (T,) of ``trailing`` spacing; refuses a T whose DDIM step would skip them."""
         n = self.num_train_timesteps
-        if steps < 1 or n % steps:
-            ok = [k for k in range(10, 101) if n % k == 0]
-            raise UserError(f"CogVideoX's DDIM steps from t to t - {n} // T, which is the next timestep only when T "
-                            f"divides {n}; {steps} steps does not. Use one of {ok}")
+        SigmaSchedule(kind=VP, num_train_timesteps=n).check_steps(steps)
         return np.arange(n, 0, -n // steps, dtype=np.int64) - 1
 
     def sigmas(self, steps: int) -> np.ndarray:

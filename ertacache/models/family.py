@@ -241,6 +241,18 @@ class SigmaSchedule:
             if not all(map(math.isfinite, (self.base_shift, self.max_shift))):
                 raise ValueError("base_shift and max_shift must be finite")
 
+    def check_steps(self, steps: int) -> None:
+        """Refuse, before any model loads, a step count this schedule cannot sample.
+
+        ``vp`` (DDIM): a step goes from t to t - N // T, which is the next of the T timesteps only when T
+        divides the N training timesteps; any other T would feed the model timesteps its latents are not at.
+        """
+        n = self.num_train_timesteps
+        if self.kind == VP and (steps < 1 or n % steps):
+            ok = [k for k in range(10, 101) if n % k == 0]
+            raise UserError(f"DDIM steps from t to t - {n} // T, which is the next timestep only when T divides {n}; "
+                            f"{steps} steps does not. Use one of {ok} (--steps)")
+
     @property
     def uses_shift(self) -> bool:
         """Whether the ``shift`` setting changes the table (static, ramp) or is ignored (dynamic)."""

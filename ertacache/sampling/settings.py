@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ertacache.errors import UserError
-from ertacache.models.family import CFG, check_guidance, family_named, guidance_branches
+from ertacache.models.family import CFG, VP, check_guidance, family_named, guidance_branches
 from ertacache.models.recipes import Recipe
 
 
@@ -81,7 +81,11 @@ class SampleSettings:
             raise UserError(f"--guidance-scale-2 is the second expert's CFG scale; {recipe.model} has one transformer")
         if overrides.get("guidance_scale") is not None:
             check_guidance(values["guidance"], float(overrides["guidance_scale"]), recipe.model)  # names the model
+        if family.sigma_schedule.kind == VP and overrides.get("shift") not in (None, d.shift):
+            raise UserError(f"{recipe.model}'s shift is its checkpoint scheduler's snr_shift_scale ({d.shift:g}), "
+                            "which the model was trained with; drop --shift")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        family.sigma_schedule.check_steps(values["steps"])  # before any model loads
         return cls(**values)  # validated once, with the overrides in place
 
 

@@ -56,7 +56,7 @@ def test_unsupported_scheduler_configs_and_step_counts_are_refused():
         VPNoiseSchedule.from_config(dict(ddim(3.0, prediction_type="epsilon").config))
     with pytest.raises(UserError, match="timestep_spacing"):
         VPNoiseSchedule.from_config(dict(ddim(3.0, timestep_spacing="linspace").config))
-    with pytest.raises(UserError, match=r"30 steps does not\. Use one of \[10, 20, 25, 40, 50, 100\]"):
+    with pytest.raises(UserError, match="30 steps does not"):
         VPNoiseSchedule().sigmas(30)
     with pytest.raises(UserError, match="snr_shift_scale"):
         VPNoiseSchedule().check_shift(5.0)

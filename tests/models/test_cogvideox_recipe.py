@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ertacache.errors import ModelNotFoundError, UserError
+from ertacache.models.cogvideox import VPNoiseSchedule, attach_noise_schedule
 from ertacache.models.loading import load_bundle
 from ertacache.models.recipes import load_recipe
 from ertacache.sampling.settings import SampleSettings
@@ -71,14 +72,19 @@ def test_the_real_id_loads_a_diffusers_folder_and_equals_the_pipeline(cogvideox_
     torch.testing.assert_close(result.latents, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_a_shift_other_than_the_checkpoints_and_a_step_count_ddim_cannot_take_are_refused(cogvideox_folder):
+def test_a_foreign_shift_and_a_step_count_ddim_cannot_take_are_refused_before_loading(cogvideox_folder):
     from ertacache.sampling.sigmas import request_sigmas
 
-    bundle = load_bundle("cogvideox", cogvideox_folder, dtype="fp32")
+    recipe = load_recipe("cogvideox")
     with pytest.raises(UserError, match="snr_shift_scale"):
-        request_sigmas(bundle, SampleSettings.from_recipe(bundle.recipe, shift=5.0, **SIZE))
-    with pytest.raises(UserError, match="30 steps does not"):
-        request_sigmas(bundle, SampleSettings.from_recipe(bundle.recipe, **{**SIZE, "steps": 30}))
+        SampleSettings.from_recipe(recipe, shift=5.0, **SIZE)
+    with pytest.raises(UserError, match=r"30 steps does not\. Use one of \[10, 20, 25, 40, 50, 100\]"):
+        SampleSettings.from_recipe(recipe, **{**SIZE, "steps": 30})
+    # a 5B checkpoint (SNR shift 1) loaded under the 2B id (shift 3): the table would not be the model's
+    bundle = load_bundle("cogvideox", cogvideox_folder, dtype="fp32")
+    attach_noise_schedule(bundle.transformer, VPNoiseSchedule(snr_shift_scale=1.0))
+    with pytest.raises(UserError, match="snr_shift_scale \\(1 in this checkpoint\\)"):
+        request_sigmas(bundle, SampleSettings.from_recipe(bundle.recipe, **SIZE))
 
 
 def test_a_scheduler_config_sampled_differently_is_refused_at_load(cogvideox_folder, tmp_path):
