@@ -175,7 +175,13 @@ def _main(argv: list[str] | None) -> int:
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     config = build_config(args, bundle)
     for s in config.speedups:
-        full_step_budget(settings.steps, s)  # refuse an impossible speedup before any compute
+        budget = full_step_budget(settings.steps, s)  # refuse an impossible speedup before any compute
+        if "fewer-steps" in config.methods:
+            try:  # a schedule that takes only some step counts (CogVideoX's DDIM) cannot run every fewer-steps row
+                bundle.family.sigma_schedule.check_steps(budget)
+            except UserError as e:
+                raise UserError(f"the fewer-steps row at {s:g}x samples {budget} steps, which {args.model} cannot: "
+                                f"{e}. Choose other --speedups or drop fewer-steps from --methods") from None
     command = " ".join(["ertacache-eval"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     return _evaluate(args, bundle, settings, config, studies, start, command)
 

@@ -111,3 +111,17 @@ def test_the_recipes_hold_the_released_settings():
         settings = SampleSettings.from_recipe(load_recipe(model))
         assert (settings.height, settings.width, settings.frames, settings.steps) == (480, 720, 49, 50)
         assert (settings.shift, settings.guidance_scale, settings.guidance) == (shift, 6.0, "cfg")
+
+
+def test_eval_refuses_a_fewer_steps_row_ddim_cannot_sample_before_any_compute(cogvideox_folder, tmp_path, capsys):
+    """10 steps at 3x is a 3-step fewer-steps row: refused by name before the uncached reference runs."""
+    from ertacache.cli import eval as eval_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat walks\na dog runs\n")
+    rc = eval_cli.main(["--model", "cogvideox", "--model-path", str(cogvideox_folder), "--steps", "10",
+                        "--speedups", "2,3", "--height", "32", "--width", "32", "--frames", "9", "--methods",
+                        "fewer-steps", "--seeds", "1000-1001", "--prompts", str(prompts), "--calibration-prompts",
+                        str(prompts), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "the fewer-steps row at 3x samples 3 steps" in err and "Traceback" not in err
