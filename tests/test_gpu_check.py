@@ -58,7 +58,7 @@ def test_dry_run_writes_every_section(dry_run):
     prec = sections["precision"]
     assert prec["bf16_finite"] and prec["fp32_finite"] and 0 < prec["rel_l2_bf16_vs_fp32"] < 0.1
     families = {k: v for k, v in sections["families"].items() if isinstance(v, dict)}
-    assert set(families) == {"hunyuanvideo", "wan-i2v", "flux"}
+    assert set(families) == {"hunyuanvideo", "wan-i2v", "flux", "cogvideox"}
     assert all(r["eager_graphs_rel_l2"] < 1e-3 for r in families.values())  # the dry run compiles no AOTI
     assert families["wan-i2v"]["inputs"] == ["text_embeds", "image_embeds", "image_latents"]
     md = (out / "gpu_check.md").read_text()

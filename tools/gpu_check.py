@@ -328,7 +328,19 @@ def section_precision(s: Setup) -> dict:
 #: one small random model per family beyond Wan T2V, at the real checkpoints' head size (the step graphs'
 #: structure, not their cost, is what this checks): (name, builder, latent shape, conditioning shapes)
 def _family_models(dry: bool):
-    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel,
+                           WanTransformer3DModel)
+
+    from ertacache.models.cogvideox import VPNoiseSchedule, attach_noise_schedule
+
+    def cogvideox():
+        """CogVideoX-5B-style (rotary), with 5B's DDIM schedule attached (the loader reads it from the folder)."""
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=head, in_channels=16, out_channels=16, time_embed_dim=32,
+            text_embed_dim=text, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+            max_text_seq_length=32, use_rotary_positional_embeddings=True)
+        attach_noise_schedule(model, VPNoiseSchedule(snr_shift_scale=1.0))
+        return model
 
     head = 16 if dry else 128
     rope = (2, 6, 8) if dry else (16, 56, 56)
@@ -351,6 +363,7 @@ def _family_models(dry: bool):
             num_attention_heads=2, joint_attention_dim=text, pooled_projection_dim=32 if dry else 768,
             guidance_embeds=True, axes_dims_rope=rope), (16, 32, 32),
          {"prompt_embeds": (32, text), "pooled_prompt_embeds": (32 if dry else 768,)}),
+        ("cogvideox", cogvideox, (16, 3, 16, 16), {"text_embeds": (32, text)}),
     ]
 
 
@@ -376,7 +389,8 @@ def section_families(s: Setup, work: Path) -> dict:
         guided = family.guidance != "cfg"
         nb = 1 if guided else 2
         seq = latent[-1] * latent[-2] // 4
-        nominal = family.sigmas(steps, shift=3.0, seq_len=seq)
+        own = adapter.own_sigmas(steps)  # a table the checkpoint fixes (CogVideoX's DDIM), else the family's
+        nominal = own if own is not None else family.sigmas(steps, shift=3.0, seq_len=seq)
         c = latent[0]
         profile = Profile(f"{name}-random", fingerprint_module(model), steps, 3.0, 8 * latent[-2], 8 * latent[-1],
                           4 * (latent[1] - 1) + 1 if len(latent) == 4 else None, list(latent), 4.0, nb, 0.0,
@@ -394,6 +408,8 @@ def section_families(s: Setup, work: Path) -> dict:
                 value = (torch.arange(shape[-1]) < shape[-1] // 2).float().expand(shape)  # half the tokens real
             cond[spec.name] = value.to(s.device, s.dtype)
         flat = tuple(cond[n] for n in family.input_names)
+        if len(flat) == 1:
+            cond = flat[0]  # a one-input family (CogVideoX) takes its one tensor, not a mapping
         with torch.no_grad():
             ref = CachedSampler(adapter, profile.tables(), mask)(noise, cond, 4.0).latents
             row = {"class": type(model).__name__, "inputs": list(family.input_names),
