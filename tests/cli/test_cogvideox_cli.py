@@ -8,12 +8,10 @@ is baked into the graphs (tests/export/test_cogvideox_graphs.py covers a time-ad
 """
 
 import pytest
-import torch
 
-from ertacache.cli import export as export_cli
-from ertacache.cli import profile as profile_cli
 from ertacache.cli import run as run_cli
 from ertacache.cli import verify as verify_cli
+from tests.cli.family_cli import export_error_vs_eager, profile_and_export
 
 pytestmark = pytest.mark.slow  # profile + ONNX export + run + verify: ~40 s on 2 cores
 
@@ -28,37 +26,23 @@ def cogvideox_export(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cogvideox-cli")
     folder = write_cogvideox_folder(root / "folder")
-    model = ["--model", "cogvideox", "--model-path", str(folder), "--dtype", "fp32", "--quiet"]
     prompts = root / "prompts.txt"
     prompts.write_text("a red cat walks on the grass\na dog runs\n")
-    assert profile_cli.main([*model, *SIZE, "--prompts", str(prompts), "--out", str(root / "profile.json")]) == 0
-    assert export_cli.main([*model, "--profile", str(root / "profile.json"), "--engines", str(root / "out"),
-                            "--targets", "onnx", "--timing-repeats", "0"]) == 0
+    profile_and_export("cogvideox", folder, root, SIZE, "--prompts", str(prompts))
     return root, folder
 
 
 def test_the_export_folder_samples_a_prompt_like_the_eager_sampler(cogvideox_export):
     from ertacache.contract import load_manifest
-    from ertacache.export.runners import relative_l2
-    from ertacache.models.loading import load_bundle
+    from ertacache.models.cogvideox import VPNoiseSchedule
     from ertacache.profile.artifact import load_profile
-    from ertacache.runtime import Runtime
-    from ertacache.runtime.inputs import noise_for
-    from ertacache.sampling import CachedSampler
 
     root, folder = cogvideox_export
     manifest = load_manifest(root / "out")
     assert manifest.conditioning == ("text_embeds",) and manifest.model.id == "cogvideox"
-    bundle = load_bundle("cogvideox", folder, dtype="fp32")
     profile = load_profile(root / "profile.json")
-    assert not all(profile.mask) and list(profile.nominal_sigmas) == list(bundle.adapter.noise_schedule.sigmas(10))
-    cond = bundle.encode([PROMPT], "", profile.n_branches)
-    with Runtime(root / "out", "onnxruntime") as rt:
-        noise = noise_for(rt.manifest, 5)
-        got = rt.sample(noise, cond).clone()
-    with torch.no_grad():
-        ref = CachedSampler(bundle.adapter, profile.tables(), profile.mask)(noise, cond, profile.guidance_scale).latents
-    assert relative_l2(got, ref) < 1e-4
+    assert not all(profile.mask) and list(profile.nominal_sigmas) == list(VPNoiseSchedule().sigmas(10))
+    assert export_error_vs_eager("cogvideox", folder, root, PROMPT) < 1e-4
 
 
 def test_run_verify_and_triton_take_the_folder(cogvideox_export, tmp_path, capsys):

@@ -6,11 +6,9 @@ ONNX Runtime sample from a prompt must equal the eager cached sampler on the sam
 """
 
 import pytest
-import torch
 
-from ertacache.cli import export as export_cli
-from ertacache.cli import profile as profile_cli
 from ertacache.cli import run as run_cli
+from tests.cli.family_cli import export_error_vs_eager, profile_and_export
 
 pytestmark = pytest.mark.slow  # profile + ONNX export + run: ~20 s on 2 cores
 
@@ -23,34 +21,16 @@ def hunyuan_export(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hunyuan-cli")
     folder = write_hunyuan_folder(root / "folder")
-    model = ["--model", "hunyuanvideo", "--model-path", str(folder), "--dtype", "fp32", "--quiet"]
-    assert profile_cli.main([*model, *SIZE, "--out", str(root / "profile.json")]) == 0
-    assert export_cli.main([*model, "--profile", str(root / "profile.json"), "--engines", str(root / "out"),
-                            "--targets", "onnx", "--timing-repeats", "0"]) == 0
+    profile_and_export("hunyuanvideo", folder, root, SIZE)
     return root, folder
 
 
 def test_the_export_folder_samples_a_prompt_like_the_eager_sampler(hunyuan_export):
     from ertacache.contract import load_manifest
-    from ertacache.export.runners import relative_l2
-    from ertacache.models.loading import load_bundle
-    from ertacache.profile.artifact import load_profile
-    from ertacache.runtime import Runtime
-    from ertacache.runtime.inputs import noise_for
-    from ertacache.sampling import CachedSampler
 
     root, folder = hunyuan_export
-    manifest = load_manifest(root / "out")
-    assert manifest.conditioning == ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
-    bundle = load_bundle("hunyuanvideo", folder, dtype="fp32")
-    profile = load_profile(root / "profile.json")
-    cond = bundle.encode(["a red cat walks on the grass"], "", 1)
-    with Runtime(root / "out", "onnxruntime") as rt:
-        noise = noise_for(rt.manifest, 5)
-        got = rt.sample(noise, cond).clone()
-    with torch.no_grad():
-        ref = CachedSampler(bundle.adapter, profile.tables(), profile.mask)(noise, cond, profile.guidance_scale).latents
-    assert relative_l2(got, ref) < 1e-4
+    assert load_manifest(root / "out").conditioning == ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+    assert export_error_vs_eager("hunyuanvideo", folder, root, "a red cat walks on the grass") < 1e-4
 
 
 def test_run_from_a_prompt_writes_a_video_and_triton_takes_the_folder(hunyuan_export, tmp_path, capsys):
