@@ -362,7 +362,7 @@ class CogVideoXAdapter(ModelAdapter):
         rotary = self.rotary(z.shape[1], z.shape[3] // p_h, z.shape[4] // p_w, z.device)
         v = self.model(hidden_states=z, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary,
                        return_dict=False)[0].transpose(1, 2)  # (B, F, C, H, W) -> (B, C, F, H, W)
-        return self._velocity(v, latents, sigma.reshape(-1, 1, 1, 1, 1))
+        return self._velocity(v, latents, sigma.reshape(-1, 1, 1, 1, 1))  # s: (B,) -> (B, 1, 1, 1, 1)
 
     def transformer_call(self, *args, **kwargs) -> TransformerCall:
         """CogVideoXPipeline's call under ``enable_ertacache``: the hook's flow-matching scheduler makes the
