@@ -48,6 +48,7 @@ with diffusers' own ``get_3d_rotary_pos_embed`` (CogVideoX 1.0 layout; 1.5's tem
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,10 +126,19 @@ class VPNoiseSchedule:
         return ab
 
     def timestep_sigmas(self) -> np.ndarray:
-        """(N,) the flow-matching time s(t) = b / (a + b) of every training timestep t, increasing in t."""
+        """(N,) the flow-matching time s(t) = b / (a + b) of every training timestep t, increasing in t.
+
+        Computed once per schedule (read-only): the adapter reads it on every step for the timestep map.
+        """
+        return self._timestep_sigmas
+
+    @functools.cached_property
+    def _timestep_sigmas(self) -> np.ndarray:
         ab = self.alphas_cumprod()
         a, b = np.sqrt(ab), np.sqrt(1.0 - ab)
-        return b / (a + b)
+        table = b / (a + b)
+        table.setflags(write=False)
+        return table
 
     def timesteps(self, steps: int) -> np.ndarray:
         """The DDIM timesteps (T,) of ``trailing`` spacing; refuses a T whose DDIM step would skip them."""
@@ -309,10 +319,10 @@ class CogVideoXAdapter(ModelAdapter):
         pe = self.model.patch_embed
         b, f, c, h, w = x.shape  # (B, F, C, H, W)
         frames = (f - 1) * pe.temporal_compression_ratio + 1  # the table is keyed by pixel-space frames
-        if not pe.use_positional_embeddings or (pe.sample_height, pe.sample_width, pe.sample_frames) == (h, w, frames):
+        # no sincos table, the sample size, or a learned table (fixed to the sample size; the module refuses another)
+        if not pe.use_positional_embeddings or pe.use_learned_positional_embeddings \
+                or (pe.sample_height, pe.sample_width, pe.sample_frames) == (h, w, frames):
             return pe(words, x)
-        if pe.use_learned_positional_embeddings:
-            return pe(words, x)  # learned tables are fixed to the sample size; the module refuses another
         from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
         text = pe.text_proj(words)  # (B, L, D)

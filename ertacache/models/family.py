@@ -216,8 +216,8 @@ class SigmaSchedule:
 
     ``vp``: a variance-preserving DDPM model sampled with DDIM (CogVideoX), run as flow-matching Euler
     in its flow-matching time (:mod:`ertacache.models.cogvideox`). Its table depends on the checkpoint's
-    scheduler config, so the loaded model's adapter makes it (``adapter.noise_schedule.sigmas``), not
-    this object; :meth:`table` refuses.
+    scheduler config, so the loaded model's adapter makes it (``adapter.own_sigmas``), not this object;
+    :meth:`table` refuses.
 
     Every table has ``steps + 1`` float64 entries ending exactly at 0.
     """
@@ -270,7 +270,7 @@ class SigmaSchedule:
         n = self.num_train_timesteps
         if self.kind == VP:
             raise ValueError("a 'vp' sigma table comes from the checkpoint's scheduler: ask the loaded model's "
-                             "adapter (adapter.noise_schedule.sigmas(steps)), as request_sigmas does")
+                             "adapter (adapter.own_sigmas(steps)), as request_sigmas does")
         if self.kind == STATIC:
             if shift is None or not shift > 0:
                 raise UserError(f"shift must be > 0, got {shift}")

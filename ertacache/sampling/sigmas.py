@@ -42,8 +42,9 @@ def request_sigmas(bundle, settings, steps: int | None = None) -> np.ndarray:
         schedule = replace(schedule, kind=override)
     steps = settings.steps if steps is None else steps
     if schedule.kind == VP:  # CogVideoX: the table is the checkpoint scheduler's, which the adapter holds
-        bundle.adapter.noise_schedule.check_shift(settings.shift)
-        return bundle.adapter.own_sigmas(steps)
+        adapter = bundle.adapter
+        adapter.noise_schedule.check_shift(settings.shift)
+        return adapter.own_sigmas(steps)
     seq_len = None if schedule.uses_shift else bundle.layout.tokens(settings.height, settings.width, settings.frames)
     return schedule.table(steps, settings.shift, seq_len)
 
