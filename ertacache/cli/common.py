@@ -118,6 +118,11 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
     parser.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default=DEFAULT_PHI_RULE,
                         help="step scale phi: the paper's ratio, or the least-squares scale of the update; auto = "
                              "paper with --predictor reuse (the paper's method), lsq otherwise")
+    parser.add_argument("--schedule-weight", choices=["auto", "none", "dt", "dt-late"], default="auto",
+                        help="what the mask rule compares with lambda: each step's calibration error as it is (none, the "
+                             "paper's), times the step's length over the mean (dt), or times it only where it is above "
+                             "the mean (dt-late: the long late steps weigh more); auto = none with --predictor reuse (the "
+                             "paper's method), dt-late otherwise; see docs/predictor.md (default: auto)")
     parser.add_argument("--no-time-adjust", action="store_true", help="ablation: keep the nominal sigma table")
     parser.add_argument("--no-rectify", action="store_true", help="ablation: no velocity correction")
 
@@ -136,6 +141,7 @@ def calibration_config(args, lam: float | None, speedup: float | None, batch_siz
         warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor,
         phi_rule=getattr(args, "phi_rule", DEFAULT_PHI_RULE), time_adjust=not getattr(args, "no_time_adjust", False),
         rectify=not getattr(args, "no_rectify", False), batch_size=batch_size,
+        schedule_weight=getattr(args, "schedule_weight", "auto"),
     )
 
 

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
                    help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
                         "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")
+    p.add_argument("--schedule-weight", choices=["auto", "none", "dt", "dt-late"], default="auto",
+                   help="ERTACache's mask rule: each step's calibration error as it is (none), times the step's "
+                        "length over the mean (dt), or only where that is above 1 (dt-late); auto = none for the "
+                        "reuse methods (erta-{loop}-{stage}), dt-late for the predictor ones; docs/predictor.md")
     p.add_argument("--studies", default="",
                    help=f"comma list of {', '.join(STUDIES)} (default: none)")
     p.add_argument("--study-method", default="erta-t2-closed-full",
@@ -135,6 +139,7 @@ def build_config(args, bundle):
         calibration_batch_size=bundle.recipe.defaults.calibration_batch_size,
         warmup_steps=args.warmup_steps,
         phi_rule=args.phi_rule,
+        schedule_weight=args.schedule_weight,
     )
 
 

@@ -182,6 +182,7 @@ class EvalConfig:
     calibration_batch_size: int = 16
     warmup_steps: int = 1
     phi_rule: str = "auto"  # "auto": the paper's for the reuse methods, least squares for the predictors
+    schedule_weight: str = "auto"  # CalibrationConfig.schedule_weight of every ERTACache method ("auto": per predictor)
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
     peers: PeerConfig = field(default_factory=PeerConfig)
 

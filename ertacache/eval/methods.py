@@ -82,6 +82,7 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
                              warmup_steps=max(ctx.config.warmup_steps, predictor.history), time_adjust=time_adjust,
                              rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,
+                             schedule_weight=ctx.config.schedule_weight,
                              batch_size=ctx.config.calibration_batch_size)
 
 

@@ -47,6 +47,7 @@ from ertacache.profile.schedule import (
     fill_budget,
     forced_full,
     mask_from_error_matrix,
+    step_weights,
     solve_lambda,
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
@@ -307,20 +308,23 @@ class ResidualBank:
             self._memo[key] = total / self.prompts
         return self._memo[key]
 
-    def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False) -> float:
+    def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False,
+                     weights: np.ndarray | None = None) -> float:
         """Lambda whose greedy mask comes closest to ``target`` full steps from below (no model call)."""
-        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive)[0]), lam), target)[0]
+        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive, weights)[0]), lam), target)[0]
 
-    def walk(self, lam: float, history: int, forced: np.ndarray,
-             adaptive: bool = False) -> tuple[tuple[bool, ...], np.ndarray]:
-        """The greedy mask for ``lam`` (cache while the prediction error is below it) and each step's error."""
+    def walk(self, lam: float, history: int, forced: np.ndarray, adaptive: bool = False,
+             weights: np.ndarray | None = None) -> tuple[tuple[bool, ...], np.ndarray]:
+        """The greedy mask for ``lam`` (cache while the prediction error, times the step's weight, is below
+        it) and each step's weighted error (``weights``: :func:`~ertacache.profile.schedule.step_weights`)."""
+        weights = np.ones(self.steps) if weights is None else weights
         mask, positions, errs = [], [], np.zeros(self.steps)
         for i in range(self.steps):
             if i in self.starts:
                 positions = []  # a residual never crosses the expert switch
             full = bool(forced[i]) or len(positions) < history
             if not full:
-                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive)
+                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive) * weights[i]
                 full = not errs[i] < lam
             mask.append(full)
             if full:
@@ -454,6 +458,7 @@ def cached_pass(
         mask = validate_mask(mask, steps, history, cal.experts.starts)
     forced = cal.forced(config)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
+    weights = step_weights(nominal, config.schedule_weight)  # (T,) on the error the rule compares with lambda
     device = cal.device
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     traj = _Trajectories(cal, config.batch_size)
@@ -526,7 +531,7 @@ def cached_pass(
         if mask is not None:
             full = bool(mask[i]) or bool(forced[i])
         else:
-            full = not may_cache or not res_err < lam
+            full = not may_cache or not res_err * weights[i] < lam
         out_mask.append(full)
         if max_full is not None and sum(out_mask) + int(forced[i + 1:].sum()) > max_full:
             traj.store.clear()
@@ -645,9 +650,10 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     """
     bank = residual_bank(cal, config, progress)
     forced = cal.forced(config)
-    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive")
+    weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive", weights)
     probe = cached_pass(cal, config, lam=lam, progress=progress)
-    mask = fit_to_budget(probe.mask, probe.prediction_error, target, forced)
+    mask = fit_to_budget(probe.mask, probe.prediction_error * weights, target, forced)
     log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
     result = cached_pass(cal, config, mask=mask, progress=progress)
     return CalibrationOutcome(lam=lam, result=result, error_matrix=None)
@@ -705,8 +711,10 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         bank = residual_bank(cal, config, progress)
         forced = cal.forced(config)
         adaptive = config.predictor.kind == "adaptive"
-        lam = config.lam if target is None else bank.solve_lambda(target, config.predictor.history, forced, adaptive)
-        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive)
+        weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+        lam = (config.lam if target is None
+               else bank.solve_lambda(target, config.predictor.history, forced, adaptive, weights))
+        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive, weights)
         if target is not None:
             mask = fill_budget(mask, step_err, target)
         log(f"open-loop predictor mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")
@@ -719,8 +727,10 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         elif errors.shape != (steps, steps):
             raise ValueError(f"errors must be ({steps}, {steps}) for {steps} steps, got {errors.shape}")
 
+        weighted = errors * step_weights(cal.nominal_sigmas, config.schedule_weight)[None, :]  # (T, T): column i is step i
+
         def open_probe(lam):
-            m = mask_from_error_matrix(errors, lam, config.warmup_steps, config.final_steps, cal.forced(config))
+            m = mask_from_error_matrix(weighted, lam, config.warmup_steps, config.final_steps, cal.forced(config))
             return sum(m), m
 
         if target is None:
@@ -732,7 +742,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
             last, step_err = 0, np.zeros(steps)
             for i, full in enumerate(mask):
                 last = i if full else last
-                step_err[i] = errors[last, i]
+                step_err[i] = weighted[last, i]
             mask = fill_budget(mask, step_err, target)
         log(f"open-loop mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")
         result = cached_pass(cal, config, mask=mask, progress=progress)
@@ -756,7 +766,8 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
     lam, n_full, result = solve_lambda(closed_probe, target, lam_hi=lam_hi)
     bar.close()
     if n_full < target:  # lambda jumped past the budget: refit along the filled mask
-        mask = fill_budget(result.mask, result.residual_error, target)
+        mask = fill_budget(result.mask, result.residual_error * step_weights(cal.nominal_sigmas, config.schedule_weight),
+                           target)
         result = cached_pass(cal, config, mask=mask, progress=progress)
     log(f"closed-loop mask: lambda={lam:.5g}, {result.full_steps}/{steps} full steps")
     return CalibrationOutcome(lam=lam, result=result, error_matrix=None)

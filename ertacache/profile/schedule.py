@@ -15,6 +15,35 @@ import numpy as np
 from ertacache.errors import UserError
 
 
+#: what the mask rule compares with lambda, per step (``CalibrationConfig.schedule_weight``)
+SCHEDULE_WEIGHTS: tuple[str, ...] = ("none", "dt", "dt-late")
+
+
+def step_weights(sigmas, rule: str) -> np.ndarray:
+    """(T,) factor on each step's calibration error before the mask rule compares it with lambda.
+
+    Why weigh at all: an error e in the velocity of step i moves the latent by dt_i * e, and a
+    flow-matching table with shift > 1 has steps of very different lengths (Wan's shift 3 over 50
+    steps: the steps near the end are about 8x the first, 3x the mean). The relative residual error the
+    paper's rule uses ignores that, so it spends as much of the budget on the short early steps as
+    on the long late ones, whose errors land in the output with nothing after them to absorb them.
+
+    "none": ones (the paper's rule).
+    "dt": dt_i / mean dt. Cheap early steps get cached more; measured, that can cost the tail: an
+        early error can move where a sample ends up (docs/predictor.md).
+    "dt-late": max(1, dt_i / mean dt): the long late steps weigh more, no step weighs less than in
+        the paper's rule.
+    """
+    if rule not in SCHEDULE_WEIGHTS:
+        raise UserError(f"unknown schedule weight {rule!r}; choose one of {', '.join(SCHEDULE_WEIGHTS)}")
+    sig = np.asarray(sigmas, dtype=np.float64)  # (T + 1,) the nominal table, sigma_T = 0 included
+    if rule == "none":
+        return np.ones(len(sig) - 1)
+    dt = np.abs(np.diff(sig))  # (T,)
+    w = dt / dt.mean()
+    return np.maximum(w, 1.0) if rule == "dt-late" else w
+
+
 def forced_full(steps: int, warmup_steps: int, final_steps: int) -> np.ndarray:
     """(T,) bool: the leading and trailing steps that compute whatever lambda says."""
     forced = np.zeros(steps, dtype=bool)

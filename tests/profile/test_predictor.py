@@ -143,6 +143,20 @@ def test_a_predictor_profile_meets_the_budget_and_reports_its_cost(cal, loop):
     assert again.uncached_passes == pytest.approx(out.uncached_passes) and again.result.mask == out.result.mask
 
 
+@pytest.mark.parametrize("loop, kind, order", [("open", "taylor", 1), ("closed", "taylor", 1), ("open", "reuse", 0),
+                                               ("closed", "reuse", 0)])
+def test_a_weighted_schedule_meets_the_budget_at_the_same_cost_and_is_recorded(cal, loop, kind, order):
+    base = dict(speedup=2.0, loop=loop, predictor=PredictorConfig(kind, order), batch_size=2)
+    plain = calibrate(cal, CalibrationConfig(**base, schedule_weight="none"), progress=False, log=lambda s: None)
+    config = CalibrationConfig(**base, schedule_weight="dt")
+    out = calibrate(cal, config, progress=False, log=lambda s: None)
+    assert out.result.full_steps == STEPS // 2
+    if not (kind == "reuse" and loop == "closed"):  # the paper's closed loop bisects: its probe count varies
+        assert out.uncached_passes == pytest.approx(plain.uncached_passes)
+    assert out.result.mask != plain.result.mask  # the 12-step shift-3 table's last step is ~4x its first
+    assert config.to_dict()["schedule_weight"] == "dt"
+
+
 def test_fit_to_budget_trims_the_least_erring_full_steps_and_fills_the_worst_cached_ones():
     from ertacache.profile.calibrate import fit_to_budget
     from ertacache.profile.schedule import forced_full

@@ -3,7 +3,8 @@ import pytest
 
 from ertacache.errors import UserError
 from ertacache.profile.config import CalibrationConfig
-from ertacache.profile.schedule import fill_budget, mask_from_error_matrix, mask_summary, solve_lambda
+from ertacache.profile.schedule import fill_budget, mask_from_error_matrix, mask_summary, solve_lambda, step_weights
+from ertacache.sampling import nominal_sigmas
 
 
 def drift_errors(steps, rate=0.05):
@@ -58,6 +59,7 @@ def test_fill_budget_picks_the_largest_errors():
         (dict(lam=0.1, speedup=2.0), "exactly one"),
         (dict(lam=0.1, warmup_steps=0), "first and last"),
         (dict(lam=0.1, loop="sideways"), "open' or 'closed"),
+        (dict(lam=0.1, schedule_weight="sigma"), "schedule-weight must be one of none, dt, dt-late"),
     ],
 )
 def test_bad_config_names_the_fix(kwargs, match):
@@ -71,3 +73,44 @@ def test_speedup_above_what_the_steps_allow_is_refused():
         CalibrationConfig(speedup=9.0).target_full_steps(10)
     assert CalibrationConfig(speedup=5.0).target_full_steps(10) == 2
     assert CalibrationConfig(speedup=6.0).target_full_steps(10) == 2  # round(1.67): the nearest budget
+
+
+def test_the_schedule_weight_defaults_to_the_papers_rule_for_reuse_and_dt_late_for_a_predictor():
+    from ertacache.profile.predictor import PredictorConfig
+
+    assert CalibrationConfig(speedup=2.0).schedule_weight == "none"  # the default predictor here is reuse
+    assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2)).schedule_weight == "dt-late"
+    assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2),
+                             schedule_weight="none").schedule_weight == "none"
+
+
+def test_step_weights_follow_the_step_lengths_of_the_table():
+    sig = nominal_sigmas(50, 3.0)  # (51,) shift 3: the last steps are the longest
+    dt = np.abs(np.diff(sig))
+    assert np.array_equal(step_weights(sig, "none"), np.ones(50))
+    w = step_weights(sig, "dt")
+    assert w.mean() == pytest.approx(1.0) and np.allclose(w, dt / dt.mean())
+    assert w[45:49].min() > 2.0 and w[:5].max() < 0.4  # shift 3 over 50 steps: late steps ~8x the first ones
+    late = step_weights(sig, "dt-late")
+    assert np.all(late >= 1.0) and np.allclose(late[w > 1], w[w > 1]) and np.all(late[w <= 1] == 1.0)
+    with pytest.raises(UserError, match="unknown schedule weight"):
+        step_weights(sig, "sigma")
+
+
+def test_weighting_the_error_moves_full_steps_to_the_long_steps_at_the_same_budget():
+    steps = 50
+    weights = step_weights(nominal_sigmas(steps, 3.0), "dt")
+    errors = drift_errors(steps, rate=0.013)
+
+    def masks(errs):
+        def probe(lam):
+            m = mask_from_error_matrix(errs, lam, 1, 1)
+            return sum(m), m
+
+        _, _, m = solve_lambda(probe, 25)
+        return m
+
+    plain, weighted = masks(errors), masks(errors * weights[None, :])
+    assert sum(weighted) <= 25 and sum(plain) <= 25
+    late = slice(35, 50)  # the long steps
+    assert sum(weighted[late]) > sum(plain[late]) and sum(weighted[:15]) < sum(plain[:15])
