@@ -119,10 +119,10 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
                         help="step scale phi: the paper's ratio, or the least-squares scale of the update; auto = "
                              "paper with --predictor reuse (the paper's method), lsq otherwise")
     parser.add_argument("--schedule-weight", choices=["auto", "none", "dt", "dt-late"], default="auto",
-                        help="what the mask rule compares with lambda: each step's calibration error as it is (none, the "
-                             "paper's), times the step's length over the mean (dt), or times it only where it is above "
-                             "the mean (dt-late: the long late steps weigh more); auto = none with --predictor reuse (the "
-                             "paper's method), dt-late otherwise; see docs/predictor.md (default: auto)")
+                        help="what the mask rule compares with lambda: each step's calibration error as it is "
+                             "(none, the paper's), times the step's length over the mean (dt), or times it only where "
+                             "it is above the mean (dt-late: the long late steps weigh more); auto = none with "
+                             "--predictor reuse (the paper's method), dt-late otherwise; docs/predictor.md (default: auto)")
     parser.add_argument("--no-time-adjust", action="store_true", help="ablation: keep the nominal sigma table")
     parser.add_argument("--no-rectify", action="store_true", help="ablation: no velocity correction")
 

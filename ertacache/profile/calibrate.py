@@ -47,8 +47,8 @@ from ertacache.profile.schedule import (
     fill_budget,
     forced_full,
     mask_from_error_matrix,
-    step_weights,
     solve_lambda,
+    step_weights,
 )
 from ertacache.profile.timeadjust import adjusted_sigmas, phi_value
 from ertacache.sampling.steps import (
@@ -727,7 +727,8 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         elif errors.shape != (steps, steps):
             raise ValueError(f"errors must be ({steps}, {steps}) for {steps} steps, got {errors.shape}")
 
-        weighted = errors * step_weights(cal.nominal_sigmas, config.schedule_weight)[None, :]  # (T, T): column i is step i
+        # (T, T) errors[j, i] times step i's weight: the rule weighs the step that would be cached
+        weighted = errors * step_weights(cal.nominal_sigmas, config.schedule_weight)[None, :]
 
         def open_probe(lam):
             m = mask_from_error_matrix(weighted, lam, config.warmup_steps, config.final_steps, cal.forced(config))
@@ -766,8 +767,8 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
     lam, n_full, result = solve_lambda(closed_probe, target, lam_hi=lam_hi)
     bar.close()
     if n_full < target:  # lambda jumped past the budget: refit along the filled mask
-        mask = fill_budget(result.mask, result.residual_error * step_weights(cal.nominal_sigmas, config.schedule_weight),
-                           target)
+        weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+        mask = fill_budget(result.mask, result.residual_error * weights, target)
         result = cached_pass(cal, config, mask=mask, progress=progress)
     log(f"closed-loop mask: lambda={lam:.5g}, {result.full_steps}/{steps} full steps")
     return CalibrationOutcome(lam=lam, result=result, error_matrix=None)

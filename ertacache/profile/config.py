@@ -88,7 +88,8 @@ class CalibrationConfig:
         if self.schedule_weight == "auto":
             self.schedule_weight = "none" if self.predictor.kind == "reuse" else "dt-late"
         if self.schedule_weight not in SCHEDULE_WEIGHTS:
-            raise UserError(f"--schedule-weight must be one of {', '.join(SCHEDULE_WEIGHTS)}, got {self.schedule_weight!r}")
+            raise UserError(f"--schedule-weight must be one of {', '.join(SCHEDULE_WEIGHTS)}, "
+                            f"got {self.schedule_weight!r}")
         if self.phi_rule not in ("auto", "paper", "lsq"):
             raise UserError(f"phi rule must be 'auto', 'paper' or 'lsq', got {self.phi_rule!r}")
         if self.phi_rule == "auto":

@@ -33,6 +33,17 @@ def test_profile_cli_writes_a_profile_for_half_the_steps(profile_dir, tiny_wan_f
     assert sum(meta["mask"]) == 5 and meta["mask"][0] and meta["mask"][-1]
     assert meta["calibration"]["num_prompts"] == 3
     assert (profile_dir / "error_profile.png").stat().st_size > 1000
+    assert meta["config"]["schedule_weight"] == "dt-late"  # auto, with the default predictor
+
+
+def test_profile_cli_records_the_schedule_weight_it_was_asked_for(tiny_wan_folder, prompts_file, tmp_path):
+    out = tmp_path / "profile"
+    rc = prof_cli.main(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), "--steps", "10", "--speedup", "2",
+                        "--prompts", str(prompts_file), *SHAPE, "--dtype", "fp32", "--out", str(out), "--quiet",
+                        "--predictor", "reuse", "--loop", "open", "--schedule-weight", "dt"])
+    assert rc == 0
+    meta = json.loads((out / "profile.json").read_text())
+    assert meta["config"]["schedule_weight"] == "dt" and meta["full_steps"] == 5
 
 
 def test_generate_cli_cached_and_uncached(profile_dir, tiny_wan_folder, tmp_path, capsys):
