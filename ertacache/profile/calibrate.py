@@ -118,6 +118,10 @@ class CalibrationSet:
         return forced_full(self.steps, config.warmup_steps, config.final_steps) | self.experts.forced_full(
             self.steps, config.warmup_steps)
 
+    def schedule_weights(self, config: CalibrationConfig) -> np.ndarray:
+        """(T,) factor on each step's error before the mask rule compares it with lambda (:func:`step_weights`)."""
+        return step_weights(self.nominal_sigmas, config.schedule_weight)
+
     @property
     def device(self) -> torch.device:
         return next(self.adapter.model.parameters()).device
@@ -458,7 +462,7 @@ def cached_pass(
         mask = validate_mask(mask, steps, history, cal.experts.starts)
     forced = cal.forced(config)
     nominal = np.asarray(cal.nominal_sigmas, dtype=np.float64)
-    weights = step_weights(nominal, config.schedule_weight)  # (T,) on the error the rule compares with lambda
+    weights = cal.schedule_weights(config)  # (T,) on the error the rule compares with lambda
     device = cal.device
     scale = timestep_scale(cal.adapter)  # the family's: the model embeds sigma * scale
     traj = _Trajectories(cal, config.batch_size)
@@ -650,7 +654,7 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     """
     bank = residual_bank(cal, config, progress)
     forced = cal.forced(config)
-    weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+    weights = cal.schedule_weights(config)
     lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive", weights)
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     mask = fit_to_budget(probe.mask, probe.prediction_error * weights, target, forced)
@@ -711,7 +715,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         bank = residual_bank(cal, config, progress)
         forced = cal.forced(config)
         adaptive = config.predictor.kind == "adaptive"
-        weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+        weights = cal.schedule_weights(config)
         lam = (config.lam if target is None
                else bank.solve_lambda(target, config.predictor.history, forced, adaptive, weights))
         mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive, weights)
@@ -728,7 +732,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
             raise ValueError(f"errors must be ({steps}, {steps}) for {steps} steps, got {errors.shape}")
 
         # (T, T) errors[j, i] times step i's weight: the rule weighs the step that would be cached
-        weighted = errors * step_weights(cal.nominal_sigmas, config.schedule_weight)[None, :]
+        weighted = errors * cal.schedule_weights(config)[None, :]
 
         def open_probe(lam):
             m = mask_from_error_matrix(weighted, lam, config.warmup_steps, config.final_steps, cal.forced(config))
@@ -767,7 +771,7 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
     lam, n_full, result = solve_lambda(closed_probe, target, lam_hi=lam_hi)
     bar.close()
     if n_full < target:  # lambda jumped past the budget: refit along the filled mask
-        weights = step_weights(cal.nominal_sigmas, config.schedule_weight)
+        weights = cal.schedule_weights(config)
         mask = fill_budget(result.mask, result.residual_error * weights, target)
         result = cached_pass(cal, config, mask=mask, progress=progress)
     log(f"closed-loop mask: lambda={lam:.5g}, {result.full_steps}/{steps} full steps")
