@@ -153,8 +153,7 @@ class CalibrationSet:
         A one-tensor family's cached step reads no text (it feeds only the skipped blocks), so its
         rows are not sliced and moved to the device for nothing.
         """
-        from ertacache.sampling.steps import _PROBE
-        if cached and not isinstance(self.text_embeds, Mapping) and not _PROBE:
+        if cached and not isinstance(self.text_embeds, Mapping):
             return None
         return step_conditioning(self.adapter.family, self.text_rows(sl), self.guidance_scale, rows, cached)
 
@@ -275,18 +274,6 @@ def _open_loop_batch(cal: CalibrationSet, sl: slice, sig: torch.Tensor, sums: np
     store.clear()
 
 
-import os as _os
-_VSPACE = bool(_os.environ.get("ERTA_VSPACE"))
-
-
-def _vspace_err(v_hat, v_true, g, nb):
-    """EXPERIMENT: (b,) rel. L1 of the guided velocity the update uses."""
-    g = torch.as_tensor(g, dtype=torch.float32)
-    a, t = combine_cfg(v_hat.float(), g, nb), combine_cfg(v_true.float(), g, nb)
-    dims = tuple(range(1, t.ndim))
-    return (a - t).abs().sum(dims) / t.abs().sum(dims).clamp_min(1e-12)
-
-
 class ResidualBank:
     """Every block-stack residual of the uncached trajectories, on the host: (slice, step) -> (nb*b, N, D).
 
@@ -303,7 +290,6 @@ class ResidualBank:
         self.starts = starts  # each expert's first step
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
-        self.vspace = {}
         self.prompts = sum(sl.stop - sl.start for sl in slices)
 
     def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False) -> float:
@@ -321,13 +307,6 @@ class ResidualBank:
             for k in range(len(self.slices)):
                 slots = [self.residuals[k, j].to(self.device) for j in newest_first]
                 r_hat = predict_residual(slots, w.reshape(-1, 1).to(self.device), None)
-                if _VSPACE:
-                    x_in, t, v = self.vspace[k, step]
-                    sl = self.slices[k]
-                    cond = self.cal.step_cond(sl, x_in.shape[0], cached=True)
-                    v_hat = cached_velocity(self.cal.adapter_at(step), x_in, t, r_hat, cond)
-                    total += _vspace_err(v_hat, v, self.cal.guidance_at(step), self.n_branches).sum().item()
-                    continue
                 total += rel_l1_per_sample(r_hat, self.residuals[k, step].to(self.device),
                                            self.n_branches).sum().item()
             self._memo[key] = total / self.prompts
@@ -357,93 +336,6 @@ class ResidualBank:
         return tuple(mask), errs
 
 
-def dp_mask(bank: "ResidualBank", target: int, history: int, forced: np.ndarray, weights: np.ndarray,
-            max_gap: int = 8) -> tuple[bool, ...]:
-    """EXPERIMENT: the mask with exactly ``target`` full steps minimising the SUM of weighted open-loop errors."""
-    import os
-    T = bank.steps
-    max_gap = int(os.environ.get("ERTA_DP_GAP", max_gap))
-    power = float(os.environ.get("ERTA_DP_POW", "1"))
-    forced = np.asarray(forced, bool)
-    # forced leading steps: the first `history` (and warmup) are full
-    lead = 0
-    while lead < T and forced[lead]:
-        lead += 1
-    lead = max(lead, history)
-    init = tuple(range(lead - 1, lead - 1 - history, -1))  # newest first
-    n0 = lead
-    # f: dict[(state newest-first tuple)] -> (cost, n, back) ; index by n
-    from functools import lru_cache
-    INF = float("inf")
-    best = [dict() for _ in range(T + 1)]  # best[n][state] = (cost, prev_state)
-    best[n0][init] = (0.0, None)
-    last_forced_after = [min([j for j in range(i, T) if forced[j]] or [T]) for i in range(T)]
-
-    def run_cost(state, nxt):
-        c = 0.0
-        for i in range(state[0] + 1, nxt):
-            c += (bank.error(state, i) * weights[i]) ** power
-        return c
-
-    order = sorted({s[0] for n in range(T + 1) for s in best[n]})
-    for n in range(n0, T + 1):
-        # process states in order of newest position
-        for state in sorted(best[n], key=lambda s: s[0]):
-            cost, _ = best[n][state]
-            j = state[0]
-            if j == T - 1:
-                continue
-            lim = min(j + max_gap + 1, last_forced_after[j + 1] if j + 1 < T else T - 1, T - 1)
-            for nxt in range(j + 1, lim + 1):
-                if n + 1 > target:
-                    break
-                c = cost + run_cost(state, nxt)
-                ns = (nxt, *state[:-1]) if history > 1 else (nxt,)
-                if c < best[n + 1].get(ns, (INF,))[0]:
-                    best[n + 1][ns] = (c, (n, state))
-    ends = {s: v for s, v in best[target].items() if s[0] == T - 1}
-    if not ends:
-        raise RuntimeError("dp: no mask")
-    state = min(ends, key=lambda s: ends[s][0])
-    full = set()
-    n = target
-    while state is not None:
-        full.add(state[0])
-        prev = best[n][state][1]
-        if prev is None:
-            full.update(state)
-            break
-        n, state = prev
-    full.update(range(lead))
-    mask = tuple(i in full for i in range(T))
-    assert sum(mask) == target, (sum(mask), target)
-    return mask
-
-
-def ls_gamma(bank, mask, history, weights=None) -> float:
-    """EXPERIMENT: the pooled least-squares shrink of the order-2 term over the cached steps of ``mask``."""
-    from ertacache.profile.predictor import _lagrange
-    num = den = 0.0
-    for i, full in enumerate(mask):
-        if full:
-            continue
-        pos = [j for j in range(i - 1, -1, -1) if mask[j]][:history]
-        if len(pos) < 3:
-            continue
-        w2 = _lagrange(np.asarray(pos, float), i)
-        w1 = np.zeros(3)
-        w1[:2] = _lagrange(np.asarray(pos[:2], float), i)
-        wi = 1.0 if weights is None else float(weights[i]) ** 2
-        for k in range(len(bank.slices)):
-            slots = [bank.residuals[k, j].float() for j in pos]
-            r1 = sum(float(w1[m]) * slots[m] for m in range(3))
-            d = sum(float(w2[m] - w1[m]) * slots[m] for m in range(3))
-            e = bank.residuals[k, i].float() - r1
-            num += wi * float((d * e).sum())
-            den += wi * float((d * d).sum())
-    return num / max(den, 1e-30)
-
-
 def fit_to_budget(mask: Sequence[bool], errors: np.ndarray, target: int, forced: np.ndarray) -> tuple[bool, ...]:
     """Exactly ``target`` full steps: cache the full steps whose prediction erred least, or compute the
     cached steps that erred most (forced steps stay full)."""
@@ -462,16 +354,13 @@ def residual_bank(cal: CalibrationSet, config: CalibrationConfig, progress: bool
         return cal.bank
     slices = cal.micro_batches(config.batch_size)
     bank = ResidualBank(slices, cal.n_branches, cal.steps, cal.device, cal.experts.starts)
-    bank.cal = cal
     cal.bank = bank  # attached while it fills, so memory accounting sees it as the set's host state
     sig = torch.as_tensor(cal.nominal_sigmas, dtype=torch.float32, device=cal.device)
     try:
         with torch.no_grad():
             for k, sl in enumerate(tqdm(slices, desc="open-loop residuals", disable=not progress)):
-                for i, x_in, t, _, v, r in _uncached_steps(cal, sl, sig):
+                for i, _, _, _, _, r in _uncached_steps(cal, sl, sig):
                     bank.residuals[k, i] = r.to("cpu")
-                    if _VSPACE:
-                        bank.vspace[k, i] = (x_in.to("cpu"), t.to("cpu"), v.to("cpu"))
     except BaseException:
         cal.bank = None  # a half-filled bank must not be reused
         raise
@@ -636,13 +525,7 @@ def cached_pass(
                 for k, _ in traj:
                     slots = [traj.get(k, ("h", j)) for j in range(history)]
                     r_hat = predict_residual(slots, w_i.to(device), b_i.to(device))
-                    if _VSPACE:
-                        x_in = expand_branches(traj.get(k, "x"), nb).to(cal.dtype)
-                        cond = cal.step_cond(traj.slices[k], x_in.shape[0], cached=True)
-                        v_hat = cached_velocity(adapter, x_in, model_timestep(sig_i, x_in.shape[0], scale), r_hat, cond)
-                        res_err_sum += _vspace_err(v_hat, traj.get(k, "v_true"), g, nb).sum().item()
-                    else:
-                        res_err_sum += rel_l1_per_sample(r_hat, traj.get(k, "r"), nb).sum().item()
+                    res_err_sum += rel_l1_per_sample(r_hat, traj.get(k, "r"), nb).sum().item()
                     traj.put(k, "r_hat", r_hat)
                     del slots, r_hat
             res_err = res_err_sum / cal.prompts
@@ -772,26 +655,6 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     bank = residual_bank(cal, config, progress)
     forced = cal.forced(config)
     weights = cal.schedule_weights(config)
-    import os
-    if os.environ.get("ERTA_DP"):
-        import time as _t
-        t0 = _t.time()
-        mask = dp_mask(bank, target, config.predictor.history, forced, weights)
-        print(f"DP mask {target}: {''.join('#' if m else '.' for m in mask)} ({_t.time()-t0:.1f}s)", flush=True)
-        if os.environ.get("ERTA_DP") == "refine":
-            probe = cached_pass(cal, config, mask=mask, progress=progress)
-        result = cached_pass(cal, config, mask=mask, progress=progress)
-        return CalibrationOutcome(lam=0.0, result=result, error_matrix=None)
-    if os.environ.get("ERTA_GAMMA_AUTO"):
-        from ertacache.profile import predictor as _p
-        _p._GAMMA = 1.0
-        bank._memo.clear()
-        lam0 = bank.solve_lambda(target, config.predictor.history, forced, False, weights)
-        mask0, _ = bank.walk(lam0, config.predictor.history, forced, False, weights)
-        g = ls_gamma(bank, mask0, config.predictor.history, weights if os.environ.get("ERTA_GAMMA_AUTO") == "w" else None)
-        print(f"LS gamma for {target} full steps: {g:.4f}", flush=True)
-        _p._GAMMA = g
-        bank._memo.clear()
     lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive", weights)
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     mask = fit_to_budget(probe.mask, probe.prediction_error * weights, target, forced)
@@ -844,16 +707,6 @@ def calibrate(
 
 
 def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "CalibrationOutcome":
-    import os
-    from ertacache.profile import predictor as _p
-    mode = os.environ.get("ERTA_ABSCISSA")
-    if mode == "sigma":
-        _p._ABSCISSA = np.asarray(cal.nominal_sigmas, dtype=np.float64)
-    elif mode == "logsnr":
-        s = np.clip(np.asarray(cal.nominal_sigmas, dtype=np.float64), 1e-4, 1 - 1e-4)
-        _p._ABSCISSA = np.log((1 - s) / s)
-    elif mode == "sqrt":
-        _p._ABSCISSA = np.sqrt(np.asarray(cal.nominal_sigmas, dtype=np.float64))
 
     if config.loop == "closed" and config.predictor.kind != "reuse" and target is not None:
         return _closed_predictor_budget(cal, config, progress, log, target)

@@ -86,10 +86,6 @@ class PredictorConfig:
         return d
 
 
-_ABSCISSA = None  # EXPERIMENT
-_GAMMA = None
-
-
 def lagrange_weights(positions: Sequence[float], target: float) -> np.ndarray:
     """(K,) weights w with sum_k w_k f(p_k) = P(target), P the polynomial through (p_k, f(p_k)).
 
@@ -97,22 +93,8 @@ def lagrange_weights(positions: Sequence[float], target: float) -> np.ndarray:
     K = 1 gives [1] (reuse); K = 2 at unit spacing one step ahead gives [2, -1].
     """
     p = np.asarray(positions, dtype=np.float64)
-    if _ABSCISSA is not None:
-        p = _ABSCISSA[np.asarray(positions, dtype=int)]
-        target = float(_ABSCISSA[int(target)])
     if len(set(p.tolist())) != len(p):
         raise ValueError(f"positions must be distinct, got {positions}")
-    w = _lagrange(p, target)
-    import os
-    g = _GAMMA if _GAMMA is not None else os.environ.get("ERTA_GAMMA")
-    if g is not None and len(p) == 3:
-        lo = np.zeros(3)
-        lo[:2] = _lagrange(p[:2], target)
-        w = (1 - float(g)) * lo + float(g) * w
-    return w
-
-
-def _lagrange(p, target):
     w = np.ones(len(p))
     for k in range(len(p)):
         for j in range(len(p)):

@@ -159,25 +159,9 @@ def euler(latents: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_nex
 def full_velocity(adapter: ModelAdapter, x_in, timestep, text) -> tuple[torch.Tensor, torch.Tensor]:
     """Branch velocities (float32) and the block-stack residual, both for rows of ``x_in``."""
     pre = adapter.pre(x_in, timestep, text)
-    if _PROBE:
-        h1 = _run_blocks(adapter, pre, pre.hidden, 0, _PROBE)
-        hidden = _run_blocks(adapter, pre, h1, _PROBE, None)
-        return adapter.head(hidden, pre).float(), hidden - h1
     hidden = adapter.blocks(pre)
     residual = hidden - pre.hidden  # (rows, N, D)
     return adapter.head(hidden, pre).float(), residual
-
-
-import os as _os
-_PROBE = int(_os.environ.get("ERTA_PROBE", "0"))
-
-
-def _run_blocks(adapter, pre, hidden, start, stop):
-    """EXPERIMENT (Wan only): blocks[start:stop]."""
-    bi = pre.block_inputs
-    for block in adapter.model.blocks[start:stop]:
-        hidden = block(hidden, bi.text, bi.timestep_proj, bi.rotary)
-    return hidden
 
 
 def predict_residual(history: Sequence[torch.Tensor], w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -203,9 +187,6 @@ def cached_velocity(adapter: ModelAdapter, x_in, timestep, residual, cond=None) 
     cond: what a cached ``pre`` still reads (None for Wan; FLUX's pooled text and guidance).
     """
     pre = adapter.pre(x_in, timestep, cond)
-    if _PROBE:
-        h1 = _run_blocks(adapter, pre, pre.hidden, 0, _PROBE)
-        return adapter.head(h1 + residual.to(h1.dtype), pre).float()
     return adapter.head(pre.hidden + residual.to(pre.hidden.dtype), pre).float()
 
 
@@ -256,7 +237,7 @@ def step_conditioning(family, text: Conditioning, guidance_scale, rows: int, cac
     The step graphs, the calibration passes and the pipeline hook all take it from here.
     """
     if not isinstance(text, Mapping):
-        return None if cached and not _PROBE else text
+        return None if cached else text
     keep = {c.name for c in family.conditioning if c.cached_step or not cached}
     cond = {name: value for name, value in text.items() if name in keep}
     if family.guidance == EMBEDDED:
