@@ -114,7 +114,8 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
         return
     parser.add_argument("--predictor-ridge", type=float, default=0.1, help="fitted: shrinkage toward taylor")
     parser.add_argument("--warmup-steps", type=int, default=None,
-                        help="leading steps that always compute (default: the predictor's K = order + 1)")
+                        help="leading steps that always compute (default: 1; before K full steps a cached step "
+                             "predicts from the residuals there are, a lower order)")
     parser.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default=DEFAULT_PHI_RULE,
                         help="step scale phi: the paper's ratio, or the least-squares scale of the update; auto = "
                              "paper with --predictor reuse (the paper's method), lsq otherwise")

@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
     add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="held-out samples per model call")
     p.add_argument("--warmup-steps", type=int, default=1,
-                   help="leading full steps of every ERTACache method (raised to a predictor's K where lower)")
+                   help="leading full steps of every ERTACache method (before K full steps a predictor "
+                        "extrapolates from the residuals there are)")
     p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
                    help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
                         "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")

@@ -80,7 +80,7 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
     kind, order = erta_predictor(method)
     predictor = PredictorConfig(kind=kind, order=order)
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
-                             warmup_steps=max(ctx.config.warmup_steps, predictor.history), time_adjust=time_adjust,
+                             warmup_steps=ctx.config.warmup_steps, time_adjust=time_adjust,
                              rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,
                              schedule_weight=ctx.config.schedule_weight,
                              batch_size=ctx.config.calibration_batch_size)

@@ -79,7 +79,7 @@ from ertacache.models.adapter import ModelAdapter, adapter_list
 from ertacache.models.components import LatentDecoder
 from ertacache.models.experts import Experts
 from ertacache.profile.artifact import Profile
-from ertacache.sampling.sampler import validate_mask
+from ertacache.sampling.sampler import check_empty_slots, validate_mask
 from ertacache.sampling.steps import CachedStep, DecodeGraph, FullStep, StepTables
 
 
@@ -188,8 +188,9 @@ class BakeStepGraphs:
         if own is not None and not np.allclose(own, profile.nominal_sigmas, rtol=0, atol=1e-9):
             raise UserError(f"the profile's nominal sigma table is not this model's ({adapter.family.name}: the "
                             "checkpoint's scheduler config decides it); re-profile this model")
-        # K full steps before the first cached one, of each expert
-        validate_mask(profile.mask, profile.steps, profile.history, profile.expert_starts)
+        # each expert opens with a full step, and no cached step reads a slot that holds no residual yet
+        validate_mask(profile.mask, profile.steps, profile.expert_starts)
+        check_empty_slots(profile.pred_w, profile.mask, profile.expert_starts)
 
     def __call__(self, adapter: ModelAdapter | list[ModelAdapter], profile: Profile) -> StepGraphs:
         """``adapter``: the model's adapter, or one per expert for a two-expert profile (its order)."""

@@ -146,7 +146,8 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
     text_embeds: the one conditioning tensor, or a tuple of a family's conditioning tensors in the
     graphs' input order (each becomes one graph input).
     history: K, the residual slots the cached step reads; the loop keeps the last K full-step
-    residuals, newest first, exactly as :class:`ertacache.sampling.CachedSampler` does.
+    residuals, newest first, exactly as :class:`ertacache.sampling.CachedSampler` does (before K
+    full steps the empty slots, which the baked weights give 0, repeat the newest residual).
     experts: a two-expert folder's table: step i runs the pair of expert ``experts.expert(i)``
     (``runner.call``) with that expert's CFG scale (``guidance_scale`` is then unused), and the
     residual history starts empty at each expert's first step.
@@ -155,12 +156,9 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
     experts = experts or Experts((0,), (float(guidance_scale),))
     if not mask or not mask[0]:
         raise ValueError("the first step must be a full step")
-    for e, (start, end) in enumerate(segments(experts.starts, len(mask))):
-        seg = list(mask[start:end])
-        first_cached = seg.index(False) if False in seg else len(seg)
-        if history > first_cached:
-            raise ValueError(f"the cached step reads {history} residuals but only {first_cached} full step(s) come "
-                             f"first" + (f" in expert {e}'s steps" if experts.count > 1 else ""))
+    for e, (start, _) in enumerate(segments(experts.starts, len(mask))):
+        if not mask[start]:
+            raise ValueError(f"expert {e}'s first step (step {start}) must be a full step")
     device = latents.device
     scales = [torch.tensor(float(g), dtype=torch.float32, device=device) for g in experts.guidance_scales]
     steps = torch.arange(len(mask), dtype=torch.int64, device=device)  # made once: no host->device copy per step
@@ -174,7 +172,8 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
             x, residual = runner.call(expert_graph(FULL_STEP, e), x, step, *conds, g)
             residuals = [residual, *residuals[: history - 1]]
         else:
-            x = runner.call(expert_graph(CACHED_STEP, e), x, step, *conds, g, *residuals)
+            slots = [*residuals, *residuals[:1] * (history - len(residuals))]  # (K,) newest first
+            x = runner.call(expert_graph(CACHED_STEP, e), x, step, *conds, g, *slots)
         if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
             raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
     return x

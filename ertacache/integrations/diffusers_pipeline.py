@@ -43,7 +43,7 @@ from ertacache.models.adapter import adapter_for
 from ertacache.models.family import family_for_model
 from ertacache.models.loading import fingerprint_modules
 from ertacache.profile.artifact import Profile
-from ertacache.sampling.sampler import validate_mask
+from ertacache.sampling.sampler import check_empty_slots, validate_mask
 from ertacache.sampling.steps import cached_velocity, full_velocity, predict_residual, rectify, timestep_scale
 
 HOOK_NAME = "ertacache"
@@ -96,7 +96,8 @@ class ERTACacheHook(ModelHook):
 
     def __init__(self, profile: Profile, expert: int = 0):
         super().__init__()
-        self.mask = validate_mask(profile.mask, profile.steps, profile.history, profile.expert_starts)
+        self.mask = validate_mask(profile.mask, profile.steps, profile.expert_starts)
+        check_empty_slots(profile.pred_w, self.mask, profile.expert_starts)
         # a two-expert model: this hook sits on expert ``expert``'s transformer and keeps its own history, so
         # nothing crosses the switch; the expert of each step is the profile's (by step), checked per call
         self.expert, self.experts = expert, profile.experts
@@ -199,9 +200,10 @@ class ERTACacheHook(ModelHook):
             v, residual = full_velocity(self.adapter, x, call.timestep, call.cond)
             state.history = [residual, *state.history[: self.k - 1]]
             return v
-        if len(state.history) < self.k:
-            raise RuntimeError(f"step {i} predicts from {self.k} residual(s) but {len(state.history)} full "
-                               "step(s) ran before it")
+        if not state.history:
+            raise RuntimeError(f"step {i} is cached but no full step of this transformer ran before it")
+        # before K full steps only the filled slots are read: their weights are the lower-order ones and the
+        # rest are 0 (checked when the hook was made)
         residual = state.history[0] if self.reuse else predict_residual(
             state.history, self.pred_w[i].to(x.device), self.pred_b[i].to(x.device))
         v = cached_velocity(self.adapter, x, call.timestep, residual, call.cached_cond)

@@ -34,6 +34,23 @@ def segments(starts: Sequence[int], steps: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], steps]))
 
 
+def filled_slots(mask: Sequence[bool], history: int, starts: Sequence[int] = (0,)) -> list[int]:
+    """(T,) how many of the K residual slots hold a residual of this expert when step i runs.
+
+    min(K, the full steps before i in i's segment): the history starts empty at each expert's first
+    step and fills one slot per full step. A cached step with fewer than K filled slots predicts from
+    those alone (a lower-order extrapolation, weight 0 on the empty slots), the way TaylorSeer starts
+    with fewer derivatives; it needs at least one, which is why each segment's first step computes.
+    """
+    out = [0] * len(mask)
+    for start, end in segments(starts, len(mask)):
+        full = 0
+        for i in range(start, end):
+            out[i] = min(history, full)
+            full += bool(mask[i])
+    return out
+
+
 @dataclass(frozen=True)
 class Experts:
     """The segment each step belongs to, and each segment's CFG scale.

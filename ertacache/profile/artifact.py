@@ -30,12 +30,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ertacache.errors import ProfileError, brief
+from ertacache.errors import ProfileError, UserError, brief
 from ertacache.io import atomic_directory, sha256_file
 from ertacache.limits import MAX_HISTORY, MAX_STEPS
 from ertacache.models.experts import Experts
 from ertacache.models.family import CFG, GUIDANCE_MODES, guidance_branches
-from ertacache.sampling.sampler import validate_mask
+from ertacache.sampling.sampler import check_empty_slots, validate_mask
 from ertacache.sampling.sigmas import validate_sigma_table
 from ertacache.sampling.steps import StepTables
 
@@ -335,11 +335,10 @@ def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
             raise _fail(path, f"{key!r} has {len(meta[key])} entries for {steps} steps")
     if not all(isinstance(m, bool) for m in meta["mask"]) or not meta["mask"][0]:
         raise _fail(path, "'mask' must be booleans with the first step true (full compute)")
-    history, mask = meta["predictor"]["history"], meta["mask"]
-    first_cached = mask.index(False) if False in mask else steps
-    if history > first_cached:
-        raise _fail(path, f"its predictor reads {history} full-step residuals but only {first_cached} full step(s) "
-                          "precede the first cached step")
+    try:
+        validate_mask(meta["mask"], steps)  # each expert's first step too: _validate_experts
+    except UserError as e:
+        raise _fail(path, str(e)) from None
     for key in ("nominal_sigmas", "sigmas"):
         try:
             validate_sigma_table(meta[key], steps, what=f"{key!r}")
@@ -373,7 +372,7 @@ def _validate_experts(path: Path, meta: dict[str, Any]) -> Experts:
         raise _fail(path, f"'experts.starts' {list(experts.starts)} disagrees with the switch the nominal sigmas and "
                           f"boundary {experts.boundary_ratio:g} give ({list(derived.starts)})")
     try:
-        validate_mask(meta["mask"], meta["steps"], meta["predictor"]["history"], experts.starts)
+        validate_mask(meta["mask"], meta["steps"], experts.starts)
     except Exception as e:  # UserError naming the rule
         raise _fail(path, str(e)) from None
     return experts
@@ -436,6 +435,11 @@ def load_profile(path: str | os.PathLike) -> Profile:
     _validate_fields(path, meta)
     _validate_tables(path, meta)
     corr_a, corr_b, pred_w, pred_b = _load_correction(path, meta)
+    starts = Experts.from_json(meta["experts"]).starts if meta["schema_version"] == EXPERTS_SCHEMA_VERSION else (0,)
+    try:
+        check_empty_slots(pred_w, meta["mask"], starts)
+    except UserError as e:
+        raise _fail(path, str(e)) from None
     return Profile(
         model=meta["model"],
         model_fingerprint=meta["model_fingerprint"],

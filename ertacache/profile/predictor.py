@@ -124,9 +124,10 @@ def last_full_steps(mask: Sequence[bool], step: int, history: int, start: int = 
 def taylor_weights(mask: Sequence[bool], history: int, starts: Sequence[int] = (0,)) -> np.ndarray:
     """(T, K, 1) Lagrange weights for every cached step of ``mask``; [1, 0, ...] on full steps.
 
-    A cached step with fewer than K full steps before it (in its expert's segment, ``starts``:
-    the residual history restarts at each expert's first step) would need slots that hold
-    nothing: refused here, as the samplers refuse such a mask.
+    A cached step with m < K full steps before it (in its expert's segment, ``starts``: the residual
+    history restarts at each expert's first step) gets the order m - 1 weights over those m and 0 on
+    the K - m empty slots: the order grows as the slots fill. None at all is refused, as the samplers
+    refuse a segment that opens with a cached step.
     """
     steps = len(mask)
     w = np.zeros((steps, history, 1))
@@ -135,10 +136,10 @@ def taylor_weights(mask: Sequence[bool], history: int, starts: Sequence[int] = (
         if full:
             continue
         pos = last_full_steps(mask, i, history, max(s for s in starts if s <= i))
-        if len(pos) < history:
-            raise UserError(f"step {i} is cached but only {len(pos)} full step(s) precede it; the predictor reads "
-                            f"{history}: raise --warmup-steps to at least {history} or lower --predictor-order")
-        w[i, :, 0] = lagrange_weights(pos, i)
+        if not pos:
+            raise UserError(f"step {i} is cached but no full step of its expert precedes it: the first step of "
+                            "each expert must compute")
+        w[i, : len(pos), 0] = lagrange_weights(pos, i)
     return w
 
 

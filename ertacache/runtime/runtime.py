@@ -26,8 +26,9 @@ A two-expert folder (Wan2.2 A14B) has a graph pair per expert (``full_step``,
 are bound to the same buffers, each with its own guidance-scale buffer, and the plan
 takes the pair of the step's expert from the manifest's table (fixed by step index,
 so still no host synchronisation). The ring needs no reset at the switch: every
-expert opens with at least K full steps (checked when the manifest is read), so a
-cached step only ever reads residuals of its own expert.
+expert opens with a full step, and a cached step before its expert's K-th full step
+gives the slots not yet filled weight 0 (checked when the profile is exported), so
+only residuals of its own expert count. The slots are zeroed once per request.
 """
 
 from __future__ import annotations
@@ -134,6 +135,15 @@ class RuntimeState:
         for t in self.buffers().values():
             t.zero_()
 
+    def clear_ring(self) -> None:
+        """Zero the residual slots (a memset each, no allocation or sync), once per request.
+
+        A cached step before K full steps reads the empty slots with weight 0; zeros there keep a
+        NaN left by an earlier request (0 * NaN = NaN) out of this one.
+        """
+        for r in self.residuals:
+            r.zero_()
+
 
 @dataclass
 class StepTimes:
@@ -233,7 +243,7 @@ class Runtime:
         self.device = self.engine.device
         schedule = self.manifest.schedule
         self.history = schedule.history
-        self.mask = validate_mask(schedule.mask, schedule.steps, self.history, schedule.expert_starts)
+        self.mask = validate_mask(schedule.mask, schedule.steps, schedule.expert_starts)
         #: per step, the expert whose graph pair runs it (all 0 for a one-transformer folder)
         self.experts = [schedule.expert(i) for i in range(schedule.steps)]
         self.state: RuntimeState | None = None
@@ -371,6 +381,7 @@ class Runtime:
         scales = self.request_guidance(guidance_scale, guidance_scale_2)
         st.latents[0].copy_(latents)
         st.noise.copy_(latents)
+        st.clear_ring()
         for name, t in conditioning_inputs(self.manifest, text_embeds).items():
             st.conditioning[name].copy_(t)
         self._fill_guidance(scales)
@@ -437,6 +448,7 @@ class Runtime:
         """Replay from the saved noise, checking after every step; raise naming the first bad step."""
         st = self._require()
         st.latents[0].copy_(st.noise)
+        st.clear_ring()  # as the request found it: the failed run may have left NaN in a slot
         rotations = ring_rotations(mask, self.history)
         for i, ((index, call), full) in enumerate(zip(plan, mask)):
             st.step.copy_(index)

@@ -15,7 +15,7 @@ import torch
 
 from ertacache.errors import NumericalError, UserError
 from ertacache.models.adapter import ModelAdapter, adapter_list
-from ertacache.models.experts import Experts, segments
+from ertacache.models.experts import Experts, filled_slots, segments
 from ertacache.sampling.steps import CachedStep, Conditioning, FullStep, StepTables
 
 
@@ -31,11 +31,12 @@ def initial_latents(
     return torch.stack(noise).to(device)  # (B, C, F, H, W)
 
 
-def validate_mask(mask: Sequence[bool], steps: int, history: int = 1, starts: Sequence[int] = (0,)) -> tuple[bool, ...]:
-    """The mask as bools; refuses a length that is not ``steps`` and a cached step before ``history`` full ones.
+def validate_mask(mask: Sequence[bool], steps: int, starts: Sequence[int] = (0,)) -> tuple[bool, ...]:
+    """The mask as bools; refuses a length that is not ``steps`` and a segment that does not open with a full step.
 
-    history: K, the residual slots the cached step reads; each must hold a full step's residual
-    before the first cached step.
+    Whatever the predictor's K: a cached step that comes before K full steps predicts from the slots
+    filled so far (:func:`~ertacache.models.experts.filled_slots`), which :func:`check_empty_slots`
+    checks against the weights.
     starts: the first step of each expert (:class:`~ertacache.models.experts.Experts`); the history
     starts empty at each, so the rule holds per expert.
     """
@@ -46,17 +47,26 @@ def validate_mask(mask: Sequence[bool], steps: int, history: int = 1, starts: Se
         raise UserError("the first step must compute (mask[0] must be true): there is no residual to reuse yet")
     for e, (s, end) in enumerate(segments(starts, steps)):
         seg = mask[s:end]
-        first_cached = seg.index(False) if False in seg else len(seg)
         where = ""
         if len(starts) > 1:
             where = f" of expert {e} (steps {s}..{end - 1}; residuals never cross the expert switch)"
         if not seg[0]:
             raise UserError(f"step {s}, the first step{where}, must compute: there is no residual of that expert yet")
-        if history > first_cached:
-            raise UserError(f"the predictor reads the last {history} full-step residuals but only {first_cached} full "
-                            f"step(s) precede the first cached step{where} (step {s + first_cached}); make the first "
-                            f"{history} steps full (--warmup-steps) or use a lower predictor order")
     return mask
+
+
+def check_empty_slots(pred_w: torch.Tensor, mask: Sequence[bool], starts: Sequence[int] = (0,)) -> None:
+    """Refuse weights that read a residual slot no full step of the step's expert has filled yet.
+
+    pred_w: (T, K, Dw). Before K full steps a cached step predicts from the slots filled so far; the
+    others hold zeros or another request's (or expert's) residual, so their weight must be exactly 0.
+    """
+    k = pred_w.shape[1]
+    for i, (full, filled) in enumerate(zip(mask, filled_slots(mask, k, starts))):
+        if not full and filled < k and bool(pred_w[i, filled:].any()):
+            raise UserError(f"step {i} is cached after {filled} full step(s) but its predictor weights read residual "
+                            f"slot {filled + 1} of {k}, which holds no residual yet; recalibrate the profile "
+                            "(ertacache-profile) instead of editing its tables")
 
 
 def check_conditioning_rows(family, text: Conditioning, batch: int, n_branches: int) -> None:
@@ -100,7 +110,8 @@ class CachedSampler:
         if len(adapters) != self.experts.count:
             raise UserError(f"{self.experts.count} expert(s) in the schedule but {len(adapters)} transformer(s) given")
         self.tables = tables
-        self.mask = validate_mask(mask, tables.steps, tables.history, self.experts.starts)
+        self.mask = validate_mask(mask, tables.steps, self.experts.starts)
+        check_empty_slots(tables.pred_w, self.mask, self.experts.starts)
         self.family = adapters[0].family
         self.full_steps = [FullStep(a, tables) for a in adapters]
         self.cached_steps = [CachedStep(a, tables) for a in adapters]
@@ -141,7 +152,10 @@ class CachedSampler:
                 x, residual = self.full_steps[e](x, steps[i], text_embeds, gs[e])
                 history = [residual, *history[: self.tables.history - 1]]
             else:
-                x = self.cached_steps[e](x, steps[i], text_embeds, gs[e], *history)
+                # fewer than K full steps so far: the empty slots have weight 0 (check_empty_slots); any finite
+                # tensor of the right shape fills them
+                slots = [*history, *history[:1] * (self.tables.history - len(history))]
+                x = self.cached_steps[e](x, steps[i], text_embeds, gs[e], *slots)
             if name_bad_step and not torch.isfinite(x).all():
                 raise NumericalError(
                     f"NaN/Inf in the latents after step {i} of {len(self.mask)} ({'full' if full else 'cached'} "

@@ -81,7 +81,8 @@ def k3_profile(profile: Profile, residual_dim: int, mask=K3_MASK, seed: int = 3)
     """``profile`` with an order-2 Lagrange predictor over the last 3 full steps (in step index) and a small bias.
 
     pred_w (T, 3, 1): at a cached step i, the extrapolation weights from the last three full steps
-    j1 > j2 > j3 (newest first) to i; at a full step, (1, 0, 0) (unused). pred_b (T, D) small random.
+    j1 > j2 > j3 (newest first) to i (from the one or two there are before the third full step, 0 on
+    the empty slots); at a full step, (1, 0, 0) (unused). pred_b (T, D) small random.
     """
     steps = profile.steps
     pred_w = torch.zeros(steps, 3, 1)
@@ -91,7 +92,7 @@ def k3_profile(profile: Profile, residual_dim: int, mask=K3_MASK, seed: int = 3)
             full.insert(0, i)
             pred_w[i, 0, 0] = 1.0
         else:
-            pred_w[i, :, 0] = torch.tensor(lagrange_weights(float(i), full[:3]))
+            pred_w[i, : len(full[:3]), 0] = torch.tensor(lagrange_weights(float(i), full[:3]))
     pred_b = 0.01 * torch.randn(steps, residual_dim, generator=torch.Generator().manual_seed(seed))
     return dataclasses.replace(profile, mask=list(mask), pred_w=pred_w, pred_b=pred_b,
                                predictor={"kind": "lagrange", "order": 2, "history": 3})

@@ -72,8 +72,19 @@ def test_the_hook_follows_a_k3_predictor(wan_model, wan_adapter):
     torch.testing.assert_close(got, ours, rtol=0, atol=5e-6)
     reuse = CachedSampler(wan_adapter, base.tables(), mask)(noise, torch.cat([cond, uncond]), 4.0).latents
     assert (reuse - got).abs().max() > 1e-4  # the predictor changed the result: the test compares something
-    early = dataclasses.replace(profile, mask=[True, True, False] + [True] * (STEPS - 3))
-    with pytest.raises(UserError, match="only 2 full step"):
+    disable_ertacache(pipe)
+    # step 2 cached after two full steps: the order-1 extrapolation from them (0 on the third slot), as the sampler
+    early = k3_profile(base, wan_model.config.num_attention_heads * wan_model.config.attention_head_dim,
+                       [True, True, False, True, False, True, False, True, False, True])
+    assert early.pred_w[2, :, 0].tolist() == [2.0, -1.0, 0.0]
+    enable_ertacache(pipe, early)
+    got = pipe(num_inference_steps=STEPS, latents=noise.clone(), prompt_embeds=cond, negative_prompt_embeds=uncond,
+               height=64, width=64, num_frames=5, guidance_scale=4.0, output_type="latent").frames
+    ours = CachedSampler(wan_adapter, early.tables(), early.mask)(noise, torch.cat([cond, uncond]), 4.0).latents
+    torch.testing.assert_close(got, ours, rtol=0, atol=5e-6)
+    disable_ertacache(pipe)
+    early.pred_w[2, :, 0] = torch.tensor([3.0, -3.0, 1.0])  # reads a third slot no full step has filled yet
+    with pytest.raises(UserError, match="step 2 is cached after 2 full step.*slot 3 of 3, which holds no residual"):
         enable_ertacache(pipe, early)
 
 

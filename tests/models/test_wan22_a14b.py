@@ -16,7 +16,7 @@ from ertacache.models.adapter import adapter_for
 from ertacache.profile.predictor import taylor_weights
 from ertacache.sampling import CachedSampler
 from ertacache.models.experts import Experts
-from ertacache.sampling.sampler import validate_mask
+from ertacache.sampling.sampler import check_empty_slots, validate_mask
 from ertacache.sampling.steps import StepTables
 from tests.conftest import tiny_wan
 
@@ -45,16 +45,20 @@ def test_the_switch_is_where_the_pipeline_switches():
 def test_masks_and_taylor_weights_restart_at_the_switch():
     starts = (0, 5)
     ok = [True, True, False, True, False, True, True, False, True, False]
-    assert validate_mask(ok, 10, history=2, starts=starts) == tuple(ok)
+    assert validate_mask(ok, 10, starts=starts) == tuple(ok)
     with pytest.raises(UserError, match="step 5, the first step of expert 1"):
-        validate_mask([True, True, False, True, True, False, True, True, True, True], 10, 2, starts)
-    with pytest.raises(UserError, match=r"only 1 full step\(s\) precede the first cached step of expert 1"):
-        validate_mask([True, True, False, True, True, True, False, True, True, True], 10, 2, starts)
+        validate_mask([True, True, False, True, True, False, True, True, True, True], 10, starts)
     w = taylor_weights(ok, 2, starts)  # (T, K, 1)
     np.testing.assert_allclose(w[7, :, 0], [2.0, -1.0])  # from steps 6 and 5: linear, never from step 3 or 4
     np.testing.assert_allclose(w[2, :, 0], [2.0, -1.0])  # from steps 1 and 0
-    with pytest.raises(UserError, match="only 1 full step"):
-        taylor_weights([True, True, True, True, True, True, False, True, True, True], 2, starts)
+    # one full step of expert 1 before a cached step: reuse of it, never a line through expert 0's step 4
+    early = [True, True, True, True, True, True, False, True, True, True]
+    w_early = torch.as_tensor(taylor_weights(early, 2, starts))
+    np.testing.assert_allclose(w_early[6, :, 0], [1.0, 0.0])
+    check_empty_slots(w_early, early, starts)
+    w_early[6, :, 0] = torch.tensor([2.0, -1.0])  # the line through step 5 and expert 0's step 4
+    with pytest.raises(UserError, match="step 6 is cached after 1 full step.*slot 2 of 2"):
+        check_empty_slots(w_early, early, starts)
 
 
 def _pipe(high, low):
@@ -136,8 +140,9 @@ def test_calibration_keeps_each_expert_to_itself(kind, order, loop):
                                phi_max=1.5, phi_rule="lsq")
     res = calibrate(cal, config, progress=False, log=lambda s: None).result
     b, k = experts.starts[1], order + 1
-    validate_mask(res.mask, 12, k, experts.starts)  # the rule per expert holds
-    assert all(res.mask[b:b + k]) and all(res.mask[:k])
+    validate_mask(res.mask, 12, experts.starts)  # each expert opens with a full step
+    assert res.mask[b] and res.mask[0]
+    check_empty_slots(res.pred_w, res.mask, experts.starts)  # no cached step reads the other expert's residuals
     if kind == "taylor":
         np.testing.assert_allclose(res.pred_w.numpy(), taylor_weights(res.mask, k, experts.starts), atol=1e-6)
     assert res.sigmas[b] == pytest.approx(sigmas[b]) and (res.sigmas[:b] >= BOUNDARY).all()
@@ -265,9 +270,10 @@ def test_profile_and_generate_command_lines_take_the_two_experts(tmp_path, capsy
 
     folder = _a14b_folder(tmp_path)
     base = ["--model", "wan2.2", "--model-path", str(folder), "--dtype", "fp32", "--height", "32", "--width", "48",
-            "--frames", "5", "--steps", "20"]  # 2x: 10 full steps, 7 forced (K = 3 per expert, the last)
-    rc = profile_cli.main([*base[:-1], "10", "--quiet", "--out", str(tmp_path / "q")])
-    assert rc == 2 and "the two experts force 7" in capsys.readouterr().err  # before any calibration pass
+            "--frames", "5", "--steps", "20"]
+    # 10 steps at 4x: 2 full steps, but 3 forced (each expert's first step, the last)
+    rc = profile_cli.main([*base[:-1], "10", "--speedup", "4", "--quiet", "--out", str(tmp_path / "q")])
+    assert rc == 2 and "the two experts force 3" in capsys.readouterr().err  # before any calibration pass
     assert profile_cli.main([*base, "--quiet", "--guidance-scale-2", "2.5", "--out", str(tmp_path / "p")]) == 0
     profile = load_profile(tmp_path / "p")
     assert profile.experts.guidance_scales == (4.0, 2.5)

@@ -84,17 +84,19 @@ def test_a_schema_1_profile_loads_as_the_reuse_predictor(tmp_path):
     assert back.predictor["migrated_from_schema"] == 1
 
 
-def test_a_predictor_needs_its_history_before_the_first_cached_step(tmp_path):
+def test_a_predictor_may_not_read_a_slot_before_a_full_step_fills_it(tmp_path):
+    """A cached step after one full step may predict from it (weights [1, 0]), never from a second slot."""
     prof = make_profile()
     prof.mask = [True, False] + [True] * 6
-    prof.save(tmp_path / "p")
-
-    def deeper(meta):
-        meta["predictor"]["history"] = 2
-
-    _rewrite(tmp_path / "p", deeper)
-    with pytest.raises(ProfileError, match="reads 2 full-step residuals but only 1 full step"):
-        load_profile(tmp_path / "p")
+    prof.predictor = {"kind": "taylor", "order": 1, "history": 2}
+    prof.pred_w = torch.zeros(8, 2, 1)
+    prof.pred_w[:, 0] = 1.0
+    prof.save(tmp_path / "ok")
+    assert load_profile(tmp_path / "ok").pred_w[1, :, 0].tolist() == [1.0, 0.0]
+    prof.pred_w[1, :, 0] = torch.tensor([2.0, -1.0])  # a line through a residual that does not exist yet
+    prof.save(tmp_path / "bad")
+    with pytest.raises(ProfileError, match="step 1 is cached after 1 full step.*slot 2 of 2, which holds no residual"):
+        load_profile(tmp_path / "bad")
 
 
 def test_a_profile_of_a_future_schema_is_refused(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ertacache.errors import UserError
+from ertacache.models.experts import filled_slots
 from ertacache.profile.calibrate import cached_pass, calibrate, residual_bank
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
@@ -34,8 +35,13 @@ def test_taylor_tables_follow_the_mask():
     np.testing.assert_allclose(w[5, :, 0], lagrange_weights([4, 2, 1], 5))
     np.testing.assert_allclose(w[3, :, 0], lagrange_weights([2, 1, 0], 3))
     np.testing.assert_array_equal(w[4, :, 0], [1, 0, 0])  # full steps: the newest slot (never read)
-    with pytest.raises(UserError, match="only 1 full step"):
-        taylor_weights([True, False, True], 2)
+    # before K full steps the order grows with the slots: reuse after one, linear after two, 0 on the empty slots
+    early = taylor_weights([True, False, True, False, True, False], 3)
+    np.testing.assert_allclose(early[1, :, 0], [1, 0, 0])
+    np.testing.assert_allclose(early[3, :, 0], [1.5, -0.5, 0])  # the line through steps 2 and 0, at step 3
+    np.testing.assert_allclose(early[5, :, 0], lagrange_weights([4, 2, 0], 5))
+    with pytest.raises(UserError, match="no full step of its expert precedes it"):
+        taylor_weights([True, True, True, False], 2, starts=(0, 3))
 
 
 def test_k1_reuse_predicts_the_last_residual_bit_for_bit():
@@ -85,9 +91,9 @@ def test_predictor_settings_are_checked():
         PredictorConfig(kind="magic")
     with pytest.raises(UserError, match="predictor-order"):
         PredictorConfig(kind="taylor", order=7)
-    with pytest.raises(UserError, match="below the 3 full-step residuals"):
-        CalibrationConfig(speedup=2.0, warmup_steps=1, predictor=PredictorConfig("taylor", 2))
-    assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2)).warmup_steps == 3
+    # one leading full step whatever K: the schedule rule decides the next ones (the order grows as slots fill)
+    assert CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 2)).warmup_steps == 1
+    assert CalibrationConfig(speedup=2.0, warmup_steps=3, predictor=PredictorConfig("taylor", 2)).warmup_steps == 3
     assert PredictorConfig(kind="reuse", order=2).history == 1
 
 
@@ -120,6 +126,37 @@ def test_the_closed_pass_and_the_open_bank_agree_where_the_trajectories_coincide
     assert closed.residual_error[3] > 0
 
 
+def test_a_cached_step_before_k_full_steps_predicts_from_those_there_are(cal):
+    """Closed pass and bank agree on the lower-order prediction of step 1 (from step 0 alone: reuse)."""
+    config = CalibrationConfig(lam=0.1, rectify=False, time_adjust=False, predictor=PredictorConfig("taylor", 2),
+                               batch_size=2)
+    early = (True, False, True, False) + MASK[4:]
+    closed = cached_pass(cal, config, mask=early, progress=False)
+    np.testing.assert_allclose(closed.pred_w[1, :, 0].numpy(), [1, 0, 0])
+    np.testing.assert_allclose(closed.pred_w[3, :, 0].numpy(), [1.5, -0.5, 0])  # the line through steps 2 and 0
+    bank = residual_bank(cal, config, progress=False)
+    assert closed.residual_error[1] == pytest.approx(bank.error((0,), 1), rel=1e-5) and closed.residual_error[1] > 0
+
+
+def test_over_budget_the_bank_caches_the_full_step_that_costs_least(cal):
+    """drop_full_steps caches, one at a time, the full step whose caching adds least to the bank's summed
+    error over the whole mask; mask_error is that sum over the cached steps."""
+    config = CalibrationConfig(speedup=2.0, predictor=PredictorConfig("taylor", 1), batch_size=2)
+    bank = residual_bank(cal, config, progress=False)
+    forced, w = cal.forced(config), cal.schedule_weights(config)
+    mask = MASK
+    want = sum(bank.error(tuple([j for j in range(i) if mask[j]][::-1][:2]), i) * w[i]
+               for i in range(STEPS) if not mask[i])
+    assert bank.mask_error(mask, 2, w) == pytest.approx(want)
+    assert bank.mask_error((False,) + MASK[1:], 2, w) == float("inf")  # a cached step with no full step before it
+    out = bank.drop_full_steps(mask, 2, 2, forced, w)
+    assert sum(out) == sum(mask) - 2 and all(out[j] for j in range(STEPS) if forced[j])
+    costs = {j: bank.mask_error([m and k != j for k, m in enumerate(mask)], 2, w)
+             for j in range(STEPS) if mask[j] and not forced[j]}
+    first = min(costs, key=costs.get)
+    assert not out[first] and len(set(costs.values())) > 1  # the choice was not a tie
+
+
 def test_fitted_weights_drive_the_sampler_and_stay_near_the_prior(cal):
     config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("fitted", 2, ridge=1.0), rectify=True)
     res = cached_pass(cal, config, mask=MASK, progress=False)
@@ -134,7 +171,10 @@ def test_fitted_weights_drive_the_sampler_and_stay_near_the_prior(cal):
 def test_a_predictor_profile_meets_the_budget_and_reports_its_cost(cal, loop):
     config = CalibrationConfig(speedup=2.0, loop=loop, predictor=PredictorConfig("taylor", 1), batch_size=2)
     out = calibrate(cal, config, progress=False, log=lambda s: None)
-    assert out.result.full_steps == STEPS // 2 and all(out.result.mask[:2])
+    assert out.result.full_steps == STEPS // 2 and out.result.mask[0]
+    w = out.result.pred_w[:, :, 0]  # (T, K): no cached step reads a slot before a full step has filled it
+    filled = filled_slots(out.result.mask, 2)
+    assert all(not w[i, filled[i]:].any() for i in range(STEPS) if not out.result.mask[i])
     if loop == "open":  # one uncached pass for the residual bank, one closed pass along the mask
         assert out.uncached_passes == pytest.approx(2.0)
     else:  # the bank, one greedy closed pass, one closed pass along the budget's mask: no bisection

@@ -19,7 +19,7 @@ from ertacache.export.runners import relative_l2
 from ertacache.runtime import Runtime, measure_allocations
 from ertacache.runtime.runtime import ring_rotations, validate_mask
 from ertacache.sampling import CachedSampler
-from tests.export.conftest import K3_MASK
+from tests.export.conftest import K3_MASK, TinyK3, k3_profile
 from tests.runtime.conftest import copy_folder, edit_manifest, poison_cached_table
 
 
@@ -193,18 +193,41 @@ def test_nan_diagnosis_replays_the_ring(onnx_export_k3, tmp_path, request_inputs
 
 # ---- refusals ------------------------------------------------------------------------------------------
 
-def test_runtime_refuses_a_cached_step_before_k_full_steps():
-    validate_mask(K3_MASK, 8, 3)
-    with pytest.raises(UserError, match=r"reads the last 3 full-step residuals but only 2 full step\(s\) precede "
-                                        r"the first cached step \(step 2\); make the first 3 steps full"):
-        validate_mask([True, True, False, True, True, True, True, True], 8, 3)
+#: steps 1 and 3 are cached after one and two full steps (reuse of step 0, the line through steps 2 and 0),
+#: step 6 after four (the quadratic through 5, 4, 2, with the ring wrapped)
+EARLY_MASK = [True, False, True, False, True, True, False, True]
+RESIDUAL_DIM = 24  # the tiny model's tokens: 4 heads x 6
 
 
-def test_manifest_with_a_cached_step_before_k_full_steps_is_refused(onnx_export_k3, tmp_path):
-    folder = copy_folder(onnx_export_k3.out, tmp_path / "f")
-    edit_manifest(folder, lambda m: m["profile"].update(mask=[True, True, False, True, True, True, True, True]))
-    with pytest.raises(ManifestError, match=r"its lagrange predictor reads the last 3 full-step residuals but only 2"):
-        Runtime(folder, "onnxruntime")
+def test_cached_steps_before_k_full_steps_match_eager_through_the_ring(tiny, tiny_k3, request_inputs, tmp_path):
+    """The order grows as the slots fill: the export, and a second request that finds the first one's
+    residuals in the empty slots (weight 0, zeroed per request), agree with the eager sampler."""
+    early = TinyK3(tiny)
+    early.profile = k3_profile(tiny.profile, RESIDUAL_DIM, EARLY_MASK)
+    assert early.profile.pred_w[3, :, 0].tolist() == [1.5, -0.5, 0.0]
+    noise, text = request_inputs
+    want = CachedSampler(early.adapter, early.profile.tables(), early.profile.mask)(noise, text, 4.0).latents
+    pkg = early.export(tmp_path / "out", targets="onnx", timing_repeats=0, decode_graph=False)
+    assert pkg.validation["onnx"]["rel_l2"] <= 1e-4  # the export's own replay of the schedule
+    with Runtime(pkg.out, "onnxruntime") as rt:
+        for buf in rt.state.residuals:  # what a first request could leave behind in the empty slots
+            buf.fill_(float("nan"))
+        assert relative_l2(rt.sample(noise, text), want) <= 1e-4
+        assert relative_l2(rt.sample(noise, text), want) <= 1e-4
+
+
+def test_weights_on_a_slot_no_full_step_has_filled_are_refused(tiny, tmp_path):
+    assert validate_mask(EARLY_MASK, 8) == tuple(EARLY_MASK)
+    with pytest.raises(UserError, match="the first step must compute"):
+        validate_mask([False, *EARLY_MASK[1:]], 8)
+    bad = TinyK3(tiny)
+    bad.profile = k3_profile(tiny.profile, RESIDUAL_DIM, EARLY_MASK)
+    bad.profile.pred_w[3, :, 0] = torch.tensor([3.0, -3.0, 1.0])  # a quadratic through a third residual not there
+    with pytest.raises(UserError, match=r"step 3 is cached after 2 full step\(s\) but its predictor weights read "
+                                        r"residual slot 3 of 3, which holds no residual yet"):
+        CachedSampler(bad.adapter, bad.profile.tables(), bad.profile.mask)
+    with pytest.raises(UserError, match="step 3 is cached after 2 full step"):
+        bad.export(tmp_path / "out", targets="onnx", timing_repeats=0, decode_graph=False)
 
 
 @pytest.mark.parametrize("edit, match", [
