@@ -63,9 +63,10 @@ def check_empty_slots(pred_w: torch.Tensor, mask: Sequence[bool], starts: Sequen
     """
     k = pred_w.shape[1]
     for i, (full, filled) in enumerate(zip(mask, filled_slots(mask, k, starts))):
-        if not full and filled < k and bool(pred_w[i, filled:].any()):
+        read = [j for j in range(filled, k) if bool(pred_w[i, j].any())] if not full else []
+        if read:
             raise UserError(f"step {i} is cached after {filled} full step(s) but its predictor weights read residual "
-                            f"slot {filled + 1} of {k}, which holds no residual yet; recalibrate the profile "
+                            f"slot {read[0] + 1} of {k}, which holds no residual yet; recalibrate the profile "
                             "(ertacache-profile) instead of editing its tables")
 
 
