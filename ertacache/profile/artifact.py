@@ -335,10 +335,6 @@ def _validate_tables(path: Path, meta: dict[str, Any]) -> None:
             raise _fail(path, f"{key!r} has {len(meta[key])} entries for {steps} steps")
     if not all(isinstance(m, bool) for m in meta["mask"]) or not meta["mask"][0]:
         raise _fail(path, "'mask' must be booleans with the first step true (full compute)")
-    try:
-        validate_mask(meta["mask"], steps)  # each expert's first step too: _validate_experts
-    except UserError as e:
-        raise _fail(path, str(e)) from None
     for key in ("nominal_sigmas", "sigmas"):
         try:
             validate_sigma_table(meta[key], steps, what=f"{key!r}")

@@ -41,7 +41,8 @@ from ertacache.models.experts import Experts
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
-from ertacache.profile.predictor import PredictorConfig, RidgeAccumulator, lagrange_weights, lower_order_candidates
+from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
+                                        lower_order_candidates)
 from ertacache.profile.schedule import (
     bisection_probes,
     fill_budget,
@@ -335,20 +336,15 @@ class ResidualBank:
                 positions.append(i)
         return tuple(mask), errs
 
-
     def mask_error(self, mask: Sequence[bool], history: int, weights: np.ndarray) -> float:
         """The sum over ``mask``'s cached steps of their weighted prediction error (inf if one has no full step
         of its expert before it)."""
-        total, positions = 0.0, []
-        for i, full in enumerate(mask):
-            if i in self.starts:
-                positions = []
-            if full:
-                positions.append(i)
-            elif not positions:
+        total = 0.0
+        for i in (i for i, full in enumerate(mask) if not full):
+            newest_first = last_full_steps(mask, i, history, max(s for s in self.starts if s <= i))
+            if not newest_first:
                 return float("inf")
-            else:
-                total += self.error(tuple(positions[::-1][:history]), i) * weights[i]
+            total += self.error(tuple(newest_first), i) * weights[i]
         return total
 
     def drop_full_steps(self, mask: Sequence[bool], count: int, history: int, forced: np.ndarray,

@@ -196,14 +196,18 @@ def test_nan_diagnosis_replays_the_ring(onnx_export_k3, tmp_path, request_inputs
 #: steps 1 and 3 are cached after one and two full steps (reuse of step 0, the line through steps 2 and 0),
 #: step 6 after four (the quadratic through 5, 4, 2, with the ring wrapped)
 EARLY_MASK = [True, False, True, False, True, True, False, True]
-RESIDUAL_DIM = 24  # the tiny model's tokens: 4 heads x 6
+
+
+def _token_width(tiny) -> int:
+    """The residual's last dimension D, as TinyK3 sizes its bias table."""
+    return tiny.model.config.num_attention_heads * tiny.model.config.attention_head_dim
 
 
 def test_cached_steps_before_k_full_steps_match_eager_through_the_ring(tiny, tiny_k3, request_inputs, tmp_path):
     """The order grows as the slots fill: the export, and a second request that finds the first one's
     residuals in the empty slots (weight 0, zeroed per request), agree with the eager sampler."""
     early = TinyK3(tiny)
-    early.profile = k3_profile(tiny.profile, RESIDUAL_DIM, EARLY_MASK)
+    early.profile = k3_profile(tiny.profile, _token_width(tiny), EARLY_MASK)
     assert early.profile.pred_w[3, :, 0].tolist() == [1.5, -0.5, 0.0]
     noise, text = request_inputs
     want = CachedSampler(early.adapter, early.profile.tables(), early.profile.mask)(noise, text, 4.0).latents
@@ -221,7 +225,7 @@ def test_weights_on_a_slot_no_full_step_has_filled_are_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="the first step must compute"):
         validate_mask([False, *EARLY_MASK[1:]], 8)
     bad = TinyK3(tiny)
-    bad.profile = k3_profile(tiny.profile, RESIDUAL_DIM, EARLY_MASK)
+    bad.profile = k3_profile(tiny.profile, _token_width(tiny), EARLY_MASK)
     bad.profile.pred_w[3, :, 0] = torch.tensor([3.0, -3.0, 1.0])  # a quadratic through a third residual not there
     with pytest.raises(UserError, match=r"step 3 is cached after 2 full step\(s\) but its predictor weights read "
                                         r"residual slot 3 of 3, which holds no residual yet"):
