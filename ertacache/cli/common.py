@@ -95,6 +95,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 DEFAULT_LOOP = "closed"
 DEFAULT_PREDICTOR = "taylor"
 DEFAULT_PREDICTOR_ORDER = 2
+DEFAULT_CURVATURE = 0.5
 DEFAULT_PHI_RULE = "auto"
 
 
@@ -110,6 +111,10 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
                              f"ridge least squares shrunk toward taylor (default: {DEFAULT_PREDICTOR})")
     parser.add_argument("--predictor-order", type=int, default=None,
                         help=f"order of taylor, highest order of adaptive, prior of fitted, 0-3 (default: {DEFAULT_PREDICTOR_ORDER})")
+    parser.add_argument("--predictor-curvature", type=float, default=None,
+                        help="scale on the extrapolation's terms of order >= 2, 0-1: 1 = the exact polynomial through "
+                             "the last K full residuals, 0 = the line through the newest two; docs/predictor.md "
+                             f"(default: {DEFAULT_CURVATURE})")
     if not ablations:
         return
     parser.add_argument("--predictor-ridge", type=float, default=0.1, help="fitted: shrinkage toward taylor")
@@ -135,8 +140,9 @@ def calibration_config(args, lam: float | None, speedup: float | None, batch_siz
 
     kind = args.predictor or DEFAULT_PREDICTOR
     order = DEFAULT_PREDICTOR_ORDER if args.predictor_order is None else args.predictor_order
+    curvature = DEFAULT_CURVATURE if args.predictor_curvature is None else args.predictor_curvature
     predictor = PredictorConfig(kind=kind, order=0 if kind == "reuse" else order,
-                                ridge=getattr(args, "predictor_ridge", 0.1))
+                                ridge=getattr(args, "predictor_ridge", 0.1), curvature=curvature)
     return CalibrationConfig(
         lam=lam, speedup=None if lam is not None else speedup, loop=args.loop or DEFAULT_LOOP,
         warmup_steps=getattr(args, "warmup_steps", None), predictor=predictor,
@@ -157,6 +163,9 @@ def check_calibration_flags_against(args, profile, where: str) -> None:
     pred = profile.predictor
     asked = [("--predictor", args.predictor, pred.get("kind")),
              ("--predictor-order", args.predictor_order, pred.get("order")),
+             # a profile without the key predates the flag: its weights are the exact polynomial
+             ("--predictor-curvature", args.predictor_curvature,
+              pred.get("curvature", 1.0) if pred.get("order", 0) >= 2 else None),
              ("--loop", args.loop, profile.config.get("loop"))]
     for flag, value, have in asked:
         if value is not None and have is not None and value != have:

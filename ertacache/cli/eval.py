@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=1,
                    help="leading full steps of every ERTACache method (before K full steps a predictor "
                         "extrapolates from the residuals there are)")
+    p.add_argument("--predictor-curvature", type=float, default=0.5,
+                   help="scale on the extrapolation's terms of order >= 2 of every predictor method (1 = the exact "
+                        "polynomial, 0 = the line through the newest two full steps); docs/predictor.md")
     p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
                    help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
                         "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")
@@ -139,6 +142,7 @@ def build_config(args, bundle):
         batch_size=args.batch_size,
         calibration_batch_size=bundle.recipe.defaults.calibration_batch_size,
         warmup_steps=args.warmup_steps,
+        curvature=args.predictor_curvature,
         phi_rule=args.phi_rule,
         schedule_weight=args.schedule_weight,
     )

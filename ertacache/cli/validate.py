@@ -34,6 +34,7 @@ _BOUNDS: list[tuple[str, str, str, float | None, float | None, bool]] = [
     ("--batch-size", "batch_size", "int", 1, MAX_BATCH, True),
     ("--warmup-steps", "warmup_steps", "int", 1, MAX_STEPS, True),
     ("--predictor-order", "predictor_order", "int", 0, 3, True),
+    ("--predictor-curvature", "predictor_curvature", "float", 0.0, 1.0, True),
     ("--predictor-ridge", "predictor_ridge", "float", 0.0, 1e9, True),
     ("--timing-repeats", "timing_repeats", "int", 0, 10_000, True),
     ("--opset", "opset", "int", 18, 100, True),

@@ -181,6 +181,7 @@ class EvalConfig:
     batch_size: int = 16
     calibration_batch_size: int = 16
     warmup_steps: int = 1
+    curvature: float = 0.5  # PredictorConfig.curvature of every predictor method (checked there)
     phi_rule: str = "auto"  # "auto": the paper's for the reuse methods, least squares for the predictors
     schedule_weight: str = "auto"  # CalibrationConfig.schedule_weight of every ERTACache method ("auto": per predictor)
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
@@ -209,6 +210,8 @@ class EvalConfig:
             raise UserError("batch sizes must be >= 1")
         if self.warmup_steps < 1:
             raise UserError("warmup_steps must be >= 1: step 0 has no cache to reuse")
+        if not 0.0 <= self.curvature <= 1.0:
+            raise UserError(f"--predictor-curvature must be in [0, 1] (1 = the exact polynomial), got {self.curvature}")
         if any(m in PEERS for m in self.methods):
             from ertacache.eval.peers import require_peers
 

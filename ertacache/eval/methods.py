@@ -78,7 +78,7 @@ def erta_config(ctx, method: str, speedup: float | None = None, lam: float | Non
     """The CalibrationConfig an ERTACache method name stands for (the same flags as ertacache-profile)."""
     loop, time_adjust, rectify = erta_flags(method)
     kind, order = erta_predictor(method)
-    predictor = PredictorConfig(kind=kind, order=order)
+    predictor = PredictorConfig(kind=kind, order=order, curvature=ctx.config.curvature)
     return CalibrationConfig(lam=lam, speedup=speedup if lam is None else None, loop=loop,
                              warmup_steps=ctx.config.warmup_steps, time_adjust=time_adjust,
                              rectify=rectify, predictor=predictor, phi_rule=ctx.config.phi_rule,

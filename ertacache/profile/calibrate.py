@@ -41,7 +41,7 @@ from ertacache.models.experts import Experts
 from ertacache.profile.config import CalibrationConfig
 from ertacache.profile.correction import OLSAccumulator
 from ertacache.profile.offload import HostStore
-from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
+from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, extrapolation_weights, last_full_steps,
                                         lower_order_candidates)
 from ertacache.profile.schedule import (
     bisection_probes,
@@ -290,20 +290,21 @@ class ResidualBank:
         self.slices, self.n_branches, self.steps, self.device = slices, n_branches, steps, device
         self.starts = starts  # each expert's first step
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
-        self._memo: dict[tuple[tuple[int, ...], int], float] = {}
+        self._memo: dict[tuple[tuple[int, ...], int, float], float] = {}
         self.prompts = sum(sl.stop - sl.start for sl in slices)
 
-    def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False) -> float:
-        """Mean over prompts of the rel. L1 error of the Lagrange prediction of ``step`` from those full steps.
+    def error(self, newest_first: tuple[int, ...], step: int, adaptive: bool = False, curvature: float = 1.0) -> float:
+        """Mean over prompts of the rel. L1 error of the extrapolation of ``step`` from those full steps
+        (``curvature``: :func:`~ertacache.profile.predictor.extrapolation_weights`).
 
         ``adaptive``: the least such error over the orders below (prefixes of ``newest_first``), as
         the adaptive predictor picks.
         """
         if adaptive:
-            return min(self.error(newest_first[: j + 1], step) for j in range(len(newest_first)))
-        key = (newest_first, step)
+            return min(self.error(newest_first[: j + 1], step, curvature=curvature) for j in range(len(newest_first)))
+        key = (newest_first, step, curvature)  # one bank serves every config of a calibration set
         if key not in self._memo:
-            w = torch.as_tensor(lagrange_weights(newest_first, step), dtype=torch.float32)
+            w = torch.as_tensor(extrapolation_weights(newest_first, step, curvature), dtype=torch.float32)
             total = 0.0
             for k in range(len(self.slices)):
                 slots = [self.residuals[k, j].to(self.device) for j in newest_first]
@@ -314,12 +315,13 @@ class ResidualBank:
         return self._memo[key]
 
     def solve_lambda(self, target: int, history: int, forced: np.ndarray, adaptive: bool = False,
-                     weights: np.ndarray | None = None) -> float:
+                     weights: np.ndarray | None = None, curvature: float = 1.0) -> float:
         """Lambda whose greedy mask comes closest to ``target`` full steps from below (no model call)."""
-        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive, weights)[0]), lam), target)[0]
+        return solve_lambda(lambda lam: (sum(self.walk(lam, history, forced, adaptive, weights, curvature)[0]), lam),
+                            target)[0]
 
     def walk(self, lam: float, history: int, forced: np.ndarray, adaptive: bool = False,
-             weights: np.ndarray | None = None) -> tuple[tuple[bool, ...], np.ndarray]:
+             weights: np.ndarray | None = None, curvature: float = 1.0) -> tuple[tuple[bool, ...], np.ndarray]:
         """The greedy mask for ``lam`` (cache while the prediction error, times the step's weight, is below
         it) and each step's weighted error (``weights``: :func:`~ertacache.profile.schedule.step_weights`)."""
         weights = np.ones(self.steps) if weights is None else weights
@@ -329,14 +331,14 @@ class ResidualBank:
                 positions = []  # a residual never crosses the expert switch
             full = bool(forced[i]) or not positions  # before K full steps: a lower order (error() takes the tuple)
             if not full:
-                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive) * weights[i]
+                errs[i] = self.error(tuple(positions[::-1][:history]), i, adaptive, curvature) * weights[i]
                 full = not errs[i] < lam
             mask.append(full)
             if full:
                 positions.append(i)
         return tuple(mask), errs
 
-    def mask_error(self, mask: Sequence[bool], history: int, weights: np.ndarray) -> float:
+    def mask_error(self, mask: Sequence[bool], history: int, weights: np.ndarray, curvature: float = 1.0) -> float:
         """The sum over ``mask``'s cached steps of their weighted prediction error (inf if one has no full step
         of its expert before it)."""
         total = 0.0
@@ -344,11 +346,11 @@ class ResidualBank:
             newest_first = last_full_steps(mask, i, history, max(s for s in self.starts if s <= i))
             if not newest_first:
                 return float("inf")
-            total += self.error(tuple(newest_first), i) * weights[i]
+            total += self.error(tuple(newest_first), i, curvature=curvature) * weights[i]
         return total
 
     def drop_full_steps(self, mask: Sequence[bool], count: int, history: int, forced: np.ndarray,
-                        weights: np.ndarray) -> tuple[bool, ...]:
+                        weights: np.ndarray, curvature: float = 1.0) -> tuple[bool, ...]:
         """Cache ``count`` optional full steps of ``mask``, one at a time: each time the one whose caching adds
         least to :meth:`mask_error` (no model call).
 
@@ -361,7 +363,8 @@ class ResidualBank:
             optional = [j for j, m in enumerate(mask) if m and not forced[j]]
             if not optional:
                 break
-            costs = [self.mask_error([m and j != k for k, m in enumerate(mask)], history, weights) for j in optional]
+            costs = [self.mask_error([m and j != k for k, m in enumerate(mask)], history, weights, curvature)
+                     for j in optional]
             mask[optional[int(np.argmin(costs))]] = False
         return tuple(mask)
 
@@ -430,7 +433,7 @@ def _step_weights(pred: PredictorConfig, positions: list[int], step: int,
     slots (the order grows as the slots fill; ``fitted`` fits only once all K are there).
     """
     newest_first = positions[::-1][: pred.history]
-    prior = lagrange_weights(newest_first, step) if pred.kind != "reuse" else np.ones(1)
+    prior = extrapolation_weights(newest_first, step, pred.curvature) if pred.kind != "reuse" else np.ones(1)
     if pred.kind == "fitted" and ridge is not None and ridge.count:
         return ridge.solve(prior, pred.ridge)
     return _pad_slots(torch.as_tensor(prior, dtype=torch.float32).reshape(-1, 1), pred.history), torch.zeros(1)
@@ -442,11 +445,11 @@ def _pad_slots(w: torch.Tensor, history: int) -> torch.Tensor:
 
 
 def _least_error_weights(traj: "_Trajectories", newest_first: list[int], step: int, nb: int, prompts: int,
-                         device) -> torch.Tensor:
+                         device, curvature: float = 1.0) -> torch.Tensor:
     """(K, 1) weights of the order (<= K - 1) whose Lagrange prediction of this step's true residual
     ("r" in ``traj``) has the least mean rel. L1 error over the calibration prompts."""
     candidates = [torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1)
-                  for w in lower_order_candidates(newest_first, step)]
+                  for w in lower_order_candidates(newest_first, step, curvature)]
     errs = [0.0] * len(candidates)
     with torch.no_grad():
         for k, _ in traj:
@@ -557,8 +560,8 @@ def cached_pass(
         res_err = float("inf")
         if may_cache:
             if pred.kind == "adaptive":  # the order whose prediction errs least over every prompt, no bias
-                w_i = _pad_slots(_least_error_weights(traj, positions[::-1][:history], i, nb, cal.prompts, device),
-                                 history)
+                w_i = _pad_slots(_least_error_weights(traj, positions[::-1][:history], i, nb, cal.prompts, device,
+                                                      pred.curvature), history)
                 b_i = torch.zeros(1)
             else:
                 w_i, b_i = _step_weights(pred, positions, i, ridge)
@@ -699,10 +702,12 @@ def _closed_predictor_budget(cal: CalibrationSet, config: CalibrationConfig, pro
     bank = residual_bank(cal, config, progress)
     forced = cal.forced(config)
     weights = cal.schedule_weights(config)
-    lam = bank.solve_lambda(target, config.predictor.history, forced, config.predictor.kind == "adaptive", weights)
+    pred = config.predictor
+    lam = bank.solve_lambda(target, pred.history, forced, pred.kind == "adaptive", weights, pred.curvature)
     probe = cached_pass(cal, config, lam=lam, progress=progress)
     if probe.full_steps > target:  # which full steps to cache: by what caching each does to the steps after it
-        mask = bank.drop_full_steps(probe.mask, probe.full_steps - target, config.predictor.history, forced, weights)
+        mask = bank.drop_full_steps(probe.mask, probe.full_steps - target, pred.history, forced, weights,
+                                    pred.curvature)
     else:  # compute the cached steps that erred most along the cached trajectory
         mask = fit_to_budget(probe.mask, probe.prediction_error * weights, target, forced)
     log(f"closed-loop predictor mask: lambda={lam:.5g} gave {probe.full_steps} full steps, set to {sum(mask)}")
@@ -764,8 +769,9 @@ def _calibrate(cal, config, progress, log, errors, lam_hi, steps, target) -> "Ca
         adaptive = config.predictor.kind == "adaptive"
         weights = cal.schedule_weights(config)
         lam = (config.lam if target is None
-               else bank.solve_lambda(target, config.predictor.history, forced, adaptive, weights))
-        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive, weights)
+               else bank.solve_lambda(target, config.predictor.history, forced, adaptive, weights,
+                                      config.predictor.curvature))
+        mask, step_err = bank.walk(lam, config.predictor.history, forced, adaptive, weights, config.predictor.curvature)
         if target is not None:
             mask = fill_budget(mask, step_err, target)
         log(f"open-loop predictor mask: lambda={lam:.5g}, {sum(mask)}/{steps} full steps")

@@ -48,6 +48,7 @@ def run_err(argv, capsys):
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU may build engines")),
     (["--dtype", "bf16", "--targets", "onnx"], "bfloat16 Conv"),
     (["--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--predictor-curvature", "1.5"], "--predictor-curvature 1.5 is out of range"),
 ])
 def test_cli_bad_flags_exit_2(extra, match, tmp_path, tiny_wan_folder, capsys):
     rc, err = run_err(["--model", "wan2.1", "--model-path", str(tiny_wan_folder), *SHAPE, *extra,
@@ -70,6 +71,9 @@ def test_cli_refuses_profile_of_other_steps_and_existing_folder(cli_export, tiny
     other = "reuse" if '"kind": "taylor"' in kind else "taylor"
     rc, err = run_err([*base, "--predictor", other, "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and f"--predictor {other} differs from the profile" in err and "re-profile" in err
+    assert '"curvature": 0.5' in kind  # the default's; so is the curvature of its weights baked
+    rc, err = run_err([*base, "--predictor-curvature", "1", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--predictor-curvature 1.0 differs from the profile" in err and "0.5" in err
     assert not (tmp_path / "o").exists()
 
 

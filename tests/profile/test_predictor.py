@@ -8,8 +8,8 @@ from ertacache.errors import UserError
 from ertacache.models.experts import filled_slots
 from ertacache.profile.calibrate import cached_pass, calibrate, residual_bank
 from ertacache.profile.config import CalibrationConfig
-from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, lagrange_weights, last_full_steps,
-                                         lower_order_candidates, taylor_weights)
+from ertacache.profile.predictor import (PredictorConfig, RidgeAccumulator, extrapolation_weights, lagrange_weights,
+                                         last_full_steps, lower_order_candidates, taylor_weights)
 from ertacache.sampling import CachedSampler, StepTables, nominal_sigmas
 from ertacache.sampling.steps import predict_residual
 from tests.profile.conftest import STEPS
@@ -27,6 +27,28 @@ def test_lagrange_weights_match_a_hand_computation():
     assert np.dot(lagrange_weights(pos, 11), [f(p) for p in pos]) == pytest.approx(f(11))
 
 
+def test_curvature_scales_the_quadratic_term_only():
+    # full steps 4, 2, 0, predict step 5. The line through steps 4 and 2: w = [(5-2)/(4-2), (5-4)/(2-4)] = [1.5, -0.5];
+    # the quadratic [1.875, -1.25, 0.375]. Halving the term above the line: [1.6875, -0.875, 0.1875].
+    np.testing.assert_allclose(extrapolation_weights([4, 2, 0], 5, 0.5), [1.6875, -0.875, 0.1875])
+    np.testing.assert_allclose(extrapolation_weights([4, 2, 0], 5, 0.0), [1.5, -0.5, 0.0])
+    np.testing.assert_allclose(extrapolation_weights([4, 2, 0], 5, 1.0), lagrange_weights([4, 2, 0], 5))
+    np.testing.assert_allclose(extrapolation_weights([3, 2], 4, 0.5), [2.0, -1.0])  # no term above the line to scale
+    # any curvature reproduces a line exactly; on a quadratic it predicts line + curvature * (quadratic - line)
+    pos, t = [9, 6, 5], 11
+    line = lambda x: -2.0 * x + 1.5  # noqa: E731
+    quad = lambda x: 0.3 * x * x + line(x)  # noqa: E731
+    for c in (0.0, 0.25, 0.5, 1.0):
+        w = extrapolation_weights(pos, t, c)
+        assert np.dot(w, [line(p) for p in pos]) == pytest.approx(line(t))
+        lin_pred = np.dot(lagrange_weights(pos[:2], t), [quad(p) for p in pos[:2]])
+        assert np.dot(w, [quad(p) for p in pos]) == pytest.approx(lin_pred + c * (quad(t) - lin_pred))
+    with pytest.raises(UserError, match="predictor-curvature must be a number in \\[0, 1\\]"):
+        PredictorConfig("taylor", 2, curvature=1.5)
+    assert PredictorConfig("taylor", 2).describe()["curvature"] == 0.5
+    assert "curvature" not in PredictorConfig("taylor", 1).describe()  # order 1 has nothing for it to scale
+
+
 def test_taylor_tables_follow_the_mask():
     mask = [True, True, True, False, True, False, False, True]
     w = taylor_weights(mask, 3)  # (T, K, 1)
@@ -40,6 +62,9 @@ def test_taylor_tables_follow_the_mask():
     np.testing.assert_allclose(early[1, :, 0], [1, 0, 0])
     np.testing.assert_allclose(early[3, :, 0], [1.5, -0.5, 0])  # the line through steps 2 and 0, at step 3
     np.testing.assert_allclose(early[5, :, 0], lagrange_weights([4, 2, 0], 5))
+    damped = taylor_weights([True, False, True, False, True, False], 3, curvature=0.5)
+    np.testing.assert_allclose(damped[:5], early[:5])  # up to two full steps there is no curvature term
+    np.testing.assert_allclose(damped[5, :, 0], [1.6875, -0.875, 0.1875])
     with pytest.raises(UserError, match="no full step of its expert precedes it"):
         taylor_weights([True, True, True, False], 2, starts=(0, 3))
 
@@ -100,11 +125,14 @@ def test_predictor_settings_are_checked():
 MASK = (True, True, True, False, True, False, False, True, False, True, False, True)
 
 
-def test_a_taylor_pass_bakes_the_lagrange_weights_of_its_mask(cal):
-    config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("taylor", 2), rectify=False, time_adjust=False)
+@pytest.mark.parametrize("curvature", [1.0, 0.5])
+def test_a_taylor_pass_bakes_the_lagrange_weights_of_its_mask(cal, curvature):
+    config = CalibrationConfig(lam=0.1, predictor=PredictorConfig("taylor", 2, curvature=curvature), rectify=False,
+                               time_adjust=False)
     res = cached_pass(cal, config, mask=MASK, progress=False)
     assert res.pred_w.shape == (STEPS, 3, 1) and res.mask == MASK
-    np.testing.assert_allclose(res.pred_w.numpy(), taylor_weights(MASK, 3), rtol=1e-6)
+    np.testing.assert_allclose(res.pred_w.numpy(), taylor_weights(MASK, 3, curvature=curvature), rtol=1e-6)
+    assert (curvature == 1.0) == np.allclose(res.pred_w.numpy(), taylor_weights(MASK, 3), rtol=1e-6)
 
 
 def test_the_reuse_predictor_pass_is_todays_pass(cal):
@@ -122,8 +150,9 @@ def test_the_closed_pass_and_the_open_bank_agree_where_the_trajectories_coincide
                                batch_size=2)
     closed = cached_pass(cal, config, mask=MASK, progress=False)
     bank = residual_bank(cal, config, progress=False)
-    assert closed.residual_error[3] == pytest.approx(bank.error((2, 1, 0), 3), rel=1e-5)
+    assert closed.residual_error[3] == pytest.approx(bank.error((2, 1, 0), 3, curvature=0.5), rel=1e-5)
     assert closed.residual_error[3] > 0
+    assert bank.error((2, 1, 0), 3, curvature=1.0) != pytest.approx(closed.residual_error[3], rel=1e-3)  # memo per curvature
 
 
 def test_a_cached_step_before_k_full_steps_predicts_from_those_there_are(cal):
