@@ -480,8 +480,8 @@ def render(doc: dict, results_dir: Path, doc_path: Path) -> str:
         "`erta-{open,closed}-{policy,time,full}` the paper's ERTACache (reuse of the last residual) calibrated "
         "open- or closed-loop with the offline policy only, + timestep adjustment, + error rectification; "
         "`erta-{t1,t2,f1,f2}-...` the same with the cached step's residual predicted from the last K full "
-        "residuals (Taylor/Lagrange order 1 or 2, order 2 with its curvature term halved, or ridge-fitted with "
-        "K = 2 or 3; `docs/predictor.md`). "
+        "residuals (Taylor/Lagrange order 1 or 2, with the recipe's `--predictor-curvature`, or ridge-fitted "
+        "with K = 2 or 3; `docs/predictor.md`). "
         f"`{PRODUCT}` is the product default; `{PAPER_METHOD}` the paper's method.",
         "",
         "## Goals",

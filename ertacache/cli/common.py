@@ -95,7 +95,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 DEFAULT_LOOP = "closed"
 DEFAULT_PREDICTOR = "taylor"
 DEFAULT_PREDICTOR_ORDER = 2
-DEFAULT_CURVATURE = 0.5
 DEFAULT_PHI_RULE = "auto"
 
 
@@ -114,7 +113,7 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
     parser.add_argument("--predictor-curvature", type=float, default=None,
                         help="scale on the extrapolation's terms of order >= 2, 0-1: 1 = the exact polynomial through "
                              "the last K full residuals, 0 = the line through the newest two; docs/predictor.md "
-                             f"(default: {DEFAULT_CURVATURE})")
+                             "(default: the model recipe's, 0.5 for wan2.1 and wan2.1-tiny, else 1)")
     if not ablations:
         return
     parser.add_argument("--predictor-ridge", type=float, default=0.1, help="fitted: shrinkage toward taylor")
@@ -133,14 +132,15 @@ def add_calibration_args(parser: argparse.ArgumentParser, ablations: bool = True
     parser.add_argument("--no-rectify", action="store_true", help="ablation: no velocity correction")
 
 
-def calibration_config(args, lam: float | None, speedup: float | None, batch_size: int):
-    """The :class:`~ertacache.profile.config.CalibrationConfig` of ``add_calibration_args``' flags."""
+def calibration_config(args, lam: float | None, speedup: float | None, batch_size: int, curvature: float = 1.0):
+    """The :class:`~ertacache.profile.config.CalibrationConfig` of ``add_calibration_args``' flags
+    (``curvature``: the recipe's default for ``--predictor-curvature``)."""
     from ertacache.profile.config import CalibrationConfig
     from ertacache.profile.predictor import PredictorConfig
 
     kind = args.predictor or DEFAULT_PREDICTOR
     order = DEFAULT_PREDICTOR_ORDER if args.predictor_order is None else args.predictor_order
-    curvature = DEFAULT_CURVATURE if args.predictor_curvature is None else args.predictor_curvature
+    curvature = curvature if args.predictor_curvature is None else args.predictor_curvature
     predictor = PredictorConfig(kind=kind, order=0 if kind == "reuse" else order,
                                 ridge=getattr(args, "predictor_ridge", 0.1), curvature=curvature)
     return CalibrationConfig(

@@ -81,9 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=1,
                    help="leading full steps of every ERTACache method (before K full steps a predictor "
                         "extrapolates from the residuals there are)")
-    p.add_argument("--predictor-curvature", type=float, default=0.5,
+    p.add_argument("--predictor-curvature", type=float, default=None,
                    help="scale on the extrapolation's terms of order >= 2 of every predictor method (1 = the exact "
-                        "polynomial, 0 = the line through the newest two full steps); docs/predictor.md")
+                        "polynomial, 0 = the line through the newest two full steps); docs/predictor.md (default: the "
+                        "model recipe's)")
     p.add_argument("--phi-rule", choices=["auto", "paper", "lsq"], default="auto",
                    help="ERTACache's step scale phi: the paper's ratio or the least-squares scale; auto = the "
                         "paper's for the reuse methods (erta-{loop}-{stage}), lsq for the predictor ones")
@@ -142,7 +143,8 @@ def build_config(args, bundle):
         batch_size=args.batch_size,
         calibration_batch_size=bundle.recipe.defaults.calibration_batch_size,
         warmup_steps=args.warmup_steps,
-        curvature=args.predictor_curvature,
+        curvature=(bundle.recipe.defaults.predictor_curvature if args.predictor_curvature is None
+                   else args.predictor_curvature),
         phi_rule=args.phi_rule,
         schedule_weight=args.schedule_weight,
     )

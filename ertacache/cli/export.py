@@ -84,7 +84,7 @@ def _calibrate(args, bundle, settings):
 
     recipe = bundle.recipe
     config = calibration_config(args, args.lam, args.speedup or recipe.defaults.speedup,
-                                recipe.defaults.calibration_batch_size)
+                                recipe.defaults.calibration_batch_size, recipe.defaults.predictor_curvature)
     prompts = read_prompts_file(args.prompts) if args.prompts else list(recipe.calibration_prompts)
     print(f"[calibrate] {bundle.model_id} on {len(prompts)} prompts, {settings.steps} steps, "
           f"{settings.size}, {config.loop} loop")

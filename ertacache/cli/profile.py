@@ -61,7 +61,8 @@ def _main(argv: list[str] | None) -> int:
     with loading_model(args.model, args.model_path):
         bundle = load_bundle(args.model, args.model_path, pick_device(args.device), args.dtype)
     speedup = args.speedup if args.lam is not None or args.speedup is not None else recipe.defaults.speedup
-    config = calibration_config(args, args.lam, speedup, args.batch_size or recipe.defaults.calibration_batch_size)
+    config = calibration_config(args, args.lam, speedup, args.batch_size or recipe.defaults.calibration_batch_size,
+                                recipe.defaults.predictor_curvature)
     prompts = prompts or list(recipe.calibration_prompts)
     print(f"calibrating {bundle.model_id} ({bundle.fingerprint}) on {len(prompts)} prompts, "
           f"{settings.steps} steps, {settings.size}, {config.loop} loop, "

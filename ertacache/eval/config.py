@@ -181,7 +181,7 @@ class EvalConfig:
     batch_size: int = 16
     calibration_batch_size: int = 16
     warmup_steps: int = 1
-    curvature: float = 0.5  # PredictorConfig.curvature of every predictor method (checked there)
+    curvature: float = 1.0  # PredictorConfig.curvature of every predictor method (the CLI's default: the recipe's)
     phi_rule: str = "auto"  # "auto": the paper's for the reuse methods, least squares for the predictors
     schedule_weight: str = "auto"  # CalibrationConfig.schedule_weight of every ERTACache method ("auto": per predictor)
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)

@@ -28,12 +28,18 @@ class Defaults:
     dtype: str = "fp32"
     negative_prompt: str = ""
     calibration_batch_size: int = 1
+    #: the predictor's ``--predictor-curvature`` default (the scale on its terms above the line). Measured per
+    #: testbed, and set on the recipe it stands in for: wan2.1-tiny gained with 0.5, flux-tiny lost with it
+    #: (docs/predictor.md, "Halving the curvature term"); 1, the exact polynomial, where nothing was measured
+    predictor_curvature: float = 1.0
     #: a two-expert model's CFG scale for its second (low-noise) expert; None: ``guidance_scale``
     guidance_scale_2: float | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"recipe dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not 0.0 <= self.predictor_curvature <= 1.0:
+            raise ValueError(f"recipe predictor_curvature must be in [0, 1], got {self.predictor_curvature}")
 
 
 @dataclass(frozen=True)

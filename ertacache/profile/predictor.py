@@ -13,11 +13,12 @@ At a cached step i the block-stack residual is predicted as
   the uneven spacing of a fitted schedule they are the exact polynomial extrapolation for it.
   They depend only on the mask, so they are a table known before sampling. ``curvature`` scales
   the polynomial's terms of order 2 and above (its Newton form over the newest first): 1 is the
-  exact polynomial, 0 the line through the newest two, the default 0.5 halves the curvature term.
-  Why halve it: the second difference of three residuals a gap or two apart is a noisy estimate of
-  the curvature, and shrinking a noisy estimate toward 0 trades a little bias for less variance.
-  Measured on 160 held-out samples, it gained 0.8 dB at 1.5x and 0.35 dB at 2x and changed
-  nothing at 2.5x and 3x (``docs/predictor.md``, "Halving the curvature term").
+  exact polynomial, 0 the line through the newest two, 0.5 (the Wan2.1 recipes' default) halves
+  the curvature term. Why halve it: the second difference of three residuals a gap or two apart is
+  a noisy estimate of the curvature, and shrinking a noisy estimate toward 0 trades a little bias
+  for less variance. On 160 held-out samples of wan2.1-tiny it gained 0.8 dB at 1.5x and 0.3 dB at
+  2x and changed nothing at 2.5x and 3x; on flux-tiny it lost 3.5 dB at 2x, so FLUX keeps 1
+  (``docs/predictor.md``, "Halving the curvature term").
 * ``adaptive``: at each cached step, the Lagrange extrapolation of the order <= ``order`` (through
   the newest order + 1 full residuals, the older slots weighted 0) whose prediction erred least
   on the calibration trajectories, measured closed loop where the cached sampler goes. A long
@@ -63,7 +64,8 @@ class PredictorConfig:
     per_channel: ``fitted`` only, one weight per slot and residual channel (else one per slot).
     bias: ``fitted`` only, fit a per-channel bias too.
     curvature: the scale on the extrapolation's terms of order >= 2 (:func:`extrapolation_weights`),
-        in [0, 1]; it acts from order 2 up, so on ``taylor``/``adaptive``/``fitted``'s prior only.
+        in [0, 1]; it acts from order 2 up, so on ``taylor``/``adaptive``/``fitted``'s prior only. 1 here;
+        the CLIs take the model recipe's (``Defaults.predictor_curvature``: 0.5 for Wan2.1 t2v).
     """
 
     kind: PredictorKind = "taylor"
@@ -71,7 +73,7 @@ class PredictorConfig:
     ridge: float = 0.1
     per_channel: bool = True
     bias: bool = True
-    curvature: float = 0.5
+    curvature: float = 1.0
 
     def __post_init__(self):
         if self.kind not in PREDICTOR_KINDS:

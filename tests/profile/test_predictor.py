@@ -45,7 +45,8 @@ def test_curvature_scales_the_quadratic_term_only():
         assert np.dot(w, [quad(p) for p in pos]) == pytest.approx(lin_pred + c * (quad(t) - lin_pred))
     with pytest.raises(UserError, match="predictor-curvature must be a number in \\[0, 1\\]"):
         PredictorConfig("taylor", 2, curvature=1.5)
-    assert PredictorConfig("taylor", 2).describe()["curvature"] == 0.5
+    assert PredictorConfig("taylor", 2).describe()["curvature"] == 1.0  # the exact polynomial unless asked
+    assert PredictorConfig("taylor", 2, curvature=0.5).describe()["curvature"] == 0.5
     assert "curvature" not in PredictorConfig("taylor", 1).describe()  # order 1 has nothing for it to scale
 
 
@@ -146,8 +147,8 @@ def test_the_reuse_predictor_pass_is_todays_pass(cal):
 def test_the_closed_pass_and_the_open_bank_agree_where_the_trajectories_coincide(cal):
     """Up to the first cached step the cached trajectory is the uncached one: both ways of computing
     the prediction error (the closed pass, the open-loop residual bank) must give the same number."""
-    config = CalibrationConfig(lam=0.1, rectify=False, time_adjust=False, predictor=PredictorConfig("taylor", 2),
-                               batch_size=2)
+    config = CalibrationConfig(lam=0.1, rectify=False, time_adjust=False,
+                               predictor=PredictorConfig("taylor", 2, curvature=0.5), batch_size=2)
     closed = cached_pass(cal, config, mask=MASK, progress=False)
     bank = residual_bank(cal, config, progress=False)
     assert closed.residual_error[3] == pytest.approx(bank.error((2, 1, 0), 3, curvature=0.5), rel=1e-5)
