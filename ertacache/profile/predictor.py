@@ -39,6 +39,7 @@ extrapolation scored higher with the schedules the calibration picks (``docs/pre
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -84,7 +85,7 @@ class PredictorConfig:
             object.__setattr__(self, "order", 0)  # reuse is order 0 whatever the default says
         if not (self.ridge >= 0 and np.isfinite(self.ridge)):
             raise UserError(f"--predictor-ridge must be a finite number >= 0, got {self.ridge}")
-        if isinstance(self.curvature, bool) or not isinstance(self.curvature, (int, float)) \
+        if isinstance(self.curvature, bool) or not isinstance(self.curvature, numbers.Real) \
                 or not 0.0 <= self.curvature <= 1.0:
             raise UserError(f"--predictor-curvature must be a number in [0, 1] (1 = the exact polynomial, 0 = the "
                             f"line through the newest two full steps), got {self.curvature}")
