@@ -32,6 +32,7 @@ from ertacache.export.errors import GraphExportError, TargetDtypeError
 from ertacache.contract import expert_graph
 from ertacache.export.graphs import CACHED_STEP, FULL_STEP, VAE_DECODE, GraphSpec
 from ertacache.models.experts import Experts, segments
+from ertacache.sampling.sampler import fill_slots
 from ertacache.timing import ideal_speedup, interleaved_medians
 
 
@@ -172,8 +173,7 @@ def run_schedule(runner: StepRunner, mask: Sequence[bool], latents: torch.Tensor
             x, residual = runner.call(expert_graph(FULL_STEP, e), x, step, *conds, g)
             residuals = [residual, *residuals[: history - 1]]
         else:
-            slots = [*residuals, *residuals[:1] * (history - len(residuals))]  # (K,) newest first
-            x = runner.call(expert_graph(CACHED_STEP, e), x, step, *conds, g, *slots)
+            x = runner.call(expert_graph(CACHED_STEP, e), x, step, *conds, g, *fill_slots(residuals, history))
         if x.shape != latents.shape:  # a runner returning the wrong thing must not pass by broadcasting
             raise ValueError(f"step {i} returned latents {tuple(x.shape)}, expected {tuple(latents.shape)}")
     return x

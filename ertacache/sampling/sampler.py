@@ -70,6 +70,15 @@ def check_empty_slots(pred_w: torch.Tensor, mask: Sequence[bool], starts: Sequen
                             "(ertacache-profile) instead of editing its tables")
 
 
+def fill_slots(history: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """(K,) the cached step's residual inputs, newest first, from the m <= K full-step residuals so far.
+
+    Before K full steps the K - m empty slots repeat the newest residual: their weights are 0
+    (:func:`check_empty_slots`), so any finite tensor of the right shape serves, and no new one is made.
+    """
+    return [*history, *history[:1] * (k - len(history))]
+
+
 def check_conditioning_rows(family, text: Conditioning, batch: int, n_branches: int) -> None:
     """Refuse conditioning whose rows do not match the batch, naming the input and the rule."""
     order = "cond then uncond" if n_branches == 2 else "cond only"
@@ -153,10 +162,7 @@ class CachedSampler:
                 x, residual = self.full_steps[e](x, steps[i], text_embeds, gs[e])
                 history = [residual, *history[: self.tables.history - 1]]
             else:
-                # fewer than K full steps so far: the empty slots have weight 0 (check_empty_slots); any finite
-                # tensor of the right shape fills them
-                slots = [*history, *history[:1] * (self.tables.history - len(history))]
-                x = self.cached_steps[e](x, steps[i], text_embeds, gs[e], *slots)
+                x = self.cached_steps[e](x, steps[i], text_embeds, gs[e], *fill_slots(history, self.tables.history))
             if name_bad_step and not torch.isfinite(x).all():
                 raise NumericalError(
                     f"NaN/Inf in the latents after step {i} of {len(self.mask)} ({'full' if full else 'cached'} "
